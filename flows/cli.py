@@ -1,0 +1,188 @@
+"""The `opd` command line. Heavy imports (torch, prefect) happen inside the commands that need them."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from opd_tasks.errors import OpdError
+
+app = typer.Typer(
+    help="opd-pipeline: on-policy distillation (OPD / TOPD) of language models as a Prefect pipeline.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect the run configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True, highlight=False)
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML run config (default: configs/testbed.yaml).")
+]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", "-s", help="Override a config key: --set rollout.temperature=0.7")
+]
+RootOpt = Annotated[
+    Path | None, typer.Option("--root", help="Storage root (default: $OPD_HOME or ./.opd).")
+]
+
+
+def _fail(e: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _root(root: Path | None) -> Path:
+    from storage.layout import default_root
+
+    return root if root is not None else default_root()
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the resolved config (file + overrides + defaults) as YAML."""
+    from opd_tasks.config import dump_config, load_config
+
+    try:
+        cfg = load_config(config, set_ or [])
+    except OpdError as e:
+        _fail(e)
+    sys.stdout.write(dump_config(cfg))
+
+
+@app.command("runs")
+def runs_cmd(root: RootOpt = None) -> None:
+    """List runs with their iterations and the stages recorded in each."""
+    from storage.lineage import list_runs
+
+    runs = list_runs(_root(root))
+    if not runs:
+        console.print(f"no runs under {_root(root).resolve()}")
+        return
+    t = Table("run", "iterations", "stages recorded", "latest stage", "artifacts", title=f"runs in {_root(root)}")
+    for r in runs:
+        entries = r.entries()
+        its = sorted({e.iteration for e in entries})
+        stages = sorted({e.stage for e in entries})
+        latest = max(entries, key=lambda e: e.recorded_at) if entries else None
+        t.add_row(
+            r.run,
+            f"{its[0]}..{its[-1]} ({len(its)})" if its else "-",
+            ", ".join(stages) or "-",
+            f"it{latest.iteration} {latest.stage}" if latest else "-",
+            str(len({e.ref.sha256 for e in entries})),
+        )
+    console.print(t)
+
+
+@app.command("sql")
+def sql_cmd(
+    query: Annotated[str, typer.Argument(help="SQL over the views: prompts, rollouts, teacher_scores, tokens, "
+                                              "probes, updates, evals, lineage, artifacts.")],
+    root: RootOpt = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table | csv | json | parquet")] = "table",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file.")] = None,
+    run: Annotated[list[str] | None, typer.Option("--run", help="Only these runs (repeatable).")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Re-hash every file before querying.")] = False,
+    limit: Annotated[int, typer.Option(help="Rows shown in table format.")] = 50,
+) -> None:
+    """Run DuckDB SQL over every run's artifacts. Example: opd sql "SELECT run, count(*) FROM tokens GROUP BY 1"."""
+    import duckdb
+
+    from storage.views import connect
+
+    if fmt not in ("table", "csv", "json", "parquet"):
+        _fail(ValueError(f"--format must be table, csv, json or parquet, got {fmt!r}"))
+    if fmt == "parquet" and output is None:
+        _fail(ValueError("--format parquet needs --output FILE"))
+    try:
+        con = connect(_root(root), runs=run, verify_files=verify)
+        rel = con.sql(query)
+    except OpdError as e:
+        _fail(e)
+    except duckdb.Error as e:
+        _fail(ValueError(f"SQL error: {e}"))
+    if rel is None:
+        return
+    tbl = rel.to_arrow_table()
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(tbl, output)
+        console.print(f"wrote {tbl.num_rows} rows to {output}")
+        return
+    if fmt == "csv":
+        import pyarrow.csv as pcsv
+
+        if output:
+            pcsv.write_csv(tbl, output)
+        else:
+            import io
+
+            buf = io.BytesIO()
+            pcsv.write_csv(tbl, buf)
+            sys.stdout.write(buf.getvalue().decode())
+        return
+    if fmt == "json":
+        text = json.dumps(tbl.to_pylist(), default=str, indent=1)
+        (output.write_text(text + "\n") if output else sys.stdout.write(text + "\n"))
+        return
+    t = Table(*tbl.column_names)
+    for row in tbl.slice(0, limit).to_pylist():
+        t.add_row(*("" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row.values()))
+    console.print(t)
+    if tbl.num_rows > limit:
+        console.print(f"... {tbl.num_rows - limit} more rows (use --limit, or --format csv/json/parquet)")
+    if output:
+        output.write_text(json.dumps(tbl.to_pylist(), default=str))
+
+
+@app.command("verify")
+def verify_cmd(
+    run: Annotated[str | None, typer.Argument(help="Only the artifacts this run points at.")] = None,
+    root: RootOpt = None,
+) -> None:
+    """Re-hash every artifact (or a run's); name each bad file; exit 1 if any is bad."""
+    from storage.lineage import RunLineage
+    from storage.store import ArtifactStore
+
+    store = ArtifactStore(_root(root))
+    try:
+        if run:
+            lin = RunLineage(store.layout, run)
+            if not lin.exists():
+                _fail(ValueError(f"no run named {run!r} under {store.root}"))
+            refs = {e.ref.sha256: e.ref for e in lin.entries()}.values()
+        else:
+            refs = list(store.iter_artifacts())
+    except OpdError as e:
+        _fail(e)
+    bad = 0
+    n = 0
+    for ref in refs:
+        n += 1
+        try:
+            store.verify(ref)
+        except OpdError as e:
+            bad += 1
+            err_console.print(f"[red]BAD[/] {e}", highlight=False)
+    console.print(f"{n - bad} of {n} artifacts OK")
+    if bad:
+        raise typer.Exit(1)
+
+
+def main() -> None:  # pragma: no cover - console entry point helper
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

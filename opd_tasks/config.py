@@ -1,0 +1,256 @@
+"""The run configuration: one pydantic v2 model tree, loaded from YAML, with `--set a.b=c` overrides.
+
+Every field has a default that is written here and in docs/config.md. Unknown keys, wrong types and
+out-of-range values raise `ConfigError` naming the key path (e.g. `rollout.temperature`) and the bad value.
+
+Each stage reads only its own slice of the config (`RunConfig.rollout`, `.scoring`, ...). That slice, not
+the whole config, goes into the stage's cache key, so changing e.g. the update's learning rate does not
+invalidate cached rollouts.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from opd_tasks.errors import ConfigError
+
+#: The embedded default config, shipped inside the package so that it works from any working directory.
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "testbed.yaml"
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class _Strict(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelRef(_Strict):
+    """A model: a local directory, a hub id, or `testbed:teacher` / `testbed:student` (the embedded pair)."""
+
+    path: str = Field(min_length=1, description="Local dir, hub id, or testbed:teacher / testbed:student.")
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = Field(default=False, description="Run model code from the hub. Off by default.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class ModelsConfig(_Strict):
+    teacher: ModelRef = ModelRef(path="testbed:teacher")
+    student: ModelRef = ModelRef(path="testbed:student")
+
+
+class TestbedTaskConfig(_Strict):
+    """The embedded synthetic arithmetic task (docs/testbed.md)."""
+
+    __test__ = False  # not a pytest test class
+
+    min_digits: int = Field(default=2, ge=1, le=6, description="Fewest digits per operand.")
+    max_digits: int = Field(default=3, ge=1, le=6, description="Most digits per operand.")
+    operands: int = Field(default=2, ge=2, le=4, description="Numbers added per problem.")
+    student_style: str = Field(default="student", description="Surface style of the student's rollouts.")
+    teacher_style: str = Field(default="teacher", description="Surface style the teacher was trained on.")
+
+    @model_validator(mode="after")
+    def _digits_order(self) -> TestbedTaskConfig:
+        if self.min_digits > self.max_digits:
+            raise ValueError(f"min_digits ({self.min_digits}) must be <= max_digits ({self.max_digits})")
+        return self
+
+
+class DataConfig(_Strict):
+    """Where prompts come from: the embedded testbed, or a dataset (local file or hub id)."""
+
+    source: Literal["testbed", "dataset"] = "testbed"
+    path: str | None = Field(default=None, description="jsonl/json/parquet/csv file, or a hub dataset id.")
+    split: str = "train"
+    eval_split: str | None = Field(default=None, description="Split for evaluation; None = held out of path.")
+    prompt_column: str = "question"
+    answer_column: str = "answer"
+    chat_template: bool = Field(default=False, description="Wrap prompts with the tokenizer's chat template.")
+    prompts_per_iteration: int = Field(default=32, ge=1, description="New prompts drawn each iteration.")
+    eval_size: int = Field(default=100, ge=1, description="Held-out prompts used by evaluation.")
+    testbed: TestbedTaskConfig = TestbedTaskConfig()
+
+    @model_validator(mode="after")
+    def _path_for_dataset(self) -> DataConfig:
+        if self.source == "dataset" and not self.path:
+            raise ValueError("data.path is required when data.source is 'dataset'")
+        return self
+
+
+class RolloutConfig(_Strict):
+    backend: Literal["hf", "vllm"] = "hf"
+    samples_per_prompt: int = Field(default=4, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=10.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=64, ge=1, description="Sequences generated per forward batch (hf).")
+    gpu_memory_utilization: float = Field(default=0.85, gt=0.0, le=1.0, description="vLLM only.")
+    tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM only.")
+
+
+class ScoringConfig(_Strict):
+    backend: Literal["hf", "vllm"] = "hf"
+    top_k: int = Field(default=8, ge=1, le=1024, description="Teacher top-k ids/log-probs kept per token.")
+    batch_size: int = Field(default=64, ge=1)
+
+
+class AnalysisConfig(_Strict):
+    loss_signal: Literal["k1", "rkl_topk"] = "k1"
+    high_loss_quantile: float = Field(default=0.2, gt=0.0, le=1.0, description="Top-q fraction is high-loss.")
+    high_loss_threshold: float | None = Field(default=None, description="Absolute threshold; overrides q.")
+    detector: Literal["window", "probe"] = "probe"
+    window: int = Field(default=8, ge=1, description="W: tokens averaged by the window detector.")
+    probe_tokens: int = Field(default=16, ge=1, description="K: tokens each model continues in a probe.")
+    probe_budget: int = Field(default=4, ge=0, description="Most probed positions per rollout.")
+    distance: Literal["xent", "ot"] = "xent"
+    delta: float = Field(default=0.5, description="Divergence threshold for the divergent regime.")
+    delta_mode: Literal["absolute", "quantile"] = "quantile"
+
+
+class UpdateConfig(_Strict):
+    loss: Literal["pg", "topk_rkl", "full_rkl"] = "pg"
+    learning_rate: float = Field(default=1e-3, gt=0.0, le=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    micro_batch_size: int = Field(default=32, ge=1)
+    grad_accumulation: int = Field(default=1, ge=1)
+    epochs: int = Field(default=1, ge=1, description="Passes over one iteration's rollouts.")
+    lambda_s: float = Field(default=0.0, ge=0.0, description="Weight of surface tokens (TOPD).")
+    alpha: float = Field(default=0.5, ge=0.0, description="Extra weight spread after a divergent token.")
+    gamma: float = Field(default=0.8, ge=0.0, le=1.0, description="Decay of spread and bridge weights.")
+    horizon: int = Field(default=4, ge=0, description="H: tokens after a divergent one that get extra weight.")
+    beta: float = Field(default=0.1, ge=0.0, description="Weight of the bridge loss (TOPD).")
+    bf16: bool = Field(default=True, description="bf16 autocast on GPU (ignored on CPU).")
+
+
+class EvaluationConfig(_Strict):
+    greedy: bool = True
+    pass_k: int = Field(default=1, ge=1)
+    max_new_tokens: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=100, ge=1)
+
+
+class FaultConfig(_Strict):
+    """Fault injection for tests and drills. Off by default."""
+
+    stage: Literal["rollout", "score", "analyze", "update", "evaluate"] | None = None
+    iteration: int = Field(default=0, ge=0)
+
+
+class RunConfig(_Strict):
+    name: str = Field(default="testbed", description="Run name: letters, digits, '_', '.', '-'.")
+    root: str | None = Field(default=None, description="Storage root; default $OPD_HOME or ./.opd")
+    seed: int = Field(default=0, ge=0)
+    iterations: int = Field(default=3, ge=1)
+    method: Literal["opd", "opd_suppress", "topd"] = "topd"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    models: ModelsConfig = ModelsConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    analysis: AnalysisConfig = AnalysisConfig()
+    update: UpdateConfig = UpdateConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    fault: FaultConfig = FaultConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not _RUN_NAME.match(v) or ".." in v:
+            raise ValueError(
+                f"run name {v!r} must be 1-128 characters of letters, digits, '_', '.', '-', "
+                "start with a letter or digit, and contain no path separators or '..'"
+            )
+        return v
+
+    def resolved_root(self) -> Path:
+        """The storage root: `root` from the config, else $OPD_HOME, else ./.opd (DESIGN.md section 3)."""
+        from storage.layout import default_root
+
+        return Path(self.root).expanduser() if self.root else default_root()
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {path}: unknown key (value {e['input']!r})")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {path}: {msg} (got {e['input']!r})")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse one `--set a.b=c` override. The value is read as YAML (so `0.7`, `true`, `[1, 2]` work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key path")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from e
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=c` overrides to a plain dict; unknown keys are caught later by validation."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(
+                    f"override {text!r}: {'.'.join(path[: i + 1])} is a value, not a section"
+                )
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (default: configs/testbed.yaml) and apply `--set` overrides."""
+    source = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    data = read_yaml(source) if source.exists() or path is not None else {}
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, str(source))) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (every field, defaults included)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

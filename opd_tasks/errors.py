@@ -1,0 +1,12 @@
+"""Re-export of the error hierarchy, which lives in `storage.errors` (the lowest layer)."""
+
+from storage.errors import (
+    ArtifactError,
+    ConfigError,
+    DataError,
+    ModelError,
+    OpdError,
+    TransientError,
+)
+
+__all__ = ["ArtifactError", "ConfigError", "DataError", "ModelError", "OpdError", "TransientError"]

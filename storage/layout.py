@@ -1,0 +1,73 @@
+"""Where things live under the storage root (DESIGN.md section 3).
+
+```
+<root>/artifacts/<stage>/<cache_key>/   part files + _manifest.json (immutable, content-addressed)
+<root>/artifacts/<stage>/.tmp-*         in-flight writes; never read; removed by `opd gc`/next publish
+<root>/runs/<name>/                     run.json + lineage/<iteration>-<stage>.json pointers
+<root>/prefect/results/                 Prefect's result store (same lifetime as the artifacts)
+```
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from storage.errors import ConfigError
+
+MANIFEST = "_manifest.json"
+TMP_PREFIX = ".tmp-"
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_KEY = re.compile(r"^[0-9a-f]{8,128}$")
+
+
+def default_root() -> Path:
+    """$OPD_HOME if set, else ./.opd (relative to the current directory)."""
+    env = os.environ.get("OPD_HOME")
+    return Path(env).expanduser() if env else Path(".opd")
+
+
+def check_name(kind: str, name: str) -> str:
+    """A run or stage name safe to use as one path component: no separators, no '..'."""
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise ConfigError(
+            f"{kind} name {name!r} is not allowed: use 1-128 letters, digits, '_', '.', '-', "
+            "starting with a letter or digit, with no path separators and no '..'"
+        )
+    return name
+
+
+def check_key(key: str) -> str:
+    if not isinstance(key, str) or not _KEY.match(key):
+        raise ConfigError(f"cache key {key!r} must be lowercase hex (8-128 characters)")
+    return key
+
+
+class Layout:
+    """Paths under one storage root."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root if root is not None else default_root()).expanduser().resolve()
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def prefect_results(self) -> Path:
+        return self.root / "prefect" / "results"
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.artifacts / check_name("stage", stage)
+
+    def artifact_dir(self, stage: str, key: str) -> Path:
+        return self.stage_dir(stage) / check_key(key)
+
+    def run_dir(self, run: str) -> Path:
+        return self.runs / check_name("run", run)

@@ -1,0 +1,338 @@
+"""The content-addressed artifact store (DESIGN.md section 3).
+
+An artifact is an immutable directory `<root>/artifacts/<stage>/<key>/` of part files plus a
+`_manifest.json` that lists every file with its sha256 and size, and, for tables, their schema and rows.
+The artifact's sha256 is the sha256 of the manifest bytes, so one hash pins every byte.
+
+Writing: an `ArtifactWriter` fills a private temp directory beside the final one, hashes each file
+(streamed, 1 MiB chunks), writes the manifest, fsyncs, and renames the directory into place. A rename is
+atomic, so a reader sees either no artifact or a complete one. If another writer published the same key
+first, the rename fails, our copy is discarded and the existing (verified) artifact is returned: nothing
+stored is ever overwritten.
+
+Reading: `read_table` / `checkpoint_dir` verify the manifest hash against the ref and every file's hash
+against the manifest, and raise `ArtifactError` naming the bad file before any byte is consumed.
+
+An artifact may hold several tables (e.g. the analysis stage writes `tokens` and `probes`) and free-form
+files (a checkpoint's `save_pretrained` directory). Table parts live at `<table>/part-NNNNN.parquet`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.errors import ArtifactError
+from storage.hashing import canonical_json, sha256_bytes, sha256_file
+from storage.layout import MANIFEST, TMP_PREFIX, Layout, check_key, check_name
+from storage.refs import ArtifactRef
+from storage.schemas import TableSchema, check_file_schema, conform, get_schema
+
+MANIFEST_FORMAT = 1
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _hash_files(paths: list[Path]) -> list[str]:
+    """sha256 of several files; two threads (hashlib releases the GIL on large updates)."""
+    if len(paths) <= 1:
+        return [sha256_file(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(sha256_file, paths))
+
+
+class ArtifactWriter:
+    """Builds one artifact in a temp dir; `commit()` publishes it atomically. Use via `ArtifactStore.writer`.
+
+    - `write_table(name, table)` appends a part file to table `name` (schema from storage/schemas.py);
+    - `path` is the temp dir, for free-form files (e.g. `model.save_pretrained(w.path / "model")`);
+    - `meta` is a JSON-able dict stored in the manifest (stage summary, config slice, ...).
+    """
+
+    def __init__(self, store: ArtifactStore, stage: str, key: str):
+        self.store = store
+        self.stage = check_name("stage", stage)
+        self.key = check_key(key)
+        self.final = store.layout.artifact_dir(stage, key)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.path = self.final.parent / f"{TMP_PREFIX}{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.path.mkdir()
+        self.meta: dict[str, Any] = {}
+        self._tables: dict[str, dict[str, Any]] = {}
+        self._done = False
+
+    # -- tables -------------------------------------------------------------------------------------
+    def write_table(self, name: str, table: pa.Table, row_group_size: int | None = None) -> None:
+        """Validate `table` against schema `name` and write it as the table's next part file."""
+        schema = get_schema(name)
+        table = conform(table, schema)
+        info = self._tables.setdefault(name, {"schema_version": schema.version, "rows": 0, "parts": 0})
+        part_dir = self.path / name
+        part_dir.mkdir(exist_ok=True)
+        part = part_dir / f"part-{info['parts']:05d}.parquet"
+        try:
+            pq.write_table(table, part, row_group_size=row_group_size)
+        except OSError as e:
+            raise self._os_error(e, part) from e
+        info["rows"] += table.num_rows
+        info["parts"] += 1
+
+    def declare_table(self, name: str) -> None:
+        """Record an empty table (0 rows, no parts) so readers get an empty table, not a missing one."""
+        schema = get_schema(name)
+        self._tables.setdefault(name, {"schema_version": schema.version, "rows": 0, "parts": 0})
+
+    def _os_error(self, e: OSError, where: Path) -> ArtifactError:
+        if e.errno == errno.ENOSPC:
+            return ArtifactError(f"disk full while writing {where} (artifact {self.stage}/{self.key} discarded)")
+        return ArtifactError(f"cannot write {where}: {e}")
+
+    # -- publish ------------------------------------------------------------------------------------
+    def commit(self) -> ArtifactRef:
+        if self._done:
+            raise ArtifactError(f"artifact {self.stage}/{self.key} was already committed or aborted")
+        try:
+            files = sorted(p for p in self.path.rglob("*") if p.is_file())
+            if any(p.name == MANIFEST for p in files):
+                raise ArtifactError(f"{MANIFEST} is reserved; do not write it into an artifact")
+            hashes = _hash_files(files)
+            entries = []
+            total = 0
+            for p, h in zip(files, hashes, strict=True):
+                size = p.stat().st_size
+                total += size
+                entries.append({"path": p.relative_to(self.path).as_posix(), "sha256": h, "bytes": size})
+            manifest = {
+                "format": MANIFEST_FORMAT,
+                "stage": self.stage,
+                "key": self.key,
+                "tables": self._tables,
+                "files": entries,
+                "bytes": total,
+                "meta": self.meta,
+            }
+            data = canonical_json(manifest)
+            with open(self.path / MANIFEST, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            for p in files:
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+            _fsync_dir(self.path)
+        except OSError as e:
+            self.abort()
+            raise self._os_error(e, self.path) from e
+        except BaseException:
+            self.abort()
+            raise
+        try:
+            os.rename(self.path, self.final)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                self.abort()
+                raise self._os_error(e, self.final) from e
+            # Someone published this key first: keep theirs (verified), drop ours.
+            self.abort()
+            ref = self.store.lookup(self.stage, self.key)
+            if ref is None:
+                raise ArtifactError(f"{self.final} exists but has no {MANIFEST}") from None
+            self.store.verify(ref)
+            return ref
+        self._done = True
+        _fsync_dir(self.final.parent)
+        return self.store._ref_from_manifest(self.final, data)
+
+    def abort(self) -> None:
+        self._done = True
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> ArtifactWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or not self._done:
+            # An exception inside the block, or a block that forgot to commit: nothing is published.
+            if not self._done:
+                self.abort()
+
+
+class ArtifactStore:
+    """Content-addressed artifacts under one storage root."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.layout = Layout(root)
+        self.root = self.layout.root
+
+    # -- writing ------------------------------------------------------------------------------------
+    def writer(self, stage: str, key: str) -> ArtifactWriter:
+        return ArtifactWriter(self, stage, key)
+
+    def put_table(self, stage: str, key: str, name: str, table: pa.Table, meta: dict | None = None) -> ArtifactRef:
+        """Publish a one-table artifact (or return the existing one for this key)."""
+        existing = self.lookup(stage, key)
+        if existing is not None:
+            self.verify(existing)
+            return existing
+        with self.writer(stage, key) as w:
+            w.write_table(name, table)
+            w.meta.update(meta or {})
+            return w.commit()
+
+    # -- lookup -------------------------------------------------------------------------------------
+    def _ref_from_manifest(self, adir: Path, data: bytes) -> ArtifactRef:
+        try:
+            m = json.loads(data)
+            tables = m["tables"]
+            rows = sum(int(t["rows"]) for t in tables.values())
+            if len(tables) == 1:
+                schema_name, info = next(iter(tables.items()))
+                version = int(info["schema_version"])
+            else:
+                schema_name = "+".join(sorted(tables)) if tables else "files"
+                version = 0
+            return ArtifactRef(
+                uri=str(adir),
+                stage=m["stage"],
+                key=m["key"],
+                sha256=sha256_bytes(data),
+                rows=rows,
+                bytes=int(m["bytes"]),
+                schema_name=schema_name,
+                schema_version=version,
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise ArtifactError(f"{adir / MANIFEST} is not a valid manifest: {e}") from None
+
+    def lookup(self, stage: str, key: str) -> ArtifactRef | None:
+        """The published artifact for (stage, key), or None. Does not verify part files (see `verify`)."""
+        adir = self.layout.artifact_dir(stage, key)
+        mpath = adir / MANIFEST
+        if not mpath.is_file():
+            return None
+        return self._ref_from_manifest(adir, mpath.read_bytes())
+
+    def iter_artifacts(self) -> Iterator[ArtifactRef]:
+        """Every published artifact under the root (temp dirs are skipped)."""
+        if not self.layout.artifacts.is_dir():
+            return
+        for sdir in sorted(self.layout.artifacts.iterdir()):
+            if not sdir.is_dir():
+                continue
+            for adir in sorted(sdir.iterdir()):
+                if adir.name.startswith(TMP_PREFIX) or not (adir / MANIFEST).is_file():
+                    continue
+                yield self._ref_from_manifest(adir, (adir / MANIFEST).read_bytes())
+
+    # -- verification -------------------------------------------------------------------------------
+    def manifest(self, ref: ArtifactRef) -> dict[str, Any]:
+        """The artifact's manifest, checked against `ref.sha256`."""
+        mpath = Path(ref.uri) / MANIFEST
+        try:
+            data = mpath.read_bytes()
+        except FileNotFoundError:
+            raise ArtifactError(f"artifact {ref.stage}/{ref.key} is missing: no {mpath}") from None
+        got = sha256_bytes(data)
+        if got != ref.sha256:
+            raise ArtifactError(f"{mpath}: sha256 {got[:16]}... does not match the ref's {ref.sha256[:16]}...")
+        return json.loads(data)
+
+    def verify(self, ref: ArtifactRef, files: list[str] | None = None) -> dict[str, Any]:
+        """Check the manifest and every listed file (or only `files`); raise ArtifactError naming the bad one."""
+        m = self.manifest(ref)
+        base = Path(ref.uri)
+        entries = [e for e in m["files"] if files is None or e["path"] in files]
+        paths = [base / e["path"] for e in entries]
+        for p in paths:
+            if not p.is_file():
+                raise ArtifactError(f"artifact {ref.stage}/{ref.key}: file {p} is missing")
+        for e, p, h in zip(entries, paths, _hash_files(paths), strict=True):
+            if h != e["sha256"]:
+                raise ArtifactError(
+                    f"artifact {ref.stage}/{ref.key}: file {p} is corrupted "
+                    f"(sha256 {h[:16]}..., manifest says {e['sha256'][:16]}...)"
+                )
+        return m
+
+    # -- reading ------------------------------------------------------------------------------------
+    def table_files(self, ref: ArtifactRef, name: str, verify: bool = True) -> list[Path]:
+        """The part files of table `name` in the artifact, verified by hash unless verify=False."""
+        m = self.manifest(ref)
+        if name not in m["tables"]:
+            raise ArtifactError(
+                f"artifact {ref.stage}/{ref.key} has no table {name!r} (it has {sorted(m['tables'])})"
+            )
+        schema = get_schema(name)
+        version = int(m["tables"][name]["schema_version"])
+        if version != schema.version:
+            raise ArtifactError(
+                f"artifact {ref.stage}/{ref.key}: table {name!r} has schema version {version}, "
+                f"this code reads version {schema.version}"
+            )
+        rels = sorted(e["path"] for e in m["files"] if e["path"].startswith(f"{name}/"))
+        if verify:
+            self.verify(ref, files=rels)
+        return [Path(ref.uri) / r for r in rels]
+
+    def read_table(self, ref: ArtifactRef, name: str | None = None, columns: list[str] | None = None) -> pa.Table:
+        """Read (and verify) table `name` of an artifact; `name` may be omitted for one-table artifacts."""
+        name = name or self._only_table(ref)
+        schema: TableSchema = get_schema(name)
+        files = self.table_files(ref, name)
+        if not files:
+            empty = schema.arrow.empty_table()
+            return empty.select(columns) if columns else empty
+        parts = []
+        for f in files:
+            pf = pq.ParquetFile(f)
+            check_file_schema(pf.schema_arrow, schema, str(f))
+            parts.append(pf.read(columns=columns))
+        return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+
+    def _only_table(self, ref: ArtifactRef) -> str:
+        tables = list(self.manifest(ref)["tables"])
+        if len(tables) != 1:
+            raise ArtifactError(f"artifact {ref.stage}/{ref.key} holds tables {tables}; name one")
+        return tables[0]
+
+    def checkpoint_dir(self, ref: ArtifactRef) -> Path:
+        """The verified directory of a free-form artifact (e.g. a checkpoint). Treat it as read-only."""
+        self.verify(ref)
+        return Path(ref.uri)
+
+    def find(self, sha256: str) -> ArtifactRef:
+        """The artifact whose manifest hash starts with `sha256` (a prefix of >= 8 hex digits)."""
+        matches = [r for r in self.iter_artifacts() if r.sha256.startswith(sha256)]
+        if len(matches) != 1:
+            raise ArtifactError(f"{len(matches)} artifacts match sha256 prefix {sha256!r}")
+        return matches[0]
+
+    def clean_tmp(self) -> int:
+        """Remove leftover temp dirs of writers that died (safe only when no writer is running)."""
+        n = 0
+        if self.layout.artifacts.is_dir():
+            for t in self.layout.artifacts.glob(f"*/{TMP_PREFIX}*"):
+                shutil.rmtree(t, ignore_errors=True)
+                n += 1
+        return n

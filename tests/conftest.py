@@ -1,0 +1,14 @@
+"""Test-session isolation: Prefect state and the OPD storage root live under a temp dir, never in ~."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+_session_tmp = tempfile.mkdtemp(prefix="opd-tests-")
+os.environ["PREFECT_HOME"] = os.path.join(_session_tmp, "prefect-home")
+os.environ["OPD_HOME"] = os.path.join(_session_tmp, "opd-home")
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("PREFECT_PROFILE", None)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")

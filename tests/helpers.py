@@ -1,0 +1,53 @@
+"""Small builders of valid tables for tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+
+def tokens_table(n_rows: int, n_seq: int = 4, top_k: int = 4, seed: int = 0) -> pa.Table:
+    """A valid `tokens` table with `n_rows` rows spread over `n_seq` sequences."""
+    rng = np.random.default_rng(seed)
+    seq = np.arange(n_rows) % n_seq
+    pos = np.arange(n_rows) // n_seq
+    slp = -rng.random(n_rows, dtype=np.float32)
+    tlp = -rng.random(n_rows, dtype=np.float32)
+    regimes = np.array(["normal", "surface", "divergent"])[rng.integers(0, 3, n_rows)]
+    return pa.table(
+        {
+            "prompt_id": pa.array([f"p{s}" for s in seq]),
+            "sample_id": pa.array(seq, pa.int32()),
+            "pos": pa.array(pos, pa.int32()),
+            "token_id": pa.array(rng.integers(0, 100, n_rows), pa.int32()),
+            "student_logprob": slp,
+            "teacher_logprob": tlp,
+            "k1": slp - tlp,
+            "rkl_topk": pa.array(np.abs(slp - tlp)),
+            "student_entropy": pa.array(rng.random(n_rows, dtype=np.float32)),
+            "teacher_entropy": pa.array(rng.random(n_rows, dtype=np.float32)),
+            "teacher_rank": pa.array(rng.integers(0, top_k, n_rows), pa.int32()),
+            "high_loss": pa.array(rng.random(n_rows) < 0.2),
+            "near_future_div": pa.array(rng.random(n_rows, dtype=np.float32)),
+            "regime": pa.array(regimes),
+            "weight": pa.array(np.ones(n_rows, dtype=np.float32)),
+            "role": pa.array(np.array(["form", "reasoning"])[rng.integers(0, 2, n_rows)]),
+        }
+    )
+
+
+def updates_table(n: int = 3, loss0: float = 1.0) -> pa.Table:
+    return pa.table(
+        {
+            "step": pa.array(range(n), pa.int32()),
+            "loss": pa.array([loss0 / (i + 1) for i in range(n)], pa.float32()),
+            "pg_loss": pa.array([loss0 / (i + 1) for i in range(n)], pa.float32()),
+            "bridge_loss": pa.array([None] * n, pa.float32()),
+            "kl": pa.array([0.1] * n, pa.float32()),
+            "grad_norm": pa.array([1.0] * n, pa.float32()),
+            "lr": pa.array([1e-3] * n, pa.float32()),
+            "tokens_trained": pa.array([100] * n, pa.int64()),
+            "weighted_tokens": pa.array([100.0] * n, pa.float32()),
+            "seconds": pa.array([0.5] * n, pa.float32()),
+        }
+    )

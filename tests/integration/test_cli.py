@@ -1,0 +1,94 @@
+"""The `opd` CLI over a real store: runs, sql in every format, verify, config show."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from flows.cli import app
+from storage.lineage import RunLineage
+from storage.store import ArtifactStore
+from tests.helpers import tokens_table, updates_table
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    store = ArtifactStore(tmp_path)
+    t = store.put_table("analyze", "a1" * 32, "tokens", tokens_table(200, seed=3))
+    u = store.put_table("update", "b2" * 32, "updates", updates_table(3))
+    lin = RunLineage(tmp_path, "demo")
+    lin.record(0, "analyze", t)
+    lin.record(0, "update", u)
+    lin.record(1, "update", u)
+    return tmp_path
+
+
+def test_help_lists_commands() -> None:
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for cmd in ("runs", "sql", "verify", "config"):
+        assert cmd in out.stdout
+
+
+def test_runs(root: Path) -> None:
+    r = runner.invoke(app, ["runs", "--root", str(root)])
+    assert r.exit_code == 0, r.output
+    assert "demo" in r.output and "0..1 (2)" in r.output and "analyze, update" in r.output
+
+
+def test_sql_table_csv_json_parquet(root: Path, tmp_path: Path) -> None:
+    q = "SELECT run, iteration, count(*) AS n FROM updates GROUP BY ALL ORDER BY iteration"
+    r = runner.invoke(app, ["sql", q, "--root", str(root)])
+    assert r.exit_code == 0, r.output
+    assert "demo" in r.output and "n" in r.output
+    r = runner.invoke(app, ["sql", q, "--root", str(root), "--format", "csv"])
+    assert r.stdout.splitlines() == ['"run","iteration","n"', '"demo",0,3', '"demo",1,3']
+    r = runner.invoke(app, ["sql", q, "--root", str(root), "--format", "json"])
+    assert json.loads(r.stdout) == [{"run": "demo", "iteration": 0, "n": 3}, {"run": "demo", "iteration": 1, "n": 3}]
+    out = tmp_path / "out.parquet"
+    r = runner.invoke(app, ["sql", q, "--root", str(root), "--format", "parquet", "--output", str(out)])
+    assert r.exit_code == 0 and pq.read_table(out).to_pylist()[1] == {"run": "demo", "iteration": 1, "n": 3}
+    r = runner.invoke(app, ["sql", "SELECT count(*) AS n FROM tokens WHERE high_loss", "--root", str(root),
+                            "--format", "json"])
+    expected = sum(tokens_table(200, seed=3).column("high_loss").to_pylist())
+    assert json.loads(r.stdout) == [{"n": expected}]
+
+
+def test_sql_errors_are_clear(root: Path) -> None:
+    r = runner.invoke(app, ["sql", "SELEC nonsense", "--root", str(root)])
+    assert r.exit_code == 2 and "SQL error" in r.output
+    r = runner.invoke(app, ["sql", "SELECT 1", "--root", str(root), "--format", "xml"])
+    assert r.exit_code == 2 and "--format must be" in r.output
+    r = runner.invoke(app, ["sql", "SELECT 1", "--root", str(root), "--format", "parquet"])
+    assert r.exit_code == 2 and "needs --output" in r.output
+
+
+def test_verify_names_bad_file(root: Path) -> None:
+    r = runner.invoke(app, ["verify", "--root", str(root)])
+    assert r.exit_code == 0 and "2 of 2 artifacts OK" in r.output
+    part = root / "artifacts" / "update" / ("b2" * 32) / "updates" / "part-00000.parquet"
+    data = bytearray(part.read_bytes())
+    data[50] ^= 1
+    part.write_bytes(bytes(data))
+    r = runner.invoke(app, ["verify", "demo", "--root", str(root)])
+    assert r.exit_code == 1
+    assert "part-00000.parquet is corrupted" in r.output and "1 of 2 artifacts OK" in r.output
+    r = runner.invoke(app, ["verify", "nope", "--root", str(root)])
+    assert r.exit_code == 2 and "no run named 'nope'" in r.output
+
+
+def test_config_show(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["config", "show", "--set", "rollout.temperature=0.7"])
+    assert r.exit_code == 0, r.output
+    assert yaml.safe_load(r.stdout)["rollout"]["temperature"] == 0.7
+    r = runner.invoke(app, ["config", "show", "--set", "rollout.tempurature=0.7"])
+    assert r.exit_code == 2 and "rollout.tempurature: unknown key" in r.output

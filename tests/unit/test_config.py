@@ -1,0 +1,78 @@
+"""The config tree: YAML loading, overrides, and errors that name the key path and the value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from opd_tasks.config import DEFAULT_CONFIG_PATH, RunConfig, dump_config, load_config
+from opd_tasks.errors import ConfigError
+
+
+def test_default_config_file_loads_and_matches_model_defaults_where_unset() -> None:
+    cfg = load_config()
+    assert DEFAULT_CONFIG_PATH.name == "testbed.yaml"
+    assert cfg.name == "testbed" and cfg.method == "topd" and cfg.models.teacher.path == "testbed:teacher"
+    assert cfg.models.teacher.trust_remote_code is False
+    assert cfg.analysis.high_loss_quantile == 0.2 and cfg.analysis.window == 8
+    # The dump is complete and reloads to the same config.
+    assert RunConfig.model_validate(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+def test_overrides_are_typed() -> None:
+    cfg = load_config(None, ["rollout.temperature=0.7", "iterations=5", "update.bf16=false", "name=exp-1"])
+    assert cfg.rollout.temperature == 0.7 and cfg.iterations == 5 and cfg.update.bf16 is False
+    assert cfg.name == "exp-1"
+    cfg = load_config(None, ["data.testbed.max_digits=4", "models.student.path=/m/s"])
+    assert cfg.data.testbed.max_digits == 4 and cfg.models.student.path == "/m/s"
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("rollout.tempurature=0.7", r"rollout\.tempurature: unknown key"),
+        ("bogus=1", r"bogus: unknown key"),
+        ("rollout.temperature=hot", r"rollout\.temperature: .*number.*\(got 'hot'\)"),
+        ("rollout.temperature=-1", r"rollout\.temperature: .*greater than or equal to 0 \(got -1\)"),
+        ("rollout.max_new_tokens=0", r"rollout\.max_new_tokens: .*greater than or equal to 1 \(got 0\)"),
+        ("analysis.high_loss_quantile=1.5", r"analysis\.high_loss_quantile: .*\(got 1\.5\)"),
+        ("method=ppo", r"method: .*'opd', 'opd_suppress' or 'topd' \(got 'ppo'\)"),
+        ("name=../evil", r"name: run name '\.\./evil'"),
+        ("name=a/b", r"name: run name 'a/b'"),
+        ("data.testbed.min_digits=5", r"data\.testbed: .*min_digits \(5\) must be <= max_digits \(3\)"),
+        ("data.source=dataset", r"data\.path is required"),
+        ("rollout.temperature.x=1", r"rollout\.temperature is a value, not a section"),
+        ("novalue", r"must look like key\.path=value"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, [override])
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"config file .*missing\.yaml does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rollout: {temperature: 0.7\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml is not valid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping at the top, got list"):
+        load_config(lst)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("rollout:\n  samples: 4\n")
+    with pytest.raises(ConfigError, match=r"typo\.yaml.*\n  rollout\.samples: unknown key"):
+        load_config(typo)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_config(empty) == RunConfig()
+
+
+def test_all_errors_are_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["rollout.top_p=0", "scoring.top_k=0"])
+    assert "rollout.top_p" in str(e.value) and "scoring.top_k" in str(e.value)

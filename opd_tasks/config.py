@@ -145,12 +145,16 @@ class FaultConfig(_Strict):
 
 
 class RunConfig(_Strict):
+    """One distillation run: models, data and every stage's settings."""
+
     name: str = Field(default="testbed", description="Run name: letters, digits, '_', '.', '-'.")
     root: str | None = Field(default=None, description="Storage root; default $OPD_HOME or ./.opd")
-    seed: int = Field(default=0, ge=0)
-    iterations: int = Field(default=3, ge=1)
-    method: Literal["opd", "opd_suppress", "topd"] = "topd"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(default=0, ge=0, description="Seed of prompt sampling, generation and training.")
+    iterations: int = Field(default=3, ge=1, description="OPD iterations (rollout -> ... -> evaluate) to run.")
+    method: Literal["opd", "opd_suppress", "topd"] = Field(
+        default="topd", description="opd: w=1; opd_suppress: surface tokens get lambda_s; topd: + spread + bridge.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto = cuda if available, else cpu.")
     models: ModelsConfig = ModelsConfig()
     data: DataConfig = DataConfig()
     rollout: RolloutConfig = RolloutConfig()
@@ -254,3 +258,44 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def dump_config(cfg: RunConfig) -> str:
     """The resolved config as YAML (every field, defaults included)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_reference_markdown() -> str:
+    """docs/config.md, generated from the model tree (a test checks the committed file is current)."""
+    lines = [
+        "# Config reference",
+        "",
+        "Generated from `opd_tasks/config.py` by `python -m opd_tasks.config > docs/config.md`; do not edit by hand.",
+        "Set keys in a YAML file (`--config F`) or on the command line (`--set section.key=value`).",
+        "Unknown keys, wrong types and out-of-range values are errors that name the key path.",
+        "",
+    ]
+
+    def walk(model: BaseModel, prefix: str) -> None:
+        rows = []
+        subs = []
+        for name, field in type(model).model_fields.items():
+            ann = field.annotation
+            default = getattr(model, name)
+            if isinstance(default, BaseModel):
+                subs.append((f"{prefix}{name}", default))
+                continue
+            typ = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            rows.append(f"| `{prefix}{name}` | `{typ}` | `{default!r}` | {field.description or ''} |")
+        if rows:
+            title = prefix.rstrip(".") or "top level"
+            doc = (model.__doc__ or "").strip().splitlines()[0] if model.__doc__ else ""
+            lines.extend([f"## {title}", "", doc, "", "| key | type | default | meaning |", "|---|---|---|---|"])
+            lines.extend(rows)
+            lines.append("")
+        for sub_prefix, sub in subs:
+            walk(sub, sub_prefix + ".")
+
+    walk(RunConfig(), "")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(config_reference_markdown())

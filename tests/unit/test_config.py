@@ -76,3 +76,10 @@ def test_all_errors_are_reported_at_once() -> None:
     with pytest.raises(ConfigError) as e:
         load_config(None, ["rollout.top_p=0", "scoring.top_k=0"])
     assert "rollout.top_p" in str(e.value) and "scoring.top_k" in str(e.value)
+
+
+def test_docs_config_reference_is_current() -> None:
+    from opd_tasks.config import config_reference_markdown
+
+    committed = (Path(__file__).resolve().parents[2] / "docs" / "config.md").read_text()
+    assert committed == config_reference_markdown(), "regenerate: python -m opd_tasks.config > docs/config.md"

@@ -1,0 +1,1 @@
+"""Benchmarks (not tests). Run `python -m bench` (all) or `python -m bench storage --rows 1000000`."""

@@ -1,0 +1,25 @@
+"""Entry point: `python -m bench [NAME] [ARGS...]`. NAME defaults to every benchmark, with defaults."""
+
+from __future__ import annotations
+
+import sys
+
+BENCHES = {"storage": "bench.storage"}
+
+
+def main(argv: list[str]) -> int:
+    import importlib
+
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("benchmarks:", ", ".join(BENCHES))
+        return 0
+    names = [argv[0]] if argv and argv[0] in BENCHES else list(BENCHES)
+    rest = argv[1:] if argv and argv[0] in BENCHES else argv
+    for name in names:
+        importlib.import_module(BENCHES[name]).main(rest)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -6,7 +6,8 @@ from storage.errors import (
     DataError,
     ModelError,
     OpdError,
+    TrainingError,
     TransientError,
 )
 
-__all__ = ["ArtifactError", "ConfigError", "DataError", "ModelError", "OpdError", "TransientError"]
+__all__ = ["ArtifactError", "ConfigError", "DataError", "ModelError", "OpdError", "TrainingError", "TransientError"]

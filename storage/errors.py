@@ -42,3 +42,9 @@ class TransientError(OpdError):
     """A failure that may go away on retry (e.g. an injected fault, a flaky device)."""
 
     retryable = True
+
+
+class TrainingError(OpdError):
+    """Training diverged (NaN/inf loss or gradient). The previous checkpoint stays the latest. Not retried."""
+
+    retryable = False

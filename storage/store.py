@@ -162,7 +162,9 @@ class ArtifactWriter:
             return ref
         self._done = True
         _fsync_dir(self.final.parent)
-        return self.store._ref_from_manifest(self.final, data)
+        ref = self.store._ref_from_manifest(self.final, data)
+        self.store.published.append(ref)
+        return ref
 
     def abort(self) -> None:
         self._done = True
@@ -184,6 +186,8 @@ class ArtifactStore:
     def __init__(self, root: str | Path | None = None):
         self.layout = Layout(root)
         self.root = self.layout.root
+        #: Artifacts this instance published (not found in the cache): lets a driver tell computed from cached.
+        self.published: list[ArtifactRef] = []
 
     # -- writing ------------------------------------------------------------------------------------
     def writer(self, stage: str, key: str) -> ArtifactWriter:

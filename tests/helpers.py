@@ -51,3 +51,29 @@ def updates_table(n: int = 3, loss0: float = 1.0) -> pa.Table:
             "seconds": pa.array([0.5] * n, pa.float32()),
         }
     )
+
+
+def tiny_model_dir(out, seed: int = 0, hidden: int = 32, layers: int = 2):
+    """A randomly initialised tiny Llama + the testbed tokenizer, saved like any real model dir.
+
+    Returns (path, ModelSpec). Random weights are enough for numerical equivalences.
+    """
+    from pathlib import Path
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from opd_tasks.common import ModelSpec
+    from opd_tasks.testbed.tokenizer import save_tokenizer
+    from storage.hashing import sha256_tree
+
+    out = Path(out)
+    tok = save_tokenizer(out)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=256, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out, safe_serialization=True)
+    return out, ModelSpec(path=str(out), sha256=sha256_tree(out))

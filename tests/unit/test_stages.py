@@ -1,0 +1,255 @@
+"""Rollout, teacher scoring, update and evaluate on tiny random models, each against an independent reference."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+
+from opd_tasks.common import ModelSpec, group_tokens
+from opd_tasks.config import DataConfig, EvaluationConfig, RolloutConfig, ScoringConfig, UpdateConfig
+from opd_tasks.errors import ModelError, TrainingError
+from opd_tasks.evaluate import accuracy, evaluate
+from opd_tasks.hf import load_causal_lm, score_sequences
+from opd_tasks.prompts import prepare_prompts
+from opd_tasks.rollout import rollout
+from opd_tasks.scoring import score_teacher
+from opd_tasks.update import save_checkpoint, update
+from storage.store import ArtifactStore
+from tests.helpers import tiny_model_dir
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("stages")
+    _, student = tiny_model_dir(base / "student", seed=0, hidden=32)
+    _, teacher = tiny_model_dir(base / "teacher", seed=1, hidden=48)
+    store = ArtifactStore(base / "root")
+    prompts = prepare_prompts(store, DataConfig(), student, "train", 6, 0, 0, None)
+    roll_cfg = RolloutConfig(samples_per_prompt=3, max_new_tokens=12, temperature=1.0)
+    roll = rollout(store, student, prompts, roll_cfg, seed=0, progress=False)
+    scores = score_teacher(store, teacher, student, roll, ScoringConfig(top_k=5, batch_size=4), progress=False)
+    return {"base": base, "store": store, "student": student, "teacher": teacher, "prompts": prompts,
+            "roll": roll, "scores": scores, "roll_cfg": roll_cfg}
+
+
+def test_rollout_table_is_consistent_and_reproducible(env) -> None:
+    store: ArtifactStore = env["store"]
+    t = store.read_table(env["roll"])
+    assert t.num_rows == 18
+    assert sorted(set(t.column("sample_id").to_pylist())) == [0, 1, 2]
+    eos = 2
+    for toks, lps, reason in zip(t.column("token_ids").to_pylist(), t.column("logprobs").to_pylist(),
+                                 t.column("finish_reason").to_pylist(), strict=True):
+        assert len(toks) == len(lps) >= 1
+        assert all(lp <= 0 for lp in lps)
+        assert (reason == "stop") == (toks[-1] == eos) and eos not in toks[:-1]
+        assert reason == "stop" or len(toks) == 12
+    # A fresh store, same inputs and seed: the same bytes (content hash).
+    other = ArtifactStore(env["base"] / "other-root")
+    p2 = prepare_prompts(other, DataConfig(), env["student"], "train", 6, 0, 0, None)
+    r2 = rollout(other, env["student"], p2, env["roll_cfg"], seed=0, progress=False)
+    assert other.read_table(r2).equals(t)
+    r3 = rollout(other, env["student"], p2, env["roll_cfg"], seed=1, progress=False)
+    assert not other.read_table(r3).column("token_ids").equals(t.column("token_ids"))
+
+
+def test_sampling_logprobs_equal_teacher_forced_recompute(env) -> None:
+    t = env["store"].read_table(env["roll"])
+    model = load_causal_lm(env["student"].path, CPU)
+    rescored = score_sequences(model, t.column("prompt_token_ids").to_pylist(), t.column("token_ids").to_pylist(),
+                               pad_token_id=0, top_k=1, batch_size=5, progress=False)
+    for lps, sc in zip(t.column("logprobs").to_pylist(), rescored, strict=True):
+        torch.testing.assert_close(torch.tensor(lps), torch.tensor(sc.logprob), rtol=1e-4, atol=1e-4)
+
+
+def test_teacher_scores_equal_slow_loop(env) -> None:
+    store = env["store"]
+    roll = store.read_table(env["roll"])
+    scores = group_tokens(store.read_table(env["scores"]), ["teacher_logprob", "teacher_entropy", "topk_ids",
+                                                            "topk_logprobs", "token_id"])
+    model = load_causal_lm(env["teacher"].path, CPU)
+    checked = 0
+    for pid, sid, prompt, comp in zip(*(roll.column(c).to_pylist() for c in
+                                        ("prompt_id", "sample_id", "prompt_token_ids", "token_ids")), strict=True):
+        got = scores[(pid, sid)]
+        assert got["token_id"] == comp
+        for j, tok in enumerate(comp):  # one unpadded forward per token: the obvious way
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + comp[:j]])).logits[0, -1].double()
+            logp = torch.log_softmax(logits, -1)
+            assert got["teacher_logprob"][j] == pytest.approx(logp[tok].item(), abs=1e-4)
+            assert got["teacher_entropy"][j] == pytest.approx(-(logp.exp() * logp).sum().item(), abs=1e-4)
+            top = logp.topk(5)
+            assert got["topk_ids"][j] == top.indices.tolist()
+            torch.testing.assert_close(torch.tensor(got["topk_logprobs"][j], dtype=torch.float64), top.values,
+                                       rtol=0, atol=1e-4)
+            checked += 1
+    assert checked == sum(len(c) for c in roll.column("token_ids").to_pylist())
+
+
+def test_padding_and_batching_never_change_a_value(env) -> None:
+    model = load_causal_lm(env["teacher"].path, CPU)
+    prompts = [[1, 20, 21, 22], [1, 30], [1, 40, 41, 42, 43, 44, 45]]
+    comps = [[50, 51, 52], [60, 61, 62, 63, 64, 65], [70]]
+    alone = [score_sequences(model, [p], [c], pad_token_id=0, top_k=3, progress=False)[0]
+             for p, c in zip(prompts, comps, strict=True)]
+    batched = score_sequences(model, prompts, comps, pad_token_id=0, top_k=3, batch_size=3, progress=False)
+    for a, b in zip(alone, batched, strict=True):
+        torch.testing.assert_close(torch.tensor(a.logprob), torch.tensor(b.logprob), rtol=1e-5, atol=1e-5)
+        assert a.topk_ids == b.topk_ids
+
+
+def test_tokenizer_mismatch_is_refused(env) -> None:
+    bad_dir = env["base"] / "bad-teacher"
+    shutil.copytree(env["teacher"].path, bad_dir)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(bad_dir)
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(bad_dir)
+    bad = ModelSpec(path=str(bad_dir), sha256="0" * 64)
+    with pytest.raises(ModelError, match="vocab size: teacher 128 vs student 127"):
+        score_teacher(env["store"], bad, env["student"], env["roll"], ScoringConfig(top_k=3), progress=False)
+
+
+def _weights(spec: ModelSpec) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(spec.path) / "model.safetensors"))
+
+
+def test_update_checkpoint_cache_and_microbatch_invariance(env) -> None:
+    store = env["store"]
+    cfg = UpdateConfig(learning_rate=1e-2, micro_batch_size=18, grad_accumulation=1)
+    ref = update(store, env["student"], env["roll"], env["scores"], cfg, seed=0, progress=False)
+    upd = store.read_table(ref, "updates")
+    assert upd.num_rows == 1 and upd.column("tokens_trained")[0].as_py() == sum(
+        len(x) for x in store.read_table(env["roll"]).column("token_ids").to_pylist())
+    n_pub = len(store.published)
+    assert update(store, env["student"], env["roll"], env["scores"], cfg, seed=0, progress=False) == ref
+    assert len(store.published) == n_pub  # a cache hit publishes nothing
+    new = ModelSpec.from_checkpoint(store, ref)
+    assert new.checkpoint == ref and new.sha256 == ref.sha256
+    before, after = _weights(env["student"]), _weights(new)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # Same optimizer step split into 3 micro-batches x accumulation 3: same weights.
+    cfg2 = UpdateConfig(learning_rate=1e-2, micro_batch_size=6, grad_accumulation=3)
+    ref2 = update(store, env["student"], env["roll"], env["scores"], cfg2, seed=0, progress=False)
+    w2 = _weights(ModelSpec.from_checkpoint(store, ref2))
+    for k in after:
+        torch.testing.assert_close(after[k], w2[k], rtol=1e-4, atol=1e-5)  # fp32 summation order
+
+
+def test_resume_equals_uninterrupted(env) -> None:
+    store = env["store"]
+    one = UpdateConfig(learning_rate=5e-3, micro_batch_size=4, epochs=1)
+    two = UpdateConfig(learning_rate=5e-3, micro_batch_size=4, epochs=2)
+    straight = update(store, env["student"], env["roll"], env["scores"], two, seed=3, progress=False)
+    first = update(store, env["student"], env["roll"], env["scores"], one, seed=3, progress=False)
+    resumed = update(store, ModelSpec.from_checkpoint(store, first), env["roll"], env["scores"], one, seed=3,
+                     progress=False)
+    a = _weights(ModelSpec.from_checkpoint(store, straight))
+    b = _weights(ModelSpec.from_checkpoint(store, resumed))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    steps = store.read_table(resumed, "updates").column("step").to_pylist()
+    assert steps == list(range(5, 10))  # counters continue: 18 sequences / 4 per step = 5 steps per epoch
+
+
+def test_checkpoint_round_trip_identical_logits(env, tmp_path: Path) -> None:
+    model = load_causal_lm(env["student"].path, CPU, "float32")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.tensor([[1, 5, 6, 7]])).logits.sum().backward()
+    opt.step()
+    from transformers import AutoTokenizer
+
+    store = ArtifactStore(tmp_path)
+    with store.writer("update", "ee" * 32) as w:
+        save_checkpoint(w.path, model, AutoTokenizer.from_pretrained(env["student"].path), opt,
+                        {"global_step": 1, "global_epoch": 1}, seed=0)
+        ref = w.commit()
+    spec = ModelSpec.from_checkpoint(store, ref)
+    loaded = load_causal_lm(spec.path, CPU, "float32")
+    x = torch.tensor([[1, 9, 8, 7, 6, 5]])
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, loaded(x).logits)
+    state = json.loads((Path(ref.uri) / "state" / "trainer.json").read_text())
+    assert state["global_step"] == 1 and len(state["rng_cpu"]) > 100
+
+
+def test_nan_loss_stops_update_and_publishes_nothing(env) -> None:
+    store = env["store"]
+    t = store.read_table(env["scores"])
+    nan = t.set_column(t.column_names.index("teacher_logprob"), "teacher_logprob",
+                       pa.array([float("nan")] * t.num_rows, pa.float32()))
+    bad_scores = store.put_table("score", "dd" * 32, "teacher_scores", nan)
+    with pytest.raises(TrainingError, match="not finite.*previous checkpoint"):
+        update(store, env["student"], env["roll"], bad_scores, UpdateConfig(), seed=0, progress=False)
+    from opd_tasks.update import update_key
+
+    assert store.lookup("update", update_key(env["student"], env["roll"], bad_scores, None, None, UpdateConfig(),
+                                             0)) is None
+
+
+@pytest.mark.parametrize("loss", ["topk_rkl", "full_rkl"])
+def test_supervised_losses_move_student_toward_teacher(env, loss: str) -> None:
+    """After a few epochs on the same rollouts, the student's full-vocab reverse KL to the teacher drops."""
+    store = env["store"]
+    roll = store.read_table(env["roll"])
+    prompts, comps = roll.column("prompt_token_ids").to_pylist(), roll.column("token_ids").to_pylist()
+    teacher = load_causal_lm(env["teacher"].path, CPU)
+
+    def rkl(spec: ModelSpec) -> float:
+        from opd_tasks.hf import completion_logits, pack_right
+        from opd_tasks.losses import full_rkl
+
+        m = load_causal_lm(spec.path, CPU)
+        ids, attn, pred, cm = pack_right(prompts, comps, 0)
+        with torch.no_grad():
+            s, t = completion_logits(m, ids, attn, pred), completion_logits(teacher, ids, attn, pred)
+        return (full_rkl(s, t, torch.ones_like(cm, dtype=torch.float32), cm.float()) / cm.sum()).item()
+
+    cfg = UpdateConfig(loss=loss, learning_rate=3e-3, micro_batch_size=6, epochs=8)
+    ref = update(store, env["student"], env["roll"], env["scores"], cfg, seed=0, teacher=env["teacher"],
+                 progress=False)
+    assert rkl(ModelSpec.from_checkpoint(store, ref)) < 0.9 * rkl(env["student"])
+
+
+def test_pg_step_shrinks_per_token_gap_on_its_samples(env) -> None:
+    """One small policy-gradient step lowers log pi_S where it exceeds log pi_T and raises it where it is
+    below: the squared per-token gap k1 on the sampled tokens shrinks."""
+    store = env["store"]
+    roll = store.read_table(env["roll"])
+    prompts, comps = roll.column("prompt_token_ids").to_pylist(), roll.column("token_ids").to_pylist()
+    t_lp = [torch.tensor(s.logprob) for s in score_sequences(load_causal_lm(env["teacher"].path, CPU), prompts,
+                                                             comps, pad_token_id=0, top_k=1, progress=False)]
+
+    def gap(spec: ModelSpec) -> float:
+        sc = score_sequences(load_causal_lm(spec.path, CPU), prompts, comps, pad_token_id=0, top_k=1,
+                             progress=False)
+        return float(sum(((torch.tensor(s.logprob) - t) ** 2).sum() for s, t in zip(sc, t_lp, strict=True)))
+
+    ref = update(store, env["student"], env["roll"], env["scores"],
+                 UpdateConfig(loss="pg", learning_rate=1e-3, micro_batch_size=18), seed=0, progress=False)
+    assert gap(ModelSpec.from_checkpoint(store, ref)) < gap(env["student"])
+
+
+def test_evaluate_counts_correct_answers(env) -> None:
+    store = env["store"]
+    ref = evaluate(store, env["student"], env["prompts"], EvaluationConfig(max_new_tokens=8), seed=0,
+                   progress=False)
+    t = store.read_table(ref)
+    assert t.num_rows == 6
+    from opd_tasks.checkers import check_testbed
+
+    expected = [check_testbed(x, r) for x, r in zip(t.column("text").to_pylist(),
+                                                     t.column("reference").to_pylist(), strict=True)]
+    assert t.column("correct").to_pylist() == expected
+    assert accuracy(store, ref) == sum(expected) / 6

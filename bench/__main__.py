@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-BENCHES = {"storage": "bench.storage"}
+BENCHES = {"storage": "bench.storage", "stages": "bench.stages"}
 
 
 def main(argv: list[str]) -> int:

@@ -200,8 +200,11 @@ def run_cmd(
     name: Annotated[str | None, typer.Option("--name", help="Run name (overrides the config's).")] = None,
     method: Annotated[str | None, typer.Option("--method", help="opd | opd_suppress | topd")] = None,
     iterations: Annotated[int | None, typer.Option("--iterations", "-n", help="Iterations to run.")] = None,
+    refresh: Annotated[list[str] | None, typer.Option("--refresh", help="Recompute this stage (repeatable): "
+                                                      "prompts, rollout, score, update, evaluate.")] = None,
 ) -> None:
-    """Run a distillation: baseline eval, then N iterations of rollout -> score -> update -> evaluate."""
+    """Run a distillation as a Prefect flow: baseline eval, then N iterations of rollout -> score -> update ->
+    evaluate. Rerunning computes only what is missing."""
     from opd_tasks.config import load_config
 
     overrides = list(set_ or [])
@@ -212,7 +215,7 @@ def run_cmd(
         cfg = load_config(config, overrides)
         from flows.run import run_and_report
 
-        run_and_report(cfg, console)
+        run_and_report(cfg, console, refresh or [])
     except OpdError as e:
         _fail(e)
 

@@ -1,7 +1,7 @@
-"""`opd run`: run a distillation and print what happened, stage by stage, and where to look next.
+"""`opd run`: run the `distill` Prefect flow and print what happened and where to look next.
 
-The stages run through the plain driver `opd_tasks.iteration` (every stage content-addressed, so a rerun
-computes only what is missing). The Prefect flow that wraps the same stages is in flows/ (when present).
+Without `PREFECT_API_URL`, Prefect starts a temporary local server for the run (a few seconds); with a
+running `prefect server start` (see docs/operations.md), runs and artifacts show in its UI.
 """
 
 from __future__ import annotations
@@ -17,33 +17,37 @@ from opd_tasks.errors import ConfigError
 IMPLEMENTED_METHODS = ("opd",)
 
 
-def run_and_report(cfg: RunConfig, console: Console) -> dict:
+def check_method(cfg: RunConfig) -> None:
     if cfg.method not in IMPLEMENTED_METHODS:
         raise ConfigError(
             f"method: {cfg.method!r} needs the divergence-analysis stage, which this build does not have yet; "
             f"use --method opd (implemented: {', '.join(IMPLEMENTED_METHODS)})"
         )
-    from opd_tasks.iteration import run_plain
+
+
+def run_and_report(cfg: RunConfig, console: Console, refresh: list[str] | None = None) -> dict:
+    check_method(cfg)
+    from flows.distill import distill
 
     root = cfg.resolved_root()
     console.rule(f"[bold]opd run[/] {cfg.name}: method {cfg.method}, {cfg.iterations} iterations, root {root}")
     console.print(
         f"teacher {cfg.models.teacher.path} | student {cfg.models.student.path} | data {cfg.data.source} | "
         f"{cfg.data.prompts_per_iteration} prompts x {cfg.rollout.samples_per_prompt} samples per iteration | "
-        f"device {cfg.device}"
+        f"device {cfg.device}", highlight=False,
     )
     t0 = time.perf_counter()
-    out = run_plain(cfg, log=lambda m: console.print(m, highlight=False))
-    t = Table("iteration", "accuracy", "mean loss", "stages computed", "stages cached", "seconds",
+    out = distill(cfg.model_dump(mode="json"), refresh=refresh or [])
+    t = Table("iteration", "test accuracy", "mean loss", "computed", "cached", "seconds",
               title=f"run {cfg.name} (baseline accuracy {out['baseline_accuracy']:.1%})")
-    for r in out["iterations"]:
-        comp = [s for s, rec in r.stages.items() if not rec.cached]
-        cach = [s for s, rec in r.stages.items() if rec.cached]
-        t.add_row(str(r.iteration), f"{r.accuracy:.1%}", f"{r.mean_loss:.4f}", ", ".join(comp) or "-",
-                  ", ".join(cach) or "-", f"{sum(rec.seconds for rec in r.stages.values()):.1f}")
+    for it in out["iterations"]:
+        comp = [r["stage"] for r in it["stages"] if r["state"] != "Cached"]
+        cach = [r["stage"] for r in it["stages"] if r["state"] == "Cached"]
+        t.add_row(str(it["iteration"]), f"{it['accuracy']:.1%}", f"{it['mean_loss']:.4f}", ", ".join(comp) or "-",
+                  ", ".join(cach) or "-", f"{sum(r['seconds'] for r in it['stages']):.1f}")
     console.print(t)
-    console.print(f"done in {time.perf_counter() - t0:.0f}s. Artifacts under {root}/artifacts, lineage under "
-                  f"{root}/runs/{cfg.name}.")
+    console.print(f"done in {time.perf_counter() - t0:.0f}s. Artifacts: {root}/artifacts; lineage: "
+                  f"{root}/runs/{cfg.name}", highlight=False)
     query = (f"SELECT iteration, stage, avg(correct::INT) AS accuracy FROM evals WHERE run='{cfg.name}' "
              "GROUP BY 1, 2 ORDER BY 1, 2")
     console.print(f'next: opd runs | opd sql "{query}" | opd verify {cfg.name}', highlight=False, markup=False)

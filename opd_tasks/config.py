@@ -138,10 +138,20 @@ class EvaluationConfig(_Strict):
 
 
 class FaultConfig(_Strict):
-    """Fault injection for tests and drills. Off by default."""
+    """Fault injection for tests and drills: the stage fails once (a TransientError) at that iteration."""
 
-    stage: Literal["rollout", "score", "analyze", "update", "evaluate"] | None = None
-    iteration: int = Field(default=0, ge=0)
+    stage: Literal["prompts", "rollout", "score", "analyze", "update", "evaluate"] | None = Field(
+        default=None, description="Stage to fail once; None = off (the default)."
+    )
+    iteration: int = Field(default=0, ge=0, description="Iteration at which the stage fails.")
+
+
+class OrchestrationConfig(_Strict):
+    """Prefect settings of the stages (not part of any cache key)."""
+
+    retries: int = Field(default=2, ge=0, le=20, description="Retries of a failed stage (transient errors only).")
+    retry_delay_seconds: float = Field(default=5.0, ge=0.0, description="Base of the exponential backoff.")
+    concurrency_tag: str = Field(default="gpu", description="Tag on GPU stages, for Prefect concurrency limits.")
 
 
 class RunConfig(_Strict):
@@ -162,6 +172,7 @@ class RunConfig(_Strict):
     analysis: AnalysisConfig = AnalysisConfig()
     update: UpdateConfig = UpdateConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
     fault: FaultConfig = FaultConfig()
 
     @field_validator("name")

@@ -14,6 +14,11 @@ from storage.store import ArtifactStore
 EXTRACTORS = {"testbed": extract_testbed_answer, "numeric": extract_numeric_answer}
 
 
+def evaluate_key(model: ModelSpec, prompts: ArtifactRef, cfg: EvaluationConfig, seed: int, checker: str) -> str:
+    return cache_key("evaluate", STAGE_VERSIONS["evaluate"], {"model": model.sha256, "prompts": prompts},
+                     cfg.model_dump(mode="json") | {"checker": checker}, seed)
+
+
 def evaluate(
     store: ArtifactStore,
     model: ModelSpec,
@@ -24,8 +29,7 @@ def evaluate(
     device: str = "auto",
     progress: bool = True,
 ) -> ArtifactRef:
-    key = cache_key("evaluate", STAGE_VERSIONS["evaluate"], {"model": model.sha256, "prompts": prompts},
-                    cfg.model_dump(mode="json") | {"checker": checker}, seed)
+    key = evaluate_key(model, prompts, cfg, seed, checker)
     if (ref := store.lookup("evaluate", key)) is not None:
         return ref
     from opd_tasks.hf import generate, load_causal_lm, load_tokenizer, resolve_device

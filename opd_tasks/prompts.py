@@ -23,6 +23,14 @@ def dataset_hash(data: DataConfig) -> str | None:
     return sha256_file(p) if p.is_file() else None
 
 
+def prompts_key(data: DataConfig, tokenizer_model: ModelSpec, split: str, n: int, offset: int, seed: int,
+                max_context: int | None = None) -> str:
+    slice_ = {"data": data.model_dump(mode="json"), "split": split, "n": n, "offset": offset,
+              "max_context": max_context}
+    return cache_key("prompts", STAGE_VERSIONS["prompts"],
+                     {"tokenizer": tokenizer_model.sha256, "dataset": dataset_hash(data)}, slice_, seed)
+
+
 def prepare_prompts(
     store: ArtifactStore,
     data: DataConfig,
@@ -37,15 +45,7 @@ def prepare_prompts(
     from opd_tasks.data import load_prompts
     from opd_tasks.hf import load_tokenizer
 
-    slice_ = {"data": data.model_dump(mode="json"), "split": split, "n": n, "offset": offset,
-              "max_context": max_context}
-    key = cache_key(
-        "prompts",
-        STAGE_VERSIONS["prompts"],
-        {"tokenizer": tokenizer_model.sha256, "dataset": dataset_hash(data)},
-        slice_,
-        seed,
-    )
+    key = prompts_key(data, tokenizer_model, split, n, offset, seed, max_context)
     if (ref := store.lookup("prompts", key)) is not None:
         return ref
     tok = load_tokenizer(tokenizer_model.path, tokenizer_model.trust_remote_code)

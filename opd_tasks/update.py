@@ -7,6 +7,8 @@ state/optimizer.safetensors  AdamW moments and step counts (tensors only, no pic
 state/trainer.json       global step/epoch counters, optimizer param groups, RNG state (as a list)
 updates/part-*.parquet   one row per optimizer step (the `updates` table)
 ```
+Nothing in it depends on wall time (stage seconds live in the run lineage), so the same inputs give the same
+bytes: a recovered run is byte-identical to one that never failed.
 A later update that starts from this checkpoint restores the optimizer and RNG state, so two chained
 updates equal one uninterrupted update over the same data (tested).
 
@@ -19,7 +21,6 @@ optimizer step and nothing is published, so the previous checkpoint stays the la
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -165,7 +166,28 @@ def update(
     device: str = "auto",
     progress: bool = True,
 ) -> ArtifactRef:
-    """One distillation update of `student`; returns the new checkpoint artifact."""
+    """One distillation update of `student`; returns the new checkpoint artifact.
+
+    Runs inside a forked RNG seeded from `seed` (or restored from the parent checkpoint), so the result,
+    saved RNG state included, depends only on the inputs, not on what the process did before.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(sha256_json(["update-rng", seed])[:15], 16))
+        return _update(store, student, rollouts, scores, cfg, seed, weights, teacher, device, progress)
+
+
+def _update(
+    store: ArtifactStore,
+    student: ModelSpec,
+    rollouts: ArtifactRef,
+    scores: ArtifactRef,
+    cfg: UpdateConfig,
+    seed: int,
+    weights: ArtifactRef | None = None,
+    teacher: ModelSpec | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> ArtifactRef:
     key = update_key(student, rollouts, scores, weights, teacher, cfg, seed)
     if (ref := store.lookup("update", key)) is not None:
         return ref
@@ -192,7 +214,6 @@ def update(
         g = torch.Generator().manual_seed(int(sha256_json([seed, trainer["global_epoch"]])[:15], 16))
         perm = torch.randperm(len(seqs), generator=g).tolist()
         for s0 in range(0, len(perm), per_step):
-            t0 = time.perf_counter()
             step_seqs = [seqs[i] for i in perm[s0 : s0 + per_step]]
             n_tok = sum(len(s.tokens) for s in step_seqs)
             total, kl, weighted = 0.0, 0.0, 0.0
@@ -218,8 +239,7 @@ def update(
             opt.zero_grad(set_to_none=True)
             rows.append({"step": trainer["global_step"], "loss": total, "pg_loss": total if cfg.loss == "pg" else 0.0,
                          "bridge_loss": None, "kl": kl / n_tok, "grad_norm": float(gnorm), "lr": cfg.learning_rate,
-                         "tokens_trained": n_tok, "weighted_tokens": weighted,
-                         "seconds": time.perf_counter() - t0})
+                         "tokens_trained": n_tok, "weighted_tokens": weighted})
             trainer["global_step"] += 1
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", kl=f"{kl / n_tok:.3f}")

@@ -74,7 +74,7 @@ SCHEMAS: dict[str, TableSchema] = {
         TableSchema("updates", 1, "optimizer step", (
             _f("step", i32), _f("loss", f32), _f("pg_loss", f32), _f("bridge_loss", f32, True),
             _f("kl", f32), _f("grad_norm", f32), _f("lr", f32), _f("tokens_trained", i64),
-            _f("weighted_tokens", f32), _f("seconds", f32),
+            _f("weighted_tokens", f32),
         )),
         TableSchema("evals", 1, "eval sample", (
             _f("prompt_id", s), _f("sample_id", i32), _f("text", s), _f("answer", s, True),

@@ -23,6 +23,7 @@ import errno
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -331,6 +332,15 @@ class ArtifactStore:
         if len(matches) != 1:
             raise ArtifactError(f"{len(matches)} artifacts match sha256 prefix {sha256!r}")
         return matches[0]
+
+    def retire(self, ref: ArtifactRef) -> Path:
+        """Move a published artifact out of the cache (to `<root>/retired/<stage>/<key>-<time>`), so that its
+        stage recomputes (`--refresh`). Nothing is deleted; `opd gc` may delete retired artifacts later."""
+        src = Path(ref.uri)
+        dest = self.root / "retired" / ref.stage / f"{ref.key}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(src, dest)
+        return dest
 
     def clean_tmp(self) -> int:
         """Remove leftover temp dirs of writers that died (safe only when no writer is running)."""

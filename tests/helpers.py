@@ -48,7 +48,6 @@ def updates_table(n: int = 3, loss0: float = 1.0) -> pa.Table:
             "lr": pa.array([1e-3] * n, pa.float32()),
             "tokens_trained": pa.array([100] * n, pa.int64()),
             "weighted_tokens": pa.array([100.0] * n, pa.float32()),
-            "seconds": pa.array([0.5] * n, pa.float32()),
         }
     )
 

@@ -14,7 +14,7 @@ from opd_tasks.errors import ConfigError
 def test_default_config_file_loads_and_matches_model_defaults_where_unset() -> None:
     cfg = load_config()
     assert DEFAULT_CONFIG_PATH.name == "testbed.yaml"
-    assert cfg.name == "testbed" and cfg.method == "topd" and cfg.models.teacher.path == "testbed:teacher"
+    assert cfg.name == "testbed" and cfg.models.teacher.path == "testbed:teacher"
     assert cfg.models.teacher.trust_remote_code is False
     assert cfg.analysis.high_loss_quantile == 0.2 and cfg.analysis.window == 8
     # The dump is complete and reloads to the same config.

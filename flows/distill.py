@@ -1,0 +1,232 @@
+"""The Prefect flow `distill`: OPD iterations as cached, retried tasks over the plain stage functions.
+
+Each stage is a `@task` that wraps one `opd_tasks` function and returns its `ArtifactRef` (JSON results, never
+pickle). Its Prefect cache key is the stage's content key (input artifact hashes + config slice + seed + stage
+code version; no flow-run id, no run name, no iteration), so a retry, a rerun of the same run and a new run
+with the same inputs all hit the cache. Prefect's result store lives under `<root>/prefect/results`, next to
+the artifacts. Before each call the flow checks that the artifact behind the key still exists; if it was
+deleted (or `--refresh STAGE` retired it), the task is called with `refresh_cache=True` and recomputes.
+
+Retries: exponential backoff with jitter; errors marked non-retryable (config, data, model, artifact,
+training) are not retried. A report task (never cached) publishes a Prefect table and markdown artifact per
+iteration, so a fully cached run still shows them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from opd_tasks.common import ModelSpec
+from opd_tasks.config import (
+    DataConfig,
+    EvaluationConfig,
+    FaultConfig,
+    RolloutConfig,
+    RunConfig,
+    ScoringConfig,
+    UpdateConfig,
+)
+from opd_tasks.errors import OpdError, TransientError
+from opd_tasks.evaluate import accuracy, evaluate, evaluate_key
+from opd_tasks.iteration import _max_prompt_tokens, checker_name, resolve_models
+from opd_tasks.prompts import prepare_prompts, prompts_key
+from opd_tasks.rollout import rollout, rollout_key
+from opd_tasks.scoring import score_key, score_teacher
+from opd_tasks.update import update, update_key
+from storage.lineage import RunLineage
+from storage.refs import ArtifactRef
+from storage.store import ArtifactStore
+
+STAGES = ("prompts", "rollout", "score", "update", "evaluate")
+
+
+def _should_retry(task, task_run, state) -> bool:
+    """Retry unless the failure is an OpdError that says it is not retryable (config, data, ...)."""
+    try:
+        state.result(raise_on_failure=True)
+    except OpdError as e:
+        return e.retryable
+    except Exception:  # noqa: BLE001 - unknown failures (OOM, CUDA, I/O) may be transient
+        return True
+    return False
+
+
+def _fault(root: str, run: str, stage: str, iteration: int, fault: FaultConfig | None) -> None:
+    """Injected fault (tests, drills): fail once at (stage, iteration); a marker file makes it once."""
+    if fault is None or fault.stage != stage or fault.iteration != iteration:
+        return
+    marker = Path(root) / "faults" / f"{run}.{stage}.it{iteration}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    raise TransientError(f"injected fault: stage {stage!r} at iteration {iteration} (fault.* in the config)")
+
+
+def _key(stage: str, k: str) -> str:
+    return f"opd-{stage}-{k}"
+
+
+TASK_OPTS: dict[str, Any] = dict(result_serializer="json", persist_result=True, retry_condition_fn=_should_retry,
+                                 retry_jitter_factor=0.5)
+
+
+@task(name="prompts", task_run_name="prompts-it{iteration}", **TASK_OPTS,
+      cache_key_fn=lambda c, p: _key("prompts", prompts_key(p["data"], p["tokenizer_model"], p["split"], p["n"],
+                                                            p["offset"], p["seed"], p["max_context"])))
+def prompts_task(root: str, data: DataConfig, tokenizer_model: ModelSpec, split: str, n: int, offset: int, seed: int,
+                 max_context: int | None, iteration: int, run: str, fault: FaultConfig | None = None) -> ArtifactRef:
+    _fault(root, run, "prompts", iteration, fault)
+    return prepare_prompts(ArtifactStore(root), data, tokenizer_model, split, n, offset, seed, max_context)
+
+
+@task(name="rollout", task_run_name="rollout-it{iteration}", **TASK_OPTS,
+      cache_key_fn=lambda c, p: _key("rollout", rollout_key(p["student"], p["prompts"], p["cfg"], p["seed"],
+                                                            p["checker"])))
+def rollout_task(root: str, student: ModelSpec, prompts: ArtifactRef, cfg: RolloutConfig, seed: int, checker: str,
+                 device: str, iteration: int, run: str, fault: FaultConfig | None = None) -> ArtifactRef:
+    _fault(root, run, "rollout", iteration, fault)
+    return rollout(ArtifactStore(root), student, prompts, cfg, seed, checker, device)
+
+
+@task(name="score", task_run_name="score-it{iteration}", **TASK_OPTS,
+      cache_key_fn=lambda c, p: _key("score", score_key(p["teacher"], p["rollouts"], p["cfg"])))
+def score_task(root: str, teacher: ModelSpec, student: ModelSpec, rollouts: ArtifactRef, cfg: ScoringConfig,
+               device: str, iteration: int, run: str, fault: FaultConfig | None = None) -> ArtifactRef:
+    _fault(root, run, "score", iteration, fault)
+    return score_teacher(ArtifactStore(root), teacher, student, rollouts, cfg, device)
+
+
+@task(name="update", task_run_name="update-it{iteration}", **TASK_OPTS,
+      cache_key_fn=lambda c, p: _key("update", update_key(p["student"], p["rollouts"], p["scores"], p["weights"],
+                                                          p["teacher"], p["cfg"], p["seed"])))
+def update_task(root: str, student: ModelSpec, rollouts: ArtifactRef, scores: ArtifactRef, cfg: UpdateConfig,
+                seed: int, weights: ArtifactRef | None, teacher: ModelSpec | None, device: str, iteration: int,
+                run: str, fault: FaultConfig | None = None) -> ArtifactRef:
+    _fault(root, run, "update", iteration, fault)
+    return update(ArtifactStore(root), student, rollouts, scores, cfg, seed, weights, teacher, device)
+
+
+@task(name="evaluate", task_run_name="evaluate-it{iteration}", **TASK_OPTS,
+      cache_key_fn=lambda c, p: _key("evaluate", evaluate_key(p["model"], p["prompts"], p["cfg"], p["seed"],
+                                                              p["checker"])))
+def evaluate_task(root: str, model: ModelSpec, prompts: ArtifactRef, cfg: EvaluationConfig, seed: int, checker: str,
+                  device: str, iteration: int, run: str, fault: FaultConfig | None = None) -> ArtifactRef:
+    _fault(root, run, "evaluate", iteration, fault)
+    return evaluate(ArtifactStore(root), model, prompts, cfg, seed, checker, device)
+
+
+@task(name="report", task_run_name="report-it{iteration}", cache_policy=NO_CACHE, persist_result=False)
+def report_task(root: str, run: str, iteration: int, rows: list[dict], acc: float | None, baseline: float) -> None:
+    """Publish the iteration's stages as a table artifact and a markdown summary (never cached)."""
+    slug = "".join(ch if ch.isalnum() else "-" for ch in run.lower()).strip("-") or "run"
+    create_table_artifact(table=rows, key=f"opd-{slug}-stages",
+                          description=f"run {run}, iteration {iteration}: stages, artifacts, cache hits, seconds")
+    lines = [f"# {run}: iteration {iteration}", "",
+             f"accuracy {acc:.1%} (baseline {baseline:.1%})" if acc is not None else "", "",
+             "| stage | state | seconds | rows | artifact |", "|---|---|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['state']} | {r['seconds']:.1f} | {r['rows']} | `{r['uri']}` |" for r in rows]
+    lines += ["", f"Query: `opd sql \"SELECT * FROM evals WHERE run='{run}' AND iteration={iteration}\"`"]
+    create_markdown_artifact(markdown="\n".join(lines), key=f"opd-{slug}-report",
+                             description=f"run {run}, iteration {iteration}")
+
+
+class _Runner:
+    """Calls stage tasks with the right options and records lineage + a row per stage."""
+
+    def __init__(self, cfg: RunConfig, store: ArtifactStore, lineage: RunLineage, refresh: set[str]):
+        self.cfg, self.store, self.lineage, self.refresh = cfg, store, lineage, refresh
+        self.results = store.root / "prefect" / "results"
+        self.rows: list[dict] = []
+        self.log = get_run_logger()
+
+    def __call__(self, stage: str, iteration: int, tsk, key: str, label: str | None = None, **params) -> ArtifactRef:
+        """Run stage task `tsk` (content key `key`); record it in the lineage as `label` (default: stage)."""
+        existing = self.store.lookup(stage, key)
+        if existing is not None and stage in self.refresh:
+            moved = self.store.retire(existing)
+            self.log.info("--refresh %s: retired %s to %s", stage, existing.short(), moved)
+            existing = None
+        o = self.cfg.orchestration
+        opts: dict[str, Any] = dict(result_storage=self.results, refresh_cache=existing is None,
+                                    retries=o.retries, retry_delay_seconds=exponential_backoff(o.retry_delay_seconds))
+        if stage in ("rollout", "score", "update", "evaluate"):
+            opts["tags"] = [o.concurrency_tag]
+        t0 = time.perf_counter()
+        state = tsk.with_options(**opts)(root=str(self.store.root), iteration=iteration, run=self.cfg.name,
+                                         fault=self.cfg.fault, **params, return_state=True)
+        ref: ArtifactRef = state.result()  # raises the stage's error if it failed after its retries
+        current = self.store.lookup(stage, ref.key)
+        if current is None or current.sha256 != ref.sha256:  # a stale cache record: recompute once
+            state = tsk.with_options(**{**opts, "refresh_cache": True})(
+                root=str(self.store.root), iteration=iteration, run=self.cfg.name, fault=None, **params,
+                return_state=True)
+            ref = state.result()
+        secs = time.perf_counter() - t0
+        cached = state.name == "Cached"
+        label = label or stage
+        self.lineage.record(iteration, label, ref, cached=cached, seconds=secs)
+        self.rows.append({"iteration": iteration, "stage": label, "state": state.name, "seconds": round(secs, 3),
+                          "rows": ref.rows, "sha256": ref.sha256[:16], "uri": ref.uri})
+        self.log.info("it%d %-9s %-9s %6.1fs -> %s", iteration, stage, state.name, secs, ref.short())
+        return ref
+
+
+@flow(name="distill", log_prints=True, validate_parameters=False)
+def distill(config: dict, refresh: list[str] | None = None) -> dict:
+    """Run `config["iterations"]` OPD iterations of run `config["name"]`; returns a JSON summary."""
+    cfg = RunConfig.model_validate(config)
+    store = ArtifactStore(cfg.resolved_root())
+    lineage = RunLineage(store.layout, cfg.name)
+    lineage.init(method=cfg.method, config=cfg.model_dump(mode="json"))
+    bad = set(refresh or []) - set(STAGES)
+    if bad:
+        raise OpdError(f"--refresh: unknown stage(s) {sorted(bad)}; stages are {', '.join(STAGES)}")
+    run = _Runner(cfg, store, lineage, set(refresh or []))
+    teacher, student0 = resolve_models(cfg)
+    chk = checker_name(cfg)
+    dev, seed = cfg.device, cfg.seed
+
+    ev_split = cfg.data.eval_split or "test"
+    ev_ctx = _max_prompt_tokens(student0, cfg.evaluation.max_new_tokens)
+    ev = run("prompts", 0, prompts_task, prompts_key(cfg.data, student0, ev_split, cfg.data.eval_size, 0, seed, ev_ctx),
+             label="eval_prompts", data=cfg.data, tokenizer_model=student0, split=ev_split, n=cfg.data.eval_size,
+             offset=0, seed=seed, max_context=ev_ctx)
+    base = run("evaluate", 0, evaluate_task, evaluate_key(student0, ev, cfg.evaluation, seed, chk), label="baseline",
+               model=student0, prompts=ev, cfg=cfg.evaluation, seed=seed, checker=chk, device=dev)
+    baseline = accuracy(store, base)
+
+    summary: dict[str, Any] = {"run": cfg.name, "root": str(store.root), "baseline_accuracy": baseline,
+                               "iterations": []}
+    student = student0
+    n = cfg.data.prompts_per_iteration
+    ctx = _max_prompt_tokens(student0, cfg.rollout.max_new_tokens)
+    for i in range(cfg.iterations):
+        run.rows = []
+        pr = run("prompts", i, prompts_task, prompts_key(cfg.data, student0, "train", n, i * n, seed, ctx),
+                 data=cfg.data, tokenizer_model=student0, split="train", n=n, offset=i * n, seed=seed,
+                 max_context=ctx)
+        ro = run("rollout", i, rollout_task, rollout_key(student, pr, cfg.rollout, seed, chk), student=student,
+                 prompts=pr, cfg=cfg.rollout, seed=seed, checker=chk, device=dev)
+        sc = run("score", i, score_task, score_key(teacher, ro, cfg.scoring), teacher=teacher, student=student,
+                 rollouts=ro, cfg=cfg.scoring, device=dev)
+        up = run("update", i, update_task, update_key(student, ro, sc, None, teacher, cfg.update, seed),
+                 student=student, rollouts=ro, scores=sc, cfg=cfg.update, seed=seed, weights=None, teacher=teacher,
+                 device=dev)
+        student = ModelSpec.from_checkpoint(store, up)
+        ev_ref = run("evaluate", i, evaluate_task, evaluate_key(student, ev, cfg.evaluation, seed, chk),
+                     model=student, prompts=ev, cfg=cfg.evaluation, seed=seed, checker=chk, device=dev)
+        acc = accuracy(store, ev_ref)
+        losses = store.read_table(up, "updates", columns=["loss"]).column("loss").to_pylist()
+        report_task(str(store.root), cfg.name, i, run.rows, acc, baseline)
+        summary["iterations"].append({"iteration": i, "accuracy": acc, "mean_loss": sum(losses) / len(losses),
+                                      "checkpoint": up.model_dump(mode="json"), "stages": run.rows})
+        run.log.info("iteration %d: accuracy %.1f%% (baseline %.1f%%)", i, 100 * acc, 100 * baseline)
+    return summary

@@ -1,0 +1,150 @@
+"""The `distill` Prefect flow on a real (harness) Prefect server with tiny random models:
+first run computes, a rerun is all Cached, a failure reruns only what failed and what depends on it, a config
+change invalidates exactly the affected stages, and the per-stage artifacts are visible through the API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from opd_tasks.config import RunConfig, load_config
+from opd_tasks.errors import ConfigError, DataError, TransientError
+from storage.lineage import RunLineage
+from storage.store import ArtifactStore
+from tests.helpers import tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory: pytest.TempPathFactory):
+    import os
+
+    results = tmp_path_factory.mktemp("prefect-results")
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(results)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("models")
+    s, _ = tiny_model_dir(base / "student", seed=0, hidden=32)
+    t, _ = tiny_model_dir(base / "teacher", seed=1, hidden=48)
+    return s, t
+
+
+def _cfg(models, root: Path, *extra: str) -> RunConfig:
+    s, t = models
+    return load_config(None, [f"models.student.path={s}", f"models.teacher.path={t}", f"root={root}",
+                              "iterations=2", "data.prompts_per_iteration=4", "rollout.samples_per_prompt=2",
+                              "rollout.max_new_tokens=6", "evaluation.max_new_tokens=6", "data.eval_size=6",
+                              "orchestration.retry_delay_seconds=0", "method=opd", *extra])
+
+
+def _states(out: dict) -> list[tuple[int, str, str]]:
+    return [(it["iteration"], r["stage"], r["state"]) for it in out["iterations"] for r in it["stages"]]
+
+
+def _shas(out: dict) -> dict[tuple[int, str], str]:
+    return {(it["iteration"], r["stage"]): r["sha256"] for it in out["iterations"] for r in it["stages"]}
+
+
+STAGES = ["prompts", "rollout", "score", "update", "evaluate"]
+
+
+def test_first_run_computes_then_rerun_is_all_cached(harness, models, tmp_path: Path) -> None:
+    from flows.distill import distill
+
+    cfg = _cfg(models, tmp_path)
+    first = distill(cfg.model_dump(mode="json"))
+    assert _states(first) == [(i, s, "Completed") for i in range(2) for s in STAGES]
+    second = distill(cfg.model_dump(mode="json"))
+    assert _states(second) == [(i, s, "Cached") for i in range(2) for s in STAGES]
+    assert _shas(first) == _shas(second)
+    # A new run name with the same inputs reuses everything too (names are labels, not key parts).
+    third = distill(_cfg(models, tmp_path, "name=other").model_dump(mode="json"))
+    assert {s for _, _, s in _states(third)} == {"Cached"} and _shas(third) == _shas(first)
+    lin = RunLineage(tmp_path, "testbed")
+    assert {(e.iteration, e.stage) for e in lin.entries()} >= {(1, s) for s in STAGES} | {(0, "baseline")}
+
+    # (e) The per-stage table artifact is in the Prefect API and points at artifacts that exist.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["opd-testbed-stages"])))
+    assert arts, "no table artifact published"
+    import json
+
+    rows = json.loads(arts[0].data) if isinstance(arts[0].data, str) else arts[0].data
+    assert {r["stage"] for r in rows} == set(STAGES)
+    store = ArtifactStore(tmp_path)
+    for r in rows:
+        ref = next(x for x in store.iter_artifacts() if x.uri == r["uri"])
+        store.verify(ref)
+
+
+def test_failure_then_rerun_recomputes_only_failed_and_downstream(harness, models, tmp_path: Path) -> None:
+    from flows.distill import distill
+
+    clean = distill(_cfg(models, tmp_path / "clean").model_dump(mode="json"))
+    faulty = _cfg(models, tmp_path / "f", "fault.stage=update", "fault.iteration=1", "orchestration.retries=0")
+    with pytest.raises(TransientError, match="injected fault"):
+        distill(faulty.model_dump(mode="json"))
+    rerun = distill(faulty.model_dump(mode="json"))  # the fault fires once
+    states = {(i, s): st for i, s, st in _states(rerun)}
+    assert [k for k, v in states.items() if v != "Cached"] == [(1, "update"), (1, "evaluate")]
+    # Same inputs, same bytes: the recovered run equals a run that never failed.
+    assert _shas(rerun) == _shas(clean)
+
+
+def test_transient_fault_is_retried(harness, models, tmp_path: Path) -> None:
+    from flows.distill import distill
+
+    cfg = _cfg(models, tmp_path, "fault.stage=score", "fault.iteration=0", "orchestration.retries=1")
+    out = distill(cfg.model_dump(mode="json"))
+    assert [s for s in _states(out) if s[2] != "Completed"] == []
+    assert (Path(tmp_path) / "faults" / "testbed.score.it0").exists()
+
+
+def test_changed_setting_invalidates_exactly_downstream(harness, models, tmp_path: Path) -> None:
+    from flows.distill import distill
+
+    distill(_cfg(models, tmp_path).model_dump(mode="json"))
+    out = distill(_cfg(models, tmp_path, "update.learning_rate=0.01").model_dump(mode="json"))
+    st = {(i, s): v for i, s, v in _states(out)}
+    assert st[(0, "prompts")] == st[(0, "rollout")] == st[(0, "score")] == "Cached"
+    assert st[(0, "update")] == st[(0, "evaluate")] == "Completed"
+    assert st[(1, "prompts")] == "Cached"  # prompts do not depend on the student
+    assert st[(1, "rollout")] == st[(1, "score")] == st[(1, "update")] == "Completed"
+
+
+def test_refresh_retires_and_recomputes(harness, models, tmp_path: Path) -> None:
+    from flows.distill import distill
+
+    cfg = _cfg(models, tmp_path, "iterations=1")
+    first = distill(cfg.model_dump(mode="json"))
+    out = distill(cfg.model_dump(mode="json"), refresh=["score"])
+    st = {s: v for _, s, v in _states(out)}
+    assert st["score"] == "Completed" and st["rollout"] == "Cached"
+    assert st["update"] == "Cached"  # deterministic on CPU: the recomputed scores have the same hash
+    assert _shas(out) == _shas(first)
+    assert len(list((tmp_path / "retired" / "score").iterdir())) == 1
+
+
+def test_should_retry_only_transient() -> None:
+    from flows.distill import _should_retry
+
+    class S:
+        def __init__(self, e):
+            self.e = e
+
+        def result(self, raise_on_failure=True):
+            raise self.e
+
+    assert _should_retry(None, None, S(TransientError("x"))) is True
+    assert _should_retry(None, None, S(RuntimeError("CUDA error"))) is True
+    assert _should_retry(None, None, S(ConfigError("bad"))) is False
+    assert _should_retry(None, None, S(DataError("bad"))) is False

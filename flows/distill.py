@@ -23,8 +23,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from opd_tasks.analyze import analyze, analyze_key
 from opd_tasks.common import ModelSpec
 from opd_tasks.config import (
+    AnalysisConfig,
     DataConfig,
     EvaluationConfig,
     FaultConfig,
@@ -44,7 +46,7 @@ from storage.lineage import RunLineage
 from storage.refs import ArtifactRef
 from storage.store import ArtifactStore
 
-STAGES = ("prompts", "rollout", "score", "update", "evaluate")
+STAGES = ("prompts", "rollout", "score", "analyze", "update", "evaluate")
 
 
 def _should_retry(task, task_run, state) -> bool:
@@ -104,6 +106,16 @@ def score_task(root: str, teacher: ModelSpec, student: ModelSpec, rollouts: Arti
     return score_teacher(ArtifactStore(root), teacher, student, rollouts, cfg, device)
 
 
+@task(name="analyze", task_run_name="analyze-it{iteration}", **TASK_OPTS,
+      cache_key_fn=lambda c, p: _key("analyze", analyze_key(p["student"], p["teacher"], p["rollouts"], p["scores"],
+                                                            p["cfg"], p["method"], p["upd"], p["seed"])))
+def analyze_task(root: str, student: ModelSpec, teacher: ModelSpec, rollouts: ArtifactRef, scores: ArtifactRef,
+                 cfg: AnalysisConfig, method: str, upd: UpdateConfig, seed: int, label_roles: bool, device: str,
+                 iteration: int, run: str, fault: FaultConfig | None = None) -> ArtifactRef:
+    _fault(root, run, "analyze", iteration, fault)
+    return analyze(ArtifactStore(root), student, teacher, rollouts, scores, cfg, method, upd, seed, label_roles, device)
+
+
 @task(name="update", task_run_name="update-it{iteration}", **TASK_OPTS,
       cache_key_fn=lambda c, p: _key("update", update_key(p["student"], p["rollouts"], p["scores"], p["weights"],
                                                           p["teacher"], p["cfg"], p["seed"])))
@@ -157,7 +169,7 @@ class _Runner:
         o = self.cfg.orchestration
         opts: dict[str, Any] = dict(result_storage=self.results, refresh_cache=existing is None,
                                     retries=o.retries, retry_delay_seconds=exponential_backoff(o.retry_delay_seconds))
-        if stage in ("rollout", "score", "update", "evaluate"):
+        if stage in ("rollout", "score", "analyze", "update", "evaluate"):
             opts["tags"] = [o.concurrency_tag]
         t0 = time.perf_counter()
         state = tsk.with_options(**opts)(root=str(self.store.root), iteration=iteration, run=self.cfg.name,
@@ -217,8 +229,14 @@ def distill(config: dict, refresh: list[str] | None = None) -> dict:
                  prompts=pr, cfg=cfg.rollout, seed=seed, checker=chk, device=dev)
         sc = run("score", i, score_task, score_key(teacher, ro, cfg.scoring), teacher=teacher, student=student,
                  rollouts=ro, cfg=cfg.scoring, device=dev)
-        up = run("update", i, update_task, update_key(student, ro, sc, None, teacher, cfg.update, seed),
-                 student=student, rollouts=ro, scores=sc, cfg=cfg.update, seed=seed, weights=None, teacher=teacher,
+        an = None
+        if cfg.method != "opd":
+            an = run("analyze", i, analyze_task, analyze_key(student, teacher, ro, sc, cfg.analysis, cfg.method,
+                                                             cfg.update, seed),
+                     student=student, teacher=teacher, rollouts=ro, scores=sc, cfg=cfg.analysis, method=cfg.method,
+                     upd=cfg.update, seed=seed, label_roles=chk == "testbed", device=dev)
+        up = run("update", i, update_task, update_key(student, ro, sc, an, teacher, cfg.update, seed),
+                 student=student, rollouts=ro, scores=sc, cfg=cfg.update, seed=seed, weights=an, teacher=teacher,
                  device=dev)
         student = ModelSpec.from_checkpoint(store, up)
         ev_ref = run("evaluate", i, evaluate_task, evaluate_key(student, ev, cfg.evaluation, seed, chk),
@@ -226,7 +244,9 @@ def distill(config: dict, refresh: list[str] | None = None) -> dict:
         acc = accuracy(store, ev_ref)
         losses = store.read_table(up, "updates", columns=["loss"]).column("loss").to_pylist()
         report_task(str(store.root), cfg.name, i, run.rows, acc, baseline)
+        analysis = store.manifest(an)["meta"] if an is not None else None
         summary["iterations"].append({"iteration": i, "accuracy": acc, "mean_loss": sum(losses) / len(losses),
+                                      "analysis": analysis,
                                       "checkpoint": up.model_dump(mode="json"), "stages": run.rows})
         run.log.info("iteration %d: accuracy %.1f%% (baseline %.1f%%)", i, 100 * acc, 100 * baseline)
     return summary

@@ -12,21 +12,9 @@ from rich.console import Console
 from rich.table import Table
 
 from opd_tasks.config import RunConfig
-from opd_tasks.errors import ConfigError
-
-IMPLEMENTED_METHODS = ("opd",)
-
-
-def check_method(cfg: RunConfig) -> None:
-    if cfg.method not in IMPLEMENTED_METHODS:
-        raise ConfigError(
-            f"method: {cfg.method!r} needs the divergence-analysis stage, which this build does not have yet; "
-            f"use --method opd (implemented: {', '.join(IMPLEMENTED_METHODS)})"
-        )
 
 
 def run_and_report(cfg: RunConfig, console: Console, refresh: list[str] | None = None) -> dict:
-    check_method(cfg)
     from flows.distill import distill
 
     root = cfg.resolved_root()
@@ -38,12 +26,16 @@ def run_and_report(cfg: RunConfig, console: Console, refresh: list[str] | None =
     )
     t0 = time.perf_counter()
     out = distill(cfg.model_dump(mode="json"), refresh=refresh or [])
-    t = Table("iteration", "test accuracy", "mean loss", "computed", "cached", "seconds",
+    t = Table("iteration", "test accuracy", "mean loss", "surface / divergent / unprobed of high-loss",
+              "computed", "cached", "seconds",
               title=f"run {cfg.name} (baseline accuracy {out['baseline_accuracy']:.1%})")
     for it in out["iterations"]:
         comp = [r["stage"] for r in it["stages"] if r["state"] != "Cached"]
         cach = [r["stage"] for r in it["stages"] if r["state"] == "Cached"]
-        t.add_row(str(it["iteration"]), f"{it['accuracy']:.1%}", f"{it['mean_loss']:.4f}", ", ".join(comp) or "-",
+        an = it.get("analysis")
+        share = (" / ".join(f"{an['share'][r]:.0%}" for r in ("surface", "divergent", "unprobed")) if an else "-")
+        t.add_row(str(it["iteration"]), f"{it['accuracy']:.1%}", f"{it['mean_loss']:.4f}", share,
+                  ", ".join(comp) or "-",
                   ", ".join(cach) or "-", f"{sum(r['seconds'] for r in it['stages']):.1f}")
     console.print(t)
     console.print(f"done in {time.perf_counter() - t0:.0f}s. Artifacts: {root}/artifacts; lineage: "

@@ -1,6 +1,7 @@
 """A plain driver (no Prefect) that chains the stages of OPD iterations.
 
-    prompts_i -> rollout(S_i) -> score(teacher) -> [analyze] -> update(S_i) = S_{i+1} -> evaluate(S_{i+1})
+    prompts_i -> rollout(S_i) -> score(teacher) -> analyze (not for opd) -> update(S_i) = S_{i+1}
+    -> evaluate(S_{i+1})
 
 Every stage is content-addressed, so calling `run_iteration` again with the same inputs computes nothing;
 the Prefect flows in `flows/` wrap the same functions. Lineage records which artifact each iteration used.
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from opd_tasks.analyze import analyze
 from opd_tasks.common import ModelSpec
 from opd_tasks.config import RunConfig
 from opd_tasks.errors import ConfigError
@@ -118,8 +120,14 @@ def run_iteration(
                                    cfg.seed, checker_name(cfg), cfg.device, progress)
     res.stages["score"] = stages(iteration, "score", score_teacher, teacher, student, res.stages["rollout"].ref,
                                  cfg.scoring, cfg.device, progress)
+    weights = None
+    if cfg.method != "opd":
+        res.stages["analyze"] = stages(iteration, "analyze", analyze, student, teacher, res.stages["rollout"].ref,
+                                       res.stages["score"].ref, cfg.analysis, cfg.method, cfg.update, cfg.seed,
+                                       checker_name(cfg) == "testbed", cfg.device, progress)
+        weights = res.stages["analyze"].ref
     res.stages["update"] = stages(iteration, "update", update, student, res.stages["rollout"].ref,
-                                  res.stages["score"].ref, cfg.update, cfg.seed, None, teacher, cfg.device,
+                                  res.stages["score"].ref, cfg.update, cfg.seed, weights, teacher, cfg.device,
                                   progress)
     new_student = ModelSpec.from_checkpoint(stages.store, res.checkpoint)
     res.stages["evaluate"] = stages(iteration, "evaluate", evaluate, new_student, eval_set, cfg.evaluation,

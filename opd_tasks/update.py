@@ -21,7 +21,7 @@ optimizer step and nothing is published, so the previous checkpoint stays the la
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import torch
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from opd_tasks.common import CHECKPOINT_MODEL_DIR, CHECKPOINT_STATE_DIR, STAGE_VERSIONS, ModelSpec, group_tokens
 from opd_tasks.config import UpdateConfig
 from opd_tasks.errors import ConfigError, DataError, TrainingError
-from opd_tasks.losses import full_rkl, pg_loss, topk_rkl
+from opd_tasks.losses import bridge_nll, full_rkl, pg_loss, topk_rkl
 from storage.hashing import sha256_json
 from storage.keys import cache_key
 from storage.refs import ArtifactRef
@@ -46,6 +46,7 @@ class Sequence:
     weight: list[float]
     topk_ids: list[list[int]] | None = None
     topk_logprobs: list[list[float]] | None = None
+    bridges: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (prefix, teacher continuation)
 
 
 def update_key(student: ModelSpec, rollouts: ArtifactRef, scores: ArtifactRef, weights: ArtifactRef | None,
@@ -56,13 +57,26 @@ def update_key(student: ModelSpec, rollouts: ArtifactRef, scores: ArtifactRef, w
 
 
 def load_sequences(store: ArtifactStore, rollouts: ArtifactRef, scores: ArtifactRef, weights: ArtifactRef | None,
-                   need_topk: bool) -> list[Sequence]:
+                   need_topk: bool, bridges: bool = False) -> list[Sequence]:
+    """Per rollout: tokens, sampling and teacher log-probs, weights (from the analysis' `tokens` table, else 1),
+    and with `bridges` the teacher continuations probed at its `divergent` positions."""
     roll = store.read_table(rollouts, "rollouts")
     cols = ["teacher_logprob"] + (["topk_ids", "topk_logprobs"] if need_topk else [])
     sc = group_tokens(store.read_table(scores, "teacher_scores", columns=["prompt_id", "sample_id", "pos", *cols]),
                       cols)
     wt = (group_tokens(store.read_table(weights, "tokens", columns=["prompt_id", "sample_id", "pos", "weight"]),
                        ["weight"]) if weights is not None else None)
+    div: dict[tuple[str, int], list[tuple[int, list[int]]]] = {}
+    if bridges and weights is not None:
+        tk = store.read_table(weights, "tokens", columns=["prompt_id", "sample_id", "pos", "regime"])
+        divergent = {(a, b, c) for a, b, c, r in zip(*(tk.column(x).to_pylist() for x in
+                                                       ("prompt_id", "sample_id", "pos", "regime")), strict=True)
+                     if r == "divergent"}
+        pr = store.read_table(weights, "probes", columns=["prompt_id", "sample_id", "pos", "teacher_continuation"])
+        for a, b, c, cont in zip(*(pr.column(x).to_pylist() for x in
+                                   ("prompt_id", "sample_id", "pos", "teacher_continuation")), strict=True):
+            if (a, b, c) in divergent and cont:
+                div.setdefault((a, b), []).append((c, cont))
     seqs = []
     for pid, sid, p, toks, lps in zip(*(roll.column(c).to_pylist() for c in
                                         ("prompt_id", "sample_id", "prompt_token_ids", "token_ids", "logprobs")),
@@ -78,8 +92,9 @@ def load_sequences(store: ArtifactStore, rollouts: ArtifactRef, scores: Artifact
             if got is None or len(got["weight"]) != len(toks):
                 raise DataError(f"token weights do not cover rollout ({pid!r}, {sid})")
             w = got["weight"]
+        br = [(p + toks[:pos], cont) for pos, cont in div.get((pid, sid), [])]
         seqs.append(Sequence(p, toks, lps, s["teacher_logprob"], w,
-                             s.get("topk_ids"), s.get("topk_logprobs")))
+                             s.get("topk_ids"), s.get("topk_logprobs"), br))
     if not seqs:
         raise DataError(f"rollouts {rollouts.short()} have no completion tokens to train on")
     return seqs
@@ -125,7 +140,17 @@ def micro_batch_loss(model, batch: list[Sequence], cfg: UpdateConfig, pad_id: in
         with torch.no_grad():
             t_logits = completion_logits(teacher, ids, attn, pred)
         loss = full_rkl(logits, t_logits, weight, mask)
-    stats = {"kl": float(((logp_old - logp_t) * mask).sum()), "weighted": float((weight * mask).sum())}
+    stats = {"kl": float(((logp_old - logp_t) * mask).sum()), "weighted": float((weight * mask).sum()),
+             "main": float(loss.detach()), "bridge": 0.0}
+    bridges = [b for s in batch for b in s.bridges]
+    if bridges and cfg.beta > 0:
+        b_ids, b_attn, b_pred, b_mask = pack_right([b[0] for b in bridges], [b[1] for b in bridges], pad_id)
+        b_t = _pad([b[1] for b in bridges], b_pred.shape[1], 0, torch.long).to(device)
+        b_logits = completion_logits(model, b_ids.to(device), b_attn.to(device), b_pred)
+        b_logp = torch.log_softmax(b_logits, -1).gather(-1, b_t[:, :, None]).squeeze(-1)
+        bl = bridge_nll(b_logp, cfg.gamma, b_mask.to(device).float())
+        stats["bridge"] = float(bl.detach())
+        loss = loss + cfg.beta * bl
     return loss, stats
 
 
@@ -196,7 +221,8 @@ def _update(
     from opd_tasks.hf import load_causal_lm, load_tokenizer, resolve_device
 
     dev = resolve_device(device)
-    seqs = load_sequences(store, rollouts, scores, weights, need_topk=cfg.loss == "topk_rkl")
+    use_bridges = weights is not None and store.manifest(weights)["meta"].get("method") == "topd" and cfg.beta > 0
+    seqs = load_sequences(store, rollouts, scores, weights, need_topk=cfg.loss == "topk_rkl", bridges=use_bridges)
     tok = load_tokenizer(student.path, student.trust_remote_code)
     model = load_causal_lm(student.path, dev, "float32", student.trust_remote_code).train()
     t_model = load_causal_lm(teacher.path, dev, teacher.dtype, teacher.trust_remote_code) if (
@@ -216,7 +242,7 @@ def _update(
         for s0 in range(0, len(perm), per_step):
             step_seqs = [seqs[i] for i in perm[s0 : s0 + per_step]]
             n_tok = sum(len(s.tokens) for s in step_seqs)
-            total, kl, weighted = 0.0, 0.0, 0.0
+            total, kl, weighted, main, bridge = 0.0, 0.0, 0.0, 0.0, 0.0
             for m0 in range(0, len(step_seqs), cfg.micro_batch_size):
                 with autocast:
                     loss, st = micro_batch_loss(model, step_seqs[m0 : m0 + cfg.micro_batch_size], cfg,
@@ -231,15 +257,18 @@ def _update(
                 total += loss.item()
                 kl += st["kl"]
                 weighted += st["weighted"]
+                main += st["main"] / n_tok
+                bridge += st["bridge"] / n_tok
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             if not torch.isfinite(gnorm):
                 raise TrainingError(f"update step {trainer['global_step']}: gradient norm is {gnorm.item()}; "
                                     "nothing was saved, the previous checkpoint stays the latest")
             opt.step()
             opt.zero_grad(set_to_none=True)
-            rows.append({"step": trainer["global_step"], "loss": total, "pg_loss": total if cfg.loss == "pg" else 0.0,
-                         "bridge_loss": None, "kl": kl / n_tok, "grad_norm": float(gnorm), "lr": cfg.learning_rate,
-                         "tokens_trained": n_tok, "weighted_tokens": weighted})
+            rows.append({"step": trainer["global_step"], "loss": total, "pg_loss": main,
+                         "bridge_loss": bridge if use_bridges else None, "kl": kl / n_tok,
+                         "grad_norm": float(gnorm), "lr": cfg.learning_rate, "tokens_trained": n_tok,
+                         "weighted_tokens": weighted})
             trainer["global_step"] += 1
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", kl=f"{kl / n_tok:.3f}")

@@ -1,0 +1,340 @@
+"""Stage 3, `analyze`: per-token divergence metrics, high-loss tokens, near-future detectors, regimes and
+TOPD token weights (DESIGN.md section 5; docs/method.md says which choices are the paper's and which ours).
+
+Writes one artifact with two tables:
+- `tokens`: one row per completion token: k1, top-k reverse KL, entropies, the teacher's rank of the sampled
+  token, high_loss, near-future divergence D_t (high-loss tokens only), regime, weight, and the testbed's
+  ground-truth role (`form` / `reasoning` / `answer` / `unknown`) when the prompts come from the testbed.
+- `probes`: one row per probed position: the teacher's and the student's greedy continuations of the prefix
+  s_t = (x, y_<t) and their distance.
+
+Regimes: `normal` (not high-loss), `surface` (high-loss, D_t < delta), `divergent` (high-loss, D_t >= delta),
+`unprobed` (high-loss beyond the per-rollout probe budget: treated as in standard OPD, weight 1).
+Weights (method): `opd_suppress`: surface -> lambda_s, else 1. `topd`: the same, plus alpha * gamma^j on the
+tokens t..t+H after each divergent t. (`opd` does not run this stage: every weight is 1.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from opd_tasks.common import STAGE_VERSIONS, ModelSpec, group_tokens
+from opd_tasks.config import AnalysisConfig, UpdateConfig
+from opd_tasks.errors import ConfigError, DataError
+from storage.keys import cache_key
+from storage.refs import ArtifactRef
+from storage.store import ArtifactStore
+
+REGIMES = ("normal", "surface", "divergent", "unprobed")
+
+
+def weight_slice(method: str, upd: UpdateConfig) -> dict:
+    return {"method": method, "lambda_s": upd.lambda_s, "alpha": upd.alpha, "gamma": upd.gamma,
+            "horizon": upd.horizon}
+
+
+def analyze_key(student: ModelSpec, teacher: ModelSpec, rollouts: ArtifactRef, scores: ArtifactRef,
+                cfg: AnalysisConfig, method: str, upd: UpdateConfig, seed: int) -> str:
+    return cache_key("analyze", STAGE_VERSIONS["analyze"],
+                     {"student": student.sha256, "teacher": teacher.sha256, "rollouts": rollouts, "scores": scores},
+                     {"analysis": cfg.model_dump(mode="json"), "weights": weight_slice(method, upd)}, seed)
+
+
+# ------------------------------------------------------------------------------------ pure pieces
+
+
+def high_loss_mask(signal: np.ndarray, quantile: float, threshold: float | None) -> np.ndarray:
+    """Top-q fraction of the batch's tokens by `signal` (ties included), or signal >= threshold."""
+    if signal.size == 0:
+        return np.zeros(0, dtype=bool)
+    if threshold is not None:
+        return signal >= threshold
+    cut = np.quantile(signal, 1.0 - quantile, method="higher")
+    return signal >= cut
+
+
+def window_divergence(signal: list[float], window: int) -> list[float]:
+    """D_t = mean of the signal over the student's own next `window` tokens t+1..t+W (0 when none follow)."""
+    s = np.asarray(signal, dtype=np.float64)
+    c = np.concatenate([[0.0], np.cumsum(s)])
+    n = len(s)
+    out = np.zeros(n)
+    for t in range(n):  # n is one sequence's length; the cumsum makes each value O(1)
+        a, b = t + 1, min(n, t + 1 + window)
+        out[t] = (c[b] - c[a]) / (b - a) if b > a else 0.0
+    return out.tolist()
+
+
+def token_weights(regimes: list[str], method: str, lambda_s: float, alpha: float, gamma: float,
+                  horizon: int) -> list[float]:
+    """Per-token weights of one sequence from its regimes (see the module docstring)."""
+    if method == "opd":
+        return [1.0] * len(regimes)
+    w = [lambda_s if r == "surface" else 1.0 for r in regimes]
+    if method == "topd":
+        for t, r in enumerate(regimes):
+            if r == "divergent":
+                for j in range(horizon + 1):
+                    if t + j < len(w):
+                        w[t + j] += alpha * gamma**j
+    return w
+
+
+def regime_of(high: bool, probed: bool, d: float | None, delta: float) -> str:
+    if not high:
+        return "normal"
+    if not probed or d is None:
+        return "unprobed"
+    return "divergent" if d >= delta else "surface"
+
+
+def resolve_delta(cfg: AnalysisConfig, distances: list[float]) -> float:
+    if cfg.delta_mode == "absolute":
+        return cfg.delta
+    if not 0.0 <= cfg.delta <= 1.0:
+        raise ConfigError(f"analysis.delta must be in [0, 1] when analysis.delta_mode is 'quantile', got {cfg.delta}")
+    return float(np.quantile(distances, cfg.delta)) if distances else float("inf")
+
+
+def classifier_scores(roles: list[str | None], regimes: list[str]) -> dict:
+    """Precision/recall of `surface` vs ground-truth `form`, and of `divergent` vs `reasoning`/`answer`,
+    over classified high-loss tokens (regime surface or divergent)."""
+    pairs = [(r, g) for r, g in zip(roles, regimes, strict=True) if r is not None and g in ("surface", "divergent")]
+    out: dict = {"classified": len(pairs)}
+    for regime, truth in (("surface", {"form"}), ("divergent", {"reasoning", "answer"})):
+        tp = sum(1 for r, g in pairs if g == regime and r in truth)
+        pred = sum(1 for _, g in pairs if g == regime)
+        actual = sum(1 for r, _ in pairs if r in truth)
+        out[f"{regime}_precision"] = tp / pred if pred else None
+        out[f"{regime}_recall"] = tp / actual if actual else None
+    return out
+
+
+# ----------------------------------------------------------------------------------------- stage
+
+
+@dataclass
+class _Seq:
+    pid: str
+    sid: int
+    prompt: list[int]
+    tokens: list[int]
+    logp_s: list[float]
+    logp_t: list[float]
+    ent_t: list[float]
+    topk_ids: list[list[int]]
+    topk_lp: list[list[float]]
+
+
+@torch.no_grad()
+def _student_stats(model, seqs: list[_Seq], batch: int) -> tuple[list[list[float]], list[list[float]]]:
+    """Per token: the student's entropy and the top-k reverse KL on the teacher's support."""
+    from opd_tasks.hf import completion_logits, pack_right
+    from opd_tasks.losses import topk_rkl_per_token
+
+    dev = next(model.parameters()).device
+    ents, rkls = [], []
+    for s0 in range(0, len(seqs), batch):
+        chunk = seqs[s0 : s0 + batch]
+        ids, attn, pred, _ = pack_right([s.prompt for s in chunk], [s.tokens for s in chunk], 0)
+        logits = completion_logits(model, ids.to(dev), attn.to(dev), pred)
+        logp = torch.log_softmax(logits, -1)
+        ent = -(logp.exp() * logp).sum(-1).cpu()
+        t = pred.shape[1]
+        k = len(chunk[0].topk_ids[0])
+        tid = torch.zeros((len(chunk), t, k), dtype=torch.long)
+        tlp = torch.zeros((len(chunk), t, k))
+        for i, s in enumerate(chunk):
+            tid[i, : len(s.tokens)] = torch.tensor(s.topk_ids)
+            tlp[i, : len(s.tokens)] = torch.tensor(s.topk_lp)
+        rkl = topk_rkl_per_token(logits, tid.to(dev), tlp.to(dev)).cpu()
+        for i, s in enumerate(chunk):
+            ents.append(ent[i, : len(s.tokens)].tolist())
+            rkls.append(rkl[i, : len(s.tokens)].tolist())
+    return ents, rkls
+
+
+def _probe(student_lm, teacher_lm, prefixes: list[list[int]], k: int, distance: str, eos: int, pad: int,
+           batch: int, progress: bool) -> tuple[list[list[int]], list[list[int]], list[float]]:
+    """Greedy K-token continuations of each prefix by teacher and student, and their distance."""
+    from opd_tasks.hf import generate, score_sequences
+
+    if not prefixes:
+        return [], [], []
+    kw = dict(eos_token_id=eos, pad_token_id=pad, n=1, temperature=0.0, max_new_tokens=k, batch_size=batch,
+              want_logprobs=False, progress=progress)
+    c_t = [g.token_ids for g in generate(teacher_lm, prefixes, desc="probe teacher", **kw)]
+    c_s = [g.token_ids for g in generate(student_lm, prefixes, desc="probe student", **kw)]
+    if distance == "xent":
+        def lp(model, conts):
+            sc = score_sequences(model, prefixes, conts, pad_token_id=pad, top_k=1, batch_size=batch, progress=False)
+            return [np.asarray(x.logprob) for x in sc]
+
+        t_on_t, s_on_t = lp(teacher_lm, c_t), lp(student_lm, c_t)
+        s_on_s, t_on_s = lp(student_lm, c_s), lp(teacher_lm, c_s)
+        dist = [0.5 * (float(np.mean(a - b)) + float(np.mean(c - d)))
+                for a, b, c, d in zip(t_on_t, s_on_t, s_on_s, t_on_s, strict=True)]
+    else:
+        from opd_tasks.hf import pack_right
+        from opd_tasks.ot import ot_distance
+
+        dev = next(student_lm.parameters()).device
+
+        def embed(conts):
+            out = []
+            for s0 in range(0, len(prefixes), batch):
+                ids, attn, pred, cm = pack_right(prefixes[s0 : s0 + batch], conts[s0 : s0 + batch], pad)
+                h = student_lm(input_ids=ids.to(dev), attention_mask=attn.to(dev),
+                               output_hidden_states=True).hidden_states[-1]
+                for i in range(ids.shape[0]):
+                    n = int(cm[i].sum())
+                    out.append(h[i, (pred[i, :n] + 1).to(dev)].float().cpu())  # states at the continuation tokens
+            return out
+
+        with torch.no_grad():
+            e_t, e_s = embed(c_t), embed(c_s)
+        dist = [ot_distance(a, b) for a, b in zip(e_t, e_s, strict=True)]
+    return c_t, c_s, dist
+
+
+def analyze(
+    store: ArtifactStore,
+    student: ModelSpec,
+    teacher: ModelSpec,
+    rollouts: ArtifactRef,
+    scores: ArtifactRef,
+    cfg: AnalysisConfig,
+    method: str,
+    upd: UpdateConfig,
+    seed: int,
+    label_roles: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+) -> ArtifactRef:
+    key = analyze_key(student, teacher, rollouts, scores, cfg, method, upd, seed)
+    if (ref := store.lookup("analyze", key)) is not None:
+        return ref
+    from opd_tasks.hf import load_causal_lm, load_tokenizer, resolve_device
+
+    roll = store.read_table(rollouts, "rollouts")
+    sc = group_tokens(store.read_table(scores, "teacher_scores"),
+                      ["teacher_logprob", "teacher_entropy", "topk_ids", "topk_logprobs"])
+    seqs: list[_Seq] = []
+    for pid, sid, p, toks, lps in zip(*(roll.column(c).to_pylist() for c in
+                                        ("prompt_id", "sample_id", "prompt_token_ids", "token_ids", "logprobs")),
+                                      strict=True):
+        if not toks:
+            continue
+        s = sc.get((pid, sid))
+        if s is None or len(s["teacher_logprob"]) != len(toks):
+            raise DataError(f"teacher scores do not cover rollout ({pid!r}, {sid})")
+        seqs.append(_Seq(pid, sid, p, toks, lps, s["teacher_logprob"], s["teacher_entropy"], s["topk_ids"],
+                         s["topk_logprobs"]))
+    if not seqs:
+        raise DataError(f"rollouts {rollouts.short()} have no completion tokens to analyze")
+    dev = resolve_device(device)
+    tok = load_tokenizer(student.path, student.trust_remote_code)
+    s_lm = load_causal_lm(student.path, dev, student.dtype, student.trust_remote_code)
+    ent_s, rkl = _student_stats(s_lm, seqs, batch=64)
+
+    k1 = [list(np.asarray(s.logp_s) - np.asarray(s.logp_t)) for s in seqs]
+    signal = k1 if cfg.loss_signal == "k1" else rkl
+    flat = np.concatenate([np.asarray(x, dtype=np.float64) for x in signal])
+    high_flat = high_loss_mask(flat, cfg.high_loss_quantile, cfg.high_loss_threshold)
+    bounds = np.cumsum([0] + [len(s.tokens) for s in seqs])
+    high = [high_flat[bounds[i] : bounds[i + 1]] for i in range(len(seqs))]
+
+    # Near-future divergence of high-loss positions.
+    d: list[list[float | None]] = [[None] * len(s.tokens) for s in seqs]
+    probed: list[list[bool]] = [[False] * len(s.tokens) for s in seqs]
+    probe_rows: list[tuple[int, int]] = []
+    c_t: list[list[int]] = []
+    c_s: list[list[int]] = []
+    dists: list[float] = []
+    if cfg.detector == "window":
+        for i in range(len(seqs)):
+            wd = window_divergence(signal[i], cfg.window)
+            for t in np.flatnonzero(high[i]):
+                d[i][t], probed[i][t] = wd[t], True
+    else:
+        for i in range(len(seqs)):
+            pos = np.flatnonzero(high[i])
+            order = sorted(pos.tolist(), key=lambda t: -signal[i][t])[: cfg.probe_budget]
+            probe_rows += [(i, t) for t in sorted(order)]
+        t_lm = load_causal_lm(teacher.path, dev, teacher.dtype, teacher.trust_remote_code)
+        prefixes = [seqs[i].prompt + seqs[i].tokens[:t] for i, t in probe_rows]
+        c_t, c_s, dists = _probe(s_lm, t_lm, prefixes, cfg.probe_tokens, cfg.distance, tok.eos_token_id,
+                                 tok.pad_token_id, batch=64, progress=progress)
+        for (i, t), dist in zip(probe_rows, dists, strict=True):
+            d[i][t], probed[i][t] = dist, True
+    all_d = [x for row in d for x in row if x is not None]
+    delta = resolve_delta(cfg, all_d)
+
+    regimes = [[regime_of(bool(high[i][t]), probed[i][t], d[i][t], delta) for t in range(len(s.tokens))]
+               for i, s in enumerate(seqs)]
+    weights = [token_weights(r, method, upd.lambda_s, upd.alpha, upd.gamma, upd.horizon) for r in regimes]
+    roles: list[list[str | None]]
+    if label_roles:
+        from opd_tasks.testbed.labeler import label_token_ids
+
+        roles = [label_token_ids(tok, s.tokens) for s in seqs]
+    else:
+        roles = [[None] * len(s.tokens) for s in seqs]
+
+    ranks = []
+    for s in seqs:
+        ranks.append([row.index(y) if y in row else len(row) for y, row in zip(s.tokens, s.topk_ids, strict=True)])
+    lengths = [len(s.tokens) for s in seqs]
+
+    def cat(rows, dtype=None):
+        return [x for r in rows for x in r] if dtype is None else np.concatenate(
+            [np.asarray(r, dtype=dtype) for r in rows])
+
+    tokens = pa.table({
+        "prompt_id": pa.array(np.repeat(np.array([s.pid for s in seqs], dtype=object), lengths), pa.string()),
+        "sample_id": pa.array(np.repeat(np.array([s.sid for s in seqs], dtype=np.int32), lengths)),
+        "pos": pa.array(np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])),
+        "token_id": pa.array(cat([s.tokens for s in seqs], np.int32)),
+        "student_logprob": pa.array(cat([s.logp_s for s in seqs], np.float32)),
+        "teacher_logprob": pa.array(cat([s.logp_t for s in seqs], np.float32)),
+        "k1": pa.array(cat(k1, np.float32)),
+        "rkl_topk": pa.array(cat(rkl, np.float32)),
+        "student_entropy": pa.array(cat(ent_s, np.float32)),
+        "teacher_entropy": pa.array(cat([s.ent_t for s in seqs], np.float32)),
+        "teacher_rank": pa.array(cat(ranks, np.int32)),
+        "high_loss": pa.array(high_flat),
+        "near_future_div": pa.array(cat(d), pa.float32()),
+        "regime": pa.array(cat(regimes), pa.string()),
+        "weight": pa.array(cat(weights, np.float32)),
+        "role": pa.array(cat(roles), pa.string()),
+    })
+    probes = pa.table({
+        "prompt_id": pa.array([seqs[i].pid for i, _ in probe_rows], pa.string()),
+        "sample_id": pa.array([seqs[i].sid for i, _ in probe_rows], pa.int32()),
+        "pos": pa.array([t for _, t in probe_rows], pa.int32()),
+        "teacher_continuation": pa.array(c_t, pa.list_(pa.int32())),
+        "student_continuation": pa.array(c_s, pa.list_(pa.int32())),
+        "distance": pa.array(dists, pa.float32()),
+        "distance_kind": pa.array([cfg.distance] * len(probe_rows), pa.string()),
+    })
+    flat_reg = cat(regimes)
+    n_high = int(high_flat.sum())
+    meta = {
+        "tokens": int(len(flat_reg)), "high_loss": n_high, "delta": delta, "method": method,
+        "detector": cfg.detector, "distance": cfg.distance if cfg.detector == "probe" else None,
+        "share": {r: (flat_reg.count(r) / n_high if n_high else 0.0) for r in REGIMES if r != "normal"},
+    }
+    if label_roles:
+        meta["classifier"] = classifier_scores(cat(roles), flat_reg)
+    with store.writer("analyze", key) as w:
+        w.write_table("tokens", tokens)
+        if probes.num_rows:
+            w.write_table("probes", probes)
+        else:
+            w.declare_table("probes")
+        w.meta.update(meta)
+        return w.commit()

@@ -1,0 +1,228 @@
+"""Divergence analysis: high-loss selection, detectors, regimes, weights, OT, the stage end to end, the bridge."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from opd_tasks.analyze import (
+    analyze,
+    classifier_scores,
+    high_loss_mask,
+    regime_of,
+    token_weights,
+    window_divergence,
+)
+from opd_tasks.common import ModelSpec, group_tokens
+from opd_tasks.config import AnalysisConfig, DataConfig, RolloutConfig, ScoringConfig, UpdateConfig
+from opd_tasks.ot import cosine_cost, ot_distance, sinkhorn
+from opd_tasks.prompts import prepare_prompts
+from opd_tasks.rollout import rollout
+from opd_tasks.scoring import score_teacher
+from opd_tasks.update import update
+from storage.store import ArtifactStore
+from tests.helpers import tiny_model_dir
+
+
+def test_high_loss_quantile_and_threshold() -> None:
+    s = np.array([0.1, 5.0, 0.2, 3.0, 0.3, 0.0, 1.0, 0.5, 0.4, 2.0])
+    assert high_loss_mask(s, 0.2, None).tolist() == [x >= 3.0 for x in s]
+    assert high_loss_mask(s, 0.3, None).sum() == 3
+    assert high_loss_mask(s, 1.0, None).all()
+    assert high_loss_mask(s, 0.2, 0.45).tolist() == [x >= 0.45 for x in s]
+
+
+def test_window_divergence_matches_loop() -> None:
+    rng = np.random.default_rng(0)
+    sig = rng.normal(size=13).tolist()
+    for w in (1, 3, 8, 20):
+        got = window_divergence(sig, w)
+        for t in range(len(sig)):
+            nxt = sig[t + 1 : t + 1 + w]
+            assert got[t] == pytest.approx(sum(nxt) / len(nxt) if nxt else 0.0)
+
+
+def test_spike_is_surface_and_persistent_drift_is_divergent() -> None:
+    """Known by construction: a one-token spike that vanishes vs one after which the gap persists."""
+    spike = [0.0, 0.1, 6.0, 0.0, 0.1, 0.0, 0.0, 0.1, 0.0, 0.0]
+    drift = [0.0, 0.1, 6.0, 3.0, 4.0, 3.5, 5.0, 4.0, 3.0, 4.0]
+    for sig, want in ((spike, "surface"), (drift, "divergent")):
+        high = high_loss_mask(np.array(sig), 0.1, None)
+        assert high.tolist().index(True) == 2 and high.sum() == 1
+        d = window_divergence(sig, 4)
+        regimes = [regime_of(bool(h), True, d[t], delta=1.0) for t, h in enumerate(high)]
+        assert regimes[2] == want and regimes.count("normal") == 9
+
+
+def test_token_weights_match_loop() -> None:
+    reg = ["normal", "surface", "divergent", "normal", "divergent", "surface", "normal", "unprobed"]
+    assert token_weights(reg, "opd", 0.0, 0.5, 0.8, 3) == [1.0] * 8
+    assert token_weights(reg, "opd_suppress", 0.1, 0.5, 0.8, 3) == [1, 0.1, 1, 1, 1, 0.1, 1, 1]
+    got = token_weights(reg, "topd", 0.0, 0.5, 0.8, 3)
+    ref = [0.0 if r == "surface" else 1.0 for r in reg]
+    for t, r in enumerate(reg):
+        if r == "divergent":
+            for j in range(4):
+                if t + j < len(ref):
+                    ref[t + j] += 0.5 * 0.8**j
+    assert got == pytest.approx(ref)
+    assert got[4] == pytest.approx(1 + 0.5 * 0.8**2 + 0.5)  # overlapping spreads add up
+
+
+def test_classifier_scores_known_case() -> None:
+    roles = ["form", "form", "reasoning", "reasoning", "answer", "form", None]
+    regs = ["surface", "divergent", "divergent", "surface", "divergent", "normal", "surface"]
+    s = classifier_scores(roles, regs)
+    assert s["classified"] == 5
+    assert s["surface_precision"] == 0.5 and s["surface_recall"] == 0.5
+    assert s["divergent_precision"] == pytest.approx(2 / 3) and s["divergent_recall"] == pytest.approx(2 / 3)
+
+
+def test_sinkhorn_matches_exact_assignment() -> None:
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 3, 5):
+        a, b = torch.randn(n, 6, generator=g), torch.randn(n, 6, generator=g)
+        c = cosine_cost(a, b)
+        exact = min(sum(c[i, p[i]].item() for i in range(n)) / n for p in itertools.permutations(range(n)))
+        plan, cost = sinkhorn(c, eps=0.002, iters=3000)
+        assert cost.item() == pytest.approx(exact, abs=2e-3)
+        uniform = torch.full((n,), 1 / n, dtype=torch.float64)
+        torch.testing.assert_close(plan.sum(0), uniform, atol=1e-7, rtol=0)  # exact (to rounding) after a g update
+        torch.testing.assert_close(plan.sum(1), uniform, atol=1e-3, rtol=0)
+    x = torch.randn(4, 8, generator=g)
+    assert ot_distance(x, x, eps=0.002, iters=3000) == pytest.approx(0.0, abs=2e-3)
+    # Two points each: orthogonal pairs matched crosswise cost 0; straight they would cost 1.
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    assert ot_distance(torch.stack([e1, e2]), torch.stack([e2, e1]), eps=0.002, iters=3000) == pytest.approx(
+        0.0, abs=1e-3)
+    assert ot_distance(torch.stack([e1, e1]), torch.stack([e2, e2]), eps=0.01) == pytest.approx(1.0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------- the stage
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("analyze")
+    _, student = tiny_model_dir(base / "student", seed=0, hidden=32)
+    _, teacher = tiny_model_dir(base / "teacher", seed=1, hidden=48)
+    store = ArtifactStore(base / "root")
+    prompts = prepare_prompts(store, DataConfig(), student, "train", 5, 0, 0, None)
+    roll = rollout(store, student, prompts, RolloutConfig(samples_per_prompt=2, max_new_tokens=10), 0, progress=False)
+    scores = score_teacher(store, teacher, student, roll, ScoringConfig(top_k=4), progress=False)
+    return {"base": base, "store": store, "student": student, "teacher": teacher, "roll": roll, "scores": scores}
+
+
+@pytest.mark.parametrize(("detector", "distance"), [("window", "xent"), ("probe", "xent"), ("probe", "ot")])
+def test_analyze_stage_tables_are_consistent(env, detector: str, distance: str) -> None:
+    store: ArtifactStore = env["store"]
+    cfg = AnalysisConfig(detector=detector, distance=distance, probe_tokens=5, probe_budget=2, delta=0.5,
+                         delta_mode="quantile")
+    upd = UpdateConfig()
+    ref = analyze(store, env["student"], env["teacher"], env["roll"], env["scores"], cfg, "topd", upd, 0,
+                  label_roles=True, progress=False)
+    tok = store.read_table(ref, "tokens")
+    scores = store.read_table(env["scores"])
+    assert tok.num_rows == scores.num_rows
+    rows = tok.to_pylist()
+    sc = {(r["prompt_id"], r["sample_id"], r["pos"]): r for r in scores.to_pylist()}
+    for r in rows:
+        s = sc[(r["prompt_id"], r["sample_id"], r["pos"])]
+        assert r["k1"] == pytest.approx(r["student_logprob"] - s["teacher_logprob"], abs=1e-5)
+        assert r["teacher_rank"] == (s["topk_ids"].index(r["token_id"]) if r["token_id"] in s["topk_ids"] else 4)
+        assert r["rkl_topk"] >= -1e-6 and r["role"] in ("form", "reasoning", "answer", "unknown")
+        assert (r["regime"] == "normal") == (not r["high_loss"])
+        assert (r["near_future_div"] is not None) == (r["regime"] in ("surface", "divergent"))
+    high = [r for r in rows if r["high_loss"]]
+    assert len(high) == pytest.approx(0.2 * len(rows), abs=len(rows) * 0.1 + 1)
+    probes = store.read_table(ref, "probes")
+    if detector == "probe":
+        per_seq: dict = {}
+        for p in probes.to_pylist():
+            per_seq[(p["prompt_id"], p["sample_id"])] = per_seq.get((p["prompt_id"], p["sample_id"]), 0) + 1
+            assert 1 <= len(p["teacher_continuation"]) <= 5 and p["distance_kind"] == distance
+        assert max(per_seq.values()) <= 2
+        assert probes.num_rows == sum(r["regime"] in ("surface", "divergent") for r in rows)
+    else:
+        assert probes.num_rows == 0
+    # Weights equal a recomputation from the regimes, sequence by sequence.
+    g = group_tokens(tok, ["regime", "weight"])
+    for v in g.values():
+        assert v["weight"] == pytest.approx(token_weights(v["regime"], "topd", upd.lambda_s, upd.alpha, upd.gamma,
+                                                          upd.horizon))
+    meta = store.manifest(ref)["meta"]
+    assert set(meta["share"]) == {"surface", "divergent", "unprobed"} and "classifier" in meta
+
+
+def test_analyze_rerun_is_byte_identical(env) -> None:
+    cfg = AnalysisConfig(probe_tokens=4, probe_budget=1)
+    a = analyze(env["store"], env["student"], env["teacher"], env["roll"], env["scores"], cfg, "topd",
+                UpdateConfig(), 0, progress=False)
+    other = ArtifactStore(env["base"] / "other")
+    # Copy the input artifacts into a fresh store: the stage recomputes from scratch there.
+    import shutil
+
+    for ref in (env["roll"], env["scores"]):
+        shutil.copytree(ref.uri, other.layout.artifact_dir(ref.stage, ref.key))
+    r2, s2 = other.lookup("rollout", env["roll"].key), other.lookup("score", env["scores"].key)
+    assert (r2.sha256, s2.sha256) == (env["roll"].sha256, env["scores"].sha256)
+    b = analyze(other, env["student"], env["teacher"], r2, s2, cfg, "topd", UpdateConfig(), 0, progress=False)
+    assert a.sha256 == b.sha256 and a.uri != b.uri
+
+
+def test_zero_weights_freeze_the_pg_update(env) -> None:
+    """All tokens suppressed (weight 0) and no bridge: the policy gradient is zero, the weights do not move."""
+    store = env["store"]
+    ref = analyze(store, env["student"], env["teacher"], env["roll"], env["scores"],
+                  AnalysisConfig(detector="window"), "opd_suppress", UpdateConfig(), 0, progress=False)
+    t = store.read_table(ref, "tokens")
+    zero = t.set_column(t.column_names.index("weight"), "weight", pa.array([0.0] * t.num_rows, pa.float32()))
+    with store.writer("analyze", "ab" * 32) as w:
+        w.write_table("tokens", zero)
+        w.declare_table("probes")
+        w.meta["method"] = "opd_suppress"
+        zref = w.commit()
+    up = update(store, env["student"], env["roll"], env["scores"], UpdateConfig(learning_rate=0.1), 0, weights=zref,
+                progress=False)
+    from safetensors.torch import load_file
+
+    a = load_file(str(Path(env["student"].path) / "model.safetensors"))
+    b = load_file(str(Path(store.checkpoint_dir(up)) / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert store.read_table(up, "updates").column("weighted_tokens")[0].as_py() == 0
+
+
+def test_bridge_loss_equals_explicit_reference(env) -> None:
+    store = env["store"]
+    cfg = AnalysisConfig(probe_tokens=4, probe_budget=2, delta=0.0, delta_mode="absolute")  # every probe divergent
+    upd = UpdateConfig(beta=0.3, gamma=0.7, learning_rate=1e-9, micro_batch_size=64)
+    ref = analyze(store, env["student"], env["teacher"], env["roll"], env["scores"], cfg, "topd", upd, 0,
+                  progress=False)
+    probes = store.read_table(ref, "probes").to_pylist()
+    assert probes
+    up = update(store, env["student"], env["roll"], env["scores"], upd, 0, weights=ref, progress=False)
+    logged = store.read_table(up, "updates").to_pylist()
+    assert len(logged) == 1
+    roll = {(r["prompt_id"], r["sample_id"]): r for r in store.read_table(env["roll"]).to_pylist()}
+    n_tok = sum(len(r["token_ids"]) for r in roll.values())
+    from opd_tasks.hf import load_causal_lm
+
+    model = load_causal_lm(env["student"].path, torch.device("cpu"))
+    ref_sum = 0.0
+    for p in probes:  # one unpadded forward per continuation token
+        r = roll[(p["prompt_id"], p["sample_id"])]
+        prefix = r["prompt_token_ids"] + r["token_ids"][: p["pos"]]
+        for j, c in enumerate(p["teacher_continuation"]):
+            with torch.no_grad():
+                lp = torch.log_softmax(model(torch.tensor([prefix + p["teacher_continuation"][:j]])).logits[0, -1], -1)
+            ref_sum += -(0.7**j) * lp[c].item()
+    assert logged[0]["bridge_loss"] == pytest.approx(ref_sum / n_tok, rel=1e-4)
+    assert logged[0]["loss"] == pytest.approx(logged[0]["pg_loss"] + 0.3 * logged[0]["bridge_loss"], rel=1e-4)
+    meta = json.loads((Path(ref.uri) / "_manifest.json").read_text())["meta"]
+    assert meta["share"]["divergent"] > 0

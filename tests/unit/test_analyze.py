@@ -19,7 +19,7 @@ from opd_tasks.analyze import (
     token_weights,
     window_divergence,
 )
-from opd_tasks.common import ModelSpec, group_tokens
+from opd_tasks.common import group_tokens
 from opd_tasks.config import AnalysisConfig, DataConfig, RolloutConfig, ScoringConfig, UpdateConfig
 from opd_tasks.ot import cosine_cost, ot_distance, sinkhorn
 from opd_tasks.prompts import prepare_prompts

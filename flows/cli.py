@@ -201,7 +201,9 @@ def run_cmd(
     method: Annotated[str | None, typer.Option("--method", help="opd | opd_suppress | topd")] = None,
     iterations: Annotated[int | None, typer.Option("--iterations", "-n", help="Iterations to run.")] = None,
     refresh: Annotated[list[str] | None, typer.Option("--refresh", help="Recompute this stage (repeatable): "
-                                                      "prompts, rollout, score, update, evaluate.")] = None,
+                                                      "prompts, rollout, score, analyze, update, evaluate.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run after its latest checkpoint, on new "
+                                                          "prompts, for N more iterations.")] = False,
 ) -> None:
     """Run a distillation as a Prefect flow: baseline eval, then N iterations of rollout -> score -> update ->
     evaluate. Rerunning computes only what is missing."""
@@ -215,9 +217,34 @@ def run_cmd(
         cfg = load_config(config, overrides)
         from flows.run import run_and_report
 
-        run_and_report(cfg, console, refresh or [])
+        run_and_report(cfg, console, refresh or [], resume)
     except OpdError as e:
         _fail(e)
+
+
+@app.command("serve")
+def serve_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    cron: Annotated[str | None, typer.Option(help='Cron schedule, e.g. "0 2 * * *" (nightly at 02:00).')] = None,
+    name: Annotated[str, typer.Option("--name", help="Deployment name; also the run it continues.")] = "nightly",
+    iterations: Annotated[int, typer.Option("--iterations", "-n", help="Iterations per scheduled run.")] = 1,
+) -> None:
+    """Serve the distill flow as a deployment (needs a Prefect server: `prefect server start`). Each run,
+    scheduled or triggered with `prefect deployment run distill/NAME`, continues run NAME from its latest
+    checkpoint on the next prompts. Blocks until interrupted."""
+    from opd_tasks.config import load_config
+
+    try:
+        cfg = load_config(config, [*(set_ or []), f"name={name}", f"iterations={iterations}"])
+    except OpdError as e:
+        _fail(e)
+    from flows.distill import distill
+
+    console.print(f"serving deployment distill/{name} (cron {cron or 'none'}); storage root {cfg.resolved_root()}")
+    distill.serve(name=name, cron=cron, parameters={"config": cfg.model_dump(mode="json"), "resume": True},
+                  description=f"OPD run {name}: {iterations} iteration(s) per run, continuing from its latest "
+                              "checkpoint")
 
 
 def main() -> None:  # pragma: no cover - console entry point helper

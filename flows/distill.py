@@ -192,8 +192,13 @@ class _Runner:
 
 
 @flow(name="distill", log_prints=True, validate_parameters=False)
-def distill(config: dict, refresh: list[str] | None = None) -> dict:
-    """Run `config["iterations"]` OPD iterations of run `config["name"]`; returns a JSON summary."""
+def distill(config: dict, refresh: list[str] | None = None, resume: bool = False) -> dict:
+    """Run `config["iterations"]` OPD iterations of run `config["name"]`; returns a JSON summary.
+
+    With `resume`, continue the named run: start after its latest recorded update, from that checkpoint, on
+    the next slices of prompts (what a scheduled "nightly distillation" does). Without it, iterations start at
+    0 from the configured student (and are cache hits where they already ran).
+    """
     cfg = RunConfig.model_validate(config)
     store = ArtifactStore(cfg.resolved_root())
     lineage = RunLineage(store.layout, cfg.name)
@@ -217,10 +222,15 @@ def distill(config: dict, refresh: list[str] | None = None) -> dict:
 
     summary: dict[str, Any] = {"run": cfg.name, "root": str(store.root), "baseline_accuracy": baseline,
                                "iterations": []}
-    student = student0
+    student, start = student0, 0
+    latest = lineage.latest("update") if resume else None
+    if latest is not None:
+        student, start = ModelSpec.from_checkpoint(store, latest.ref), latest.iteration + 1
+        run.log.info("resuming run %s after iteration %d from checkpoint %s", cfg.name, latest.iteration,
+                     latest.ref.short())
     n = cfg.data.prompts_per_iteration
     ctx = _max_prompt_tokens(student0, cfg.rollout.max_new_tokens)
-    for i in range(cfg.iterations):
+    for i in range(start, start + cfg.iterations):
         run.rows = []
         pr = run("prompts", i, prompts_task, prompts_key(cfg.data, student0, "train", n, i * n, seed, ctx),
                  data=cfg.data, tokenizer_model=student0, split="train", n=n, offset=i * n, seed=seed,

@@ -14,7 +14,7 @@ from rich.table import Table
 from opd_tasks.config import RunConfig
 
 
-def run_and_report(cfg: RunConfig, console: Console, refresh: list[str] | None = None) -> dict:
+def run_and_report(cfg: RunConfig, console: Console, refresh: list[str] | None = None, resume: bool = False) -> dict:
     from flows.distill import distill
 
     root = cfg.resolved_root()
@@ -25,7 +25,7 @@ def run_and_report(cfg: RunConfig, console: Console, refresh: list[str] | None =
         f"device {cfg.device}", highlight=False,
     )
     t0 = time.perf_counter()
-    out = distill(cfg.model_dump(mode="json"), refresh=refresh or [])
+    out = distill(cfg.model_dump(mode="json"), refresh=refresh or [], resume=resume)
     t = Table("iteration", "test accuracy", "mean loss", "surface / divergent / unprobed of high-loss",
               "computed", "cached", "seconds",
               title=f"run {cfg.name} (baseline accuracy {out['baseline_accuracy']:.1%})")

@@ -148,3 +148,23 @@ def test_should_retry_only_transient() -> None:
     assert _should_retry(None, None, S(RuntimeError("CUDA error"))) is True
     assert _should_retry(None, None, S(ConfigError("bad"))) is False
     assert _should_retry(None, None, S(DataError("bad"))) is False
+
+
+def test_resume_continues_from_latest_checkpoint_on_new_prompts(harness, models, tmp_path: Path) -> None:
+    from flows.distill import distill
+
+    cfg = _cfg(models, tmp_path, "iterations=1")
+    first = distill(cfg.model_dump(mode="json"))
+    second = distill(cfg.model_dump(mode="json"), resume=True)
+    assert [it["iteration"] for it in second["iterations"]] == [1]
+    lin = RunLineage(tmp_path, "testbed")
+    # Iteration 1 started from iteration 0's checkpoint, on the next slice of prompts.
+    it1_roll_key = lin.get(1, "rollout").ref.key
+    from opd_tasks.common import ModelSpec
+    from opd_tasks.rollout import rollout_key
+
+    store = ArtifactStore(tmp_path)
+    ck = ModelSpec.from_checkpoint(store, RunLineage(tmp_path, "testbed").get(0, "update").ref)
+    assert it1_roll_key == rollout_key(ck, lin.get(1, "prompts").ref, cfg.rollout, cfg.seed, "testbed")
+    assert lin.get(1, "prompts").ref.sha256 != lin.get(0, "prompts").ref.sha256
+    assert first["iterations"][0]["checkpoint"]["sha256"] == ck.sha256

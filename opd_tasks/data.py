@@ -1,0 +1,186 @@
+"""Prompt loading: the embedded testbed or a dataset (`datasets`: local jsonl/json/parquet/csv or hub id).
+
+`load_prompts(data, tokenizer, split, n, seed, offset, max_context)` returns `PromptRecord`s. `split` is a
+role or a split name:
+
+- testbed (`data.source == "testbed"`): `train`, `validation`, `test` (disjoint by construction, see
+  testbed/task.py); `eval` is an alias of `test`. Prompts `offset .. offset+n-1` of the split's deterministic
+  stream for `seed`; `n` is required (the stream is unbounded).
+- dataset: `train` = the rows of split `data.split`, minus the held-out evaluation rows when
+  `data.eval_split` is None, in a seeded shuffled order, windows wrapping around (so iteration i can ask for
+  offset = i * n forever). `eval` = the rows of `data.eval_split`, or when it is None the `data.eval_size`
+  rows of `data.split` held out by hash of their prompt (seed-independent, never in `train`). Any other
+  name is that split of the dataset. `eval` and named splits keep file order; `n=None` means all rows.
+  A local file is one split called `train`.
+
+The answer stored is the final answer (GSM8K's text after `####`, or a `\\boxed{}`), ready for the checker.
+Errors: DataError for a missing file, a missing column (with the columns present), an empty selection, a
+prompt longer than `max_context` (default: the tokenizer's `model_max_length`); ModelError for a tokenizer
+without EOS or PAD, or without a chat template when `data.chat_template` is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from opd_tasks.checkers import reference_answer
+from opd_tasks.config import DataConfig
+from opd_tasks.errors import DataError, ModelError
+from opd_tasks.testbed.task import generate_problems
+
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class PromptRecord(BaseModel):
+    prompt_id: str  # first 16 hex digits of sha256(source + "\n" + text)
+    text: str  # what the model sees (after the chat template, if any)
+    token_ids: list[int]
+    answer: str
+    source: str  # "testbed", a file name or a hub id
+
+
+def prompt_id(source: str, text: str) -> str:
+    return hashlib.sha256(f"{source}\n{text}".encode()).hexdigest()[:16]
+
+
+def check_tokenizer(tokenizer: Any) -> None:
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"tokenizer {name!r} has no EOS token; rollouts could not stop")
+    if tokenizer.pad_token_id is None:
+        raise ModelError(
+            f"tokenizer {name!r} has no PAD token; batched generation needs one "
+            "(load it with opd_tasks.models.load_tokenizer, which sets PAD = EOS)"
+        )
+
+
+def load_prompts(
+    data: DataConfig,
+    tokenizer: Any,
+    split: str,
+    n: int | None,
+    seed: int,
+    offset: int = 0,
+    max_context: int | None = None,
+) -> list[PromptRecord]:
+    """The prompts of `split` (see the module docstring), tokenized, checked against `max_context`."""
+    check_tokenizer(tokenizer)
+    if (n is not None and n < 0) or offset < 0:
+        raise DataError(f"n ({n}) and offset ({offset}) must be >= 0")
+    if data.source == "testbed":
+        pairs, source = _testbed_pairs(data, split, n, seed, offset), "testbed"
+    else:
+        pairs, source = _dataset_pairs(data, split, n, seed, offset)
+    if max_context is None:
+        limit = getattr(tokenizer, "model_max_length", None)
+        max_context = limit if isinstance(limit, int) and limit < 10**7 else None
+    records = []
+    for question, answer in pairs:
+        text, ids = _encode(tokenizer, question, data.chat_template)
+        pid = prompt_id(source, text)
+        if max_context is not None and len(ids) > max_context:
+            raise DataError(
+                f"prompt {pid} from {source} has {len(ids)} tokens, more than the context of {max_context} "
+                f"tokens: {text[:80]!r}..."
+            )
+        records.append(PromptRecord(prompt_id=pid, text=text, token_ids=ids, answer=answer, source=source))
+    return records
+
+
+def _encode(tokenizer: Any, question: str, chat_template: bool) -> tuple[str, list[int]]:
+    if not chat_template:
+        return question, list(tokenizer(question).input_ids)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError("data.chat_template is true but the tokenizer has no chat template")
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+    return text, list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def _testbed_pairs(data: DataConfig, split: str, n: int | None, seed: int, offset: int) -> list[tuple[str, str]]:
+    if n is None:
+        raise DataError("testbed prompts are an unbounded stream: pass n")
+    problems = generate_problems(data.testbed, "test" if split == "eval" else split, n, seed=seed, offset=offset)
+    return [(p.prompt, str(p.answer)) for p in problems]
+
+
+def _load_split(data: DataConfig, split: str) -> tuple[Any, str, str]:
+    """(a datasets.Dataset, what to call it in errors, the source name for prompt ids)."""
+    import datasets
+
+    assert data.path is not None
+    path = Path(data.path).expanduser()
+    try:
+        if path.is_file():
+            builder = _FILE_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise DataError(f"{path}: unsupported file type {path.suffix!r}; use {sorted(_FILE_BUILDERS)}")
+            if split != "train":
+                raise DataError(f"{path} is a single file: its only split is 'train', not {split!r}")
+            return datasets.load_dataset(builder, data_files=str(path), split="train"), str(path), path.name
+        if path.is_dir():
+            return datasets.load_dataset(str(path), split=split), f"{path} (split {split!r})", path.name
+        if data.path.startswith(("/", ".", "~")) or path.suffix.lower() in _FILE_BUILDERS:
+            raise DataError(f"dataset file {path} does not exist (data.path)")
+        return datasets.load_dataset(data.path, split=split), f"{data.path} (split {split!r})", data.path
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - malformed file, unknown split, no network...
+        raise DataError(f"cannot load dataset {data.path!r} split {split!r}: {type(e).__name__}: {e}") from e
+
+
+def _answer_text(value: Any) -> str:
+    """A cell of the answer column as text; 5.0 (a float column, e.g. from csv type inference) is "5"."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return "" if value is None else str(value)
+
+
+def _rows(data: DataConfig, split: str) -> tuple[list[tuple[str, str]], str, str]:
+    ds, where, source = _load_split(data, split)
+    missing = [c for c in (data.prompt_column, data.answer_column) if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{where}: column(s) {missing} not found; columns present: {ds.column_names}")
+    rows = [
+        (str(q), reference_answer(_answer_text(a)))
+        for q, a in zip(ds[data.prompt_column], ds[data.answer_column], strict=True)
+        if q is not None and str(q).strip()
+    ]
+    if not rows:
+        raise DataError(f"{where}: the dataset is empty (no non-empty {data.prompt_column!r} values)")
+    return rows, where, source
+
+
+def _dataset_pairs(
+    data: DataConfig, split: str, n: int | None, seed: int, offset: int
+) -> tuple[list[tuple[str, str]], str]:
+    if split not in ("train", "eval"):
+        rows, _, source = _rows(data, split)
+        return rows[offset : None if n is None else offset + n], source
+    if split == "eval" and data.eval_split is not None:
+        rows, _, source = _rows(data, data.eval_split)
+        return rows[offset : None if n is None else offset + n], source
+    rows, where, source = _rows(data, data.split)
+    heldout: set[int] = set()
+    if data.eval_split is None:
+        if len(rows) <= data.eval_size:
+            raise DataError(
+                f"{where} has {len(rows)} rows, not more than data.eval_size ({data.eval_size}) held out for "
+                "evaluation; lower data.eval_size or set data.eval_split"
+            )
+        by_hash = sorted(range(len(rows)), key=lambda i: hashlib.sha256(rows[i][0].encode()).hexdigest())
+        heldout = set(by_hash[: data.eval_size])
+    if split == "eval":
+        picked = [rows[i] for i in sorted(heldout)]
+        return picked[offset : None if n is None else offset + n], source
+    train = [rows[i] for i in range(len(rows)) if i not in heldout]
+    order = list(range(len(train)))
+    random.Random(int(hashlib.sha256(f"data-order:{seed}".encode()).hexdigest()[:16], 16)).shuffle(order)
+    count = len(train) if n is None else n
+    return [train[order[(offset + k) % len(train)]] for k in range(count)], source

@@ -1,0 +1,135 @@
+"""Model references: resolve a `ModelRef` to local files with a content hash, and load through Auto classes.
+
+`testbed:teacher`, `testbed:student` and `testbed:tokenizer` name the committed testbed assets
+(opd_tasks/testbed/assets/). Any other path is a local directory, or else a hub id that is fetched with
+`huggingface_hub.snapshot_download` (at `revision`) when the machine has internet. `trust_remote_code` is
+taken from the ref and is off by default. The hash is `storage.hashing.sha256_tree` of the local files (it
+is what goes into cache keys, never the path).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from opd_tasks.config import ModelRef
+from opd_tasks.errors import ModelError
+from storage.hashing import sha256_tree
+
+log = logging.getLogger(__name__)
+
+TESTBED_ASSETS = Path(__file__).resolve().parent / "testbed" / "assets"
+TESTBED_REFS = {"testbed:teacher": "teacher", "testbed:student": "student", "testbed:tokenizer": "tokenizer"}
+
+
+class ResolvedModel(BaseModel):
+    """A model ref made concrete: where its files are and what they hash to."""
+
+    path: str  # the ref's path as written (e.g. "testbed:teacher" or a hub id)
+    local_dir: str
+    revision: str | None = None
+    sha256: str
+    trust_remote_code: bool = False
+
+
+def _local_dir(ref: ModelRef) -> Path:
+    if ref.path.startswith("testbed:"):
+        if ref.path not in TESTBED_REFS:
+            raise ModelError(f"unknown testbed model {ref.path!r}; use one of {sorted(TESTBED_REFS)}")
+        local = TESTBED_ASSETS / TESTBED_REFS[ref.path]
+        if not (local / "config.json").is_file() and not (local / "tokenizer.json").is_file():
+            raise ModelError(
+                f"testbed model {ref.path!r}: {local} is missing; build it with "
+                "`python -m opd_tasks.testbed.bootstrap` (or `opd bootstrap`)"
+            )
+        return local
+    local = Path(ref.path).expanduser()
+    if local.is_dir():
+        return local
+    looks_local = ref.path.startswith(("/", ".", "~")) or ref.path.count("/") > 1 or local.exists()
+    if looks_local:
+        raise ModelError(f"model directory {local} does not exist (model path {ref.path!r})")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref.path, revision=ref.revision))
+    except Exception as e:  # noqa: BLE001 - any hub failure is a model error with its cause
+        raise ModelError(
+            f"model {ref.path!r} is not a local directory and could not be fetched from the hub "
+            f"(revision {ref.revision!r}): {type(e).__name__}: {e}"
+        ) from e
+
+
+def resolve_model(ref: ModelRef) -> ResolvedModel:
+    """The local directory, revision and content hash of a model ref. ModelError names a missing path."""
+    local = _local_dir(ref)
+    return ResolvedModel(
+        path=ref.path,
+        local_dir=str(local),
+        revision=ref.revision,
+        sha256=sha256_tree(local),
+        trust_remote_code=ref.trust_remote_code,
+    )
+
+
+def load_tokenizer(ref: ModelRef) -> Any:
+    """AutoTokenizer of the ref. A tokenizer without EOS is an error; one without PAD gets PAD = EOS."""
+    from transformers import AutoTokenizer
+
+    local = _local_dir(ref)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(local), trust_remote_code=ref.trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"cannot load a tokenizer from {local} (model {ref.path!r}): {e}") from e
+    if tok.eos_token_id is None:
+        raise ModelError(f"tokenizer of {ref.path!r} ({local}) has no EOS token; generation could not stop")
+    if tok.pad_token_id is None:
+        log.warning("tokenizer of %s has no PAD token; using EOS (%r) as PAD", ref.path, tok.eos_token)
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _torch_dtype(name: str, device: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.float32 if device == "cpu" else "auto"
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_model(ref: ModelRef, device: str = "cpu", dtype: str | None = None) -> Any:
+    """AutoModelForCausalLM of the ref on `device`, in eval mode. `dtype` overrides `ref.dtype`.
+
+    dtype "auto" means float32 on CPU and the checkpoint's own dtype elsewhere.
+    """
+    from transformers import AutoModelForCausalLM
+
+    local = _local_dir(ref)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(local), dtype=_torch_dtype(dtype or ref.dtype, device), trust_remote_code=ref.trust_remote_code
+        )
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"cannot load a causal LM from {local} (model {ref.path!r}): {e}") from e
+    return model.to(device).eval()
+
+
+def check_tokenizers_match(teacher_tok: Any, student_tok: Any) -> None:
+    """ModelError naming what differs: vocab size, vocab content, or the BOS/EOS/PAD ids."""
+    problems = []
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if len(tv) != len(sv):
+        problems.append(f"vocab size: teacher {len(tv)} vs student {len(sv)}")
+    diff = sorted(set(tv.items()) ^ set(sv.items()), key=lambda kv: kv[1])
+    if diff:
+        shown = ", ".join(f"{tok!r}: teacher {tv.get(tok)} vs student {sv.get(tok)}" for tok in dict(diff[:5]))
+        problems.append(f"vocab content: {len(diff)} differing (token, id) entries, e.g. {shown}")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        t, s = getattr(teacher_tok, name, None), getattr(student_tok, name, None)
+        if t != s:
+            problems.append(f"{name}: teacher {t} vs student {s}")
+    if problems:
+        raise ModelError("teacher and student tokenizers differ: " + "; ".join(problems))

@@ -1,0 +1,185 @@
+"""Bootstrap the embedded testbed: tokenizer, teacher and student, trained from scratch on two CPU cores.
+
+    python -m opd_tasks.testbed.bootstrap --out DIR [--quick] [--seed 0]
+
+writes DIR/tokenizer/, DIR/teacher/, DIR/student/ (each loadable with AutoTokenizer /
+AutoModelForCausalLM.from_pretrained; the model dirs hold the tokenizer files too) and DIR/bootstrap.json
+(accuracies, seconds, steps, seed, config, versions). The committed copy lives in opd_tasks/testbed/assets/.
+
+- Teacher: 1.08M-parameter Llama, SFT on `teacher`-style text for `teacher_steps` steps (OneCycle, lr 2e-3).
+- Student: 0.28M-parameter Llama, SFT on `student`-style text; every 25 steps its greedy accuracy on 200
+  validation problems is measured and training stops once it reaches `student_target` (default 0.3), so the
+  initial student is weak by construction (room to learn) yet not hopeless; at most `student_steps` steps.
+- Both are scored on `eval_size` test problems (greedy, exact match of the final answer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+import torch
+import transformers
+
+from opd_tasks.config import TestbedTaskConfig
+from opd_tasks.testbed.modeling import STUDENT_SHAPE, TEACHER_SHAPE, make_model
+from opd_tasks.testbed.styles import get_style
+from opd_tasks.testbed.task import generate_problems, longest_completion
+from opd_tasks.testbed.tokenizer import save_tokenizer
+from opd_tasks.testbed.train import accuracy, sft
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+DEFAULTS: dict[str, Any] = dict(teacher_steps=1200, student_steps=1500, student_target=0.3, eval_size=500)
+QUICK: dict[str, Any] = dict(teacher_steps=60, student_steps=40, student_target=0.3, eval_size=20)
+
+
+def bootstrap(
+    out_dir: str | Path,
+    task: TestbedTaskConfig | None = None,
+    seed: int = 0,
+    teacher_steps: int = DEFAULTS["teacher_steps"],
+    student_steps: int = DEFAULTS["student_steps"],
+    progress: bool = True,
+    student_target: float | None = DEFAULTS["student_target"],
+    eval_size: int = DEFAULTS["eval_size"],
+    batch_size: int = 64,
+    lr: float = 2e-3,
+) -> dict[str, Any]:
+    """Build the tokenizer, train teacher and student, write them under `out_dir`, return bootstrap.json.
+
+    `task` defaults to `TestbedTaskConfig()` (its styles name the teacher's and student's training styles).
+    `student_target`: stop the student once its validation accuracy reaches it (None: train all steps).
+    Deterministic for a given seed on a given machine (CPU, 2 threads); accuracies reproduce within a
+    few points elsewhere.
+    """
+    task = task or TestbedTaskConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, threads))  # the calibrated setting; restored at the end
+    t_start = time.perf_counter()
+    tok = save_tokenizer(out / "tokenizer")
+    max_new = len(tok(longest_completion(task), add_special_tokens=False).input_ids) + 8
+    test = generate_problems(task, "test", eval_size, seed=seed)
+    val = generate_problems(task, "validation", 200, seed=seed)
+    report: dict[str, Any] = {"seed": seed, "task": task.model_dump(), "eval_size": eval_size}
+
+    teacher = make_model(tok, "teacher", seed=seed)
+    res = sft(
+        teacher,
+        tok,
+        task,
+        get_style(task.teacher_style),
+        teacher_steps,
+        seed=seed,
+        batch_size=batch_size,
+        lr=lr,
+        progress=progress,
+        desc="teacher",
+    )
+    t0 = time.perf_counter()
+    report["teacher"] = {
+        "style": task.teacher_style,
+        "shape": TEACHER_SHAPE,
+        "params": teacher.num_parameters(),
+        "steps": res.steps,
+        "train_seconds": round(res.seconds, 1),
+        "final_loss": round(res.final_loss, 4),
+        "test_accuracy": accuracy(teacher, tok, test, max_new),
+    }
+    report["teacher"]["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    _save(teacher, tok, out / "teacher")
+
+    student = make_model(tok, "student", seed=seed + 1)
+    trace: list[tuple[int, float]] = []
+
+    def stop_at_target(step: int) -> bool:
+        acc = accuracy(student, tok, val, max_new)
+        student.train()
+        trace.append((step, acc))
+        return student_target is not None and acc >= student_target
+
+    res = sft(
+        student,
+        tok,
+        task,
+        get_style(task.student_style),
+        student_steps,
+        seed=seed + 1,
+        batch_size=batch_size,
+        lr=lr,
+        progress=progress,
+        desc="student",
+        callback=stop_at_target,
+        callback_every=25,
+    )
+    t0 = time.perf_counter()
+    report["student"] = {
+        "style": task.student_style,
+        "shape": STUDENT_SHAPE,
+        "params": student.num_parameters(),
+        "steps": res.steps,
+        "max_steps": student_steps,
+        "target_validation_accuracy": student_target,
+        "stopped_at_target": res.stopped_early,
+        "validation_trace": trace,
+        "train_seconds": round(res.seconds, 1),
+        "final_loss": round(res.final_loss, 4),
+        "test_accuracy": accuracy(student, tok, test, max_new),
+    }
+    report["student"]["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    _save(student, tok, out / "student")
+
+    report.update(
+        total_seconds=round(time.perf_counter() - t_start, 1),
+        batch_size=batch_size,
+        lr=lr,
+        max_new_tokens=max_new,
+        loss="cross-entropy on completion tokens + EOS (prompt masked)",
+        versions={
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
+        },
+        threads=min(2, threads),
+    )
+    (out / "bootstrap.json").write_text(json.dumps(report, indent=2) + "\n")
+    torch.set_num_threads(threads)
+    return report
+
+
+def _save(model: transformers.PreTrainedModel, tok: Any, path: Path) -> None:
+    model.to(torch.float32).save_pretrained(str(path), safe_serialization=True)
+    save_tokenizer(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m opd_tasks.testbed.bootstrap", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(ASSETS_DIR), help="output dir (default: the committed assets dir)")
+    ap.add_argument("--quick", action="store_true", help="a few steps only (smoke test; weak models)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--teacher-steps", type=int)
+    ap.add_argument("--student-steps", type=int)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    kw = dict(QUICK if args.quick else DEFAULTS)
+    if args.teacher_steps is not None:
+        kw["teacher_steps"] = args.teacher_steps
+    if args.student_steps is not None:
+        kw["student_steps"] = args.student_steps
+    report = bootstrap(args.out, seed=args.seed, progress=not args.no_progress, **kw)
+    report["command"] = "python -m opd_tasks.testbed.bootstrap " + " ".join(argv if argv is not None else sys.argv[1:])
+    (Path(args.out) / "bootstrap.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: report[k] for k in ("teacher", "student", "total_seconds")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

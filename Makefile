@@ -10,6 +10,7 @@ EXTRAS ?= dev
 CONFIG ?= configs/testbed.yaml
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin
+export OMP_WAIT_POLICY ?= PASSIVE
 STAMP := $(VENV)/.opd-installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 

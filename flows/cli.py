@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -12,6 +13,15 @@ from rich.console import Console
 from rich.table import Table
 
 from opd_tasks.errors import OpdError
+
+# A fresh Prefect home migrates its SQLite database on the first start; on a busy 2-core machine that can take
+# longer than Prefect's 20 s default before the temporary server answers.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+# Spinning OpenMP threads make torch several times slower on a shared 2-core CPU (docs/testbed.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Prefect does not create a missing parent of PREFECT_HOME, and its temporary server then fails to start.
+if os.environ.get("PREFECT_HOME"):
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
 
 app = typer.Typer(
     help="opd-pipeline: on-policy distillation (OPD / TOPD) of language models as a Prefect pipeline.",

@@ -30,11 +30,20 @@ def pg_loss(
     logp_teacher: torch.Tensor,
     weight: torch.Tensor,
     mask: torch.Tensor,
+    clip: float | None = None,
 ) -> torch.Tensor:
-    """Sum over tokens of `-w * exp(logp - logp_old) * A`, A = -(logp_old - logp_teacher) detached."""
+    """Sum over tokens of `-w * exp(logp - logp_old) * A`, A = -(logp_old - logp_teacher) detached.
+
+    With `clip` (PPO's epsilon), the per-token term is `-w * min(r * A, clip(r, 1 - eps, 1 + eps) * A)`:
+    once the policy has moved a token's probability by more than the clip range in the direction the
+    advantage wants, that token stops pushing (what verl does; the plain form is tinker-cookbook's).
+    """
     adv = -(logp_old - logp_teacher).detach()
     ratio = torch.exp(logp - logp_old.detach())
-    return -(weight * ratio * adv * mask).sum()
+    term = ratio * adv
+    if clip is not None:
+        term = torch.minimum(term, torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * adv)
+    return -(weight * term * mask).sum()
 
 
 def topk_rkl_per_token(

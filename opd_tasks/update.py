@@ -130,7 +130,7 @@ def micro_batch_loss(model, batch: list[Sequence], cfg: UpdateConfig, pad_id: in
     logits = completion_logits(model, ids, attn, pred)
     logp = torch.log_softmax(logits, -1).gather(-1, targets[:, :, None]).squeeze(-1)
     if cfg.loss == "pg":
-        loss = pg_loss(logp, logp_old, logp_t, weight, mask)
+        loss = pg_loss(logp, logp_old, logp_t, weight, mask, cfg.clip_ratio)
     elif cfg.loss == "topk_rkl":
         k = len(batch[0].topk_ids[0])
         tid = _pad3([s.topk_ids for s in batch], t, k, torch.long).to(device)

@@ -32,7 +32,8 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect the run configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
-console = Console()
+# Wide enough for the run summary and SQL results when stdout is a pipe or a file (e.g. `make run | tee`).
+console = Console() if sys.stdout.isatty() else Console(width=160)
 err_console = Console(stderr=True, soft_wrap=True, highlight=False)
 
 ConfigOpt = Annotated[

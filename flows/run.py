@@ -17,7 +17,7 @@ from opd_tasks.config import RunConfig
 def run_and_report(cfg: RunConfig, console: Console, refresh: list[str] | None = None, resume: bool = False) -> dict:
     from flows.distill import distill
 
-    root = cfg.resolved_root()
+    root = cfg.resolved_root().resolve()
     console.rule(f"[bold]opd run[/] {cfg.name}: method {cfg.method}, {cfg.iterations} iterations, root {root}")
     console.print(
         f"teacher {cfg.models.teacher.path} | student {cfg.models.student.path} | data {cfg.data.source} | "
@@ -26,17 +26,16 @@ def run_and_report(cfg: RunConfig, console: Console, refresh: list[str] | None =
     )
     t0 = time.perf_counter()
     out = distill(cfg.model_dump(mode="json"), refresh=refresh or [], resume=resume)
-    t = Table("iteration", "test accuracy", "mean loss", "surface / divergent / unprobed of high-loss",
-              "computed", "cached", "seconds",
-              title=f"run {cfg.name} (baseline accuracy {out['baseline_accuracy']:.1%})")
+    t = Table("iteration", "test accuracy", "mean loss", "high-loss tokens: surface / divergent / unprobed",
+              "stages computed / cached", "seconds",
+              title=f"run {cfg.name}: test accuracy per iteration (baseline {out['baseline_accuracy']:.1%})")
     for it in out["iterations"]:
         comp = [r["stage"] for r in it["stages"] if r["state"] != "Cached"]
         cach = [r["stage"] for r in it["stages"] if r["state"] == "Cached"]
         an = it.get("analysis")
         share = (" / ".join(f"{an['share'][r]:.0%}" for r in ("surface", "divergent", "unprobed")) if an else "-")
         t.add_row(str(it["iteration"]), f"{it['accuracy']:.1%}", f"{it['mean_loss']:.4f}", share,
-                  ", ".join(comp) or "-",
-                  ", ".join(cach) or "-", f"{sum(r['seconds'] for r in it['stages']):.1f}")
+                  f"{len(comp)} / {len(cach)}", f"{sum(r['seconds'] for r in it['stages']):.1f}")
     console.print(t)
     console.print(f"done in {time.perf_counter() - t0:.0f}s. Artifacts: {root}/artifacts; lineage: "
                   f"{root}/runs/{cfg.name}", highlight=False)

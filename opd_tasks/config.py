@@ -120,7 +120,7 @@ class UpdateConfig(_Strict):
     loss: Literal["pg", "topk_rkl", "full_rkl"] = Field(
         default="pg", description="pg: policy gradient on -k1; topk_rkl / full_rkl: supervised reverse KL.")
     clip_ratio: float | None = Field(default=0.2, gt=0.0, description="PPO clip of the IS ratio (pg); None = off.")
-    learning_rate: float = Field(default=3e-4, gt=0.0, le=1.0)
+    learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
     max_grad_norm: float = Field(default=1.0, gt=0.0)
     micro_batch_size: int = Field(default=32, ge=1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-BENCHES = {"storage": "bench.storage", "stages": "bench.stages"}
+BENCHES = {"storage": "bench.storage", "stages": "bench.stages", "testbed": "bench.testbed"}
 
 
 def main(argv: list[str]) -> int:

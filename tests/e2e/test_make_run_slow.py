@@ -28,7 +28,7 @@ def test_opd_run_on_testbed_then_cached_rerun(tmp_path: Path) -> None:
     small = ["--set", "data.prompts_per_iteration=8", "--set", "data.eval_size=20", "-n", "1", "--name", "e2e"]
     first = _run(["run", "--config", "configs/testbed.yaml", *small], env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "baseline accuracy" in first.stdout and "opd sql" in first.stdout
+    assert "test accuracy per iteration (baseline" in first.stdout and "opd sql" in first.stdout
     second = _run(["run", "--config", "configs/testbed.yaml", *small], env)
     assert second.returncode == 0, second.stderr[-3000:]
     q = "SELECT stage, bool_and(cached) AS all_cached, count(*) AS n FROM lineage WHERE run='e2e' GROUP BY 1"

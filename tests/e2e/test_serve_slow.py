@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -97,9 +98,12 @@ def test_served_deployment_runs_and_continues(tmp_path: Path) -> None:
                 out = subprocess.run([str(BIN / "prefect"), "deployment", "run", "distill/nightly"], env=env,
                                      capture_output=True, text=True, timeout=120)
                 assert out.returncode == 0, out.stdout + out.stderr
+                # The id of the run we created (the cron schedule also creates future runs of this deployment).
+                m = re.search(r"UUID:\s*([0-9a-f-]{36})", out.stdout)
+                assert m, out.stdout
                 with get_client(sync_client=True) as c:
-                    runs = c.read_flow_runs()
-                    fr = max((r for r in runs if r.deployment_id == dep.id), key=lambda r: r.created)
+                    fr = c.read_flow_run(m.group(1))
+                    assert fr.deployment_id == dep.id
 
                     def final():
                         st = c.read_flow_run(fr.id).state

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from opd_tasks.common import STAGE_VERSIONS, ModelSpec, group_tokens
+from opd_tasks.common import STAGE_VERSIONS, ModelSpec, scored_rollouts
 from opd_tasks.config import AnalysisConfig, UpdateConfig
 from opd_tasks.errors import ConfigError, DataError
 from storage.keys import cache_key
@@ -220,20 +220,9 @@ def analyze(
         return ref
     from opd_tasks.hf import load_causal_lm, load_tokenizer, resolve_device
 
-    roll = store.read_table(rollouts, "rollouts")
-    sc = group_tokens(store.read_table(scores, "teacher_scores"),
-                      ["teacher_logprob", "teacher_entropy", "topk_ids", "topk_logprobs"])
-    seqs: list[_Seq] = []
-    for pid, sid, p, toks, lps in zip(*(roll.column(c).to_pylist() for c in
-                                        ("prompt_id", "sample_id", "prompt_token_ids", "token_ids", "logprobs")),
-                                      strict=True):
-        if not toks:
-            continue
-        s = sc.get((pid, sid))
-        if s is None or len(s["teacher_logprob"]) != len(toks):
-            raise DataError(f"teacher scores do not cover rollout ({pid!r}, {sid})")
-        seqs.append(_Seq(pid, sid, p, toks, lps, s["teacher_logprob"], s["teacher_entropy"], s["topk_ids"],
-                         s["topk_logprobs"]))
+    seqs = [_Seq(pid, sid, p, toks, lps, s["teacher_logprob"], s["teacher_entropy"], s["topk_ids"], s["topk_logprobs"])
+            for pid, sid, p, toks, lps, s in scored_rollouts(
+                store, rollouts, scores, ["teacher_logprob", "teacher_entropy", "topk_ids", "topk_logprobs"])]
     if not seqs:
         raise DataError(f"rollouts {rollouts.short()} have no completion tokens to analyze")
     dev = resolve_device(device)

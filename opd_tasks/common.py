@@ -70,3 +70,27 @@ def group_tokens(table: pa.Table, columns: list[str]) -> dict[tuple[str, int], d
     for a, b in zip(starts[:-1], starts[1:], strict=True):
         out[(str(pid[a]), int(sid[a]))] = {c: v[a:b] for c, v in cols.items()}
     return out
+
+
+def scored_rollouts(store: ArtifactStore, rollouts: ArtifactRef, scores: ArtifactRef, score_columns: list[str]):
+    """Join rollouts with their teacher scores, one sequence at a time.
+
+    Yields (prompt_id, sample_id, prompt_token_ids, token_ids, sampling logprobs, {column: per-token values})
+    for every rollout with at least one completion token; DataError if the scores do not cover a rollout.
+    """
+    from opd_tasks.errors import DataError
+
+    roll = store.read_table(rollouts, "rollouts")
+    cols = ["teacher_logprob", *[c for c in score_columns if c != "teacher_logprob"]]
+    sc = group_tokens(store.read_table(scores, "teacher_scores", columns=["prompt_id", "sample_id", "pos", *cols]),
+                      cols)
+    for pid, sid, p, toks, lps in zip(*(roll.column(c).to_pylist() for c in
+                                        ("prompt_id", "sample_id", "prompt_token_ids", "token_ids", "logprobs")),
+                                      strict=True):
+        if not toks:
+            continue
+        s = sc.get((pid, sid))
+        if s is None or len(s["teacher_logprob"]) != len(toks):
+            raise DataError(f"teacher scores {scores.short()} do not cover rollout ({pid!r}, {sid}): "
+                            f"expected {len(toks)} tokens")
+        yield pid, sid, p, toks, lps, s

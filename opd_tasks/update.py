@@ -27,7 +27,14 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from opd_tasks.common import CHECKPOINT_MODEL_DIR, CHECKPOINT_STATE_DIR, STAGE_VERSIONS, ModelSpec, group_tokens
+from opd_tasks.common import (
+    CHECKPOINT_MODEL_DIR,
+    CHECKPOINT_STATE_DIR,
+    STAGE_VERSIONS,
+    ModelSpec,
+    group_tokens,
+    scored_rollouts,
+)
 from opd_tasks.config import UpdateConfig
 from opd_tasks.errors import ConfigError, DataError, TrainingError
 from opd_tasks.losses import bridge_nll, full_rkl, pg_loss, topk_rkl
@@ -60,15 +67,12 @@ def load_sequences(store: ArtifactStore, rollouts: ArtifactRef, scores: Artifact
                    need_topk: bool, bridges: bool = False) -> list[Sequence]:
     """Per rollout: tokens, sampling and teacher log-probs, weights (from the analysis' `tokens` table, else 1),
     and with `bridges` the teacher continuations probed at its `divergent` positions."""
-    roll = store.read_table(rollouts, "rollouts")
-    cols = ["teacher_logprob"] + (["topk_ids", "topk_logprobs"] if need_topk else [])
-    sc = group_tokens(store.read_table(scores, "teacher_scores", columns=["prompt_id", "sample_id", "pos", *cols]),
-                      cols)
-    wt = (group_tokens(store.read_table(weights, "tokens", columns=["prompt_id", "sample_id", "pos", "weight"]),
-                       ["weight"]) if weights is not None else None)
+    wt = None
     div: dict[tuple[str, int], list[tuple[int, list[int]]]] = {}
+    if weights is not None:
+        tk = store.read_table(weights, "tokens", columns=["prompt_id", "sample_id", "pos", "weight", "regime"])
+        wt = group_tokens(tk, ["weight"])
     if bridges and weights is not None:
-        tk = store.read_table(weights, "tokens", columns=["prompt_id", "sample_id", "pos", "regime"])
         divergent = {(a, b, c) for a, b, c, r in zip(*(tk.column(x).to_pylist() for x in
                                                        ("prompt_id", "sample_id", "pos", "regime")), strict=True)
                      if r == "divergent"}
@@ -78,14 +82,8 @@ def load_sequences(store: ArtifactStore, rollouts: ArtifactRef, scores: Artifact
             if (a, b, c) in divergent and cont:
                 div.setdefault((a, b), []).append((c, cont))
     seqs = []
-    for pid, sid, p, toks, lps in zip(*(roll.column(c).to_pylist() for c in
-                                        ("prompt_id", "sample_id", "prompt_token_ids", "token_ids", "logprobs")),
-                                      strict=True):
-        if not toks:
-            continue
-        s = sc.get((pid, sid))
-        if s is None or len(s["teacher_logprob"]) != len(toks):
-            raise DataError(f"teacher scores do not cover rollout ({pid!r}, {sid}): expected {len(toks)} tokens")
+    cols = ["teacher_logprob"] + (["topk_ids", "topk_logprobs"] if need_topk else [])
+    for pid, sid, p, toks, lps, s in scored_rollouts(store, rollouts, scores, cols):
         w = [1.0] * len(toks)
         if wt is not None:
             got = wt.get((pid, sid))

@@ -108,7 +108,7 @@ class AnalysisConfig(_Strict):
     detector: Literal["window", "probe"] = "probe"
     window: int = Field(default=8, ge=1, description="W: tokens averaged by the window detector.")
     probe_tokens: int = Field(default=16, ge=1, description="K: tokens each model continues in a probe.")
-    probe_budget: int = Field(default=4, ge=0, description="Most probed positions per rollout.")
+    probe_budget: int = Field(default=2, ge=0, description="Most probed positions per rollout (highest signal first).")
     distance: Literal["xent", "ot"] = "xent"
     delta: float = Field(default=0.5, description="Divergence threshold for the divergent regime.")
     delta_mode: Literal["absolute", "quantile"] = "quantile"

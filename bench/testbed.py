@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--iterations", type=int, default=5)
     ap.add_argument("--set", dest="sets", action="append", default=[], help="config override (repeatable)")
+    ap.add_argument("--tag", default=None, help="results go to bench/results/testbed[-TAG].json")
     args = ap.parse_args(argv)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
                 ratio = summary[m]["seconds_per_iteration"] / summary["opd"]["seconds_per_iteration"]
                 summary[m]["cost_vs_opd"] = ratio
                 console.print(f"{m}: iteration time {ratio:.2f}x opd's (median seconds per iteration)")
-    out = save("testbed", {"args": vars(args), "runs": runs, "summary": summary})
+    out = save("testbed" + (f"-{args.tag}" if args.tag else ""), {"args": vars(args), "runs": runs, "summary": summary})
     console.print(f"results: {out}")
     return summary
 

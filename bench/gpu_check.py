@@ -38,16 +38,29 @@ def main(argv: list[str] | None = None) -> dict:
     res["transformers"] = transformers.__version__
     runs = {}
     for method in ("opd", "topd"):
-        cfg = load_config(None, [f"method={method}", f"device={args.device}", f"root={args.root}/{method}", f"name=gpu-{method}",
-                                 f"iterations={args.iterations}", f"data.prompts_per_iteration={args.prompts}",
-                                 "rollout.samples_per_prompt=8", "rollout.batch_size=512", "scoring.batch_size=256"])
+        cfg = load_config(
+            None,
+            [
+                f"method={method}",
+                f"device={args.device}",
+                f"root={args.root}/{method}",
+                f"name=gpu-{method}",
+                f"iterations={args.iterations}",
+                f"data.prompts_per_iteration={args.prompts}",
+                "rollout.samples_per_prompt=8",
+                "rollout.batch_size=512",
+                "scoring.batch_size=256",
+            ],
+        )
         t0 = time.perf_counter()
         out = run_plain(cfg, log=lambda m: print(m, flush=True), progress=False)
         runs[method] = {
-            "baseline": out["baseline_accuracy"], "accuracy": [r.accuracy for r in out["iterations"]],
+            "baseline": out["baseline_accuracy"],
+            "accuracy": [r.accuracy for r in out["iterations"]],
             "seconds_per_iteration": [sum(s.seconds for s in r.stages.values()) for r in out["iterations"]],
             "stage_seconds": [{k: round(s.seconds, 3) for k, s in r.stages.items()} for r in out["iterations"]],
-            "total_s": time.perf_counter() - t0}
+            "total_s": time.perf_counter() - t0,
+        }
         print(method, runs[method], flush=True)
     res["runs"] = runs
     # Cost of topd vs opd per iteration (median), on the same GPU in one process.
@@ -62,8 +75,11 @@ def main(argv: list[str] | None = None) -> dict:
     teacher, _ = resolve_models(load_config())
     ref_lp = None
     gpu = args.device
-    for name, dev, dtype in (("cpu-fp32", "cpu", "float32"), (f"{gpu}-fp32", gpu, "float32"),
-                             (f"{gpu}-bf16", gpu, "bfloat16")):
+    for name, dev, dtype in (
+        ("cpu-fp32", "cpu", "float32"),
+        (f"{gpu}-fp32", gpu, "float32"),
+        (f"{gpu}-bf16", gpu, "bfloat16"),
+    ):
         m = load_causal_lm(teacher.path, torch.device(dev), dtype)
         sc = score_sequences(m, prompts, comps, pad_token_id=0, top_k=8, batch_size=64, progress=False)
         lp = np.concatenate([np.asarray(s.logprob) for s in sc])

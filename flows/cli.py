@@ -191,6 +191,49 @@ def verify_cmd(
         raise typer.Exit(1)
 
 
+@app.command("show")
+def show_cmd(
+    run: Annotated[str, typer.Argument(help="Run name.")],
+    iteration: Annotated[int | None, typer.Option("--iteration", "-i", help="Only this iteration.")] = None,
+    stage: Annotated[str | None, typer.Option("--stage", "-s", help="Only this stage (with -i: its rows).")] = None,
+    rows: Annotated[int, typer.Option(help="Rows of each table shown for one stage.")] = 5,
+    root: RootOpt = None,
+) -> None:
+    """What each stage of a run produced: artifact, rows, cache hit, seconds; for one stage, its summary and
+    first rows."""
+    from storage.lineage import RunLineage
+    from storage.store import ArtifactStore
+
+    store = ArtifactStore(_root(root))
+    try:
+        lin = RunLineage(store.layout, run)
+    except OpdError as e:
+        _fail(e)
+    if not lin.exists():
+        _fail(ValueError(f"no run named {run!r} under {store.root}"))
+    entries = [e for e in lin.entries() if (iteration is None or e.iteration == iteration)
+               and (stage is None or e.stage == stage)]
+    t = Table("iteration", "stage", "state", "seconds", "tables", "rows", "artifact", title=f"run {run}")
+    for e in entries:
+        t.add_row(str(e.iteration), e.stage, "cached" if e.cached else "computed",
+                  f"{e.seconds:.1f}" if e.seconds is not None else "-", e.ref.schema_name, str(e.ref.rows), e.ref.uri)
+    console.print(t)
+    if iteration is not None and stage is not None and entries:
+        ref = entries[0].ref
+        try:
+            m = store.verify(ref)
+        except OpdError as e:
+            _fail(e)
+        if m["meta"]:
+            console.print_json(json.dumps(m["meta"], default=str))
+        for name in m["tables"]:
+            tbl = store.read_table(ref, name).slice(0, rows)
+            tt = Table(*tbl.column_names, title=f"{name}: first {tbl.num_rows} of {m['tables'][name]['rows']} rows")
+            for r in tbl.to_pylist():
+                tt.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v)[:40] for v in r.values()))
+            console.print(tt)
+
+
 @app.command("bootstrap")
 def bootstrap_cmd(
     out: Annotated[Path | None, typer.Option(help="Output dir (default: the committed testbed assets dir).")] = None,

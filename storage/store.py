@@ -301,18 +301,29 @@ class ArtifactStore:
         return [Path(ref.uri) / r for r in rels]
 
     def read_table(self, ref: ArtifactRef, name: str | None = None, columns: list[str] | None = None) -> pa.Table:
-        """Read (and verify) table `name` of an artifact; `name` may be omitted for one-table artifacts."""
+        """Read (and verify) table `name` of an artifact; `name` may be omitted for one-table artifacts.
+
+        The part files are hashed in a background thread while pyarrow decodes them (both release the GIL);
+        the table is returned only after every hash matched, so a corrupted byte is never consumed.
+        """
         name = name or self._only_table(ref)
         schema: TableSchema = get_schema(name)
-        files = self.table_files(ref, name)
+        files = self.table_files(ref, name, verify=False)
         if not files:
             empty = schema.arrow.empty_table()
             return empty.select(columns) if columns else empty
-        parts = []
-        for f in files:
-            pf = pq.ParquetFile(f)
-            check_file_schema(pf.schema_arrow, schema, str(f))
-            parts.append(pf.read(columns=columns))
+        rels = [f.relative_to(Path(ref.uri)).as_posix() for f in files]
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            check = pool.submit(self.verify, ref, rels)
+            parts = []
+            try:
+                for f in files:
+                    check_file_schema(pq.read_schema(f), schema, str(f))
+                    parts.append(pq.read_table(f, columns=columns))
+            except (OSError, pa.ArrowException) as e:
+                check.result()  # a hash mismatch explains the decode error better: raise that first
+                raise ArtifactError(f"artifact {ref.stage}/{ref.key}: cannot read {name!r}: {e}") from e
+            check.result()
         return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
 
     def _only_table(self, ref: ArtifactRef) -> str:

@@ -92,3 +92,14 @@ def test_config_show(tmp_path: Path) -> None:
     assert yaml.safe_load(r.stdout)["rollout"]["temperature"] == 0.7
     r = runner.invoke(app, ["config", "show", "--set", "rollout.tempurature=0.7"])
     assert r.exit_code == 2 and "rollout.tempurature: unknown key" in r.output
+
+
+def test_show_lists_stages_and_one_stage_rows(root: Path) -> None:
+    r = runner.invoke(app, ["show", "demo", "--root", str(root)])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("update") >= 2 and "analyze" in r.output
+    r = runner.invoke(app, ["show", "demo", "-i", "0", "-s", "update", "--rows", "2", "--root", str(root)])
+    assert r.exit_code == 0, r.output
+    assert "updates: first 2 of 3 rows" in r.output
+    r = runner.invoke(app, ["show", "nope", "--root", str(root)])
+    assert r.exit_code == 2 and "no run named 'nope'" in r.output

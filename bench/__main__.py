@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import sys
 
-BENCHES = {"storage": "bench.storage", "stages": "bench.stages", "testbed": "bench.testbed"}
+BENCHES = {
+    "storage": "bench.storage",
+    "stages": "bench.stages",
+    "testbed": "bench.testbed",
+    "orchestration": "bench.orchestration",
+}
 
 
 def main(argv: list[str]) -> int:

@@ -301,6 +301,37 @@ def serve_cmd(
                               "checkpoint")
 
 
+@app.command("deploy")
+def deploy_cmd(
+    pool: Annotated[str, typer.Option("--pool", help="Work pool (create one: prefect work-pool create NAME "
+                                                     "--type process).")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    cron: Annotated[str | None, typer.Option(help='Cron schedule, e.g. "0 2 * * *".')] = None,
+    name: Annotated[str, typer.Option("--name", help="Deployment name; also the run it continues.")] = "nightly",
+    iterations: Annotated[int, typer.Option("--iterations", "-n", help="Iterations per run.")] = 1,
+) -> None:
+    """Register the distill flow as a deployment on a work pool (its workers run it from this checkout's
+    source; a `process` pool runs it locally). Like `opd serve`, each run continues run NAME."""
+    from opd_tasks.config import load_config
+
+    try:
+        cfg = load_config(config, [*(set_ or []), f"name={name}", f"iterations={iterations}"])
+    except OpdError as e:
+        _fail(e)
+    if cfg.root is None:  # a worker's working directory is not ours: pin the storage root
+        cfg = cfg.model_copy(update={"root": str(cfg.resolved_root().resolve())})
+    from flows.distill import distill
+
+    repo = Path(__file__).resolve().parent.parent
+    dep_id = distill.from_source(source=str(repo), entrypoint="flows/distill.py:distill").deploy(
+        name=name, work_pool_name=pool, cron=cron, build=False, push=False, print_next_steps=False,
+        parameters={"config": cfg.model_dump(mode="json"), "resume": True},
+        description=f"OPD run {name}: {iterations} iteration(s) per run, continuing from its latest checkpoint")
+    console.print(f"deployment distill/{name} ({dep_id}) on work pool {pool!r}; storage root {cfg.root}. "
+                  f"Start a worker: prefect worker start --pool {pool}", highlight=False)
+
+
 def main() -> None:  # pragma: no cover - console entry point helper
     app()
 

@@ -56,75 +56,114 @@ def _stop(p: subprocess.Popen) -> None:
             p.wait(10)
 
 
-@pytest.mark.slow
-def test_served_deployment_runs_and_continues(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    """A real `prefect server start` on a free localhost port, with its own PREFECT_HOME."""
+    tmp = tmp_path_factory.mktemp("prefect-server")
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "ph"), "PREFECT_API_URL": api,
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "ph"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
-           "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results")}
-    s_dir, _ = tiny_model_dir(tmp_path / "student", seed=0, hidden=32)
-    t_dir, _ = tiny_model_dir(tmp_path / "teacher", seed=1, hidden=48)
-    root = tmp_path / "root"
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT)
-    served = None
+           "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp / "results")}
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait(lambda: urllib.request.urlopen(f"{api}/health", timeout=2).status == 200, 180, "prefect server",
-              [server])
-        sets = [f"models.student.path={s_dir}", f"models.teacher.path={t_dir}", f"root={root}",
-                "data.prompts_per_iteration=4", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=6",
-                "evaluation.max_new_tokens=6", "data.eval_size=4", "analysis.probe_tokens=4"]
-        cmd = [sys.executable, "-m", "flows.cli", "serve", "--name", "nightly", "--cron", "0 3 * * *"]
-        for s in sets:
-            cmd += ["--set", s]
-        served = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(logs / "serve.log", "w"),
-                                  stderr=subprocess.STDOUT)
-        from prefect.client.orchestration import get_client
-
-        def deployment():
-            with get_client(sync_client=True) as c:
-                return c.read_deployment_by_name("distill/nightly")
-
+              [proc])
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         with temporary_settings({PREFECT_API_URL: api}):  # this process's client talks to the test server
-            dep = _wait(deployment, 120, "deployment distill/nightly", [server, served])
-            assert dep.schedules and dep.schedules[0].schedule.cron == "0 3 * * *"
-
-            def trigger_and_wait() -> str:
-                out = subprocess.run([str(BIN / "prefect"), "deployment", "run", "distill/nightly"], env=env,
-                                     capture_output=True, text=True, timeout=120)
-                assert out.returncode == 0, out.stdout + out.stderr
-                # The id of the run we created (the cron schedule also creates future runs of this deployment).
-                m = re.search(r"UUID:\s*([0-9a-f-]{36})", out.stdout)
-                assert m, out.stdout
-                with get_client(sync_client=True) as c:
-                    fr = c.read_flow_run(m.group(1))
-                    assert fr.deployment_id == dep.id
-
-                    def final():
-                        st = c.read_flow_run(fr.id).state
-                        return st if st is not None and st.is_final() else None
-
-                    st = _wait(final, 300, "flow run to finish", [server, served])
-                return st.name
-
-            assert trigger_and_wait() == "Completed", (logs / "serve.log").read_text()[-3000:]
-            assert trigger_and_wait() == "Completed", (logs / "serve.log").read_text()[-3000:]
-            lin = RunLineage(root, "nightly")
-            its = sorted({e.iteration for e in lin.entries() if e.stage == "update"})
-            assert its == [0, 1]  # the second run continued from the first's checkpoint
-            with get_client(sync_client=True) as c:
-                from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-                arts = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
-                    any_=["opd-nightly-report"])))
-            assert arts and "nightly: iteration" in (arts[0].data if isinstance(arts[0].data, str)
-                                                     else json.dumps(arts[0].data))
+            yield {"env": env, "api": api, "proc": proc}
     finally:
-        if served is not None:
-            _stop(served)
-        _stop(server)
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    tmp = tmp_path_factory.mktemp("tiny")
+    s_dir, _ = tiny_model_dir(tmp / "student", seed=0, hidden=32)
+    t_dir, _ = tiny_model_dir(tmp / "teacher", seed=1, hidden=48)
+    return [f"models.student.path={s_dir}", f"models.teacher.path={t_dir}", "data.prompts_per_iteration=4",
+            "rollout.samples_per_prompt=2", "rollout.max_new_tokens=6", "evaluation.max_new_tokens=6",
+            "data.eval_size=4", "analysis.probe_tokens=4"]
+
+
+def _trigger_and_wait(server, dep, name: str, watch) -> str:
+    from prefect.client.orchestration import get_client
+
+    out = subprocess.run([str(BIN / "prefect"), "deployment", "run", f"distill/{name}"], env=server["env"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    # The id of the run we created (a cron schedule also creates future runs of the deployment).
+    m = re.search(r"UUID:\s*([0-9a-f-]{36})", out.stdout)
+    assert m, out.stdout
+    with get_client(sync_client=True) as c:
+        fr = c.read_flow_run(m.group(1))
+        assert fr.deployment_id == dep.id
+
+        def final():
+            st = c.read_flow_run(fr.id).state
+            return st if st is not None and st.is_final() else None
+
+        return _wait(final, 300, "flow run to finish", [server["proc"], *watch]).name
+
+
+def _deployment(name: str):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as c:
+        return c.read_deployment_by_name(f"distill/{name}")
+
+
+def _check_two_runs_continue(server, dep, name: str, root: Path, watch, log: Path) -> None:
+    assert _trigger_and_wait(server, dep, name, watch) == "Completed", log.read_text()[-3000:]
+    assert _trigger_and_wait(server, dep, name, watch) == "Completed", log.read_text()[-3000:]
+    its = sorted({e.iteration for e in RunLineage(root, name).entries() if e.stage == "update"})
+    assert its == [0, 1]  # the second run continued from the first's checkpoint
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as c:
+        arts = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"opd-{name}-report"])))
+    data = arts[0].data if arts and isinstance(arts[0].data, str) else json.dumps(arts[0].data if arts else None)
+    assert f"{name}: iteration" in data
+
+
+@pytest.mark.slow
+def test_served_deployment_runs_and_continues(server, tiny, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    cmd = [sys.executable, "-m", "flows.cli", "serve", "--name", "nightly", "--cron", "0 3 * * *"]
+    for s in [*tiny, f"root={root}"]:
+        cmd += ["--set", s]
+    log = tmp_path / "serve.log"
+    served = subprocess.Popen(cmd, cwd=REPO, env=server["env"], stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        dep = _wait(lambda: _deployment("nightly"), 120, "deployment distill/nightly", [server["proc"], served])
+        assert dep.schedules and dep.schedules[0].schedule.cron == "0 3 * * *"
+        _check_two_runs_continue(server, dep, "nightly", root, [served], log)
+    finally:
+        _stop(served)
+
+
+@pytest.mark.slow
+def test_deployment_on_process_work_pool(server, tiny, tmp_path: Path) -> None:
+    env = server["env"]
+    root = tmp_path / "root"
+    out = subprocess.run([str(BIN / "prefect"), "work-pool", "create", "local-test", "--type", "process"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    cmd = [sys.executable, "-m", "flows.cli", "deploy", "--pool", "local-test", "--name", "pooled"]
+    for s in [*tiny, f"root={root}"]:
+        cmd += ["--set", s]
+    dep_out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert dep_out.returncode == 0, dep_out.stdout + dep_out.stderr
+    dep = _deployment("pooled")
+    assert dep.work_pool_name == "local-test"
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "local-test"], cwd=tmp_path,
+                              env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        _check_two_runs_continue(server, dep, "pooled", root, [worker], log)
+    finally:
+        _stop(worker)

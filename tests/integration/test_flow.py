@@ -168,3 +168,22 @@ def test_resume_continues_from_latest_checkpoint_on_new_prompts(harness, models,
     assert it1_roll_key == rollout_key(ck, lin.get(1, "prompts").ref, cfg.rollout, cfg.seed, "testbed")
     assert lin.get(1, "prompts").ref.sha256 != lin.get(0, "prompts").ref.sha256
     assert first["iterations"][0]["checkpoint"]["sha256"] == ck.sha256
+
+
+def test_ablations_share_rollouts_and_scores(harness, models, tmp_path: Path) -> None:
+    """opd, then opd_suppress and topd on the same student: iteration 0's prompts, rollouts and teacher scores
+    are cache hits; a changed analysis setting recomputes exactly analysis and what follows it."""
+    from flows.distill import distill
+
+    base = distill(_cfg(models, tmp_path, "iterations=1", "method=opd").model_dump(mode="json"))
+    for method in ("opd_suppress", "topd"):
+        out = distill(_cfg(models, tmp_path, "iterations=1", f"method={method}").model_dump(mode="json"))
+        st = {s: v for _, s, v in _states(out)}
+        assert st["prompts"] == st["rollout"] == st["score"] == "Cached"
+        assert st["analyze"] == st["update"] == st["evaluate"] == "Completed"
+        assert {k: v for k, v in _shas(out).items() if k[1] in ("rollout", "score")} == {
+            k: v for k, v in _shas(base).items() if k[1] in ("rollout", "score")}
+    out = distill(_cfg(models, tmp_path, "iterations=1", "method=topd", "analysis.probe_tokens=3")
+                  .model_dump(mode="json"))
+    st = {s: v for _, s, v in _states(out)}
+    assert [s for s, v in st.items() if v != "Cached"] == ["analyze", "update", "evaluate"]

@@ -5,7 +5,8 @@ alternating store and raw within each repetition:
 - write: `ArtifactStore` publish (schema check, Parquet, streamed sha256, manifest, fsync, atomic rename)
   vs `pyarrow.parquet.write_table` to a plain file;
 - read: `ArtifactStore.read_table` (manifest + per-file hash verification, schema check) vs
-  `pyarrow.parquet.read_table`.
+  `pyarrow.parquet.read_table`, after `os.sync()` so that neither side's reads race the other's write-back,
+  and after an untimed read that warms the allocator.
 Reports rows/s (median over repetitions) and the store/raw time ratio. Then DuckDB over the views: the N
 token rows spread over 2 runs x 5 iterations, `GROUP BY run, iteration, regime`.
 
@@ -15,6 +16,7 @@ token rows spread over 2 runs x 5 iterations, `GROUP BY run, iteration, regime`.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -104,6 +106,11 @@ def bench_table(name: str, table: pa.Table, reps: int, work: Path) -> dict:
             else:
                 pq.write_table(table, raw_path)
                 w_raw.append(time.perf_counter() - t0)
+        os.sync()  # no write-back of either side's fresh files during the reads
+        # Untimed read first: the first large read of a process pays the allocator's page faults for the
+        # result's memory; without this the side that reads first in a repetition is charged for it.
+        del_me = pq.read_table(raw_path)
+        del del_me
         for side in order:
             t0 = time.perf_counter()
             if side == "store":

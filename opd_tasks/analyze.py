@@ -228,7 +228,7 @@ def analyze(
     dev = resolve_device(device)
     tok = load_tokenizer(student.path, student.trust_remote_code)
     s_lm = load_causal_lm(student.path, dev, student.dtype, student.trust_remote_code)
-    ent_s, rkl = _student_stats(s_lm, seqs, batch=64)
+    ent_s, rkl = _student_stats(s_lm, seqs, batch=cfg.batch_size)
 
     k1 = [list(np.asarray(s.logp_s) - np.asarray(s.logp_t)) for s in seqs]
     signal = k1 if cfg.loss_signal == "k1" else rkl
@@ -257,7 +257,7 @@ def analyze(
         t_lm = load_causal_lm(teacher.path, dev, teacher.dtype, teacher.trust_remote_code)
         prefixes = [seqs[i].prompt + seqs[i].tokens[:t] for i, t in probe_rows]
         c_t, c_s, dists = _probe(s_lm, t_lm, prefixes, cfg.probe_tokens, cfg.distance, tok.eos_token_id,
-                                 tok.pad_token_id, batch=64, progress=progress)
+                                 tok.pad_token_id, batch=cfg.batch_size, progress=progress)
         for (i, t), dist in zip(probe_rows, dists, strict=True):
             d[i][t], probed[i][t] = dist, True
     all_d = [x for row in d for x in row if x is not None]

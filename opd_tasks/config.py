@@ -112,6 +112,7 @@ class AnalysisConfig(_Strict):
     distance: Literal["xent", "ot"] = "xent"
     delta: float = Field(default=0.5, description="Divergence threshold for the divergent regime.")
     delta_mode: Literal["absolute", "quantile"] = "quantile"
+    batch_size: int = Field(default=256, ge=1, description="Sequences (or probe prefixes) per forward batch.")
 
 
 class UpdateConfig(_Strict):

@@ -35,7 +35,7 @@ from opd_tasks.config import (
     ScoringConfig,
     UpdateConfig,
 )
-from opd_tasks.errors import OpdError, TransientError
+from opd_tasks.errors import ConfigError, OpdError, TransientError
 from opd_tasks.evaluate import accuracy, evaluate, evaluate_key
 from opd_tasks.iteration import _max_prompt_tokens, checker_name, resolve_models
 from opd_tasks.prompts import prepare_prompts, prompts_key
@@ -205,7 +205,7 @@ def distill(config: dict, refresh: list[str] | None = None, resume: bool = False
     lineage.init(method=cfg.method, config=cfg.model_dump(mode="json"))
     bad = set(refresh or []) - set(STAGES)
     if bad:
-        raise OpdError(f"--refresh: unknown stage(s) {sorted(bad)}; stages are {', '.join(STAGES)}")
+        raise ConfigError(f"--refresh: unknown stage(s) {sorted(bad)}; stages are {', '.join(STAGES)}")
     run = _Runner(cfg, store, lineage, set(refresh or []))
     teacher, student0 = resolve_models(cfg)
     chk = checker_name(cfg)

@@ -23,6 +23,7 @@ import errno
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -55,6 +56,34 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_HOST = "".join(ch if ch.isalnum() else "_" for ch in socket.gethostname()) or "host"
+
+
+def _remove_dead_writers(stage_dir: Path, key: str) -> None:
+    """Delete temp dirs of earlier writers of `key` on this host whose process is gone (killed mid-write).
+
+    A temp dir is named `.tmp-<key>-<host>-<pid>-<rand>`. One from another host (shared storage), or whose pid
+    still runs (a live concurrent writer), is left alone. Temp dirs are never read: this only reclaims space.
+    """
+    for t in stage_dir.glob(f"{TMP_PREFIX}{key}-*"):
+        parts = t.name[len(TMP_PREFIX) + len(key) + 1 :].rsplit("-", 2)
+        if len(parts) != 3 or parts[0] != _HOST or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(t, ignore_errors=True)
+
+
 def _hash_files(paths: list[Path]) -> list[str]:
     """sha256 of several files; two threads (hashlib releases the GIL on large updates)."""
     if len(paths) <= 1:
@@ -77,7 +106,8 @@ class ArtifactWriter:
         self.key = check_key(key)
         self.final = store.layout.artifact_dir(stage, key)
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.path = self.final.parent / f"{TMP_PREFIX}{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        _remove_dead_writers(self.final.parent, key)
+        self.path = self.final.parent / f"{TMP_PREFIX}{key}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.path.mkdir()
         self.meta: dict[str, Any] = {}
         self._tables: dict[str, dict[str, Any]] = {}

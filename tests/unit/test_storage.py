@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -293,3 +294,24 @@ def test_cache_key_is_content_addressed(store: ArtifactStore) -> None:
 def test_cache_key_refuses_bare_paths() -> None:
     with pytest.raises(ConfigError, match="never pass a bare path"):
         cache_key("rollout", 1, {"student": "/models/student"}, {}, 0)
+
+
+def test_new_writer_removes_only_dead_writers_temp_dirs(store: ArtifactStore) -> None:
+    import storage.store as st
+
+    sdir = store.layout.stage_dir("rollout")
+    sdir.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    dirs = {
+        "dead": sdir / f"{TMP_PREFIX}{KEY}-{st._HOST}-{dead.pid}-aaaa",
+        "alive": sdir / f"{TMP_PREFIX}{KEY}-{st._HOST}-{os.getppid()}-bbbb",
+        "other_host": sdir / f"{TMP_PREFIX}{KEY}-elsewhere-{dead.pid}-cccc",
+        "other_key": sdir / f"{TMP_PREFIX}{'cd' * 32}-{st._HOST}-{dead.pid}-dddd",
+    }
+    for d in dirs.values():
+        d.mkdir()
+    w = store.writer("rollout", KEY)
+    assert not dirs["dead"].exists()
+    assert dirs["alive"].exists() and dirs["other_host"].exists() and dirs["other_key"].exists()
+    w.abort()

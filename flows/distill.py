@@ -30,6 +30,7 @@ from opd_tasks.config import (
     DataConfig,
     EvaluationConfig,
     FaultConfig,
+    GatesConfig,
     RolloutConfig,
     RunConfig,
     ScoringConfig,
@@ -37,6 +38,7 @@ from opd_tasks.config import (
 )
 from opd_tasks.errors import ConfigError, OpdError, TransientError
 from opd_tasks.evaluate import accuracy, evaluate, evaluate_key
+from opd_tasks.gates import check_gates, gates, gates_key
 from opd_tasks.iteration import _max_prompt_tokens, checker_name, resolve_models
 from opd_tasks.prompts import prepare_prompts, prompts_key
 from opd_tasks.rollout import rollout, rollout_key
@@ -46,7 +48,7 @@ from storage.lineage import RunLineage
 from storage.refs import ArtifactRef
 from storage.store import ArtifactStore
 
-STAGES = ("prompts", "rollout", "score", "analyze", "update", "evaluate")
+STAGES = ("prompts", "rollout", "score", "gates", "analyze", "update", "evaluate")
 
 
 def _should_retry(task, task_run, state) -> bool:
@@ -104,6 +106,16 @@ def score_task(root: str, teacher: ModelSpec, student: ModelSpec, rollouts: Arti
                device: str, iteration: int, run: str, fault: FaultConfig | None = None) -> ArtifactRef:
     _fault(root, run, "score", iteration, fault)
     return score_teacher(ArtifactStore(root), teacher, student, rollouts, cfg, device)
+
+
+@task(name="gates", task_run_name="gates-it{iteration}", **TASK_OPTS,
+      cache_key_fn=lambda c, p: _key("gates", gates_key(p["student"], p["teacher"], p["rollouts"], p["scores"],
+                                                        p["cfg"])))
+def gates_task(root: str, student: ModelSpec, teacher: ModelSpec, rollouts: ArtifactRef, scores: ArtifactRef,
+               cfg: GatesConfig, device: str, iteration: int, run: str,
+               fault: FaultConfig | None = None) -> ArtifactRef:
+    _fault(root, run, "gates", iteration, fault)
+    return gates(ArtifactStore(root), student, teacher, rollouts, scores, cfg, device)
 
 
 @task(name="analyze", task_run_name="analyze-it{iteration}", **TASK_OPTS,
@@ -169,7 +181,7 @@ class _Runner:
         o = self.cfg.orchestration
         opts: dict[str, Any] = dict(result_storage=self.results, refresh_cache=existing is None,
                                     retries=o.retries, retry_delay_seconds=exponential_backoff(o.retry_delay_seconds))
-        if stage in ("rollout", "score", "analyze", "update", "evaluate"):
+        if stage in ("rollout", "score", "gates", "analyze", "update", "evaluate"):
             opts["tags"] = [o.concurrency_tag]
         t0 = time.perf_counter()
         state = tsk.with_options(**opts)(root=str(self.store.root), iteration=iteration, run=self.cfg.name,
@@ -239,6 +251,10 @@ def distill(config: dict, refresh: list[str] | None = None, resume: bool = False
                  prompts=pr, cfg=cfg.rollout, seed=seed, checker=chk, device=dev)
         sc = run("score", i, score_task, score_key(teacher, ro, cfg.scoring), teacher=teacher, student=student,
                  rollouts=ro, cfg=cfg.scoring, device=dev)
+        if cfg.gates.enabled:
+            gt = run("gates", i, gates_task, gates_key(student, teacher, ro, sc, cfg.gates), student=student,
+                     teacher=teacher, rollouts=ro, scores=sc, cfg=cfg.gates, device=dev)
+            check_gates(store, gt)  # DataError naming each failed gate: nothing trains on these rollouts
         an = None
         if cfg.method != "opd":
             an = run("analyze", i, analyze_task, analyze_key(student, teacher, ro, sc, cfg.analysis, cfg.method,

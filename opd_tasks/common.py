@@ -17,6 +17,7 @@ STAGE_VERSIONS: dict[str, int] = {
     "prompts": 1,
     "rollout": 1,
     "score": 1,
+    "gates": 1,
     "analyze": 1,
     "update": 1,
     "evaluate": 1,

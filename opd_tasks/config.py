@@ -142,10 +142,25 @@ class EvaluationConfig(_Strict):
     batch_size: int = Field(default=100, ge=1)
 
 
+class GatesConfig(_Strict):
+    """Quality gates checked after teacher scoring; a failed gate stops the iteration before the update."""
+
+    enabled: bool = Field(default=True, description="Run the gates stage (reported in its artifact).")
+    max_truncated: float | None = Field(default=0.5, ge=0.0, le=1.0,
+                                        description="Most rollouts allowed to hit max_new_tokens (EOS mismatch?).")
+    min_topk_coverage: float | None = Field(default=0.5, ge=0.0, le=1.0,
+                                            description="Least share of sampled tokens in the teacher's top-k.")
+    max_logprob_drift: float | None = Field(default=0.05, ge=0.0,
+                                            description="Most mean |sampling - recomputed| student log-prob.")
+    max_teacher_repeat_diff: float | None = Field(default=1e-3, ge=0.0,
+                                                  description="Most |diff| of teacher log-probs on a rescore.")
+    sample_sequences: int = Field(default=32, ge=1, description="Rollouts re-scored for the last two gates.")
+
+
 class FaultConfig(_Strict):
     """Fault injection for tests and drills: the stage fails once (a TransientError) at that iteration."""
 
-    stage: Literal["prompts", "rollout", "score", "analyze", "update", "evaluate"] | None = Field(
+    stage: Literal["prompts", "rollout", "score", "gates", "analyze", "update", "evaluate"] | None = Field(
         default=None, description="Stage to fail once; None = off (the default)."
     )
     iteration: int = Field(default=0, ge=0, description="Iteration at which the stage fails.")
@@ -177,6 +192,7 @@ class RunConfig(_Strict):
     analysis: AnalysisConfig = AnalysisConfig()
     update: UpdateConfig = UpdateConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    gates: GatesConfig = GatesConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     fault: FaultConfig = FaultConfig()
 

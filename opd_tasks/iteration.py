@@ -18,6 +18,7 @@ from opd_tasks.common import ModelSpec
 from opd_tasks.config import RunConfig
 from opd_tasks.errors import ConfigError
 from opd_tasks.evaluate import accuracy, evaluate
+from opd_tasks.gates import check_gates, gates
 from opd_tasks.prompts import prepare_prompts
 from opd_tasks.rollout import rollout
 from opd_tasks.scoring import score_teacher
@@ -120,6 +121,10 @@ def run_iteration(
                                    cfg.seed, checker_name(cfg), cfg.device, progress)
     res.stages["score"] = stages(iteration, "score", score_teacher, teacher, student, res.stages["rollout"].ref,
                                  cfg.scoring, cfg.device, progress)
+    if cfg.gates.enabled:
+        res.stages["gates"] = stages(iteration, "gates", gates, student, teacher, res.stages["rollout"].ref,
+                                     res.stages["score"].ref, cfg.gates, cfg.device)
+        check_gates(stages.store, res.stages["gates"].ref)
     weights = None
     if cfg.method != "opd":
         res.stages["analyze"] = stages(iteration, "analyze", analyze, student, teacher, res.stages["rollout"].ref,

@@ -86,7 +86,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     t_dir, _ = tiny_model_dir(tmp / "teacher", seed=1, hidden=48)
     return [f"models.student.path={s_dir}", f"models.teacher.path={t_dir}", "data.prompts_per_iteration=4",
             "rollout.samples_per_prompt=2", "rollout.max_new_tokens=6", "evaluation.max_new_tokens=6",
-            "data.eval_size=4", "analysis.probe_tokens=4"]
+            "data.eval_size=4", "analysis.probe_tokens=4", "gates.max_truncated=null",
+            "gates.min_topk_coverage=null"]
 
 
 def _trigger_and_wait(server, dep, name: str, watch) -> str:

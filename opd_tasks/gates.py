@@ -1,0 +1,97 @@
+"""Quality gates, a stage between teacher scoring and the update. Each gate is a number compared with a
+configured threshold (None disables it); the stage publishes every figure in its artifact's manifest
+(`meta.gates`) and `check_gates` raises `DataError` naming each failed gate before anything trains on it.
+
+- truncated: share of rollouts that hit max_new_tokens (an EOS the student never emits, a length explosion);
+- topk_coverage: share of sampled tokens inside the teacher's top-k (teacher and student disagree on format);
+- logprob_drift: mean |sampling log-prob - a teacher-forced recomputation by the same student| over a sample
+  (sampler/trainer mismatch: dtype, kernels, a wrong checkpoint);
+- teacher_repeat_diff: max |difference| when the teacher scores the same sample again (non-determinism).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from opd_tasks.common import STAGE_VERSIONS, ModelSpec, scored_rollouts
+from opd_tasks.config import GatesConfig
+from opd_tasks.errors import DataError
+from storage.keys import cache_key
+from storage.refs import ArtifactRef
+from storage.store import ArtifactStore
+
+
+def gates_key(student: ModelSpec, teacher: ModelSpec, rollouts: ArtifactRef, scores: ArtifactRef,
+              cfg: GatesConfig) -> str:
+    return cache_key("gates", STAGE_VERSIONS["gates"],
+                     {"student": student.sha256, "teacher": teacher.sha256, "rollouts": rollouts, "scores": scores},
+                     cfg.model_dump(mode="json"), None)
+
+
+def evaluate_gates(figures: dict[str, float], cfg: GatesConfig) -> dict[str, dict]:
+    """{gate: {value, threshold, passed}} for the configured gates."""
+    rules = {"truncated": (cfg.max_truncated, "max"), "topk_coverage": (cfg.min_topk_coverage, "min"),
+             "logprob_drift": (cfg.max_logprob_drift, "max"),
+             "teacher_repeat_diff": (cfg.max_teacher_repeat_diff, "max")}
+    out = {}
+    for name, (limit, kind) in rules.items():
+        v = figures[name]
+        ok = True if limit is None else (v <= limit if kind == "max" else v >= limit)
+        out[name] = {"value": v, "threshold": limit, "kind": kind, "passed": ok}
+    return out
+
+
+def gates(
+    store: ArtifactStore,
+    student: ModelSpec,
+    teacher: ModelSpec,
+    rollouts: ArtifactRef,
+    scores: ArtifactRef,
+    cfg: GatesConfig,
+    device: str = "auto",
+) -> ArtifactRef:
+    key = gates_key(student, teacher, rollouts, scores, cfg)
+    if (ref := store.lookup("gates", key)) is not None:
+        return ref
+    from opd_tasks.hf import load_causal_lm, resolve_device, score_sequences
+
+    roll = store.read_table(rollouts, "rollouts", columns=["finish_reason"])
+    reasons = roll.column("finish_reason").to_pylist()
+    seqs = list(scored_rollouts(store, rollouts, scores, ["teacher_logprob", "topk_ids"]))
+    inside = [tok in ids for *_, toks, _lps, s in seqs for tok, ids in zip(toks, s["topk_ids"], strict=True)]
+    # A deterministic sample (evenly spaced) for the two gates that need model passes.
+    step = max(1, len(seqs) // cfg.sample_sequences)
+    sample = seqs[::step][: cfg.sample_sequences]
+    prompts, comps = [s[2] for s in sample], [s[3] for s in sample]
+    dev = resolve_device(device)
+    s_lm = load_causal_lm(student.path, dev, student.dtype, student.trust_remote_code)
+    rec = score_sequences(s_lm, prompts, comps, pad_token_id=0, top_k=1, progress=False)
+    drift = np.concatenate([np.abs(np.asarray(s[4]) - np.asarray(r.logprob)) for s, r in zip(sample, rec, strict=True)])
+    t_lm = load_causal_lm(teacher.path, dev, teacher.dtype, teacher.trust_remote_code)
+    again = score_sequences(t_lm, prompts, comps, pad_token_id=0, top_k=1, progress=False)
+    rep = np.concatenate([np.abs(np.asarray(s[5]["teacher_logprob"]) - np.asarray(r.logprob))
+                          for s, r in zip(sample, again, strict=True)])
+    figures = {
+        "truncated": sum(r == "length" for r in reasons) / max(1, len(reasons)),
+        "topk_coverage": sum(inside) / max(1, len(inside)),
+        "logprob_drift": float(drift.mean()) if drift.size else 0.0,
+        "teacher_repeat_diff": float(rep.max()) if rep.size else 0.0,
+    }
+    result = evaluate_gates(figures, cfg)
+    with store.writer("gates", key) as w:
+        w.meta.update({"gates": result, "passed": all(g["passed"] for g in result.values()),
+                       "sampled_sequences": len(sample)})
+        return w.commit()
+
+
+def check_gates(store: ArtifactStore, ref: ArtifactRef) -> dict:
+    """Raise DataError naming every failed gate; return the gates otherwise."""
+    meta = store.manifest(ref)["meta"]
+    failed = {k: g for k, g in meta["gates"].items() if not g["passed"]}
+    if failed:
+        parts = [f"{k} = {g['value']:.4g} ({'above' if g['kind'] == 'max' else 'below'} the limit {g['threshold']})"
+                 for k, g in failed.items()]
+        raise DataError("quality gates failed, the iteration stops before the update: " + "; ".join(parts)
+                        + f". Figures in artifact {ref.short()}; thresholds under gates.* in the config "
+                        "(null disables a gate).")
+    return meta["gates"]

@@ -29,6 +29,8 @@ def test_opd_run_on_testbed_then_cached_rerun(tmp_path: Path) -> None:
     first = _run(["run", "--config", "configs/testbed.yaml", *small], env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "test accuracy per iteration (baseline" in first.stdout and "opd sql" in first.stdout
+    # Security default: the temporary Prefect server binds to the loopback address only.
+    assert "Starting temporary server on http://127.0.0.1:" in first.stdout + first.stderr
     second = _run(["run", "--config", "configs/testbed.yaml", *small], env)
     assert second.returncode == 0, second.stderr[-3000:]
     q = "SELECT stage, bool_and(cached) AS all_cached, count(*) AS n FROM lineage WHERE run='e2e' GROUP BY 1"

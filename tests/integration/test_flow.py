@@ -87,6 +87,13 @@ def test_first_run_computes_then_rerun_is_all_cached(harness, models, tmp_path: 
     for r in rows:
         ref = next(x for x in store.iter_artifacts() if x.uri == r["uri"])
         store.verify(ref)
+    # Security default: every Prefect result (cache record) under the root is JSON, never a pickle.
+    records = list((tmp_path / "prefect" / "results").iterdir())
+    assert len(records) >= len(STAGES)
+    for f in records:
+        rec = json.loads(f.read_text())
+        assert rec["metadata"]["serializer"]["type"] == "json"
+        assert json.loads(rec["result"])["__class__"] == "storage.refs.ArtifactRef"
 
 
 def test_failure_then_rerun_recomputes_only_failed_and_downstream(harness, models, tmp_path: Path) -> None:

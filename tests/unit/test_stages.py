@@ -253,3 +253,22 @@ def test_evaluate_counts_correct_answers(env) -> None:
                                                      t.column("reference").to_pylist(), strict=True)]
     assert t.column("correct").to_pylist() == expected
     assert accuracy(store, ref) == sum(expected) / 6
+
+
+def test_models_load_without_remote_code_unless_configured(env, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from opd_tasks.config import ModelRef
+
+    seen = []
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(path, **kw):
+        seen.append(kw.get("trust_remote_code"))
+        return real(path, **kw)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    assert ModelRef(path="x").trust_remote_code is False
+    load_causal_lm(env["student"].path, CPU)
+    load_causal_lm(env["student"].path, CPU, trust_remote_code=True)
+    assert seen == [False, True]

@@ -145,6 +145,10 @@ def test_check_tokenizers_match_names_the_difference(tmp_path):
     c.pad_token = c.eos_token
     with pytest.raises(ModelError, match="pad_token_id: teacher 0 vs student 2"):
         check_tokenizers_match(a, c)
+    d = build_tokenizer()
+    d.eos_token = "<unk>"
+    with pytest.raises(ModelError, match="eos_token_id: teacher 2 vs student 3"):
+        check_tokenizers_match(a, d)
 
 
 def test_load_tokenizer_without_pad_gets_eos(tmp_path):

@@ -212,3 +212,19 @@ def test_failed_gate_stops_before_update_and_is_not_retried(harness, models, tmp
     assert time.time() - t0 < 60  # no retry (each would wait 30 s and more)
     stages = {e.stage for e in RunLineage(tmp_path, "testbed").entries()}
     assert "gates" in stages and "update" not in stages
+
+
+def test_deleted_artifact_is_recomputed_not_served_from_a_stale_cache_record(harness, models, tmp_path: Path) -> None:
+    import shutil
+
+    from flows.distill import distill
+
+    cfg = _cfg(models, tmp_path, "iterations=1")
+    first = distill(cfg.model_dump(mode="json"))
+    score_ref = RunLineage(tmp_path, "testbed").get(0, "score").ref
+    shutil.rmtree(score_ref.uri)  # the Prefect cache record for this key still exists
+    out = distill(cfg.model_dump(mode="json"))
+    st = {s: v for _, s, v in _states(out)}
+    assert st["score"] == "Completed" and st["rollout"] == "Cached" and st["update"] == "Cached"
+    assert _shas(out) == _shas(first)
+    ArtifactStore(tmp_path).verify(score_ref)  # the same bytes are back under the same key

@@ -11,15 +11,17 @@ Conventions used by every stage:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from opd_tasks.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -59,6 +61,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     if tok.eos_token_id is None:
         raise ModelError(f"tokenizer at {path} has no EOS token")
     if tok.pad_token_id is None:
+        log.warning("tokenizer at %s has no PAD token; using EOS (%r) as PAD", path, tok.eos_token)
         tok.pad_token = tok.eos_token
     return tok
 
@@ -251,8 +254,3 @@ def score_sequences(
             )
     out = [results[i] for i in range(len(prompts))]
     return out
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)

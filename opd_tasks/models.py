@@ -9,7 +9,6 @@ is what goes into cache keys, never the path).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,6 @@ from pydantic import BaseModel
 from opd_tasks.config import ModelRef
 from opd_tasks.errors import ModelError
 from storage.hashing import sha256_tree
-
-log = logging.getLogger(__name__)
 
 TESTBED_ASSETS = Path(__file__).resolve().parent / "testbed" / "assets"
 TESTBED_REFS = {"testbed:teacher": "teacher", "testbed:student": "student", "testbed:tokenizer": "tokenizer"}
@@ -76,45 +73,22 @@ def resolve_model(ref: ModelRef) -> ResolvedModel:
 
 
 def load_tokenizer(ref: ModelRef) -> Any:
-    """AutoTokenizer of the ref. A tokenizer without EOS is an error; one without PAD gets PAD = EOS."""
-    from transformers import AutoTokenizer
+    """AutoTokenizer of the ref (`opd_tasks.hf.load_tokenizer`: EOS required, PAD = EOS when missing)."""
+    from opd_tasks.hf import load_tokenizer as load_tokenizer_dir
 
-    local = _local_dir(ref)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(local), trust_remote_code=ref.trust_remote_code)
-    except Exception as e:  # noqa: BLE001
-        raise ModelError(f"cannot load a tokenizer from {local} (model {ref.path!r}): {e}") from e
-    if tok.eos_token_id is None:
-        raise ModelError(f"tokenizer of {ref.path!r} ({local}) has no EOS token; generation could not stop")
-    if tok.pad_token_id is None:
-        log.warning("tokenizer of %s has no PAD token; using EOS (%r) as PAD", ref.path, tok.eos_token)
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def _torch_dtype(name: str, device: str) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.float32 if device == "cpu" else "auto"
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return load_tokenizer_dir(_local_dir(ref), ref.trust_remote_code)
 
 
 def load_model(ref: ModelRef, device: str = "cpu", dtype: str | None = None) -> Any:
-    """AutoModelForCausalLM of the ref on `device`, in eval mode. `dtype` overrides `ref.dtype`.
+    """AutoModelForCausalLM of the ref on `device`, in eval mode (`opd_tasks.hf.load_causal_lm`).
 
-    dtype "auto" means float32 on CPU and the checkpoint's own dtype elsewhere.
+    `dtype` overrides `ref.dtype`; "auto" means float32 on CPU and bfloat16 on CUDA.
     """
-    from transformers import AutoModelForCausalLM
+    import torch
 
-    local = _local_dir(ref)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(local), dtype=_torch_dtype(dtype or ref.dtype, device), trust_remote_code=ref.trust_remote_code
-        )
-    except Exception as e:  # noqa: BLE001
-        raise ModelError(f"cannot load a causal LM from {local} (model {ref.path!r}): {e}") from e
-    return model.to(device).eval()
+    from opd_tasks.hf import load_causal_lm
+
+    return load_causal_lm(_local_dir(ref), torch.device(device), dtype or ref.dtype, ref.trust_remote_code)
 
 
 def check_tokenizers_match(teacher_tok: Any, student_tok: Any) -> None:

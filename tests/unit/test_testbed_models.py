@@ -130,9 +130,10 @@ def test_missing_model_dir_errors(tmp_path):
 
 def test_trust_remote_code_off_by_default():
     assert ModelRef(path="x").trust_remote_code is False
-    with pytest.raises(Exception):  # noqa: B017 - pydantic rejects unknown keys
-        ModelRef(path="x", trust_code=True)
-    assert ConfigError  # the config layer turns that into ConfigError when loading YAML
+    from opd_tasks.config import load_config
+
+    with pytest.raises(ConfigError, match=r"models\.teacher\.trust_code: unknown key"):
+        load_config(None, ["models.teacher.trust_code=true"])
 
 
 def test_check_tokenizers_match_names_the_difference(tmp_path):

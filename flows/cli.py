@@ -239,12 +239,19 @@ def bootstrap_cmd(
     out: Annotated[Path | None, typer.Option(help="Output dir (default: the committed testbed assets dir).")] = None,
     quick: Annotated[bool, typer.Option(help="A few steps only: checks the script, not the accuracies.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of data and initialisation.")] = 0,
+    teacher_style: Annotated[str, typer.Option(help="Style the teacher trains on (e.g. teacher_broad: reads every "
+                                                    "phrasing, prefers its own; docs/testbed.md).")] = "teacher",
 ) -> None:
     """Train the testbed tokenizer, teacher and student from scratch (about 10 minutes on 2 cores)."""
     from opd_tasks.testbed import bootstrap as bs
 
-    argv = ["--out", str(out or bs.ASSETS_DIR), "--seed", str(seed)] + (["--quick"] if quick else [])
-    raise typer.Exit(bs.main(argv) or 0)
+    argv = ["--out", str(out or bs.ASSETS_DIR), "--seed", str(seed), "--teacher-style", teacher_style]
+    argv += ["--quick"] if quick else []
+    try:
+        rc = bs.main(argv)
+    except OpdError as e:
+        _fail(e)
+    raise typer.Exit(rc or 0)
 
 
 @app.command("run")
@@ -274,6 +281,105 @@ def run_cmd(
         run_and_report(cfg, console, refresh or [], resume)
     except OpdError as e:
         _fail(e)
+
+
+def _csv(value: str, what: str, conv=str) -> list:
+    try:
+        items = [conv(v.strip()) for v in value.split(",") if v.strip()]
+    except ValueError as e:
+        raise OpdError(f"{what}: cannot parse {value!r} as a comma-separated list ({e})") from e
+    if not items:
+        raise OpdError(f"{what}: empty list {value!r}")
+    return items
+
+
+@app.command("experiment")
+def experiment_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    name: Annotated[str, typer.Option("--name", help="Experiment name; runs are NAME-METHOD-sSEED.")] = "experiment",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "opd,opd_suppress,topd",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
+    iterations: Annotated[int | None, typer.Option("--iterations", "-n", help="Iterations per run.")] = None,
+    report: Annotated[bool, typer.Option(help="Build the report at the end.")] = True,
+    out: Annotated[Path | None, typer.Option(help="Report directory (default: <root>/reports/NAME).")] = None,
+) -> None:
+    """Compare methods over seeds: one `distill` run per (seed, method) in one Prefect flow, sharing cached
+    rollouts and teacher scores where the inputs are the same, then `opd report` over those runs."""
+    from opd_tasks.config import load_config
+
+    try:
+        ms = _csv(methods, "--methods")
+        ss = _csv(seeds, "--seeds", int)
+        cfg = load_config(config, [*(set_ or []), *([f"iterations={iterations}"] if iterations else [])])
+        from storage.layout import check_name
+
+        check_name("experiment", name)
+        from flows.experiment import experiment, run_names
+
+        plan = run_names(name, ms, ss)
+        console.rule(f"[bold]opd experiment[/] {name}: {len(plan)} runs ({', '.join(ms)} x seeds {ss}), "
+                     f"{cfg.iterations} iterations each, root {cfg.resolved_root().resolve()}")
+        cmd = "opd experiment " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "opd experiment"
+        res = experiment(cfg.model_dump(mode="json"), ms, ss, name, report=report,
+                         report_out=str(out) if out else None, command=cmd)
+    except OpdError as e:
+        _fail(e)
+    t = Table("run", "method", "seed", "accuracy per iteration", "stages from cache", "seconds",
+              title=f"experiment {name}")
+    for r in res["runs"]:
+        t.add_row(r["run"], r["method"], str(r["seed"]),
+                  " -> ".join(f"{100 * a:.1f}%" for a in [r["baseline"], *r["accuracy"]]),
+                  f"{r['stages_cached']} / {r['stages']}", f"{r['seconds']:.0f}")
+    console.print(t)
+    if "report" in res:
+        _print_summary(res["report"]["summary"])
+        console.print(f"report: {res['report']['html']} (markdown: {res['report']['markdown']})", highlight=False)
+
+
+def _print_summary(summary: dict) -> None:
+    from opd_tasks.report import summary_table
+
+    head, rows = summary_table(summary)
+    t = Table(*head, title="final accuracy per method over seeds")
+    for r in rows:
+        t.add_row(*r)
+    console.print(t)
+    if summary.get("verdict"):
+        console.print(summary["verdict"]["text"], highlight=False)
+
+
+@app.command("report")
+def report_cmd(
+    runs: Annotated[list[str], typer.Argument(help="Run names or shell patterns (quote them), e.g. 'exp-*'.")],
+    root: RootOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Report directory (default: <root>/reports/<first run>).")] = None,
+    title: Annotated[str | None, typer.Option(help="Report title.")] = None,
+    examples: Annotated[int, typer.Option(help="Rollouts shown token by token.")] = 3,
+    publish: Annotated[bool | None, typer.Option(
+        "--publish/--no-publish", help="Publish the markdown as a Prefect artifact (default: when PREFECT_API_URL "
+                                       "names a server).")] = None,
+) -> None:
+    """A self-contained HTML report (plus markdown and PNG plots) over runs: accuracy per iteration per method
+    with a band over seeds, regimes, the classifier vs ground truth, token examples, stage costs."""
+    from opd_tasks.report import build_report
+
+    cmd = "opd report " + " ".join(sys.argv[2:])
+    try:
+        rep = build_report(_root(root), runs, out=out, title=title, n_examples=examples, command=cmd,
+                           log=lambda m: err_console.print(m, highlight=False))
+    except OpdError as e:
+        _fail(e)
+    _print_summary(rep.summary)
+    console.print(f"report: {rep.html} (markdown: {rep.markdown})", highlight=False)
+    if publish is None:
+        publish = bool(os.environ.get("PREFECT_API_URL"))
+    if publish:
+        from flows.experiment import publish_report
+
+        md = "\n".join(line for line in rep.markdown_text.splitlines() if not line.startswith("!["))
+        key = publish_report(md + f"\n\nFull report with plots: `{rep.html}`\n", rep.out.name, f"opd report {runs}")
+        console.print(f"published as Prefect artifact {key}", highlight=False)
 
 
 @app.command("serve")

@@ -167,14 +167,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--teacher-steps", type=int)
     ap.add_argument("--student-steps", type=int)
+    ap.add_argument("--teacher-style", default="teacher", help="style the teacher trains on (styles.py), e.g. "
+                                                                "teacher_broad")
+    ap.add_argument("--student-style", default="student", help="style the student trains on (styles.py)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    task = TestbedTaskConfig(teacher_style=args.teacher_style, student_style=args.student_style)
+    get_style(task.teacher_style), get_style(task.student_style)  # a bad name fails now, not after training
     kw = dict(QUICK if args.quick else DEFAULTS)
     if args.teacher_steps is not None:
         kw["teacher_steps"] = args.teacher_steps
     if args.student_steps is not None:
         kw["student_steps"] = args.student_steps
-    report = bootstrap(args.out, seed=args.seed, progress=not args.no_progress, **kw)
+    report = bootstrap(args.out, task=task, seed=args.seed, progress=not args.no_progress, **kw)
     report["command"] = "python -m opd_tasks.testbed.bootstrap " + " ".join(argv if argv is not None else sys.argv[1:])
     (Path(args.out) / "bootstrap.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("teacher", "student", "total_seconds")}, indent=2))

@@ -66,6 +66,14 @@ STYLES: dict[str, Style] = {
         connective={"hence": 0.5, "therefore": 0.3, "thus": 0.15, "so": 0.05},
         answer={"the answer is {ans}.": 0.5, "= {ans}": 0.3, "answer: {ans}": 0.15, "{ans}.": 0.05},
     ),
+    # The teacher's favourites dominate, but every variant of every slot has non-zero probability (a teacher
+    # that reads any phrasing but prefers its own).
+    "teacher_broad": Style(
+        name="teacher_broad",
+        separator={" ; ": 0.7, " , ": 0.1, " then ": 0.1, " and ": 0.1},
+        connective={"so": 0.7, "thus": 0.1, "hence": 0.1, "therefore": 0.1},
+        answer={"{ans}.": 0.7, "answer: {ans}": 0.1, "the answer is {ans}.": 0.1, "= {ans}": 0.1},
+    ),
     "uniform": Style(
         name="uniform",
         separator=dict.fromkeys(SEPARATORS, 1.0),

@@ -228,3 +228,40 @@ def test_deleted_artifact_is_recomputed_not_served_from_a_stale_cache_record(har
     assert st["score"] == "Completed" and st["rollout"] == "Cached" and st["update"] == "Cached"
     assert _shas(out) == _shas(first)
     ArtifactStore(tmp_path).verify(score_ref)  # the same bytes are back under the same key
+
+
+@pytest.mark.slow
+def test_experiment_runs_methods_x_seeds_shares_cache_and_publishes_the_report(harness, models, tmp_path: Path) -> None:
+    """`opd experiment`: one distill subflow per (seed, method); within a seed the second method's baseline and
+    first-iteration prompts/rollouts/scores are cache hits; the report covers exactly these runs and is
+    published as a Prefect markdown artifact."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.experiment import experiment
+
+    cfg = _cfg(models, tmp_path, "iterations=1", "analysis.probe_tokens=3")
+    out = experiment(cfg.model_dump(mode="json"), ["opd", "topd"], [0, 1], "exp", report_out=str(tmp_path / "rep"))
+    assert [(r["run"], r["method"], r["seed"]) for r in out["runs"]] == [
+        ("exp-opd-s0", "opd", 0), ("exp-topd-s0", "topd", 0), ("exp-opd-s1", "opd", 1), ("exp-topd-s1", "topd", 1)]
+    store = ArtifactStore(tmp_path)
+    for seed in (0, 1):
+        a, b = RunLineage(store.layout, f"exp-opd-s{seed}"), RunLineage(store.layout, f"exp-topd-s{seed}")
+        for it, stage in ((0, "baseline"), (0, "prompts"), (0, "rollout"), (0, "score")):
+            assert b.get(it, stage).cached and b.get(it, stage).ref.sha256 == a.get(it, stage).ref.sha256
+        assert not b.get(0, "update").cached and b.get(0, "update").ref.sha256 != a.get(0, "update").ref.sha256
+    assert RunLineage(store.layout, "exp-opd-s0").get(0, "rollout").ref.sha256 != \
+        RunLineage(store.layout, "exp-opd-s1").get(0, "rollout").ref.sha256  # seeds differ
+    rep = out["report"]
+    assert Path(rep["html"]).is_file() and set(rep["summary"]["methods"]) == {"opd", "topd"}
+    assert rep["summary"]["methods"]["topd"]["seeds"] == [0, 1]
+
+    async def artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="opd-report-%")))
+
+    arts = asyncio.run(artifacts())
+    assert arts and any("exp-topd-s1" in (a.data or "") and "final accuracy" in (a.data or "") for a in arts)

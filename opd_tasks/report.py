@@ -1,0 +1,507 @@
+"""`opd report`: a self-contained HTML (and markdown) report over one or more runs, with PNG plots.
+
+Every figure comes from a SQL query in `opd_tasks/report_sql/` run by DuckDB over the storage views
+(`storage.views.connect`), plus a `run_info(run, method, seed)` table read from each run's lineage. The report
+shows:
+- test accuracy per iteration per method: the mean over seeds, a band from the lowest to the highest seed, and
+  each seed as a thin line;
+- the share of high-loss tokens in each regime per iteration (methods that ran the analysis);
+- the regime classifier's precision/recall against the testbed's ground-truth token roles;
+- token examples: rollouts with high-loss tokens highlighted by regime, the probes' continuations at probed
+  positions;
+- stage costs (median computed seconds per stage);
+- a summary table (final accuracy mean, std and range over seeds; surface share; seconds per iteration) and
+  the verdict "does TOPD beat OPD by more than the spread over seeds".
+
+Output: `<out>/report.html` (images embedded as data URIs, so the file can be mailed or attached),
+`<out>/report.md` (links the PNG files next to it), `<out>/*.png`, `<out>/report.json` (the query results).
+The directory is written to a temporary sibling and renamed into place; an existing directory is replaced
+only when it holds a previous report (its `report.json`), never a directory of something else.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import html
+import json
+import os
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from opd_tasks.errors import ConfigError, DataError
+
+SQL_DIR = Path(__file__).with_name("report_sql")
+QUERIES = ("accuracy", "regimes", "classifier", "costs", "examples")
+METHOD_ORDER = ("opd", "opd_suppress", "topd")
+METHOD_COLORS = {"opd": "#1f77b4", "opd_suppress": "#ff7f0e", "topd": "#2ca02c"}
+REGIME_COLORS = {"surface": "#8ecae6", "divergent": "#e76f51", "unprobed": "#e9c46a"}
+STAGE_ORDER = ("prompts", "rollout", "score", "gates", "analyze", "update", "evaluate")
+REPORT_MARKER = "report.json"
+
+
+def sql(name: str) -> str:
+    """The text of report query `name` (a file in opd_tasks/report_sql/)."""
+    if name not in QUERIES:
+        raise ConfigError(f"unknown report query {name!r}; queries are {', '.join(QUERIES)}")
+    return (SQL_DIR / f"{name}.sql").read_text()
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run: str
+    method: str
+    seed: int
+    config: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+def select_runs(root: str | Path, patterns: list[str]) -> list[RunInfo]:
+    """The runs named by `patterns` (exact names or shell patterns such as `exp-*`), with method and seed from
+    their lineage. A pattern that matches no run is an error that lists the runs there are."""
+    from storage.lineage import list_runs
+
+    if not patterns:
+        raise ConfigError("opd report: name at least one run (or a pattern such as 'exp-*')")
+    runs = {r.run: r for r in list_runs(root)}
+    chosen: list[str] = []
+    for p in patterns:
+        hits = sorted(n for n in runs if fnmatch.fnmatchcase(n, p))
+        if not hits:
+            known = ", ".join(sorted(runs)) or "none"
+            raise ConfigError(f"opd report: no run matches {p!r} under {Path(root).resolve()} (runs: {known})")
+        chosen += [h for h in hits if h not in chosen]
+    out = []
+    for name in chosen:
+        info = runs[name].info()
+        cfg = info.get("config") or {}
+        method = info.get("method") or cfg.get("method")
+        if method is None or "seed" not in cfg:
+            raise DataError(f"run {name!r}: its run.json records no method/config (was it made by `opd run`?)")
+        out.append(RunInfo(name, str(method), int(cfg["seed"]), cfg))
+    return out
+
+
+def _methods(names) -> list[str]:
+    names = set(names)
+    return [m for m in METHOD_ORDER if m in names] + sorted(names - set(METHOD_ORDER))
+
+
+def _rows(con, name: str, params: dict | None = None) -> list[dict]:
+    rel = con.execute(sql(name), params or {})
+    cols = [d[0] for d in rel.description]
+    return [dict(zip(cols, r, strict=True)) for r in rel.fetchall()]
+
+
+def collect(root: str | Path, runs: list[RunInfo]) -> dict[str, list[dict]]:
+    """Run the report's queries over `runs`; returns {query name: rows}."""
+    import pyarrow as pa
+
+    from storage.views import connect
+
+    con = connect(root, runs=[r.run for r in runs])
+    con.register("_run_info", pa.table({"run": [r.run for r in runs], "method": [r.method for r in runs],
+                                        "seed": pa.array([r.seed for r in runs], pa.int64())}))
+    con.execute("CREATE TABLE run_info AS SELECT * FROM _run_info")
+    data = {q: _rows(con, q) for q in ("accuracy", "regimes", "classifier", "costs")}
+    data["_con"] = con  # examples need the connection (and a tokenizer); see examples()
+    return data
+
+
+def summarize(runs: list[RunInfo], data: dict[str, list[dict]]) -> dict[str, Any]:
+    """Per method: baseline and final accuracy over seeds, surface share, seconds per iteration; the verdict."""
+    out: dict[str, Any] = {"methods": {}}
+    for m in _methods(r.method for r in runs):
+        acc = [a for a in data["accuracy"] if a["method"] == m]
+        per_run: dict[str, dict[int, float]] = {}
+        for a in acc:
+            per_run.setdefault(a["run"], {})[a["step"]] = a["accuracy"]
+        finals = [v[max(v)] for v in per_run.values() if len(v) > 1]
+        base = [v[0] for v in per_run.values() if 0 in v]
+        steps = sorted({max(v) for v in per_run.values()})
+        reg = [r for r in data["regimes"] if r["method"] == m]
+        high = sum(r["tokens"] for r in reg)
+        surface = sum(r["tokens"] for r in reg if r["regime"] == "surface")
+        cost = {c["stage"]: c["seconds"] for c in data["costs"] if c["method"] == m}
+        out["methods"][m] = {
+            "runs": len(per_run),
+            "seeds": sorted({r.seed for r in runs if r.method == m}),
+            "iterations": steps,
+            "baseline_mean": statistics.mean(base) if base else None,
+            "final_mean": statistics.mean(finals) if finals else None,
+            "final_std": statistics.stdev(finals) if len(finals) > 1 else 0.0 if finals else None,
+            "final_min": min(finals) if finals else None,
+            "final_max": max(finals) if finals else None,
+            "final_by_seed": {str(r.seed): per_run[r.run][max(per_run[r.run])] for r in runs
+                              if r.method == m and r.run in per_run and len(per_run[r.run]) > 1},
+            "surface_share": surface / high if high else None,
+            "seconds_per_iteration": sum(cost.values()) if cost else None,
+            "stage_seconds": cost,
+        }
+    out["verdict"] = verdict(out["methods"])
+    return out
+
+
+def verdict(methods: dict[str, dict]) -> dict[str, Any] | None:
+    """TOPD vs OPD: the difference of mean final accuracies against the spread over seeds (the larger of the
+    two methods' min-max ranges)."""
+    a, b = methods.get("topd"), methods.get("opd")
+    if not a or not b or a["final_mean"] is None or b["final_mean"] is None:
+        return None
+    diff = a["final_mean"] - b["final_mean"]
+    spread = max(a["final_max"] - a["final_min"], b["final_max"] - b["final_min"])
+    if diff > spread:
+        text = (f"TOPD beats OPD: mean final accuracy {diff * 100:+.1f} points, more than the spread over seeds "
+                f"({spread * 100:.1f} points).")
+    elif diff > 0:
+        text = (f"TOPD is ahead of OPD by {diff * 100:.1f} points, which is within the spread over seeds "
+                f"({spread * 100:.1f} points): not a win.")
+    else:
+        text = (f"TOPD does not beat OPD: mean final accuracy {diff * 100:+.1f} points (spread over seeds "
+                f"{spread * 100:.1f} points).")
+    return {"topd_minus_opd": diff, "spread": spread, "topd_wins": diff > spread, "text": text}
+
+
+# ----------------------------------------------------------------------------------------------- examples
+
+
+def examples(data: dict, runs: list[RunInfo], k: int = 3) -> dict[str, Any] | None:
+    """Token examples from the first run that ran the analysis (TOPD preferred), at its first iteration."""
+    con = data["_con"]
+    analysed = {r[0] for r in con.execute("SELECT DISTINCT run FROM tokens").fetchall()}
+    cands = [r for r in runs if r.run in analysed]
+    if not cands or k <= 0:
+        return None
+    cands.sort(key=lambda r: (r.method != "topd", r.seed, r.run))
+    pick = cands[0]
+    iteration = con.execute("SELECT min(iteration) FROM tokens WHERE run = ?", [pick.run]).fetchone()[0]
+    rows = _rows(con, "examples", {"run": pick.run, "iteration": iteration, "k": k})
+    from opd_tasks.config import ModelRef
+    from opd_tasks.models import load_tokenizer
+
+    tok = load_tokenizer(ModelRef.model_validate(pick.config["models"]["student"]))
+
+    def text(ids) -> str:
+        return tok.decode(list(ids), skip_special_tokens=False) if ids is not None else ""
+
+    seqs: list[dict] = []
+    for r in rows:
+        if not seqs or (seqs[-1]["prompt_id"], seqs[-1]["sample_id"]) != (r["prompt_id"], r["sample_id"]):
+            seqs.append({"prompt_id": r["prompt_id"], "sample_id": r["sample_id"], "prompt": r["prompt"] or "",
+                         "tokens": []})
+        seqs[-1]["tokens"].append({
+            "text": text([r["token_id"]]), "pos": r["pos"], "regime": r["regime"], "role": r["role"],
+            "k1": r["k1"], "d": r["near_future_div"], "weight": r["weight"],
+            "teacher": text(r["teacher_continuation"]) if r["teacher_continuation"] is not None else None,
+            "student": text(r["student_continuation"]) if r["student_continuation"] is not None else None,
+            "distance": r["distance"],
+        })
+    return {"run": pick.run, "method": pick.method, "iteration": iteration, "sequences": seqs}
+
+
+# ------------------------------------------------------------------------------------------------- plots
+
+
+def _plots(data: dict, summary: dict, out: Path) -> list[dict]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs: list[dict] = []
+    methods = list(summary["methods"])
+
+    # accuracy per iteration: mean line, min-max band, each seed thin
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for m in methods:
+        rows = [a for a in data["accuracy"] if a["method"] == m]
+        steps = sorted({a["step"] for a in rows})
+        by_step = {s: [a["accuracy"] for a in rows if a["step"] == s] for s in steps}
+        c = METHOD_COLORS.get(m)
+        for run in sorted({a["run"] for a in rows}):
+            pts = sorted((a["step"], a["accuracy"]) for a in rows if a["run"] == run)
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], color=c, alpha=0.25, lw=0.8)
+        ax.fill_between(steps, [100 * min(by_step[s]) for s in steps], [100 * max(by_step[s]) for s in steps],
+                        color=c, alpha=0.15, lw=0)
+        ax.plot(steps, [100 * statistics.mean(by_step[s]) for s in steps], color=c, lw=2, marker="o", ms=3,
+                label=f"{m} (n={summary['methods'][m]['runs']})")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("iteration (0 = baseline student)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Test accuracy: mean over seeds, band = min-max")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    figs.append(_save(fig, out, "accuracy.png", "Test accuracy per iteration per method (mean line, min-max band "
+                                                 "over seeds, thin lines = single seeds)."))
+
+    reg_methods = [m for m in methods if any(r["method"] == m for r in data["regimes"])]
+    if reg_methods:
+        fig, axes = plt.subplots(1, len(reg_methods), figsize=(3.6 * len(reg_methods) + 0.6, 3.6), dpi=110,
+                                 squeeze=False, sharey=True)
+        for ax, m in zip(axes[0], reg_methods, strict=True):
+            rows = [r for r in data["regimes"] if r["method"] == m]
+            its = sorted({r["iteration"] for r in rows})
+            bottom = [0.0] * len(its)
+            for regime in ("surface", "divergent", "unprobed"):
+                vals = [100 * next((r["share"] for r in rows if r["iteration"] == i and r["regime"] == regime), 0.0)
+                        for i in its]
+                ax.bar(its, vals, bottom=bottom, color=REGIME_COLORS[regime], label=regime)
+                bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+            ax.set_title(m)
+            ax.set_xlabel("iteration")
+            ax.set_xticks(its)
+        axes[0][0].set_ylabel("share of high-loss tokens (%)")
+        axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+        fig.suptitle("High-loss tokens by regime (pooled over seeds)")
+        fig.tight_layout()
+        figs.append(_save(fig, out, "regimes.png", "Share of high-loss tokens in each regime per iteration."))
+
+    cls = [c for c in data["classifier"] if c["method"] in reg_methods]
+    if cls:
+        fig, ax = plt.subplots(figsize=(7, 3.8), dpi=110)
+        for m in reg_methods:
+            rows = sorted((c for c in cls if c["method"] == m), key=lambda c: c["iteration"])
+            its = [c["iteration"] for c in rows]
+            col = METHOD_COLORS.get(m)
+            for key, style in (("surface_precision", "-"), ("surface_recall", "--")):
+                ax.plot(its, [c[key] if c[key] is not None else float("nan") for c in rows], style, color=col,
+                        marker="o", ms=3, label=f"{m}: {key.replace('_', ' ')}")
+        ax.axhline(0.8, color="grey", lw=0.8, ls=":")
+        ax.axhline(0.6, color="grey", lw=0.8, ls=":")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("iteration")
+        ax.set_title("Surface classifier vs ground-truth form tokens (targets: P 0.8, R 0.6)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2, loc="lower left")
+        figs.append(_save(fig, out, "classifier.png", "Precision and recall of the `surface` regime against the "
+                                                       "testbed's `form` tokens."))
+
+    if data["costs"]:
+        fig, ax = plt.subplots(figsize=(7, 1.2 + 0.5 * len(methods)), dpi=110)
+        stages = [s for s in STAGE_ORDER if any(c["stage"] == s for c in data["costs"])]
+        stages += sorted({c["stage"] for c in data["costs"]} - set(stages))
+        cmap = plt.get_cmap("tab10")
+        left = [0.0] * len(methods)
+        for j, s in enumerate(stages):
+            vals = [next((c["seconds"] for c in data["costs"] if c["method"] == m and c["stage"] == s), 0.0)
+                    for m in methods]
+            ax.barh(methods, vals, left=left, color=cmap(j % 10), label=s)
+            left = [a + v for a, v in zip(left, vals, strict=True)]
+        ax.set_xlabel("seconds per iteration (median of computed stage runs)")
+        ax.invert_yaxis()
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.set_title("Stage costs")
+        figs.append(_save(fig, out, "costs.png", "Median wall seconds per computed stage run, per method."))
+    return figs
+
+
+def _save(fig, out: Path, name: str, caption: str) -> dict:
+    import matplotlib.pyplot as plt
+
+    path = out / name
+    fig.savefig(path, format="png", bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return {"file": name, "caption": caption}
+
+
+# ----------------------------------------------------------------------------------------------- render
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _num(v, fmt: str = "{:.2f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def summary_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    head = ["method", "runs (seeds)", "baseline", "final accuracy: mean ± std", "min-max", "surface share of "
+            "high-loss tokens", "s / iteration"]
+    rows = []
+    for m, s in summary["methods"].items():
+        rows.append([m, f"{s['runs']} ({', '.join(map(str, s['seeds']))})", _pct(s["baseline_mean"]),
+                     f"{_pct(s['final_mean'])} ± {_num(s['final_std'] and 100 * s['final_std'], '{:.1f}')}",
+                     f"{_pct(s['final_min'])}-{_pct(s['final_max'])}", _pct(s["surface_share"]),
+                     _num(s["seconds_per_iteration"], "{:.1f}")])
+    return head, rows
+
+
+def _classifier_rows(data: dict) -> tuple[list[str], list[list[str]]]:
+    head = ["method", "iteration", "classified", "surface P", "surface R", "divergent P", "divergent R"]
+    rows = [[c["method"], str(c["iteration"]), str(c["classified"]), _num(c["surface_precision"]),
+             _num(c["surface_recall"]), _num(c["divergent_precision"]), _num(c["divergent_recall"])]
+            for c in data["classifier"]]
+    return head, rows
+
+
+def _html_table(head, rows) -> str:
+    h = "".join(f"<th>{html.escape(c)}</th>" for c in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _md_table(head, rows) -> str:
+    esc = [[str(c).replace("|", "\\|") for c in r] for r in rows]
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |"
+                                                                                  for r in esc])
+
+
+def _show(s: str) -> str:
+    return s.replace("\n", "\\n")
+
+
+def _examples_html(ex: dict | None) -> str:
+    if ex is None:
+        return "<p>No run in this report ran the analysis stage, so there are no token examples.</p>"
+    parts = [f"<p>Run <code>{html.escape(ex['run'])}</code> ({html.escape(ex['method'])}), iteration "
+             f"{ex['iteration']}: the rollouts with the most classified high-loss tokens. Hover a token for its "
+             "k1, near-future divergence D, weight and ground-truth role. "
+             + "".join(f'<span class="tok {r}">{r}</span> ' for r in REGIME_COLORS) + "</p>"]
+    for s in ex["sequences"]:
+        toks = []
+        for t in s["tokens"]:
+            title = (f"pos {t['pos']} | regime {t['regime']} | role {t['role']} | k1 {_num(t['k1'], '{:.3f}')} | "
+                     f"D {_num(t['d'], '{:.3f}')} | weight {_num(t['weight'], '{:.2f}')}")
+            span = (f'<span class="tok {html.escape(t["regime"])}" title="{html.escape(title)}">'
+                    f"{html.escape(_show(t['text']))}</span>")
+            if t["teacher"] is not None:
+                span += (f'<span class="probe">[teacher: {html.escape(_show(t["teacher"]))} | student: '
+                         f'{html.escape(_show(t["student"] or ""))} | distance {_num(t["distance"], "{:.2f}")}]'
+                         "</span>")
+            toks.append(span)
+        parts.append(f'<div class="ex"><div class="prompt">{html.escape(_show(s["prompt"]))}</div>'
+                     f'<div class="completion">{"".join(toks)}</div></div>')
+    return "\n".join(parts)
+
+
+def _examples_md(ex: dict | None) -> str:
+    if ex is None:
+        return "No run in this report ran the analysis stage, so there are no token examples."
+    lines = [f"Run `{ex['run']}` ({ex['method']}), iteration {ex['iteration']}. Marks: `[s:tok]` surface, "
+             "`[D:tok]` divergent, `[u:tok]` unprobed high-loss token; `{teacher: ... | student: ...}` the probe "
+             "continuations at a probed position.", ""]
+    marks = {"surface": "s", "divergent": "D", "unprobed": "u"}
+    for s in ex["sequences"]:
+        out = []
+        for t in s["tokens"]:
+            txt = _show(t["text"])
+            out.append(f"[{marks[t['regime']]}:{txt}]" if t["regime"] in marks else txt)
+            if t["teacher"] is not None:
+                out.append(f"{{teacher: {_show(t['teacher'])} | student: {_show(t['student'] or '')}}}")
+        lines += ["```", _show(s["prompt"]) + " " + "".join(out), "```", ""]
+    return "\n".join(lines)
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;
+color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;
+text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+figure{margin:1.5em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:13px;color:#555}
+.verdict{padding:.8em 1em;border-left:4px solid #888;background:#f7f7f7}
+.ex{font-family:ui-monospace,Menlo,monospace;font-size:13px;margin:.8em 0;padding:.5em;border:1px solid #eee}
+.prompt{color:#777}.tok{white-space:pre}.tok.surface{background:#8ecae6}.tok.divergent{background:#e76f51;
+color:#fff}.tok.unprobed{background:#e9c46a}.probe{font-size:11px;color:#264653;background:#eef;margin:0 3px;
+white-space:pre}code{background:#f3f3f3;padding:0 3px}
+"""
+
+
+def render(title: str, runs: list[RunInfo], data: dict, summary: dict, figs: list[dict], ex: dict | None,
+           out: Path, command: str | None) -> tuple[str, str]:
+    """(html, markdown) of the report; the html embeds each PNG as a data URI."""
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    sh, sr = summary_table(summary)
+    ch, cr = _classifier_rows(data)
+    v = summary["verdict"]
+    vtext = v["text"] if v else "No TOPD/OPD pair in these runs: no verdict."
+    runs_line = ", ".join(f"{r.run} ({r.method}, seed {r.seed})" for r in runs)
+    h = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+         f"<style>{CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>",
+         f"<p>{stamp}. Runs: {html.escape(runs_line)}.</p>"]
+    if command:
+        h.append(f"<p>Made by <code>{html.escape(command)}</code></p>")
+    h += [f'<p class="verdict">{html.escape(vtext)}</p>', "<h2>Summary</h2>", _html_table(sh, sr)]
+    for f in figs:
+        b64 = base64.b64encode((out / f["file"]).read_bytes()).decode()
+        h.append(f'<figure><img alt="{html.escape(f["file"])}" src="data:image/png;base64,{b64}">'
+                 f"<figcaption>{html.escape(f['caption'])}</figcaption></figure>")
+    if cr:
+        h += ["<h2>Regime classifier vs ground truth</h2>", _html_table(ch, cr)]
+    h += ["<h2>Token examples</h2>", _examples_html(ex),
+          "<h2>Queries</h2><p>Every figure comes from the SQL in <code>opd_tasks/report_sql/</code> "
+          "(accuracy, regimes, classifier, costs, examples) over the storage views; rerun any of them with "
+          "<code>opd sql</code>. The data behind this page is in <code>report.json</code>.</p></body></html>"]
+    md = [f"# {title}", "", f"{stamp}. Runs: {runs_line}.", ""]
+    if command:
+        md += [f"Made by `{command}`", ""]
+    md += [f"**{vtext}**", "", "## Summary", "", _md_table(sh, sr), ""]
+    md += [f"![{f['file']}]({f['file']})\n\n{f['caption']}\n" for f in figs]
+    if cr:
+        md += ["## Regime classifier vs ground truth", "", _md_table(ch, cr), ""]
+    md += ["## Token examples", "", _examples_md(ex), "",
+           "Figures come from the SQL in `opd_tasks/report_sql/` over the storage views.", ""]
+    return "\n".join(h), "\n".join(md)
+
+
+@dataclass
+class Report:
+    out: Path
+    html: Path
+    markdown: Path
+    summary: dict
+    markdown_text: str
+
+
+def build_report(root: str | Path, patterns: list[str], out: str | Path | None = None, title: str | None = None,
+                 n_examples: int = 3, command: str | None = None, log=print) -> Report:
+    """Query, plot and render the report for the runs matching `patterns` into `out` (default
+    `<root>/reports/<first pattern>`)."""
+    from storage.layout import check_name
+
+    root = Path(root)
+    runs = select_runs(root, patterns)
+    title = title or f"OPD report: {', '.join(patterns)}"
+    if out is None:
+        slug = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in patterns[0]).strip("-.") or "report"
+        out = root / "reports" / check_name("report", slug)
+    out = Path(out)
+    if out.exists() and not (out / REPORT_MARKER).is_file():
+        raise ConfigError(f"opd report: {out} exists and is not a report directory (no {REPORT_MARKER}); "
+                          "refusing to overwrite it; pick another --out")
+    log(f"report: {len(runs)} runs -> {out}")
+    data = collect(root, runs)
+    if not data["accuracy"]:
+        raise DataError(f"opd report: runs {[r.run for r in runs]} have no evaluations yet")
+    summary = summarize(runs, data)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        log("report: plots")
+        figs = _plots(data, summary, tmp)
+        log("report: token examples")
+        ex = examples(data, runs, n_examples)
+        page, md = render(title, runs, data, summary, figs, ex, tmp, command)
+        (tmp / "report.html").write_text(page)
+        (tmp / "report.md").write_text(md)
+        public = {k: v for k, v in data.items() if not k.startswith("_")}
+        (tmp / REPORT_MARKER).write_text(json.dumps(
+            {"title": title, "runs": [r.__dict__ | {"config": None} for r in runs], "summary": summary,
+             "data": public, "examples": ex, "figures": figs}, indent=1, default=str))
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Report(out, out / "report.html", out / "report.md", summary, md)

@@ -1,0 +1,197 @@
+"""`opd report` over real runs of the committed testbed models (plain driver, tiny settings): every figure's
+query is checked against an independent computation from the artifacts themselves (evals tables, analysis
+manifests), the files are complete and self-contained, and (slow) the HTML opens in headless Chromium with
+every image loaded."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from opd_tasks.config import load_config
+from opd_tasks.errors import ConfigError
+from opd_tasks.report import build_report, collect, select_runs, summarize, verdict
+from storage.lineage import RunLineage
+from storage.store import ArtifactStore
+
+METHODS = ("opd", "topd")
+SEEDS = (0, 1)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from opd_tasks.iteration import run_plain
+
+    root = tmp_path_factory.mktemp("report-root")
+    for seed in SEEDS:
+        for m in METHODS:
+            cfg = load_config(None, [f"method={m}", f"seed={seed}", "iterations=1", f"root={root}",
+                                     f"name=exp-{m}-s{seed}", "data.eval_size=16", "data.prompts_per_iteration=6",
+                                     "rollout.samples_per_prompt=2", "rollout.max_new_tokens=40",
+                                     "evaluation.max_new_tokens=40"])
+            run_plain(cfg, log=lambda _m: None, progress=False)
+    return root
+
+
+def test_accuracy_query_matches_the_evals_artifacts(root: Path) -> None:
+    runs = select_runs(root, ["exp-*"])
+    assert sorted((r.method, r.seed) for r in runs) == sorted((m, s) for m in METHODS for s in SEEDS)
+    data = collect(root, runs)
+    store = ArtifactStore(root)
+    expected = {}
+    for r in runs:
+        for e in RunLineage(root, r.run).entries():
+            if e.stage in ("baseline", "evaluate"):
+                correct = store.read_table(e.ref, "evals").column("correct").to_pylist()
+                step = 0 if e.stage == "baseline" else e.iteration + 1
+                expected[(r.run, step)] = sum(1 for c in correct if c) / len(correct)
+    got = {(a["run"], a["step"]): a["accuracy"] for a in data["accuracy"]}
+    assert got.keys() == expected.keys() and len(got) == len(runs) * 2
+    for k, v in expected.items():
+        assert got[k] == pytest.approx(v)
+
+
+def test_classifier_and_regime_queries_match_each_analysis_manifest(root: Path) -> None:
+    """The SQL (report_sql/classifier.sql, regimes.sql) and the analysis stage's Python
+    (analyze.classifier_scores, meta.share) are two implementations of one definition: they must agree."""
+    store = ArtifactStore(root)
+    for seed in SEEDS:
+        run = f"exp-topd-s{seed}"
+        data = collect(root, select_runs(root, [run]))
+        for e in RunLineage(root, run).entries():
+            if e.stage != "analyze":
+                continue
+            meta = store.manifest(e.ref)["meta"]
+            row = next(c for c in data["classifier"] if c["iteration"] == e.iteration)
+            assert row["classified"] == meta["classifier"]["classified"]
+            for k in ("surface_precision", "surface_recall", "divergent_precision", "divergent_recall"):
+                assert row[k] == pytest.approx(meta["classifier"][k]), k
+            shares = {r["regime"]: r["share"] for r in data["regimes"] if r["iteration"] == e.iteration}
+            for regime, share in meta["share"].items():
+                assert shares.get(regime, 0.0) == pytest.approx(share), regime
+
+
+def test_report_is_complete_and_self_contained(root: Path, tmp_path: Path) -> None:
+    rep = build_report(root, ["exp-*"], out=tmp_path / "rep", log=lambda _m: None)
+    page = rep.html.read_text()
+    figs = json.loads((rep.out / "report.json").read_text())["figures"]
+    assert [f["file"] for f in figs] == ["accuracy.png", "regimes.png", "classifier.png", "costs.png"]
+    uris = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(uris) == len(figs) and "src=\"http" not in page and "src=\"/" not in page
+    for u, f in zip(uris, figs, strict=True):
+        raw = base64.b64decode(u)
+        assert raw[:8] == b"\x89PNG\r\n\x1a\n" and raw == (rep.out / f["file"]).read_bytes()
+    md = rep.markdown.read_text()
+    for f in figs:
+        assert f"![{f['file']}]({f['file']})" in md
+    # the summary: final accuracy per method = mean over seeds of each run's last evaluation
+    store = ArtifactStore(root)
+    for m in METHODS:
+        finals = []
+        for s in SEEDS:
+            e = RunLineage(root, f"exp-{m}-s{s}").get(0, "evaluate")
+            finals.append(statistics.mean(store.read_table(e.ref, "evals").column("correct").to_pylist()))
+        assert rep.summary["methods"][m]["final_mean"] == pytest.approx(statistics.mean(finals))
+        assert rep.summary["methods"][m]["final_min"] == pytest.approx(min(finals))
+    assert rep.summary["methods"]["opd"]["surface_share"] is None  # opd runs no analysis
+    assert rep.summary["verdict"]["text"] in page and rep.summary["verdict"]["text"] in md
+    # token examples: highlighted high-loss tokens, and the probe continuations at probed positions
+    assert page.count('class="tok surface"') + page.count('class="tok divergent"') >= 2
+    assert 'class="probe"' in page and "[teacher:" in page
+
+
+def test_report_errors_and_replacement(root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"no run matches 'nope-\*'.*exp-opd-s0"):
+        build_report(root, ["nope-*"], log=lambda _m: None)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="is not a report directory"):
+        build_report(root, ["exp-opd-*"], out=foreign, log=lambda _m: None)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    out = tmp_path / "rep"
+    first = build_report(root, ["exp-opd-*"], out=out, log=lambda _m: None)
+    assert set(first.summary["methods"]) == {"opd"}
+    second = build_report(root, ["exp-*"], out=out, log=lambda _m: None)  # a previous report is replaced whole
+    assert set(second.summary["methods"]) == {"opd", "topd"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".rep")]  # no temp dirs left behind
+
+
+def test_verdict_and_summary_on_known_numbers() -> None:
+    from opd_tasks.report import RunInfo
+
+    runs = [RunInfo(f"{m}-s{s}", m, s) for m in ("opd", "topd") for s in (0, 1, 2)]
+    final = {"opd": [0.80, 0.82, 0.84], "topd": [0.90, 0.91, 0.92]}
+    acc = []
+    for r in runs:
+        acc += [{"run": r.run, "method": r.method, "seed": r.seed, "step": 0, "accuracy": 0.4},
+                {"run": r.run, "method": r.method, "seed": r.seed, "step": 1, "accuracy": final[r.method][r.seed]}]
+    data = {"accuracy": acc, "regimes": [
+        {"method": "topd", "iteration": 0, "regime": "surface", "tokens": 3, "share": 0.3},
+        {"method": "topd", "iteration": 0, "regime": "divergent", "tokens": 7, "share": 0.7}],
+        "classifier": [], "costs": [{"method": "opd", "stage": "rollout", "seconds": 2.0},
+                                    {"method": "opd", "stage": "update", "seconds": 1.0}]}
+    s = summarize(runs, data)
+    assert s["methods"]["topd"]["final_mean"] == pytest.approx(0.91)
+    assert s["methods"]["opd"]["final_std"] == pytest.approx(0.02)
+    assert s["methods"]["topd"]["surface_share"] == pytest.approx(0.3)
+    assert s["methods"]["opd"]["seconds_per_iteration"] == pytest.approx(3.0)
+    v = s["verdict"]
+    assert v["topd_wins"] and v["topd_minus_opd"] == pytest.approx(0.09) and v["spread"] == pytest.approx(0.04)
+    close = verdict({"opd": {"final_mean": 0.8, "final_min": 0.7, "final_max": 0.9},
+                     "topd": {"final_mean": 0.85, "final_min": 0.84, "final_max": 0.86}})
+    assert not close["topd_wins"] and "within the spread" in close["text"]
+    assert verdict({"opd": s["methods"]["opd"]}) is None
+
+
+CHECK_IMAGES = """<script>
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  document.body.setAttribute('data-images', imgs.length + '/' + ok);
+});
+</script></body>"""
+
+
+def _chromium() -> str | None:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None and os.environ.get("OPD_REQUIRE_CHROMIUM") == "1":
+        pytest.fail("OPD_REQUIRE_CHROMIUM=1 but no chromium on PATH (.ci/run installs Debian's chromium)")
+    return found
+
+
+def _loaded_images(browser: str, page: Path, tmp: Path) -> tuple[int, int]:
+    out = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp / 'chromium-profile'}", "--virtual-time-budget=10000", "--dump-dom",
+         page.as_uri()], capture_output=True, text=True, timeout=120)
+    m = re.search(r'data-images="(\d+)/(\d+)"', out.stdout)
+    assert m, f"chromium did not render the page: rc {out.returncode}\n{out.stderr[-2000:]}"
+    return int(m.group(1)), int(m.group(2))
+
+
+@pytest.mark.slow
+def test_report_opens_in_headless_chromium_with_every_image_loaded(root: Path, tmp_path: Path) -> None:
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium on PATH: install Debian's chromium (.ci/run does) to run the browser test")
+    rep = build_report(root, ["exp-*"], out=tmp_path / "rep", log=lambda _m: None)
+    checked = tmp_path / "checked.html"
+    checked.write_text(rep.html.read_text().replace("</body>", CHECK_IMAGES))
+    total, ok = _loaded_images(browser, checked, tmp_path)
+    assert total == 4 and ok == total
+    # the check can fail: one broken image is seen as not loaded
+    broken = tmp_path / "broken.html"
+    broken.write_text(rep.html.read_text().replace("</body>", '<img src="data:image/png;base64,AAAA">'
+                                                               + CHECK_IMAGES))
+    total, ok = _loaded_images(browser, broken, tmp_path)
+    assert total == 5 and ok == 4

@@ -17,6 +17,9 @@ from opd_tasks.errors import OpdError
 # A fresh Prefect home migrates its SQLite database on the first start; on a busy 2-core machine that can take
 # longer than Prefect's 20 s default before the temporary server answers.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+# The temporary server's telemetry heartbeat has nowhere to go on an offline machine, and on a fresh SQLite
+# database it races the migrations and logs "database is locked" tracebacks. Opt in with =true.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Spinning OpenMP threads make torch several times slower on a shared 2-core CPU (docs/testbed.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Prefect does not create a missing parent of PREFECT_HOME, and its temporary server then fails to start.

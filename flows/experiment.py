@@ -74,6 +74,7 @@ def experiment(config: dict, methods: list[str], seeds: list[int], name: str, re
                  100 * res["baseline_accuracy"], " ".join(f"{100 * a:.1f}%" for a in out["runs"][-1]["accuracy"]),
                  cached, total)
     if report:
+        report_out = report_out or str(base.resolved_root() / "reports" / name)
         out["report"] = report_task(str(base.resolved_root()), [r for _, _, r in plan], report_out,
                                     f"OPD experiment {name}: {', '.join(methods)} x seeds {seeds}", command)
     return out

@@ -125,6 +125,7 @@ def summarize(runs: list[RunInfo], data: dict[str, list[dict]]) -> dict[str, Any
         reg = [r for r in data["regimes"] if r["method"] == m]
         high = sum(r["tokens"] for r in reg)
         surface = sum(r["tokens"] for r in reg if r["regime"] == "surface")
+        classified = sum(r["tokens"] for r in reg if r["regime"] in ("surface", "divergent"))
         cost = {c["stage"]: c["seconds"] for c in data["costs"] if c["method"] == m}
         out["methods"][m] = {
             "runs": len(per_run),
@@ -138,6 +139,7 @@ def summarize(runs: list[RunInfo], data: dict[str, list[dict]]) -> dict[str, Any
             "final_by_seed": {str(r.seed): per_run[r.run][max(per_run[r.run])] for r in runs
                               if r.method == m and r.run in per_run and len(per_run[r.run]) > 1},
             "surface_share": surface / high if high else None,
+            "surface_share_classified": surface / classified if classified else None,
             "seconds_per_iteration": sum(cost.values()) if cost else None,
             "stage_seconds": cost,
         }
@@ -274,7 +276,10 @@ def _plots(data: dict, summary: dict, out: Path) -> list[dict]:
         ax.axhline(0.8, color="grey", lw=0.8, ls=":")
         ax.axhline(0.6, color="grey", lw=0.8, ls=":")
         ax.set_ylim(0, 1.02)
-        ax.set_xlabel("iteration")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("iteration (the analysis of rollouts from the student before update i)")
         ax.set_title("Surface classifier vs ground-truth form tokens (targets: P 0.8, R 0.6)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2, loc="lower left")
@@ -322,12 +327,14 @@ def _num(v, fmt: str = "{:.2f}") -> str:
 
 def summary_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     head = ["method", "runs (seeds)", "baseline", "final accuracy: mean ± std", "min-max", "surface share of "
-            "high-loss tokens", "s / iteration"]
+            "high-loss tokens (of probed ones)", "s / iteration"]
     rows = []
     for m, s in summary["methods"].items():
         rows.append([m, f"{s['runs']} ({', '.join(map(str, s['seeds']))})", _pct(s["baseline_mean"]),
                      f"{_pct(s['final_mean'])} ± {_num(s['final_std'] and 100 * s['final_std'], '{:.1f}')}",
-                     f"{_pct(s['final_min'])}-{_pct(s['final_max'])}", _pct(s["surface_share"]),
+                     f"{_pct(s['final_min'])}-{_pct(s['final_max'])}",
+                     f"{_pct(s['surface_share'])} ({_pct(s['surface_share_classified'])})" if s["surface_share"]
+                     is not None else "-",
                      _num(s["seconds_per_iteration"], "{:.1f}")])
     return head, rows
 
@@ -406,9 +413,9 @@ text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:
 figure{margin:1.5em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:13px;color:#555}
 .verdict{padding:.8em 1em;border-left:4px solid #888;background:#f7f7f7}
 .ex{font-family:ui-monospace,Menlo,monospace;font-size:13px;margin:.8em 0;padding:.5em;border:1px solid #eee}
-.prompt{color:#777}.tok{white-space:pre}.tok.surface{background:#8ecae6}.tok.divergent{background:#e76f51;
+.prompt{color:#777}.completion{overflow-wrap:anywhere}.tok{white-space:pre-wrap}.tok.surface{background:#8ecae6}.tok.divergent{background:#e76f51;
 color:#fff}.tok.unprobed{background:#e9c46a}.probe{font-size:11px;color:#264653;background:#eef;margin:0 3px;
-white-space:pre}code{background:#f3f3f3;padding:0 3px}
+white-space:pre-wrap}code{background:#f3f3f3;padding:0 3px}
 """
 
 

@@ -24,12 +24,12 @@ def measure(path: str, problems, styles: dict, seed: int = 0) -> dict:
     import torch
 
     from opd_tasks.config import ModelRef
-    from opd_tasks.models import load_causal_lm, load_tokenizer
+    from opd_tasks.models import load_model, load_tokenizer
     from opd_tasks.testbed.labeler import label_token_ids
     from opd_tasks.testbed.task import render_completion, seeded_rng
 
     ref = ModelRef(path=path)
-    tok, model = load_tokenizer(ref), load_causal_lm(ref, "cpu")
+    tok, model = load_tokenizer(ref), load_model(ref, "cpu")
     model.eval()
     out = {}
     for sname, style in styles.items():

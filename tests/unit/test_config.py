@@ -83,3 +83,12 @@ def test_docs_config_reference_is_current() -> None:
 
     committed = (Path(__file__).resolve().parents[2] / "docs" / "config.md").read_text()
     assert committed == config_reference_markdown(), "regenerate: python -m opd_tasks.config > docs/config.md"
+
+
+def test_every_shipped_config_loads() -> None:
+    """configs/*.yaml are examples users copy: each must validate against the config tree."""
+    files = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+    assert len(files) >= 2
+    for f in files:
+        cfg = load_config(f, [])
+        assert cfg.name == f.stem, f

@@ -9,6 +9,9 @@ BENCHES = {
     "stages": "bench.stages",
     "testbed": "bench.testbed",
     "orchestration": "bench.orchestration",
+    "teacher_styles": "bench.teacher_styles",
+    "trl": "bench.trl_peer",
+    "economics": "bench.economics",
 }
 
 

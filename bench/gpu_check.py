@@ -54,7 +54,19 @@ def main(argv: list[str] | None = None) -> dict:
         )
         t0 = time.perf_counter()
         out = run_plain(cfg, log=lambda m: print(m, flush=True), progress=False)
+        st = out["store"]
+        tokens = [sum(len(t) for t in st.read_table(r.stages["rollout"].ref, "rollouts", columns=["token_ids"])
+                      .column("token_ids").to_pylist()) for r in out["iterations"]]
+        # completion tokens per second of each stage, iterations after the first (CUDA start-up excluded)
+        later = list(zip(out["iterations"], tokens, strict=True))[1:] or list(zip(out["iterations"], tokens,
+                                                                                   strict=True))
+        throughput = {k: float(np.median([n / r.stages[k].seconds for r, n in later]))
+                      for k in ("rollout", "score", "analyze", "update") if k in out["iterations"][0].stages}
+        print(f"{method}: completion tokens/s per stage (median over iterations after the first): "
+              + ", ".join(f"{k} {v:,.0f}" for k, v in throughput.items()), flush=True)
         runs[method] = {
+            "tokens_per_iteration": tokens,
+            "stage_tokens_per_s": throughput,
             "baseline": out["baseline_accuracy"],
             "accuracy": [r.accuracy for r in out["iterations"]],
             "seconds_per_iteration": [sum(s.seconds for s in r.stages.values()) for r in out["iterations"]],

@@ -165,17 +165,20 @@ def _probe(student_lm, teacher_lm, prefixes: list[list[int]], k: int, distance: 
 
     if not prefixes:
         return [], [], []
+    # With xent, each model's log-probs of its own greedy continuation come from the generation itself (raw
+    # logits, as a teacher-forced pass would give them), so only the two cross terms need a forward pass.
     kw = dict(eos_token_id=eos, pad_token_id=pad, n=1, temperature=0.0, max_new_tokens=k, batch_size=batch,
-              want_logprobs=False, progress=progress)
-    c_t = [g.token_ids for g in generate(teacher_lm, prefixes, desc="probe teacher", **kw)]
-    c_s = [g.token_ids for g in generate(student_lm, prefixes, desc="probe student", **kw)]
+              want_logprobs=distance == "xent", progress=progress)
+    g_t = generate(teacher_lm, prefixes, desc="probe teacher", **kw)
+    g_s = generate(student_lm, prefixes, desc="probe student", **kw)
+    c_t, c_s = [g.token_ids for g in g_t], [g.token_ids for g in g_s]
     if distance == "xent":
         def lp(model, conts):
             sc = score_sequences(model, prefixes, conts, pad_token_id=pad, top_k=1, batch_size=batch, progress=False)
             return [np.asarray(x.logprob) for x in sc]
 
-        t_on_t, s_on_t = lp(teacher_lm, c_t), lp(student_lm, c_t)
-        s_on_s, t_on_s = lp(student_lm, c_s), lp(teacher_lm, c_s)
+        t_on_t, s_on_s = [np.asarray(g.logprobs) for g in g_t], [np.asarray(g.logprobs) for g in g_s]
+        s_on_t, t_on_s = lp(student_lm, c_t), lp(teacher_lm, c_s)
         dist = [0.5 * (float(np.mean(a - b)) + float(np.mean(c - d)))
                 for a, b, c, d in zip(t_on_t, s_on_t, s_on_s, t_on_s, strict=True)]
     else:

@@ -226,3 +226,37 @@ def test_bridge_loss_equals_explicit_reference(env) -> None:
     assert logged[0]["loss"] == pytest.approx(logged[0]["pg_loss"] + 0.3 * logged[0]["bridge_loss"], rel=1e-4)
     meta = json.loads((Path(ref.uri) / "_manifest.json").read_text())["meta"]
     assert meta["share"]["divergent"] > 0
+
+
+def test_xent_probe_distance_matches_a_slow_teacher_forced_loop(env) -> None:
+    """Each stored xent distance equals 0.5 * (mean_j[log T(c_T) - log S(c_T)] + mean_j[log S(c_S) - log T(c_S)]),
+    recomputed here one token at a time with a full forward over prefix + continuation[:j] (no KV cache, no
+    batching, no padding), for both models' continuations."""
+    from opd_tasks.hf import load_causal_lm
+
+    store: ArtifactStore = env["store"]
+    cfg = AnalysisConfig(detector="probe", distance="xent", probe_tokens=4, probe_budget=2)
+    ref = analyze(store, env["student"], env["teacher"], env["roll"], env["scores"], cfg, "topd", UpdateConfig(), 0,
+                  progress=False)
+    probes = store.read_table(ref, "probes").to_pylist()
+    assert probes
+    roll = {(r["prompt_id"], r["sample_id"]): r for r in store.read_table(env["roll"]).to_pylist()}
+    cpu = torch.device("cpu")
+    s_lm = load_causal_lm(env["student"].path, cpu, "float32")
+    t_lm = load_causal_lm(env["teacher"].path, cpu, "float32")
+
+    def logp(model, prefix: list[int], cont: list[int]) -> list[float]:
+        out = []
+        with torch.no_grad():
+            for j, tok in enumerate(cont):
+                ids = torch.tensor([prefix + cont[:j]])
+                out.append(float(torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1)[tok]))
+        return out
+
+    for p in probes[:8]:
+        r = roll[(p["prompt_id"], p["sample_id"])]
+        prefix = r["prompt_token_ids"] + r["token_ids"][: p["pos"]]
+        ct, cs = p["teacher_continuation"], p["student_continuation"]
+        gap_t = sum(a - b for a, b in zip(logp(t_lm, prefix, ct), logp(s_lm, prefix, ct), strict=True)) / len(ct)
+        gap_s = sum(a - b for a, b in zip(logp(s_lm, prefix, cs), logp(t_lm, prefix, cs), strict=True)) / len(cs)
+        assert p["distance"] == pytest.approx(0.5 * (gap_t + gap_s), abs=1e-4)

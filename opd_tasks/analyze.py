@@ -158,34 +158,30 @@ def _student_stats(model, seqs: list[_Seq], batch: int) -> tuple[list[list[float
     return ents, rkls
 
 
-def _probe(student_lm, teacher_lm, prefixes: list[list[int]], k: int, distance: str, eos: int, pad: int,
-           batch: int, progress: bool) -> tuple[list[list[int]], list[list[int]], list[float]]:
-    """Greedy K-token continuations of each prefix by teacher and student, and their distance."""
-    from opd_tasks.hf import generate, score_sequences
+def _probe(student_lm, teacher_lm, sequences: list[list[int]], probes: list[tuple[int, int]], k: int, distance: str,
+           eos: int, pad: int, batch: int, progress: bool) -> tuple[list[list[int]], list[list[int]], list[float]]:
+    """Greedy K-token continuations by teacher and student from each probe prefix `sequences[i][:n]`, and their
+    distance. Prefixes come from the KV cache of one forward over each full sequence (`hf.probe_greedy`)."""
+    from opd_tasks.hf import probe_greedy
 
-    if not prefixes:
+    if not probes:
         return [], [], []
-    # With xent, each model's log-probs of its own greedy continuation come from the generation itself (raw
-    # logits, as a teacher-forced pass would give them), so only the two cross terms need a forward pass.
-    kw = dict(eos_token_id=eos, pad_token_id=pad, n=1, temperature=0.0, max_new_tokens=k, batch_size=batch,
-              want_logprobs=distance == "xent", progress=progress)
-    g_t = generate(teacher_lm, prefixes, desc="probe teacher", **kw)
-    g_s = generate(student_lm, prefixes, desc="probe student", **kw)
-    c_t, c_s = [g.token_ids for g in g_t], [g.token_ids for g in g_s]
+    kw = dict(eos_token_id=eos, pad_token_id=pad, batch_size=batch, progress=progress)
+    c_t, t_on_t = probe_greedy(teacher_lm, sequences, probes, k, desc="probe teacher", **kw)
+    c_s, s_on_s = probe_greedy(student_lm, sequences, probes, k, desc="probe student", **kw)
     if distance == "xent":
-        def lp(model, conts):
-            sc = score_sequences(model, prefixes, conts, pad_token_id=pad, top_k=1, batch_size=batch, progress=False)
-            return [np.asarray(x.logprob) for x in sc]
-
-        t_on_t, s_on_s = [np.asarray(g.logprobs) for g in g_t], [np.asarray(g.logprobs) for g in g_s]
-        s_on_t, t_on_s = lp(student_lm, c_t), lp(teacher_lm, c_s)
-        dist = [0.5 * (float(np.mean(a - b)) + float(np.mean(c - d)))
+        # Each model's log-probs of its own greedy continuation come with it; the cross terms are teacher forcing
+        # of the other model's continuation after the same cached prefix.
+        _, s_on_t = probe_greedy(student_lm, sequences, probes, k, score=c_t, desc="probe cross", **kw)
+        _, t_on_s = probe_greedy(teacher_lm, sequences, probes, k, score=c_s, desc="probe cross", **kw)
+        dist = [0.5 * (float(np.mean(np.asarray(a) - np.asarray(b))) + float(np.mean(np.asarray(c) - np.asarray(d))))
                 for a, b, c, d in zip(t_on_t, s_on_t, s_on_s, t_on_s, strict=True)]
     else:
         from opd_tasks.hf import pack_right
         from opd_tasks.ot import ot_distance
 
         dev = next(student_lm.parameters()).device
+        prefixes = [sequences[i][:n] for i, n in probes]
 
         def embed(conts):
             out = []
@@ -258,8 +254,9 @@ def analyze(
             order = sorted(pos.tolist(), key=lambda t: -signal[i][t])[: cfg.probe_budget]
             probe_rows += [(i, t) for t in sorted(order)]
         t_lm = load_causal_lm(teacher.path, dev, teacher.dtype, teacher.trust_remote_code)
-        prefixes = [seqs[i].prompt + seqs[i].tokens[:t] for i, t in probe_rows]
-        c_t, c_s, dists = _probe(s_lm, t_lm, prefixes, cfg.probe_tokens, cfg.distance, tok.eos_token_id,
+        full = [list(s.prompt) + list(s.tokens) for s in seqs]
+        probes = [(i, len(seqs[i].prompt) + t) for i, t in probe_rows]
+        c_t, c_s, dists = _probe(s_lm, t_lm, full, probes, cfg.probe_tokens, cfg.distance, tok.eos_token_id,
                                  tok.pad_token_id, batch=cfg.batch_size, progress=progress)
         for (i, t), dist in zip(probe_rows, dists, strict=True):
             d[i][t], probed[i][t] = dist, True

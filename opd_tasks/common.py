@@ -18,7 +18,7 @@ STAGE_VERSIONS: dict[str, int] = {
     "rollout": 1,
     "score": 1,
     "gates": 1,
-    "analyze": 2,  # 2: xent probes take self log-probs from the greedy generation
+    "analyze": 3,  # 3: probes continue from cached prefixes; xent self terms from the greedy generation
     "update": 1,
     "evaluate": 1,
 }

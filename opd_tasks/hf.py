@@ -254,3 +254,130 @@ def score_sequences(
             )
     out = [results[i] for i in range(len(prompts))]
     return out
+
+
+# ------------------------------------------------------------------------------ probes from cached prefixes
+
+
+def _prefix_cache(model, sequences: Sequence[Sequence[int]], probes: Sequence[tuple[int, int]], pad_token_id: int):
+    """Keys/values of each probe's prefix `sequences[i][:n]`, left-padded to one width, from one forward over each
+    distinct full sequence (causal attention: a prefix's states do not depend on what follows it).
+
+    Returns (cache, attention_mask [P, W], lengths [P], next_logits [P, V]) where next_logits are the logits at
+    the last prefix position (they predict the first continuation token)."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    lengths = [n for _, n in probes]
+    if min(lengths) < 1:
+        raise ConfigError("a probe prefix must hold at least one token")
+    rows = sorted({i for i, _ in probes})
+    where = {i: r for r, i in enumerate(rows)}
+    seqs = [list(sequences[i]) for i in rows]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+        attn[r, : len(s)] = 1
+    out = model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=True)
+    w = max(lengths)
+    src = torch.tensor([where[i] for i, _ in probes], device=device)
+    data = []
+    for layer in out.past_key_values.layers:
+        k, v = layer.keys[src], layer.values[src]  # [P, H, L, D]
+        kp = k.new_zeros((k.shape[0], k.shape[1], w, k.shape[3]))
+        vp = torch.zeros_like(kp)
+        for p, n in enumerate(lengths):
+            kp[p, :, w - n :] = k[p, :, :n]
+            vp[p, :, w - n :] = v[p, :, :n]
+        data.append((kp, vp))
+    mask = torch.zeros((len(probes), w), dtype=torch.long, device=device)
+    for p, n in enumerate(lengths):
+        mask[p, w - n :] = 1
+    last = torch.tensor([n - 1 for n in lengths], device=device)
+    next_logits = out.logits[src, last].float()
+    return DynamicCache(ddp_cache_data=data), mask, lengths, next_logits
+
+
+def _cache_kwarg(model) -> str:
+    """The forward() keyword of the KV cache: `cache` (transformers >= 5.2x) or `past_key_values` (before)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def probe_greedy(
+    model,
+    sequences: Sequence[Sequence[int]],
+    probes: Sequence[tuple[int, int]],
+    k: int,
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    batch_size: int = 64,
+    score: Sequence[Sequence[int]] | None = None,
+    desc: str = "probe",
+    progress: bool = False,
+) -> tuple[list[list[int]], list[list[float]]]:
+    """For each probe (i, n): the greedy continuation of `sequences[i][:n]` by `model` (at most `k` tokens, up to
+    and including EOS) with the raw-logit log-prob of each token; or, given `score`, the model's log-probs of the
+    tokens `score[p]` after that prefix (teacher forcing). The prefixes are encoded once per full sequence and
+    reused through the KV cache, so the cost is one forward over the sequences plus the continuation tokens."""
+    device = next(model.parameters()).device
+    ckw = _cache_kwarg(model)
+    conts: list[list[int]] = []
+    lps: list[list[float]] = []
+    for s0 in tqdm(range(0, len(probes), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+        chunk = list(probes[s0 : s0 + batch_size])
+        cache, mask, lengths, logits = _prefix_cache(model, sequences, chunk, pad_token_id)
+        pos = torch.tensor(lengths, device=device)[:, None]  # position of the next token
+        w = mask.shape[1]
+        if score is not None:
+            given = [list(score[s0 + p]) for p in range(len(chunk))]
+            t = max(len(g) for g in given)
+            if min(len(g) for g in given) < 1:
+                raise ConfigError("cannot score an empty continuation")
+            ids = torch.full((len(chunk), t), pad_token_id, dtype=torch.long)
+            for p, g in enumerate(given):
+                ids[p, : len(g)] = torch.tensor(g, dtype=torch.long)
+            ids = ids.to(device)
+            first = torch.log_softmax(logits, -1).gather(-1, ids[:, :1])  # [P, 1]
+            rest = None
+            if t > 1:
+                m = torch.cat([mask, torch.ones((len(chunk), t - 1), dtype=torch.long, device=device)], 1)
+                out = model(input_ids=ids[:, :-1], attention_mask=m, **{ckw: cache},
+                            position_ids=pos + torch.arange(t - 1, device=device)[None],
+                            cache_position=torch.arange(w, w + t - 1, device=device), use_cache=True)
+                rest = torch.log_softmax(out.logits.float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            full = torch.cat([first, rest], 1) if rest is not None else first
+            for p, g in enumerate(given):
+                conts.append(g)
+                lps.append(full[p, : len(g)].cpu().tolist())
+            continue
+        tokens: list[list[int]] = [[] for _ in chunk]
+        logps: list[list[float]] = [[] for _ in chunk]
+        done = [False] * len(chunk)
+        step_logits = logits
+        for j in range(k):
+            lp = torch.log_softmax(step_logits, -1)
+            nxt = lp.argmax(-1)
+            chosen = lp.gather(-1, nxt[:, None]).squeeze(-1).cpu().tolist()
+            nxt_list = nxt.cpu().tolist()
+            for p in range(len(chunk)):
+                if not done[p]:
+                    tokens[p].append(nxt_list[p])
+                    logps[p].append(chosen[p])
+                    done[p] = nxt_list[p] == eos_token_id
+            if all(done) or j == k - 1:
+                break
+            inp = torch.tensor([[tokens[p][-1] if not done[p] else pad_token_id] for p in range(len(chunk))],
+                               device=device)
+            mask = torch.cat([mask, torch.ones((len(chunk), 1), dtype=torch.long, device=device)], 1)
+            out = model(input_ids=inp, attention_mask=mask, **{ckw: cache}, position_ids=pos + j,
+                        cache_position=torch.tensor([w + j], device=device), use_cache=True)
+            step_logits = out.logits[:, -1].float()
+        conts += tokens
+        lps += logps
+    return conts, lps

@@ -260,3 +260,31 @@ def test_xent_probe_distance_matches_a_slow_teacher_forced_loop(env) -> None:
         gap_t = sum(a - b for a, b in zip(logp(t_lm, prefix, ct), logp(s_lm, prefix, ct), strict=True)) / len(ct)
         gap_s = sum(a - b for a, b in zip(logp(s_lm, prefix, cs), logp(t_lm, prefix, cs), strict=True)) / len(cs)
         assert p["distance"] == pytest.approx(0.5 * (gap_t + gap_s), abs=1e-4)
+
+
+def test_probe_greedy_from_cached_prefixes_equals_generate_and_teacher_forcing(env) -> None:
+    """`hf.probe_greedy` (prefix keys/values sliced from one forward over the full sequence) gives the same greedy
+    continuations as `hf.generate` from re-encoded prefixes, the same log-probs, and in scoring mode the same
+    log-probs as `hf.score_sequences` (teacher forcing over prefix + continuation)."""
+    import random
+
+    from opd_tasks.hf import generate, load_causal_lm, probe_greedy, score_sequences
+
+    roll = env["store"].read_table(env["roll"]).to_pylist()
+    seqs = [r["prompt_token_ids"] + r["token_ids"] for r in roll]
+    rng = random.Random(0)
+    probes = [(i, rng.randrange(len(r["prompt_token_ids"]), len(seqs[i]))) for i, r in enumerate(roll)
+              for _ in range(2)]
+    prefixes = [seqs[i][:n] for i, n in probes]
+    model = load_causal_lm(env["teacher"].path, torch.device("cpu"), "float32")
+    kw = dict(eos_token_id=2, pad_token_id=0)
+    ref = generate(model, prefixes, n=1, temperature=0.0, max_new_tokens=6, batch_size=5, progress=False, **kw)
+    conts, lps = probe_greedy(model, seqs, probes, 6, batch_size=3, **kw)  # batches not aligned with generate's
+    assert conts == [g.token_ids for g in ref]
+    for a, g in zip(lps, ref, strict=True):
+        assert a == pytest.approx(g.logprobs, abs=1e-5)
+    other = [list(reversed(c)) for c in conts]  # any tokens, not the model's own choice
+    _, scored = probe_greedy(model, seqs, probes, 6, batch_size=4, score=other, **kw)
+    tf = score_sequences(model, prefixes, other, pad_token_id=0, top_k=1, batch_size=7, progress=False)
+    for a, s in zip(scored, tf, strict=True):
+        assert a == pytest.approx(s.logprob, abs=1e-5)

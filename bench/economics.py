@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reps", type=int, default=3, help="repetitions of part 1 (medians)")
     ap.add_argument("--eval-size", type=int, default=50)
     ap.add_argument("--set", dest="sets", action="append", default=[], help="config override (repeatable)")
+    ap.add_argument("--tag", default=None, help="results go to bench/results/economics[-TAG].json")
     args = ap.parse_args(argv)
     if not _reset_peak():
         console.print("[yellow]/proc/self/clear_refs not writable: peak RSS is the process's overall peak[/]")
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{1000 * r['train_seconds'] / r['sequences']:.1f}", f"{r['artifact_bytes'] / 1e6:.2f}",
                   f"{peak:.0f}")
     console.print(t)
-    out = save("economics", {"args": vars(args), "summary": summary, "economics_runs": econ})
+    out = save("economics" + (f"-{args.tag}" if args.tag else ""), {"args": vars(args), "summary": summary, "economics_runs": econ})
     console.print(f"results: {out}")
     return summary
 

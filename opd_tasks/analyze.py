@@ -161,21 +161,19 @@ def _student_stats(model, seqs: list[_Seq], batch: int) -> tuple[list[list[float
 def _probe(student_lm, teacher_lm, sequences: list[list[int]], probes: list[tuple[int, int]], k: int, distance: str,
            eos: int, pad: int, batch: int, progress: bool) -> tuple[list[list[int]], list[list[int]], list[float]]:
     """Greedy K-token continuations by teacher and student from each probe prefix `sequences[i][:n]`, and their
-    distance. Prefixes come from the KV cache of one forward over each full sequence (`hf.probe_greedy`)."""
-    from opd_tasks.hf import probe_greedy
+    distance. Prefixes come from the KV cache of one forward over each full sequence (`hf.probe_pair`)."""
+    from opd_tasks.hf import probe_pair
 
     if not probes:
         return [], [], []
-    kw = dict(eos_token_id=eos, pad_token_id=pad, batch_size=batch, progress=progress)
-    c_t, t_on_t = probe_greedy(teacher_lm, sequences, probes, k, desc="probe teacher", **kw)
-    c_s, s_on_s = probe_greedy(student_lm, sequences, probes, k, desc="probe student", **kw)
+    r = probe_pair(teacher_lm, student_lm, sequences, probes, k, eos_token_id=eos, pad_token_id=pad,
+                   batch_size=batch, cross=distance == "xent", progress=progress)
+    c_t, c_s = r["c_t"], r["c_s"]
     if distance == "xent":
-        # Each model's log-probs of its own greedy continuation come with it; the cross terms are teacher forcing
-        # of the other model's continuation after the same cached prefix.
-        _, s_on_t = probe_greedy(student_lm, sequences, probes, k, score=c_t, desc="probe cross", **kw)
-        _, t_on_s = probe_greedy(teacher_lm, sequences, probes, k, score=c_s, desc="probe cross", **kw)
+        # each model's log-probs of its own greedy continuation come with it; the cross terms are teacher forcing
+        # of the other model's continuation after the same cached prefix
         dist = [0.5 * (float(np.mean(np.asarray(a) - np.asarray(b))) + float(np.mean(np.asarray(c) - np.asarray(d))))
-                for a, b, c, d in zip(t_on_t, s_on_t, s_on_s, t_on_s, strict=True)]
+                for a, b, c, d in zip(r["t_on_t"], r["s_on_t"], r["s_on_s"], r["t_on_s"], strict=True)]
     else:
         from opd_tasks.hf import pack_right
         from opd_tasks.ot import ot_distance

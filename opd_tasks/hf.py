@@ -259,47 +259,6 @@ def score_sequences(
 # ------------------------------------------------------------------------------ probes from cached prefixes
 
 
-def _prefix_cache(model, sequences: Sequence[Sequence[int]], probes: Sequence[tuple[int, int]], pad_token_id: int):
-    """Keys/values of each probe's prefix `sequences[i][:n]`, left-padded to one width, from one forward over each
-    distinct full sequence (causal attention: a prefix's states do not depend on what follows it).
-
-    Returns (cache, attention_mask [P, W], lengths [P], next_logits [P, V]) where next_logits are the logits at
-    the last prefix position (they predict the first continuation token)."""
-    from transformers import DynamicCache
-
-    device = next(model.parameters()).device
-    lengths = [n for _, n in probes]
-    if min(lengths) < 1:
-        raise ConfigError("a probe prefix must hold at least one token")
-    rows = sorted({i for i, _ in probes})
-    where = {i: r for r, i in enumerate(rows)}
-    seqs = [list(sequences[i]) for i in rows]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
-        attn[r, : len(s)] = 1
-    out = model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=True)
-    w = max(lengths)
-    src = torch.tensor([where[i] for i, _ in probes], device=device)
-    data = []
-    for layer in out.past_key_values.layers:
-        k, v = layer.keys[src], layer.values[src]  # [P, H, L, D]
-        kp = k.new_zeros((k.shape[0], k.shape[1], w, k.shape[3]))
-        vp = torch.zeros_like(kp)
-        for p, n in enumerate(lengths):
-            kp[p, :, w - n :] = k[p, :, :n]
-            vp[p, :, w - n :] = v[p, :, :n]
-        data.append((kp, vp))
-    mask = torch.zeros((len(probes), w), dtype=torch.long, device=device)
-    for p, n in enumerate(lengths):
-        mask[p, w - n :] = 1
-    last = torch.tensor([n - 1 for n in lengths], device=device)
-    next_logits = out.logits[src, last].float()
-    return DynamicCache(ddp_cache_data=data), mask, lengths, next_logits
-
-
 def _cache_kwarg(model) -> str:
     """The forward() keyword of the KV cache: `cache` (transformers >= 5.2x) or `past_key_values` (before)."""
     import inspect
@@ -307,9 +266,109 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+class _Prefixes:
+    """Keys/values of probe prefixes `sequences[i][:n]`, left-padded to one width W, from one forward over each
+    distinct full sequence (causal attention: a prefix's states do not depend on what follows it), plus the
+    logits at each prefix's last position (they predict the first continuation token). `greedy` and `score`
+    continue from the prefixes; each restores the cache to the prefixes afterwards, so both can run in turn."""
+
+    def __init__(self, model, sequences: Sequence[Sequence[int]], probes: Sequence[tuple[int, int]], pad: int):
+        from transformers import DynamicCache
+
+        self.model, self.pad = model, pad
+        self.device = device = next(model.parameters()).device
+        self.ckw = _cache_kwarg(model)
+        self.lengths = lengths = [n for _, n in probes]
+        if min(lengths) < 1:
+            raise ConfigError("a probe prefix must hold at least one token")
+        rows = sorted({i for i, _ in probes})
+        where = {i: r for r, i in enumerate(rows)}
+        seqs = [list(sequences[i]) for i in rows]
+        width = max(len(q) for q in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, q in enumerate(seqs):
+            ids[r, : len(q)] = torch.tensor(q, dtype=torch.long)
+            attn[r, : len(q)] = 1
+        out = model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=True)
+        full = out["cache"] if "cache" in out else out["past_key_values"]
+        self.w = w = max(lengths)
+        n = torch.tensor(lengths, device=device)
+        src = torch.tensor([where[i] for i, _ in probes], device=device)
+        # left-aligned gather: slot j of probe p holds position j - (w - n_p) of its sequence (pad slots masked)
+        j = torch.arange(w, device=device)[None, :]
+        offset = j - (w - n)[:, None]
+        self.mask = (offset >= 0).long()
+        index = offset.clamp(min=0)
+        data = []
+        for layer in full.layers:
+            k, v = layer.keys[src], layer.values[src]  # [P, H, L, D]
+            gi = index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            keep = self.mask[:, None, :, None].to(k.dtype)
+            data.append((k.gather(2, gi) * keep, v.gather(2, gi) * keep))
+        self.cache = DynamicCache(ddp_cache_data=data)
+        self.next_logits = out.logits[src, n - 1].float()
+        self.pos = n[:, None]  # position of the first continuation token
+
+    def _restore(self) -> None:
+        extra = self.cache.get_seq_length() - self.w
+        if extra > 0:
+            self.cache.crop(-extra)  # drop the continuation's keys/values, keep the prefixes
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, start: int):
+        t = ids.shape[1]
+        return self.model(input_ids=ids, attention_mask=mask, **{self.ckw: self.cache},
+                          position_ids=self.pos + start + torch.arange(t, device=self.device)[None],
+                          cache_position=torch.arange(self.w + start, self.w + start + t, device=self.device),
+                          use_cache=True)
+
+    def greedy(self, k: int, eos: int) -> tuple[list[list[int]], list[list[float]]]:
+        """Greedy continuation of each prefix (at most k tokens, up to and including EOS), raw-logit log-probs."""
+        p_n = len(self.lengths)
+        tokens: list[list[int]] = [[] for _ in range(p_n)]
+        logps: list[list[float]] = [[] for _ in range(p_n)]
+        done = [False] * p_n
+        mask, logits = self.mask, self.next_logits
+        for j in range(k):
+            lp = torch.log_softmax(logits, -1)
+            nxt = lp.argmax(-1)
+            chosen = lp.gather(-1, nxt[:, None]).squeeze(-1).cpu().tolist()
+            for p, tok in enumerate(nxt.cpu().tolist()):
+                if not done[p]:
+                    tokens[p].append(tok)
+                    logps[p].append(chosen[p])
+                    done[p] = tok == eos
+            if all(done) or j == k - 1:
+                break
+            inp = torch.tensor([[t[-1] if not d else self.pad] for t, d in zip(tokens, done, strict=True)],
+                               device=self.device)
+            mask = torch.cat([mask, torch.ones((p_n, 1), dtype=torch.long, device=self.device)], 1)
+            logits = self._forward(inp, mask, j).logits[:, -1].float()
+        self._restore()
+        return tokens, logps
+
+    def score(self, given: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Log-probs of the tokens `given[p]` after prefix p (teacher forcing)."""
+        if min(len(g) for g in given) < 1:
+            raise ConfigError("cannot score an empty continuation")
+        p_n, t = len(given), max(len(g) for g in given)
+        ids = torch.full((p_n, t), self.pad, dtype=torch.long)
+        for p, g in enumerate(given):
+            ids[p, : len(g)] = torch.tensor(list(g), dtype=torch.long)
+        ids = ids.to(self.device)
+        lp = torch.log_softmax(self.next_logits, -1).gather(-1, ids[:, :1])
+        if t > 1:
+            mask = torch.cat([self.mask, torch.ones((p_n, t - 1), dtype=torch.long, device=self.device)], 1)
+            logits = self._forward(ids[:, :-1], mask, 0).logits.float()
+            lp = torch.cat([lp, torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)], 1)
+            self._restore()
+        return [lp[p, : len(g)].cpu().tolist() for p, g in enumerate(given)]
+
+
 @torch.no_grad()
-def probe_greedy(
-    model,
+def probe_pair(
+    teacher,
+    student,
     sequences: Sequence[Sequence[int]],
     probes: Sequence[tuple[int, int]],
     k: int,
@@ -317,67 +376,45 @@ def probe_greedy(
     eos_token_id: int,
     pad_token_id: int,
     batch_size: int = 64,
-    score: Sequence[Sequence[int]] | None = None,
-    desc: str = "probe",
+    cross: bool = True,
     progress: bool = False,
-) -> tuple[list[list[int]], list[list[float]]]:
-    """For each probe (i, n): the greedy continuation of `sequences[i][:n]` by `model` (at most `k` tokens, up to
-    and including EOS) with the raw-logit log-prob of each token; or, given `score`, the model's log-probs of the
-    tokens `score[p]` after that prefix (teacher forcing). The prefixes are encoded once per full sequence and
-    reused through the KV cache, so the cost is one forward over the sequences plus the continuation tokens."""
-    device = next(model.parameters()).device
-    ckw = _cache_kwarg(model)
+) -> dict[str, list]:
+    """Near-future probes from each prefix `sequences[i][:n]` of `probes`: the teacher's and the student's greedy
+    continuations (at most k tokens, up to and including EOS) with their own raw-logit log-probs, and with
+    `cross` each model's log-probs of the other's continuation. Per batch of probes each model encodes the probed
+    sequences once; the prefixes are never re-encoded. Returns lists `c_t`, `t_on_t`, `c_s`, `s_on_s` and, with
+    `cross`, `s_on_t`, `t_on_s`."""
+    out: dict[str, list] = {key: [] for key in ("c_t", "t_on_t", "c_s", "s_on_s", "s_on_t", "t_on_s")}
+    steps = range(0, len(probes), batch_size)
+    for s0 in tqdm(steps, desc="probes", unit="batch", disable=not progress, leave=False):
+        chunk = list(probes[s0 : s0 + batch_size])
+        pt = _Prefixes(teacher, sequences, chunk, pad_token_id)
+        c_t, t_on_t = pt.greedy(k, eos_token_id)
+        ps = _Prefixes(student, sequences, chunk, pad_token_id)
+        c_s, s_on_s = ps.greedy(k, eos_token_id)
+        for key, val in (("c_t", c_t), ("t_on_t", t_on_t), ("c_s", c_s), ("s_on_s", s_on_s)):
+            out[key] += val
+        if cross:
+            out["s_on_t"] += ps.score(c_t)
+            out["t_on_s"] += pt.score(c_s)
+    return out
+
+
+@torch.no_grad()
+def probe_greedy(model, sequences: Sequence[Sequence[int]], probes: Sequence[tuple[int, int]], k: int, *,
+                 eos_token_id: int, pad_token_id: int, batch_size: int = 64,
+                 score: Sequence[Sequence[int]] | None = None) -> tuple[list[list[int]], list[list[float]]]:
+    """One model's side of `probe_pair`: its greedy continuations and their log-probs, or with `score` its
+    log-probs of the given continuations after the same prefixes."""
     conts: list[list[int]] = []
     lps: list[list[float]] = []
-    for s0 in tqdm(range(0, len(probes), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-        chunk = list(probes[s0 : s0 + batch_size])
-        cache, mask, lengths, logits = _prefix_cache(model, sequences, chunk, pad_token_id)
-        pos = torch.tensor(lengths, device=device)[:, None]  # position of the next token
-        w = mask.shape[1]
-        if score is not None:
-            given = [list(score[s0 + p]) for p in range(len(chunk))]
-            t = max(len(g) for g in given)
-            if min(len(g) for g in given) < 1:
-                raise ConfigError("cannot score an empty continuation")
-            ids = torch.full((len(chunk), t), pad_token_id, dtype=torch.long)
-            for p, g in enumerate(given):
-                ids[p, : len(g)] = torch.tensor(g, dtype=torch.long)
-            ids = ids.to(device)
-            first = torch.log_softmax(logits, -1).gather(-1, ids[:, :1])  # [P, 1]
-            rest = None
-            if t > 1:
-                m = torch.cat([mask, torch.ones((len(chunk), t - 1), dtype=torch.long, device=device)], 1)
-                out = model(input_ids=ids[:, :-1], attention_mask=m, **{ckw: cache},
-                            position_ids=pos + torch.arange(t - 1, device=device)[None],
-                            cache_position=torch.arange(w, w + t - 1, device=device), use_cache=True)
-                rest = torch.log_softmax(out.logits.float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-            full = torch.cat([first, rest], 1) if rest is not None else first
-            for p, g in enumerate(given):
-                conts.append(g)
-                lps.append(full[p, : len(g)].cpu().tolist())
-            continue
-        tokens: list[list[int]] = [[] for _ in chunk]
-        logps: list[list[float]] = [[] for _ in chunk]
-        done = [False] * len(chunk)
-        step_logits = logits
-        for j in range(k):
-            lp = torch.log_softmax(step_logits, -1)
-            nxt = lp.argmax(-1)
-            chosen = lp.gather(-1, nxt[:, None]).squeeze(-1).cpu().tolist()
-            nxt_list = nxt.cpu().tolist()
-            for p in range(len(chunk)):
-                if not done[p]:
-                    tokens[p].append(nxt_list[p])
-                    logps[p].append(chosen[p])
-                    done[p] = nxt_list[p] == eos_token_id
-            if all(done) or j == k - 1:
-                break
-            inp = torch.tensor([[tokens[p][-1] if not done[p] else pad_token_id] for p in range(len(chunk))],
-                               device=device)
-            mask = torch.cat([mask, torch.ones((len(chunk), 1), dtype=torch.long, device=device)], 1)
-            out = model(input_ids=inp, attention_mask=mask, **{ckw: cache}, position_ids=pos + j,
-                        cache_position=torch.tensor([w + j], device=device), use_cache=True)
-            step_logits = out.logits[:, -1].float()
-        conts += tokens
-        lps += logps
+    for s0 in range(0, len(probes), batch_size):
+        pre = _Prefixes(model, sequences, list(probes[s0 : s0 + batch_size]), pad_token_id)
+        if score is None:
+            c, lp = pre.greedy(k, eos_token_id)
+        else:
+            c = [list(x) for x in score[s0 : s0 + batch_size]]
+            lp = pre.score(c)
+        conts += c
+        lps += lp
     return conts, lps

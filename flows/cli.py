@@ -318,8 +318,9 @@ def experiment_cmd(
         from storage.layout import check_name
 
         check_name("experiment", name)
-        from flows.experiment import experiment, run_names
+        from flows.experiment import check_plan, experiment, run_names
 
+        check_plan(ms, ss)
         plan = run_names(name, ms, ss)
         console.rule(f"[bold]opd experiment[/] {name}: {len(plan)} runs ({', '.join(ms)} x seeds {ss}), "
                      f"{cfg.iterations} iterations each, root {cfg.resolved_root().resolve()}")

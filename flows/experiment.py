@@ -22,6 +22,15 @@ from opd_tasks.config import RunConfig
 from opd_tasks.errors import ConfigError
 
 
+def check_plan(methods: list[str], seeds: list[int]) -> None:
+    """ConfigError unless the methods are known and the seeds distinct (checked before any server starts)."""
+    bad = [m for m in methods if m not in ("opd", "opd_suppress", "topd")]
+    if bad or not methods:
+        raise ConfigError(f"opd experiment: methods must be among opd, opd_suppress, topd; got {methods}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"opd experiment: seeds must be distinct and at least one; got {seeds}")
+
+
 def run_names(name: str, methods: list[str], seeds: list[int]) -> list[tuple[int, str, str]]:
     """(seed, method, run name) in the order the experiment runs them."""
     return [(s, m, f"{name}-{m}-s{s}") for s in seeds for m in methods]
@@ -52,11 +61,7 @@ def experiment(config: dict, methods: list[str], seeds: list[int], name: str, re
                report_out: str | None = None, command: str | None = None) -> dict[str, Any]:
     """Run `methods` x `seeds` of `config` (each a `distill` subflow), then the report over those runs."""
     base = RunConfig.model_validate(config)
-    bad = [m for m in methods if m not in ("opd", "opd_suppress", "topd")]
-    if bad or not methods:
-        raise ConfigError(f"opd experiment: methods must be among opd, opd_suppress, topd; got {methods}")
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"opd experiment: seeds must be distinct and at least one; got {seeds}")
+    check_plan(methods, seeds)
     log = get_run_logger()
     plan = run_names(name, methods, seeds)
     out: dict[str, Any] = {"name": name, "root": str(base.resolved_root()), "runs": []}

@@ -195,3 +195,24 @@ def test_report_opens_in_headless_chromium_with_every_image_loaded(root: Path, t
                                                                + CHECK_IMAGES))
     total, ok = _loaded_images(browser, broken, tmp_path)
     assert total == 5 and ok == 4
+
+
+def test_opd_report_command(root: Path, tmp_path: Path) -> None:
+    """The CLI: a report over a pattern prints the summary and the verdict and writes the files; a pattern that
+    matches nothing and an unknown experiment method are clear errors (exit 2), not tracebacks."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "cli-report"
+    r = runner.invoke(app, ["report", "exp-*", "--root", str(root), "--out", str(out), "--no-publish"])
+    assert r.exit_code == 0, r.output
+    assert "final accuracy per method over seeds" in r.output and "TOPD" in r.output
+    assert (out / "report.html").is_file() and (out / "report.md").is_file()
+    r = runner.invoke(app, ["report", "missing-*", "--root", str(root), "--no-publish"])
+    assert r.exit_code == 2 and "no run matches 'missing-*'" in r.output
+    r = runner.invoke(app, ["experiment", "--methods", "opd,sft", "--seeds", "0", "--no-report"])
+    assert r.exit_code == 2 and "methods must be among opd, opd_suppress, topd" in r.output
+    r = runner.invoke(app, ["experiment", "--seeds", "0,x"])
+    assert r.exit_code == 2 and "--seeds" in r.output

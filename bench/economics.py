@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{1000 * r['train_seconds'] / r['sequences']:.1f}", f"{r['artifact_bytes'] / 1e6:.2f}",
                   f"{peak:.0f}")
     console.print(t)
-    out = save("economics" + (f"-{args.tag}" if args.tag else ""), {"args": vars(args), "summary": summary, "economics_runs": econ})
+    out = save("economics" + (f"-{args.tag}" if args.tag else ""),
+               {"args": vars(args), "summary": summary, "economics_runs": econ})
     console.print(f"results: {out}")
     return summary
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from opd_tasks.errors import ConfigError, DataError
+from opd_tasks.errors import ConfigError, DataError, OpdError
 
 SQL_DIR = Path(__file__).with_name("report_sql")
 QUERIES = ("accuracy", "regimes", "classifier", "costs", "examples")
@@ -184,10 +184,16 @@ def examples(data: dict, runs: list[RunInfo], k: int = 3) -> dict[str, Any] | No
     from opd_tasks.config import ModelRef
     from opd_tasks.models import load_tokenizer
 
-    tok = load_tokenizer(ModelRef.model_validate(pick.config["models"]["student"]))
+    try:
+        tok = load_tokenizer(ModelRef.model_validate(pick.config["models"]["student"]))
+    except (OpdError, OSError, ValueError):  # the model moved or is gone: show token ids instead of text
+        tok = None
 
     def text(ids) -> str:
-        return tok.decode(list(ids), skip_special_tokens=False) if ids is not None else ""
+        if ids is None:
+            return ""
+        return tok.decode(list(ids), skip_special_tokens=False) if tok is not None else " ".join(
+            f"[{i}]" for i in ids)
 
     seqs: list[dict] = []
     for r in rows:

@@ -216,3 +216,16 @@ def test_opd_report_command(root: Path, tmp_path: Path) -> None:
     assert r.exit_code == 2 and "methods must be among opd, opd_suppress, topd" in r.output
     r = runner.invoke(app, ["experiment", "--seeds", "0,x"])
     assert r.exit_code == 2 and "--seeds" in r.output
+
+
+def test_token_examples_fall_back_to_ids_when_the_tokenizer_is_gone(root: Path, tmp_path: Path, monkeypatch) -> None:
+    import opd_tasks.models
+    from opd_tasks.errors import ModelError
+
+    def gone(ref):
+        raise ModelError(f"model path {ref.path} does not exist")
+
+    monkeypatch.setattr(opd_tasks.models, "load_tokenizer", gone)
+    rep = build_report(root, ["exp-topd-*"], out=tmp_path / "ids", log=lambda _m: None)
+    ex = json.loads((rep.out / "report.json").read_text())["examples"]
+    assert ex and all(re.fullmatch(r"\[\d+\]", t["text"]) for s in ex["sequences"] for t in s["tokens"])

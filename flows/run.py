@@ -41,5 +41,6 @@ def run_and_report(cfg: RunConfig, console: Console, refresh: list[str] | None =
                   f"{root}/runs/{cfg.name}", highlight=False)
     query = (f"SELECT iteration, stage, avg(correct::INT) AS accuracy FROM evals WHERE run='{cfg.name}' "
              "GROUP BY 1, 2 ORDER BY 1, 2")
-    console.print(f'next: opd runs | opd sql "{query}" | opd verify {cfg.name}', highlight=False, markup=False)
+    console.print(f'next: opd report {cfg.name} | opd runs | opd sql "{query}" | opd verify {cfg.name}',
+                  highlight=False, markup=False)
     return out

@@ -3,7 +3,7 @@
 1. **Economics** (`--reps` repetitions, `opd` and `topd` alternating, each in a fresh store so nothing is
    cached): per stage wall seconds, tokens, tokens/s and peak RSS (the process's high-water mark, reset before
    each stage through /proc/self/clear_refs), for one iteration from the committed student; and the cost per
-   kept token: training seconds (rollout + score + gates + analyze + update, evaluation excluded) divided by
+   kept token: training seconds (prompts + rollout + score + gates + analyze + update, evaluation excluded) over
    the completion tokens that carried a non-zero weight in the update.
 2. **Scaling**: one iteration's training seconds and artifact bytes (prompts, rollouts, scores, gates,
    analysis, checkpoint) as the number of sequences (prompts x samples) grows, per method.

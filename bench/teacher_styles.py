@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     teachers = dict(t.split("=", 1) for t in (args.teacher or ["committed=testbed:teacher"]))
     problems = generate_problems(TestbedTaskConfig(), "validation", args.problems, seed=0)
+    unseen = Style("unseen", {" and ": 1.0}, {"therefore": 1.0}, {"= {ans}": 1.0})
     styles = {"teacher favourites (; so N.)": get_style("plain"), "student": get_style("student"),
-              "never in the teacher's data (and therefore =N)": Style("unseen", {" and ": 1.0}, {"therefore": 1.0},
-                                                                      {"= {ans}": 1.0})}
+              "never in the committed teacher's data (and therefore =N)": unseen}
     res = {name: measure(path, problems, styles) for name, path in teachers.items()}
     t = Table("teacher", "style of the completion", "reasoning: argmax / NLL", "answer: argmax / NLL",
               "form: argmax / NLL", title="teacher-forced next-token accuracy on correct completions")

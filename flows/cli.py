@@ -320,7 +320,7 @@ def experiment_cmd(
         check_name("experiment", name)
         from flows.experiment import check_plan, experiment, run_names
 
-        check_plan(ms, ss)
+        check_plan(ms, ss, cfg, name, str(out) if out else None)
         plan = run_names(name, ms, ss)
         console.rule(f"[bold]opd experiment[/] {name}: {len(plan)} runs ({', '.join(ms)} x seeds {ss}), "
                      f"{cfg.iterations} iterations each, root {cfg.resolved_root().resolve()}")

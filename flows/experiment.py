@@ -3,9 +3,9 @@
 The parent flow `experiment` runs one `distill` subflow per (seed, method), named `<name>-<method>-s<seed>`,
 seeds outermost, so the methods of a seed run back to back against one storage root and share every cached
 stage whose inputs are the same: the eval prompts, the baseline evaluation, and the first iteration's prompts,
-rollouts, teacher scores and gates (same student checkpoint, same seed); the analysis is shared too where
-its inputs and settings agree. After the runs, an uncached task builds `opd report` over exactly these runs
-and publishes its markdown as a Prefect artifact.
+rollouts, teacher scores and gates (same student checkpoint, same seed). The analysis is not shared between
+methods: its key includes the method and the TOPD weights. After the runs, an uncached task builds
+`opd report` over exactly these runs and publishes its markdown as a Prefect artifact.
 """
 
 from __future__ import annotations
@@ -22,13 +22,27 @@ from opd_tasks.config import RunConfig
 from opd_tasks.errors import ConfigError
 
 
-def check_plan(methods: list[str], seeds: list[int]) -> None:
-    """ConfigError unless the methods are known and the seeds distinct (checked before any server starts)."""
+def check_plan(methods: list[str], seeds: list[int], cfg: RunConfig | None = None, name: str | None = None,
+               report_out: str | None = None) -> None:
+    """ConfigError, before any server starts, unless the methods are known, the seeds distinct, the report
+    directory usable, and no planned run already holds iterations beyond this plan's (a shorter rerun of a longer
+    run would leave the old iterations in its lineage and the report would read them)."""
     bad = [m for m in methods if m not in ("opd", "opd_suppress", "topd")]
     if bad or not methods:
         raise ConfigError(f"opd experiment: methods must be among opd, opd_suppress, topd; got {methods}")
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"opd experiment: seeds must be distinct and at least one; got {seeds}")
+    if cfg is None or name is None:
+        return
+    from opd_tasks.report import check_out_dir
+    from storage.lineage import RunLineage
+
+    check_out_dir(report_out or cfg.resolved_root() / "reports" / name)
+    for _, _, run in run_names(name, methods, seeds):
+        its = [e.iteration for e in RunLineage(cfg.resolved_root(), run).entries() if e.stage == "update"]
+        if its and max(its) >= cfg.iterations:
+            raise ConfigError(f"opd experiment: run {run!r} already has {max(its) + 1} iterations, more than the "
+                              f"{cfg.iterations} planned; use the same -n to rerun it from cache, or another --name")
 
 
 def run_names(name: str, methods: list[str], seeds: list[int]) -> list[tuple[int, str, str]]:
@@ -61,7 +75,7 @@ def experiment(config: dict, methods: list[str], seeds: list[int], name: str, re
                report_out: str | None = None, command: str | None = None) -> dict[str, Any]:
     """Run `methods` x `seeds` of `config` (each a `distill` subflow), then the report over those runs."""
     base = RunConfig.model_validate(config)
-    check_plan(methods, seeds)
+    check_plan(methods, seeds, base, name, report_out)
     log = get_run_logger()
     plan = run_names(name, methods, seeds)
     out: dict[str, Any] = {"name": name, "root": str(base.resolved_root()), "runs": []}

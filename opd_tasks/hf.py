@@ -266,6 +266,16 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def _head(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The causal LM's logits from decoder hidden states [N, H] (output head, and Gemma-style final logit
+    soft-capping where the config has it), as float32."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 class _Prefixes:
     """Keys/values of probe prefixes `sequences[i][:n]`, left-padded to one width W, from one forward over each
     distinct full sequence (causal attention: a prefix's states do not depend on what follows it), plus the
@@ -283,14 +293,19 @@ class _Prefixes:
             raise ConfigError("a probe prefix must hold at least one token")
         rows = sorted({i for i, _ in probes})
         where = {i: r for r, i in enumerate(rows)}
-        seqs = [list(sequences[i]) for i in rows]
+        need = {i: max(n for j, n in probes if j == i) for i in rows}  # nothing after a row's longest prefix
+        seqs = [list(sequences[i][: need[i]]) for i in rows]
+        if any(len(q) < need[i] for q, i in zip(seqs, rows, strict=True)):
+            raise ConfigError("a probe prefix is longer than its sequence")
         width = max(len(q) for q in seqs)
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
         attn = torch.zeros((len(seqs), width), dtype=torch.long)
         for r, q in enumerate(seqs):
             ids[r, : len(q)] = torch.tensor(q, dtype=torch.long)
             attn[r, : len(q)] = 1
-        out = model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=True)
+        # The decoder alone: its last hidden states, the output head applied only at the prefix ends below
+        # (full logits over every position would be rows x length x vocabulary floats).
+        out = model.get_decoder()(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=True)
         full = out["cache"] if "cache" in out else out["past_key_values"]
         self.w = w = max(lengths)
         n = torch.tensor(lengths, device=device)
@@ -307,7 +322,7 @@ class _Prefixes:
             keep = self.mask[:, None, :, None].to(k.dtype)
             data.append((k.gather(2, gi) * keep, v.gather(2, gi) * keep))
         self.cache = DynamicCache(ddp_cache_data=data)
-        self.next_logits = out.logits[src, n - 1].float()
+        self.next_logits = _head(model, out.last_hidden_state[src, n - 1])
         self.pos = n[:, None]  # position of the first continuation token
 
     def _restore(self) -> None:

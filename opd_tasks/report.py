@@ -26,6 +26,7 @@ import fnmatch
 import html
 import json
 import os
+import secrets
 import shutil
 import statistics
 import time
@@ -114,12 +115,19 @@ def collect(root: str | Path, runs: list[RunInfo]) -> dict[str, list[dict]]:
 def summarize(runs: list[RunInfo], data: dict[str, list[dict]]) -> dict[str, Any]:
     """Per method: baseline and final accuracy over seeds, surface share, seconds per iteration; the verdict."""
     out: dict[str, Any] = {"methods": {}}
+    curves: dict[str, dict[int, float]] = {}
+    for a in data["accuracy"]:
+        curves.setdefault(a["run"], {})[a["step"]] = a["accuracy"]
+    # Every run is compared at the same step: the last one that all runs reached.
+    reached = [max(v) for v in curves.values() if len(v) > 1]
+    final_step = min(reached) if reached else None
+    out["final_step"] = final_step
+    if reached and max(reached) != final_step:
+        out["note"] = (f"runs differ in length (last steps {sorted(set(reached))}); final accuracies are compared "
+                       f"at step {final_step}, the last one every run reached")
     for m in _methods(r.method for r in runs):
-        acc = [a for a in data["accuracy"] if a["method"] == m]
-        per_run: dict[str, dict[int, float]] = {}
-        for a in acc:
-            per_run.setdefault(a["run"], {})[a["step"]] = a["accuracy"]
-        finals = [v[max(v)] for v in per_run.values() if len(v) > 1]
+        per_run = {r.run: curves[r.run] for r in runs if r.method == m and r.run in curves}
+        finals = [v[final_step] for v in per_run.values() if final_step is not None and final_step in v]
         base = [v[0] for v in per_run.values() if 0 in v]
         steps = sorted({max(v) for v in per_run.values()})
         reg = [r for r in data["regimes"] if r["method"] == m]
@@ -136,8 +144,8 @@ def summarize(runs: list[RunInfo], data: dict[str, list[dict]]) -> dict[str, Any
             "final_std": statistics.stdev(finals) if len(finals) > 1 else 0.0 if finals else None,
             "final_min": min(finals) if finals else None,
             "final_max": max(finals) if finals else None,
-            "final_by_seed": {str(r.seed): per_run[r.run][max(per_run[r.run])] for r in runs
-                              if r.method == m and r.run in per_run and len(per_run[r.run]) > 1},
+            "final_by_seed": {str(r.seed): per_run[r.run][final_step] for r in runs
+                              if r.method == m and r.run in per_run and final_step in per_run[r.run]},
             "surface_share": surface / high if high else None,
             "surface_share_classified": surface / classified if classified else None,
             "seconds_per_iteration": sum(cost.values()) if cost else None,
@@ -155,6 +163,9 @@ def verdict(methods: dict[str, dict]) -> dict[str, Any] | None:
         return None
     diff = a["final_mean"] - b["final_mean"]
     spread = max(a["final_max"] - a["final_min"], b["final_max"] - b["final_min"])
+    if min(len(a.get("final_by_seed") or {}), len(b.get("final_by_seed") or {})) < 2:
+        return {"topd_minus_opd": diff, "spread": None, "topd_wins": False,
+                "text": f"TOPD - OPD = {diff * 100:+.1f} points with a single seed: no verdict (run 2 or more seeds)."}
     if diff > spread:
         text = (f"TOPD beats OPD: mean final accuracy {diff * 100:+.1f} points, more than the spread over seeds "
                 f"({spread * 100:.1f} points).")
@@ -440,6 +451,8 @@ def render(title: str, runs: list[RunInfo], data: dict, summary: dict, figs: lis
     if command:
         h.append(f"<p>Made by <code>{html.escape(command)}</code></p>")
     h += [f'<p class="verdict">{html.escape(vtext)}</p>', "<h2>Summary</h2>", _html_table(sh, sr)]
+    if summary.get("note"):
+        h.append(f"<p><b>Note:</b> {html.escape(summary['note'])}.</p>")
     for f in figs:
         b64 = base64.b64encode((out / f["file"]).read_bytes()).decode()
         h.append(f'<figure><img alt="{html.escape(f["file"])}" src="data:image/png;base64,{b64}">'
@@ -454,12 +467,23 @@ def render(title: str, runs: list[RunInfo], data: dict, summary: dict, figs: lis
     if command:
         md += [f"Made by `{command}`", ""]
     md += [f"**{vtext}**", "", "## Summary", "", _md_table(sh, sr), ""]
+    if summary.get("note"):
+        md += [f"Note: {summary['note']}.", ""]
     md += [f"![{f['file']}]({f['file']})\n\n{f['caption']}\n" for f in figs]
     if cr:
         md += ["## Regime classifier vs ground truth", "", _md_table(ch, cr), ""]
     md += ["## Token examples", "", _examples_md(ex), "",
            "Figures come from the SQL in `opd_tasks/report_sql/` over the storage views.", ""]
     return "\n".join(h), "\n".join(md)
+
+
+def check_out_dir(out: str | Path) -> Path:
+    """`out` as a Path; ConfigError if it exists and is not a previous report (nothing else is overwritten)."""
+    out = Path(out)
+    if out.exists() and not (out / REPORT_MARKER).is_file():
+        raise ConfigError(f"opd report: {out} exists and is not a report directory (no {REPORT_MARKER}); "
+                          "refusing to overwrite it; pick another --out")
+    return out
 
 
 @dataclass
@@ -483,18 +507,14 @@ def build_report(root: str | Path, patterns: list[str], out: str | Path | None =
     if out is None:
         slug = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in patterns[0]).strip("-.") or "report"
         out = root / "reports" / check_name("report", slug)
-    out = Path(out)
-    if out.exists() and not (out / REPORT_MARKER).is_file():
-        raise ConfigError(f"opd report: {out} exists and is not a report directory (no {REPORT_MARKER}); "
-                          "refusing to overwrite it; pick another --out")
+    out = check_out_dir(out)
     log(f"report: {len(runs)} runs -> {out}")
     data = collect(root, runs)
     if not data["accuracy"]:
         raise DataError(f"opd report: runs {[r.run for r in runs]} have no evaluations yet")
     summary = summarize(runs, data)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
         log("report: plots")
@@ -509,9 +529,13 @@ def build_report(root: str | Path, patterns: list[str], out: str | Path | None =
             {"title": title, "runs": [r.__dict__ | {"config": None} for r in runs], "summary": summary,
              "data": public, "examples": ex, "figures": figs}, indent=1, default=str))
         if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
             os.replace(out, old)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                os.replace(old, out)  # put the previous report back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # GPU check: one run of a few minutes on a single H100/H200 with no internet (issue 7, item 7).
 #   bash scripts/gpu_check.sh [OUT_DIR]
-# 1. says what this machine has, and what the check needs: torch with CUDA, transformers, pyarrow, pyyaml and
-#    pydantic. duckdb and prefect are NOT needed (it uses the plain driver, no Prefect). A missing pure-Python
-#    dependency is installed from a local wheel dir when one is given (WHEELS=/path/to/wheels), since the
-#    machine has no internet;
+# 1. says what this machine has, and what the check needs: torch with CUDA, transformers, pyarrow, pyyaml,
+#    pydantic, numpy, safetensors, tokenizers, tqdm. duckdb and prefect are NOT needed (it uses the plain driver,
+#    no Prefect). Missing packages other than torch/transformers are installed from a local wheel dir when one
+#    is given (WHEELS=/path/to/wheels), since the machine has no internet;
 # 2. runs `python -m bench.gpu_check`: the testbed models on CUDA with the `hf` backend through the plain
 #    driver: baseline, then 3 OPD and 3 TOPD iterations, CPU-vs-CUDA parity of teacher log-probs, sampling
 #    log-probs vs a teacher-forced recompute, seconds per stage and tokens/s;
@@ -18,23 +18,29 @@ py="${PYTHON:-python3}"
 echo "== gpu_check: $(date -u +%FT%TZ) on $(hostname); output in $out"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
+# module -> the distribution that provides it (pip names)
 missing=$("$py" - <<'PY'
 import importlib.util
-need = ["torch", "transformers", "pyarrow", "yaml", "pydantic", "numpy", "safetensors", "tokenizers", "tqdm"]
-print(" ".join(n for n in need if importlib.util.find_spec(n) is None))
+need = {"torch": "torch", "transformers": "transformers", "pyarrow": "pyarrow", "yaml": "pyyaml",
+        "pydantic": "pydantic", "numpy": "numpy", "safetensors": "safetensors", "tokenizers": "tokenizers",
+        "tqdm": "tqdm"}
+print(" ".join(dist for mod, dist in need.items() if importlib.util.find_spec(mod) is None))
 PY
 )
 if [ -n "$missing" ]; then
-  echo "missing Python modules: $missing"
+  echo "missing Python packages: $missing"
+  case " $missing " in *" torch "*|*" transformers "*)
+    echo "torch (with CUDA) and transformers must already be installed on the GPU machine" >&2; exit 2;;
+  esac
   if [ -n "${WHEELS:-}" ]; then
     site="${SITE_DIR:-/tmp/opd-gpu-site}"
-    echo "installing pydantic and friends from $WHEELS into $site (no index)"
-    "$py" -m pip install -q --no-index --find-links "$WHEELS" --target "$site" pydantic annotated-types \
-      typing-inspection typing_extensions pydantic_core
+    echo "installing $missing (and their dependencies) from $WHEELS into $site (no index)"
+    # shellcheck disable=SC2086
+    "$py" -m pip install -q --no-index --find-links "$WHEELS" --target "$site" $missing
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
   else
-    echo "set WHEELS=DIR to a directory of wheels for them (e.g. pip download pydantic ... on a machine with" \
-         "internet), or install them; torch with CUDA and transformers must already be there" >&2
+    echo "set WHEELS=DIR to a directory of wheels for them (pip download them, with their dependencies, on a" \
+         "machine with internet), or install them" >&2
     exit 2
   fi
 fi

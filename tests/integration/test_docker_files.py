@@ -44,8 +44,11 @@ def test_dockerfile_runs_as_non_root_from_the_vllm_image() -> None:
 
 def test_compose_file_is_valid_and_publishes_on_loopback_only(tmp_path: Path) -> None:
     dc = _tool("docker-compose", "OPD_REQUIRE_COMPOSE")
-    env = {**os.environ, "POSTGRES_PASSWORD": "not-a-secret"}
-    out = subprocess.run([dc, "-f", str(DOCKER / "compose.yaml"), "config"], capture_output=True, text=True, env=env,
+    empty = tmp_path / "empty.env"  # never read a developer's docker/.env (it may hold POSTGRES_PASSWORD)
+    empty.write_text("")
+    dc = [dc, "--env-file", str(empty)]
+    env = {k: v for k, v in os.environ.items() if k != "POSTGRES_PASSWORD"} | {"POSTGRES_PASSWORD": "not-a-secret"}
+    out = subprocess.run([*dc, "-f", str(DOCKER / "compose.yaml"), "config"], capture_output=True, text=True, env=env,
                          cwd=DOCKER)
     assert out.returncode == 0, out.stderr
     cfg = yaml.safe_load(out.stdout)
@@ -60,12 +63,12 @@ def test_compose_file_is_valid_and_publishes_on_loopback_only(tmp_path: Path) ->
         "PREFECT_API_DATABASE_CONNECTION_URL"]
     # no password in the file: without POSTGRES_PASSWORD the config is refused
     env.pop("POSTGRES_PASSWORD")
-    out = subprocess.run([dc, "-f", str(DOCKER / "compose.yaml"), "config", "-q"], capture_output=True, text=True,
+    out = subprocess.run([*dc, "-f", str(DOCKER / "compose.yaml"), "config", "-q"], capture_output=True, text=True,
                          env=env, cwd=DOCKER)
     assert out.returncode != 0 and "POSTGRES_PASSWORD" in out.stderr
     # and a broken file is rejected by the same check
     broken = tmp_path / "compose.yaml"
     broken.write_text((DOCKER / "compose.yaml").read_text().replace("    ports:\n", "    prots:\n", 1))
-    out = subprocess.run([dc, "-f", str(broken), "config", "-q"], capture_output=True, text=True,
+    out = subprocess.run([*dc, "-f", str(broken), "config", "-q"], capture_output=True, text=True,
                          env={**env, "POSTGRES_PASSWORD": "x"}, cwd=DOCKER)
     assert out.returncode != 0 and "prots" in out.stderr

@@ -146,10 +146,19 @@ def test_verdict_and_summary_on_known_numbers() -> None:
     assert s["methods"]["opd"]["seconds_per_iteration"] == pytest.approx(3.0)
     v = s["verdict"]
     assert v["topd_wins"] and v["topd_minus_opd"] == pytest.approx(0.09) and v["spread"] == pytest.approx(0.04)
-    close = verdict({"opd": {"final_mean": 0.8, "final_min": 0.7, "final_max": 0.9},
-                     "topd": {"final_mean": 0.85, "final_min": 0.84, "final_max": 0.86}})
+    two = {"0": 0.0, "1": 0.0}
+    close = verdict({"opd": {"final_mean": 0.8, "final_min": 0.7, "final_max": 0.9, "final_by_seed": two},
+                     "topd": {"final_mean": 0.85, "final_min": 0.84, "final_max": 0.86, "final_by_seed": two}})
     assert not close["topd_wins"] and "within the spread" in close["text"]
     assert verdict({"opd": s["methods"]["opd"]}) is None
+    # one seed: no spread to compare with, so no verdict (a +1 point difference is not a win)
+    one = summarize(runs[:1] + runs[3:4], {**data, "accuracy": [a for a in acc if a["seed"] == 0]})
+    assert one["verdict"]["topd_wins"] is False and "single seed" in one["verdict"]["text"]
+    # runs of different lengths are compared at the last step every run reached, and the summary says so
+    longer = acc + [{"run": "opd-s0", "method": "opd", "seed": 0, "step": 2, "accuracy": 0.99}]
+    s2 = summarize(runs, {**data, "accuracy": longer})
+    assert s2["final_step"] == 1 and "differ in length" in s2["note"]
+    assert s2["methods"]["opd"]["final_mean"] == pytest.approx(0.82)
 
 
 CHECK_IMAGES = """<script>
@@ -229,3 +238,34 @@ def test_token_examples_fall_back_to_ids_when_the_tokenizer_is_gone(root: Path, 
     rep = build_report(root, ["exp-topd-*"], out=tmp_path / "ids", log=lambda _m: None)
     ex = json.loads((rep.out / "report.json").read_text())["examples"]
     assert ex and all(re.fullmatch(r"\[\d+\]", t["text"]) for s in ex["sequences"] for t in s["tokens"])
+
+
+def test_costs_charge_a_shared_cache_hit_what_computing_it_cost(root: Path) -> None:
+    """report_sql/costs.sql: topd's iteration-0 rollout is a cache hit on opd's (same seed); it is charged the
+    seconds of the lineage entry that computed that artifact, recomputed here from the lineage files."""
+    runs = select_runs(root, ["exp-*"])
+    data = collect(root, runs)
+    entries = [e for r in runs for e in RunLineage(root, r.run).entries()]
+    computed = {e.ref.sha256: e.seconds for e in entries if e.cached is False}
+    topd_rollouts = [e for r in runs if r.method == "topd" for e in RunLineage(root, r.run).entries()
+                     if e.stage == "rollout"]
+    assert topd_rollouts and all(e.cached for e in topd_rollouts)  # shared with opd
+    expected = statistics.median(computed[e.ref.sha256] for e in topd_rollouts)
+    got = next(c for c in data["costs"] if c["method"] == "topd" and c["stage"] == "rollout")
+    assert got["seconds"] == pytest.approx(expected) and got["seconds"] > 0.01
+
+
+def test_experiment_refuses_a_shorter_rerun_of_a_longer_run(root: Path, tmp_path: Path) -> None:
+    """A planned run that already holds more iterations would leave them in its lineage, and the report would
+    read them: `check_plan` refuses before anything starts; the same length (a rerun from cache) is fine."""
+    from flows.experiment import check_plan
+
+    ref = RunLineage(root, "exp-opd-s0").get(0, "update").ref
+    RunLineage(tmp_path, "x-opd-s0").record(2, "update", ref)  # iterations 0..2 done
+    cfg = load_config(None, [f"root={tmp_path}", "iterations=2"])
+    with pytest.raises(ConfigError, match=r"run 'x-opd-s0' already has 3 iterations, more than the 2 planned"):
+        check_plan(["opd"], [0], cfg, "x")
+    check_plan(["opd"], [0], load_config(None, [f"root={tmp_path}", "iterations=3"]), "x")
+    (tmp_path / "reports" / "x").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="is not a report directory"):
+        check_plan(["opd"], [0], load_config(None, [f"root={tmp_path}", "iterations=3"]), "x")

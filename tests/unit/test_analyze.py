@@ -283,6 +283,15 @@ def test_probe_greedy_from_cached_prefixes_equals_generate_and_teacher_forcing(e
     assert conts == [g.token_ids for g in ref]
     for a, g in zip(lps, ref, strict=True):
         assert a == pytest.approx(g.logprobs, abs=1e-5)
+    # An "EOS" that the model emits early in some probes: those stop there, the others run on (ragged batch).
+    eos = conts[0][1] if len(conts[0]) > 1 else conts[0][0]
+    ref_e = generate(model, prefixes, eos_token_id=eos, pad_token_id=0, n=1, temperature=0.0, max_new_tokens=6,
+                     batch_size=5, progress=False)
+    conts_e, lps_e = probe_greedy(model, seqs, probes, 6, eos_token_id=eos, pad_token_id=0, batch_size=3)
+    assert conts_e == [g.token_ids for g in ref_e] and any(len(c) < 6 for c in conts_e)
+    assert any(len(c) == 6 for c in conts_e) or all(c[-1] == eos for c in conts_e)
+    for a, g in zip(lps_e, ref_e, strict=True):
+        assert a == pytest.approx(g.logprobs, abs=1e-5)
     other = [list(reversed(c)) for c in conts]  # any tokens, not the model's own choice
     _, scored = probe_greedy(model, seqs, probes, 6, batch_size=4, score=other, **kw)
     tf = score_sequences(model, prefixes, other, pad_token_id=0, top_k=1, batch_size=7, progress=False)

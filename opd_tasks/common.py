@@ -18,7 +18,7 @@ STAGE_VERSIONS: dict[str, int] = {
     "rollout": 1,
     "score": 1,
     "gates": 1,
-    "analyze": 3,  # 3: probes continue from cached prefixes; xent self terms from the greedy generation
+    "analyze": 4,  # 3: probes continue from cached prefixes, xent self terms from generation; 4: head at ends
     "update": 1,
     "evaluate": 1,
 }

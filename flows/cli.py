@@ -381,8 +381,7 @@ def report_cmd(
     if publish:
         from flows.experiment import publish_report
 
-        md = "\n".join(line for line in rep.markdown_text.splitlines() if not line.startswith("!["))
-        key = publish_report(md + f"\n\nFull report with plots: `{rep.html}`\n", rep.out.name, f"opd report {runs}")
+        key = publish_report(rep, f"opd report {runs}")
         console.print(f"published as Prefect artifact {key}", highlight=False)
 
 

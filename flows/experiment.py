@@ -50,11 +50,14 @@ def run_names(name: str, methods: list[str], seeds: list[int]) -> list[tuple[int
     return [(s, m, f"{name}-{m}-s{s}") for s in seeds for m in methods]
 
 
-def publish_report(markdown: str, key: str, description: str) -> str:
-    """Publish a report's markdown as a Prefect artifact (images are files next to the HTML, not inlined);
-    returns the artifact key."""
-    slug = "".join(ch if ch.isalnum() else "-" for ch in key.lower()).strip("-") or "report"
-    create_markdown_artifact(markdown=markdown, key=f"opd-report-{slug}", description=description)
+def publish_report(rep, description: str) -> str:
+    """Publish a built report (`opd_tasks.report.Report`) as a Prefect markdown artifact named after its
+    directory; returns the artifact key. The Prefect UI cannot load the PNG files next to the report, so the
+    artifact carries the tables and text, and the path of the HTML page that has the plots."""
+    md = "\n".join(line for line in rep.markdown_text.splitlines() if not line.startswith("!["))
+    slug = "".join(ch if ch.isalnum() else "-" for ch in rep.out.name.lower()).strip("-") or "report"
+    create_markdown_artifact(markdown=md + f"\n\nFull report with plots: `{rep.html}`\n", key=f"opd-report-{slug}",
+                             description=description)
     return f"opd-report-{slug}"
 
 
@@ -64,9 +67,7 @@ def report_task(root: str, runs: list[str], out: str | None, title: str, command
 
     log = get_run_logger()
     rep = build_report(root, runs, out=out, title=title, command=command, log=log.info)
-    # The Prefect UI cannot load the PNG files next to the report; the artifact carries the tables and the path.
-    md = "\n".join(line for line in rep.markdown_text.splitlines() if not line.startswith("!["))
-    publish_report(md + f"\n\nFull report with plots: `{rep.html}`\n", title, f"opd report: {len(runs)} runs")
+    publish_report(rep, f"opd report: {len(runs)} runs")
     return {"out": str(rep.out), "html": str(rep.html), "markdown": str(rep.markdown), "summary": rep.summary}
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import torch
+from tqdm.auto import tqdm
 
 from opd_tasks.common import STAGE_VERSIONS, ModelSpec, scored_rollouts
 from opd_tasks.config import AnalysisConfig, UpdateConfig
@@ -131,9 +132,12 @@ class _Seq:
 
 
 @torch.no_grad()
-def _student_stats(model, seqs: list[_Seq], batch: int) -> tuple[list[list[float]], list[list[float]]]:
-    """Per token: the student's entropy and the top-k reverse KL on the teacher's support."""
-    from opd_tasks.hf import completion_logits, pack_right
+def _student_pass(model, seqs: list[_Seq], batch: int, on_chunk=None) -> tuple[list[list[float]], list[list[float]]]:
+    """Per token: the student's entropy and the top-k reverse KL on the teacher's support, from one decoder
+    forward per chunk of `batch` sequences. `on_chunk(first, chunk, encoded)` is called with each chunk's
+    `hf.Encoded` (hidden states and KV cache), so near-future probes can start from it instead of encoding the
+    same sequences again."""
+    from opd_tasks.hf import _head, encode, pack_right
     from opd_tasks.losses import topk_rkl_per_token
 
     dev = next(model.parameters()).device
@@ -141,7 +145,9 @@ def _student_stats(model, seqs: list[_Seq], batch: int) -> tuple[list[list[float
     for s0 in range(0, len(seqs), batch):
         chunk = seqs[s0 : s0 + batch]
         ids, attn, pred, _ = pack_right([s.prompt for s in chunk], [s.tokens for s in chunk], 0)
-        logits = completion_logits(model, ids.to(dev), attn.to(dev), pred)
+        enc = encode(model, ids, attn, {s0 + i: i for i in range(len(chunk))})
+        idx = pred.to(dev)[:, :, None].expand(-1, -1, enc.hidden.shape[-1])
+        logits = _head(model, enc.hidden.gather(1, idx))  # [B, T, V] at the completion tokens only
         logp = torch.log_softmax(logits, -1)
         ent = -(logp.exp() * logp).sum(-1).cpu()
         t = pred.shape[1]
@@ -152,22 +158,28 @@ def _student_stats(model, seqs: list[_Seq], batch: int) -> tuple[list[list[float
             tid[i, : len(s.tokens)] = torch.tensor(s.topk_ids)
             tlp[i, : len(s.tokens)] = torch.tensor(s.topk_lp)
         rkl = topk_rkl_per_token(logits, tid.to(dev), tlp.to(dev)).cpu()
+        del logits, logp
         for i, s in enumerate(chunk):
             ents.append(ent[i, : len(s.tokens)].tolist())
             rkls.append(rkl[i, : len(s.tokens)].tolist())
+        if on_chunk is not None:
+            on_chunk(s0, chunk, enc)
+        del enc
     return ents, rkls
 
 
 def _probe(student_lm, teacher_lm, sequences: list[list[int]], probes: list[tuple[int, int]], k: int, distance: str,
-           eos: int, pad: int, batch: int, progress: bool) -> tuple[list[list[int]], list[list[int]], list[float]]:
+           eos: int, pad: int, batch: int, progress: bool,
+           student_encoded=None) -> tuple[list[list[int]], list[list[int]], list[float]]:
     """Greedy K-token continuations by teacher and student from each probe prefix `sequences[i][:n]`, and their
-    distance. Prefixes come from the KV cache of one forward over each full sequence (`hf.probe_pair`)."""
+    distance. Prefixes come from the KV cache of one forward over each full sequence (`hf.probe_pair`); the
+    student's can be one that already ran (`student_encoded`)."""
     from opd_tasks.hf import probe_pair
 
     if not probes:
         return [], [], []
     r = probe_pair(teacher_lm, student_lm, sequences, probes, k, eos_token_id=eos, pad_token_id=pad,
-                   batch_size=batch, cross=distance == "xent", progress=progress)
+                   batch_size=batch, cross=distance == "xent", progress=progress, student_encoded=student_encoded)
     c_t, c_s = r["c_t"], r["c_s"]
     if distance == "xent":
         # each model's log-probs of its own greedy continuation come with it; the cross terms are teacher forcing
@@ -225,39 +237,63 @@ def analyze(
     dev = resolve_device(device)
     tok = load_tokenizer(student.path, student.trust_remote_code)
     s_lm = load_causal_lm(student.path, dev, student.dtype, student.trust_remote_code)
-    ent_s, rkl = _student_stats(s_lm, seqs, batch=cfg.batch_size)
-
     k1 = [list(np.asarray(s.logp_s) - np.asarray(s.logp_t)) for s in seqs]
-    signal = k1 if cfg.loss_signal == "k1" else rkl
-    flat = np.concatenate([np.asarray(x, dtype=np.float64) for x in signal])
-    high_flat = high_loss_mask(flat, cfg.high_loss_quantile, cfg.high_loss_threshold)
     bounds = np.cumsum([0] + [len(s.tokens) for s in seqs])
-    high = [high_flat[bounds[i] : bounds[i + 1]] for i in range(len(seqs))]
+
+    def select(signal: list) -> tuple[np.ndarray, list[np.ndarray], list[tuple[int, int]]]:
+        """High-loss tokens of the batch, per sequence, and the (sequence, position) pairs to probe."""
+        flat = np.concatenate([np.asarray(x, dtype=np.float64) for x in signal])
+        high_flat = high_loss_mask(flat, cfg.high_loss_quantile, cfg.high_loss_threshold)
+        high = [high_flat[bounds[i] : bounds[i + 1]] for i in range(len(seqs))]
+        rows: list[tuple[int, int]] = []
+        if cfg.detector == "probe":
+            for i in range(len(seqs)):
+                order = sorted(np.flatnonzero(high[i]).tolist(), key=lambda t: -signal[i][t])[: cfg.probe_budget]
+                rows += [(i, t) for t in sorted(order)]
+        return high_flat, high, rows
 
     # Near-future divergence of high-loss positions.
     d: list[list[float | None]] = [[None] * len(s.tokens) for s in seqs]
     probed: list[list[bool]] = [[False] * len(s.tokens) for s in seqs]
-    probe_rows: list[tuple[int, int]] = []
     c_t: list[list[int]] = []
     c_s: list[list[int]] = []
     dists: list[float] = []
+    full = [list(s.prompt) + list(s.tokens) for s in seqs]
+    if cfg.detector == "probe" and cfg.loss_signal == "k1":
+        # k1 needs no model, so the probed positions are known before the student's statistics pass, and the
+        # student's probes start from that pass's keys/values (each sequence is encoded once by each model).
+        signal = k1
+        high_flat, high, probe_rows = select(signal)
+        t_lm = load_causal_lm(teacher.path, dev, teacher.dtype, teacher.trust_remote_code)
+        bar = tqdm(total=len(probe_rows), desc="probes", unit="probe", disable=not progress, leave=False)
+
+        def on_chunk(first: int, chunk: list[_Seq], enc) -> None:
+            rows = [(i, len(seqs[i].prompt) + t) for i, t in probe_rows if first <= i < first + len(chunk)]
+            ct, cs, ds = _probe(s_lm, t_lm, full, rows, cfg.probe_tokens, cfg.distance, tok.eos_token_id,
+                                tok.pad_token_id, batch=cfg.batch_size, progress=False, student_encoded=enc)
+            c_t.extend(ct)
+            c_s.extend(cs)
+            dists.extend(ds)
+            bar.update(len(rows))
+
+        ent_s, rkl = _student_pass(s_lm, seqs, cfg.batch_size, on_chunk)
+        bar.close()
+    else:
+        ent_s, rkl = _student_pass(s_lm, seqs, cfg.batch_size)
+        signal = k1 if cfg.loss_signal == "k1" else rkl
+        high_flat, high, probe_rows = select(signal)
+        if cfg.detector == "probe":
+            t_lm = load_causal_lm(teacher.path, dev, teacher.dtype, teacher.trust_remote_code)
+            probes = [(i, len(seqs[i].prompt) + t) for i, t in probe_rows]
+            c_t, c_s, dists = _probe(s_lm, t_lm, full, probes, cfg.probe_tokens, cfg.distance, tok.eos_token_id,
+                                     tok.pad_token_id, batch=cfg.batch_size, progress=progress)
     if cfg.detector == "window":
         for i in range(len(seqs)):
             wd = window_divergence(signal[i], cfg.window)
             for t in np.flatnonzero(high[i]):
                 d[i][t], probed[i][t] = wd[t], True
-    else:
-        for i in range(len(seqs)):
-            pos = np.flatnonzero(high[i])
-            order = sorted(pos.tolist(), key=lambda t: -signal[i][t])[: cfg.probe_budget]
-            probe_rows += [(i, t) for t in sorted(order)]
-        t_lm = load_causal_lm(teacher.path, dev, teacher.dtype, teacher.trust_remote_code)
-        full = [list(s.prompt) + list(s.tokens) for s in seqs]
-        probes = [(i, len(seqs[i].prompt) + t) for i, t in probe_rows]
-        c_t, c_s, dists = _probe(s_lm, t_lm, full, probes, cfg.probe_tokens, cfg.distance, tok.eos_token_id,
-                                 tok.pad_token_id, batch=cfg.batch_size, progress=progress)
-        for (i, t), dist in zip(probe_rows, dists, strict=True):
-            d[i][t], probed[i][t] = dist, True
+    for (i, t), dist in zip(probe_rows, dists, strict=True):
+        d[i][t], probed[i][t] = dist, True
     all_d = [x for row in d for x in row if x is not None]
     delta = resolve_delta(cfg, all_d)
 

@@ -18,8 +18,10 @@ STAGE_VERSIONS: dict[str, int] = {
     "rollout": 1,
     "score": 1,
     "gates": 1,
-    "analyze": 4,  # 3: probes continue from cached prefixes, xent self terms from generation; 4: head at ends
-    "update": 1,
+    # analyze 3: probes continue from cached prefixes, xent self terms from generation; 4: head at ends;
+    # 5: the student's probes reuse its statistics pass, finished probes leave the batch
+    "analyze": 5,
+    "update": 2,  # 2: the bridge loss continues from the main forward's keys/values
     "evaluate": 1,
 }
 

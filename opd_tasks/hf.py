@@ -276,13 +276,34 @@ def _head(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+@dataclass
+class Encoded:
+    """One decoder forward over right-padded rows (`pack_right` layout: row r's token j at position j): the
+    last hidden states [B, L, H] and the KV cache. `row` maps a sequence index to its row."""
+
+    cache: object
+    hidden: torch.Tensor
+    row: dict[int, int]
+
+
+def encode(model, ids: torch.Tensor, attn: torch.Tensor, row: dict[int, int]) -> Encoded:
+    """The decoder alone over a right-padded batch, with its KV cache (no output head: see `_head`)."""
+    dev = next(model.parameters()).device
+    out = model.get_decoder()(input_ids=ids.to(dev), attention_mask=attn.to(dev), use_cache=True)
+    return Encoded(out["cache"] if "cache" in out else out["past_key_values"], out.last_hidden_state, row)
+
+
 class _Prefixes:
     """Keys/values of probe prefixes `sequences[i][:n]`, left-padded to one width W, from one forward over each
-    distinct full sequence (causal attention: a prefix's states do not depend on what follows it), plus the
-    logits at each prefix's last position (they predict the first continuation token). `greedy` and `score`
-    continue from the prefixes; each restores the cache to the prefixes afterwards, so both can run in turn."""
+    distinct sequence (causal attention: a prefix's states do not depend on what follows it), plus the logits at
+    each prefix's last position (they predict the first continuation token). `greedy` and `score` continue from
+    the prefixes; each restores the cache to the prefixes afterwards, so both can run in turn.
 
-    def __init__(self, model, sequences: Sequence[Sequence[int]], probes: Sequence[tuple[int, int]], pad: int):
+    `encoded` reuses a forward that already ran over the sequences (e.g. the analysis's student statistics
+    pass); without it, each probed sequence is encoded here, cut after its longest prefix."""
+
+    def __init__(self, model, sequences: Sequence[Sequence[int]], probes: Sequence[tuple[int, int]], pad: int,
+                 encoded: Encoded | None = None):
         from transformers import DynamicCache
 
         self.model, self.pad = model, pad
@@ -291,25 +312,29 @@ class _Prefixes:
         self.lengths = lengths = [n for _, n in probes]
         if min(lengths) < 1:
             raise ConfigError("a probe prefix must hold at least one token")
-        rows = sorted({i for i, _ in probes})
-        where = {i: r for r, i in enumerate(rows)}
-        need = {i: max(n for j, n in probes if j == i) for i in rows}  # nothing after a row's longest prefix
-        seqs = [list(sequences[i][: need[i]]) for i in rows]
-        if any(len(q) < need[i] for q, i in zip(seqs, rows, strict=True)):
+        if any(n > len(sequences[i]) for i, n in probes):
             raise ConfigError("a probe prefix is longer than its sequence")
-        width = max(len(q) for q in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        attn = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, q in enumerate(seqs):
-            ids[r, : len(q)] = torch.tensor(q, dtype=torch.long)
-            attn[r, : len(q)] = 1
-        # The decoder alone: its last hidden states, the output head applied only at the prefix ends below
-        # (full logits over every position would be rows x length x vocabulary floats).
-        out = model.get_decoder()(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=True)
-        full = out["cache"] if "cache" in out else out["past_key_values"]
+        if encoded is None:
+            rows = sorted({i for i, _ in probes})
+            need: dict[int, int] = {}
+            for i, n in probes:  # nothing after a row's longest prefix is encoded
+                need[i] = max(need.get(i, 0), n)
+            seqs = [list(sequences[i][: need[i]]) for i in rows]
+            width = max(len(q) for q in seqs)
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            attn = torch.zeros((len(seqs), width), dtype=torch.long)
+            for r, q in enumerate(seqs):
+                ids[r, : len(q)] = torch.tensor(q, dtype=torch.long)
+                attn[r, : len(q)] = 1
+            # The decoder alone: its last hidden states, the output head applied only at the prefix ends below
+            # (full logits over every position would be rows x length x vocabulary floats).
+            encoded = encode(model, ids, attn, {i: r for r, i in enumerate(rows)})
+        elif any(i not in encoded.row for i, _ in probes):
+            raise ConfigError("a probed sequence is not in the given encoding")
+        full = encoded.cache
         self.w = w = max(lengths)
         n = torch.tensor(lengths, device=device)
-        src = torch.tensor([where[i] for i, _ in probes], device=device)
+        src = torch.tensor([encoded.row[i] for i, _ in probes], device=device)
         # left-aligned gather: slot j of probe p holds position j - (w - n_p) of its sequence (pad slots masked)
         j = torch.arange(w, device=device)[None, :]
         offset = j - (w - n)[:, None]
@@ -322,7 +347,7 @@ class _Prefixes:
             keep = self.mask[:, None, :, None].to(k.dtype)
             data.append((k.gather(2, gi) * keep, v.gather(2, gi) * keep))
         self.cache = DynamicCache(ddp_cache_data=data)
-        self.next_logits = _head(model, out.last_hidden_state[src, n - 1])
+        self.next_logits = _head(model, encoded.hidden[src, n - 1])
         self.pos = n[:, None]  # position of the first continuation token
 
     def _restore(self) -> None:
@@ -330,53 +355,77 @@ class _Prefixes:
         if extra > 0:
             self.cache.crop(-extra)  # drop the continuation's keys/values, keep the prefixes
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, start: int):
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, start: int, pos: torch.Tensor | None = None):
         t = ids.shape[1]
+        pos = self.pos if pos is None else pos
         return self.model(input_ids=ids, attention_mask=mask, **{self.ckw: self.cache},
-                          position_ids=self.pos + start + torch.arange(t, device=self.device)[None],
+                          position_ids=pos + start + torch.arange(t, device=self.device)[None],
                           cache_position=torch.arange(self.w + start, self.w + start + t, device=self.device),
                           use_cache=True)
 
     def greedy(self, k: int, eos: int) -> tuple[list[list[int]], list[list[float]]]:
-        """Greedy continuation of each prefix (at most k tokens, up to and including EOS), raw-logit log-probs."""
+        """Greedy continuation of each prefix (at most k tokens, up to and including EOS), raw-logit log-probs.
+
+        Probes that have emitted EOS leave the batch: once a quarter of the rows in it are finished, the cache,
+        mask and positions keep only the running ones (rows never interact, so this changes no result)."""
         p_n = len(self.lengths)
         tokens: list[list[int]] = [[] for _ in range(p_n)]
         logps: list[list[float]] = [[] for _ in range(p_n)]
-        done = [False] * p_n
-        mask, logits = self.mask, self.next_logits
-        for j in range(k):
-            lp = torch.log_softmax(logits, -1)
-            nxt = lp.argmax(-1)
-            chosen = lp.gather(-1, nxt[:, None]).squeeze(-1).cpu().tolist()
-            for p, tok in enumerate(nxt.cpu().tolist()):
-                if not done[p]:
-                    tokens[p].append(tok)
-                    logps[p].append(chosen[p])
-                    done[p] = tok == eos
-            if all(done) or j == k - 1:
-                break
-            inp = torch.tensor([[t[-1] if not d else self.pad] for t, d in zip(tokens, done, strict=True)],
-                               device=self.device)
-            mask = torch.cat([mask, torch.ones((p_n, 1), dtype=torch.long, device=self.device)], 1)
-            logits = self._forward(inp, mask, j).logits[:, -1].float()
-        self._restore()
+        saved = [(layer.keys, layer.values) for layer in self.cache.layers]
+        rows = list(range(p_n))  # the probe held by each row of the running batch
+        running = [True] * p_n  # per row of the running batch
+        mask, logits, pos = self.mask, self.next_logits, self.pos
+        try:
+            for j in range(k):
+                lp = torch.log_softmax(logits, -1)
+                nxt = lp.argmax(-1)
+                chosen = lp.gather(-1, nxt[:, None]).squeeze(-1).cpu().tolist()
+                for r, tok in enumerate(nxt.cpu().tolist()):
+                    if running[r]:
+                        tokens[rows[r]].append(tok)
+                        logps[rows[r]].append(chosen[r])
+                        running[r] = tok != eos
+                if not any(running) or j == k - 1:
+                    break
+                if 4 * (len(rows) - sum(running)) >= len(rows):  # compact: keep the running rows only
+                    keep = [r for r in range(len(rows)) if running[r]]
+                    idx = torch.tensor(keep, device=self.device)
+                    for layer in self.cache.layers:
+                        layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+                    mask, pos = mask[idx], pos[idx]
+                    rows, running = [rows[r] for r in keep], [True] * len(keep)
+                inp = torch.tensor([[tokens[p][-1] if run else self.pad] for p, run in zip(rows, running, strict=True)],
+                                   device=self.device)
+                mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long, device=self.device)], 1)
+                logits = self._forward(inp, mask, j, pos).logits[:, -1].float()
+        finally:
+            for layer, (keys, values) in zip(self.cache.layers, saved, strict=True):
+                layer.keys, layer.values = keys, values  # the prefixes again, for every probe
         return tokens, logps
 
-    def score(self, given: Sequence[Sequence[int]]) -> list[list[float]]:
-        """Log-probs of the tokens `given[p]` after prefix p (teacher forcing)."""
+    def logprobs(self, given: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs [P, T] of the tokens `given[p]` after prefix p (teacher forcing) and their mask [P, T]. Under
+        autograd the gradient reaches the forward that encoded the prefixes. Call `_restore` afterwards."""
         if min(len(g) for g in given) < 1:
             raise ConfigError("cannot score an empty continuation")
         p_n, t = len(given), max(len(g) for g in given)
         ids = torch.full((p_n, t), self.pad, dtype=torch.long)
+        valid = torch.zeros((p_n, t))
         for p, g in enumerate(given):
             ids[p, : len(g)] = torch.tensor(list(g), dtype=torch.long)
+            valid[p, : len(g)] = 1.0
         ids = ids.to(self.device)
         lp = torch.log_softmax(self.next_logits, -1).gather(-1, ids[:, :1])
         if t > 1:
             mask = torch.cat([self.mask, torch.ones((p_n, t - 1), dtype=torch.long, device=self.device)], 1)
             logits = self._forward(ids[:, :-1], mask, 0).logits.float()
             lp = torch.cat([lp, torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)], 1)
-            self._restore()
+        return lp, valid.to(self.device)
+
+    def score(self, given: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Log-probs of the tokens `given[p]` after prefix p (teacher forcing)."""
+        lp, _ = self.logprobs(given)
+        self._restore()
         return [lp[p, : len(g)].cpu().tolist() for p, g in enumerate(given)]
 
 
@@ -393,19 +442,23 @@ def probe_pair(
     batch_size: int = 64,
     cross: bool = True,
     progress: bool = False,
+    student_encoded: Encoded | None = None,
 ) -> dict[str, list]:
     """Near-future probes from each prefix `sequences[i][:n]` of `probes`: the teacher's and the student's greedy
     continuations (at most k tokens, up to and including EOS) with their own raw-logit log-probs, and with
     `cross` each model's log-probs of the other's continuation. Per batch of probes each model encodes the probed
-    sequences once; the prefixes are never re-encoded. Returns lists `c_t`, `t_on_t`, `c_s`, `s_on_s` and, with
-    `cross`, `s_on_t`, `t_on_s`."""
+    sequences once; the prefixes are never re-encoded. `student_encoded`: the student's forward over every probed
+    sequence has already run (all probes then form one batch). Returns lists `c_t`, `t_on_t`, `c_s`, `s_on_s`
+    and, with `cross`, `s_on_t`, `t_on_s`."""
     out: dict[str, list] = {key: [] for key in ("c_t", "t_on_t", "c_s", "s_on_s", "s_on_t", "t_on_s")}
+    if student_encoded is not None:
+        batch_size = max(1, len(probes))
     steps = range(0, len(probes), batch_size)
     for s0 in tqdm(steps, desc="probes", unit="batch", disable=not progress, leave=False):
         chunk = list(probes[s0 : s0 + batch_size])
         pt = _Prefixes(teacher, sequences, chunk, pad_token_id)
         c_t, t_on_t = pt.greedy(k, eos_token_id)
-        ps = _Prefixes(student, sequences, chunk, pad_token_id)
+        ps = _Prefixes(student, sequences, chunk, pad_token_id, student_encoded)
         c_s, s_on_s = ps.greedy(k, eos_token_id)
         for key, val in (("c_t", c_t), ("t_on_t", t_on_t), ("c_s", c_s), ("s_on_s", s_on_s)):
             out[key] += val

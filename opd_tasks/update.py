@@ -53,7 +53,7 @@ class Sequence:
     weight: list[float]
     topk_ids: list[list[int]] | None = None
     topk_logprobs: list[list[float]] | None = None
-    bridges: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (prefix, teacher continuation)
+    bridges: list[tuple[int, list[int]]] = field(default_factory=list)  # (completion position, teacher continuation)
 
 
 def update_key(student: ModelSpec, rollouts: ArtifactRef, scores: ArtifactRef, weights: ArtifactRef | None,
@@ -90,7 +90,7 @@ def load_sequences(store: ArtifactStore, rollouts: ArtifactRef, scores: Artifact
             if got is None or len(got["weight"]) != len(toks):
                 raise DataError(f"token weights do not cover rollout ({pid!r}, {sid})")
             w = got["weight"]
-        br = [(p + toks[:pos], cont) for pos, cont in div.get((pid, sid), [])]
+        br = sorted(div.get((pid, sid), []))
         seqs.append(Sequence(p, toks, lps, s["teacher_logprob"], w,
                              s.get("topk_ids"), s.get("topk_logprobs"), br))
     if not seqs:
@@ -115,8 +115,12 @@ def _pad3(rows: list[list[list]], t: int, k: int, dtype) -> torch.Tensor:
 
 def micro_batch_loss(model, batch: list[Sequence], cfg: UpdateConfig, pad_id: int, device: torch.device,
                      teacher=None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Sum over the batch's tokens of the weighted per-token loss (not yet divided by the step's tokens)."""
-    from opd_tasks.hf import completion_logits, pack_right
+    """Sum over the batch's tokens of the weighted per-token loss (not yet divided by the step's tokens).
+
+    The bridge loss continues from the same forward: each divergent prefix's keys/values are gathered from it
+    (`hf._Prefixes`), so only the teacher's continuation tokens go through the model again, and the gradient
+    flows back through the prefix states exactly as if prefix + continuation had been encoded anew."""
+    from opd_tasks.hf import _head, _Prefixes, completion_logits, encode, pack_right
 
     ids, attn, pred, cmask = pack_right([s.prompt for s in batch], [s.tokens for s in batch], pad_id)
     t = pred.shape[1]
@@ -125,7 +129,14 @@ def micro_batch_loss(model, batch: list[Sequence], cfg: UpdateConfig, pad_id: in
     weight = _pad([s.weight for s in batch], t, 0.0, torch.float32).to(device)
     logp_old = _pad([s.logp_old for s in batch], t, 0.0, torch.float32).to(device)
     logp_t = _pad([s.logp_teacher for s in batch], t, 0.0, torch.float32).to(device)
-    logits = completion_logits(model, ids, attn, pred)
+    bridges = [(b, len(s.prompt) + pos, cont) for b, s in enumerate(batch) for pos, cont in s.bridges
+               ] if cfg.beta > 0 else []
+    enc = None
+    if bridges:
+        enc = encode(model, ids, attn, {b: b for b in range(len(batch))})
+        logits = _head(model, enc.hidden.gather(1, pred.to(device)[:, :, None].expand(-1, -1, enc.hidden.shape[-1])))
+    else:
+        logits = completion_logits(model, ids, attn, pred)
     logp = torch.log_softmax(logits, -1).gather(-1, targets[:, :, None]).squeeze(-1)
     if cfg.loss == "pg":
         loss = pg_loss(logp, logp_old, logp_t, weight, mask, cfg.clip_ratio)
@@ -140,13 +151,11 @@ def micro_batch_loss(model, batch: list[Sequence], cfg: UpdateConfig, pad_id: in
         loss = full_rkl(logits, t_logits, weight, mask)
     stats = {"kl": float(((logp_old - logp_t) * mask).sum()), "weighted": float((weight * mask).sum()),
              "main": float(loss.detach()), "bridge": 0.0}
-    bridges = [b for s in batch for b in s.bridges]
-    if bridges and cfg.beta > 0:
-        b_ids, b_attn, b_pred, b_mask = pack_right([b[0] for b in bridges], [b[1] for b in bridges], pad_id)
-        b_t = _pad([b[1] for b in bridges], b_pred.shape[1], 0, torch.long).to(device)
-        b_logits = completion_logits(model, b_ids.to(device), b_attn.to(device), b_pred)
-        b_logp = torch.log_softmax(b_logits, -1).gather(-1, b_t[:, :, None]).squeeze(-1)
-        bl = bridge_nll(b_logp, cfg.gamma, b_mask.to(device).float())
+    if bridges:
+        seqs = [s.prompt + s.tokens for s in batch]
+        pre = _Prefixes(model, seqs, [(b, n) for b, n, _ in bridges], pad_id, enc)
+        b_logp, b_mask = pre.logprobs([c for _, _, c in bridges])
+        bl = bridge_nll(b_logp, cfg.gamma, b_mask)
         stats["bridge"] = float(bl.detach())
         loss = loss + cfg.beta * bl
     return loss, stats

@@ -160,6 +160,57 @@ def test_analyze_stage_tables_are_consistent(env, detector: str, distance: str) 
     assert set(meta["share"]) == {"surface", "divergent", "unprobed"} and "classifier" in meta
 
 
+@pytest.mark.parametrize("batch_size", [3, 256])
+def test_student_statistics_and_chunked_probes_match_independent_computations(env, batch_size: int) -> None:
+    """The student statistics pass (decoder, then the head at completion positions only), in chunks of
+    `batch_size` sequences whose keys/values the student's probes reuse, against independent computations:
+    entropy from `score_sequences` (a full forward with every logit), the top-k reverse KL from a per-token loop
+    over plain Python floats, and each probe's continuations and distance from `probe_pair` encoding the
+    sequences afresh. With 3 sequences per chunk the probes span several chunks."""
+    import math
+
+    from opd_tasks.hf import load_causal_lm, probe_pair, score_sequences
+
+    store: ArtifactStore = env["store"]
+    roll = {(r["prompt_id"], r["sample_id"]): r for r in store.read_table(env["roll"]).to_pylist()}
+    scores = {(r["prompt_id"], r["sample_id"], r["pos"]): r for r in store.read_table(env["scores"]).to_pylist()}
+    s_lm = load_causal_lm(env["student"].path, torch.device("cpu"), "float32")
+    t_lm = load_causal_lm(env["teacher"].path, torch.device("cpu"), "float32")
+    keys = list(roll)
+    ref = score_sequences(s_lm, [roll[k]["prompt_token_ids"] for k in keys], [roll[k]["token_ids"] for k in keys],
+                          pad_token_id=0, top_k=1, batch_size=64, progress=False)
+    ent = {(*k, j): e for k, sc in zip(keys, ref, strict=True) for j, e in enumerate(sc.entropy)}
+    cfg = AnalysisConfig(detector="probe", distance="xent", probe_tokens=4, probe_budget=2, batch_size=batch_size)
+    a = analyze(store, env["student"], env["teacher"], env["roll"], env["scores"], cfg, "topd", UpdateConfig(), 0,
+                progress=False)
+    rows = store.read_table(a, "tokens").to_pylist()
+    for r in rows:
+        key = (r["prompt_id"], r["sample_id"], r["pos"])
+        assert r["student_entropy"] == pytest.approx(ent[key], abs=1e-4)
+        prefix = roll[key[:2]]["prompt_token_ids"] + roll[key[:2]]["token_ids"][: r["pos"]]
+        with torch.no_grad():
+            logits = s_lm(input_ids=torch.tensor([prefix])).logits[0, -1].double().tolist()
+        sc = scores[key]
+        s_sel = [logits[i] for i in sc["topk_ids"]]
+        zs = math.log(sum(math.exp(x) for x in s_sel))
+        zt = math.log(sum(math.exp(x) for x in sc["topk_logprobs"]))
+        want = sum(math.exp(x - zs) * ((x - zs) - (y - zt)) for x, y in zip(s_sel, sc["topk_logprobs"], strict=True))
+        assert r["rkl_topk"] == pytest.approx(want, abs=1e-4)
+    probes = store.read_table(a, "probes").to_pylist()
+    assert probes and (batch_size == 256 or len({(p["prompt_id"], p["sample_id"]) for p in probes}) > batch_size)
+    seqs = [roll[k]["prompt_token_ids"] + roll[k]["token_ids"] for k in keys]
+    where = {k: i for i, k in enumerate(keys)}
+    at = [(where[(p["prompt_id"], p["sample_id"])], len(roll[(p["prompt_id"], p["sample_id"])]["prompt_token_ids"])
+           + p["pos"]) for p in probes]
+    fresh = probe_pair(t_lm, s_lm, seqs, at, 4, eos_token_id=2, pad_token_id=0, batch_size=5)
+    assert [p["teacher_continuation"] for p in probes] == fresh["c_t"]
+    assert [p["student_continuation"] for p in probes] == fresh["c_s"]
+    for p, a_t, b_t, a_s, b_s in zip(probes, fresh["t_on_t"], fresh["s_on_t"], fresh["s_on_s"], fresh["t_on_s"],
+                                     strict=True):
+        want = 0.5 * (float(np.mean(np.subtract(a_t, b_t))) + float(np.mean(np.subtract(a_s, b_s))))
+        assert p["distance"] == pytest.approx(want, abs=1e-5)
+
+
 def test_analyze_rerun_is_byte_identical(env) -> None:
     cfg = AnalysisConfig(probe_tokens=4, probe_budget=1)
     a = analyze(env["store"], env["student"], env["teacher"], env["roll"], env["scores"], cfg, "topd",
@@ -226,6 +277,41 @@ def test_bridge_loss_equals_explicit_reference(env) -> None:
     assert logged[0]["loss"] == pytest.approx(logged[0]["pg_loss"] + 0.3 * logged[0]["bridge_loss"], rel=1e-4)
     meta = json.loads((Path(ref.uri) / "_manifest.json").read_text())["meta"]
     assert meta["share"]["divergent"] > 0
+
+
+def test_bridge_gradient_through_cached_prefixes_equals_reencoding(env) -> None:
+    """The bridge term continues from the main forward's keys/values; its gradient must equal the gradient of
+    the same sum computed by encoding prefix + continuation afresh, one bridge at a time with no padding.
+    Token weights are 0, so the policy-gradient term contributes nothing."""
+    from opd_tasks.hf import load_causal_lm
+    from opd_tasks.update import Sequence, micro_batch_loss
+
+    roll = env["store"].read_table(env["roll"]).to_pylist()[:3]
+    batch = []
+    for i, r in enumerate(roll):
+        n = len(r["token_ids"])
+        br = [(pos, [3 + i, 5, 7][: 1 + (pos % 3)]) for pos in sorted({0, n // 2, n - 1})]
+        batch.append(Sequence(r["prompt_token_ids"], r["token_ids"], [0.0] * n, [0.0] * n, [0.0] * n, bridges=br))
+    upd = UpdateConfig(beta=1.0, gamma=0.7)
+    model = load_causal_lm(env["student"].path, torch.device("cpu"), "float32").train()
+    loss, stats = micro_batch_loss(model, batch, upd, 0, torch.device("cpu"))
+    loss.backward()
+    got = {k: v.grad.clone() for k, v in model.named_parameters()}
+    model.zero_grad()
+    ref = 0.0
+    for s in batch:
+        for pos, cont in s.bridges:
+            ids = torch.tensor([s.prompt + s.tokens[:pos] + cont[:-1]])
+            lp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+            start = len(s.prompt) + pos - 1
+            for j, c in enumerate(cont):
+                ref = ref - 0.7**j * lp[start + j, c]
+    ref.backward()
+    assert stats["bridge"] == pytest.approx(ref.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)  # the pg term is 0
+    for k, v in model.named_parameters():
+        torch.testing.assert_close(got[k], v.grad, atol=1e-5, rtol=1e-4, msg=k)
+    assert any(float(g.abs().sum()) > 0 for g in got.values())
 
 
 def test_xent_probe_distance_matches_a_slow_teacher_forced_loop(env) -> None:

@@ -86,26 +86,29 @@ TASK_OPTS: dict[str, Any] = dict(result_serializer="json", persist_result=True, 
       cache_key_fn=lambda c, p: _key("prompts", prompts_key(p["data"], p["tokenizer_model"], p["split"], p["n"],
                                                             p["offset"], p["seed"], p["max_context"])))
 def prompts_task(root: str, data: DataConfig, tokenizer_model: ModelSpec, split: str, n: int, offset: int, seed: int,
-                 max_context: int | None, iteration: int, run: str, fault: FaultConfig | None = None) -> ArtifactRef:
+                 max_context: int | None, iteration: int, run: str, fault: FaultConfig | None = None,
+                 remote: str | None = None) -> ArtifactRef:
     _fault(root, run, "prompts", iteration, fault)
-    return prepare_prompts(ArtifactStore(root), data, tokenizer_model, split, n, offset, seed, max_context)
+    return prepare_prompts(ArtifactStore(root, remote), data, tokenizer_model, split, n, offset, seed, max_context)
 
 
 @task(name="rollout", task_run_name="rollout-it{iteration}", **TASK_OPTS,
       cache_key_fn=lambda c, p: _key("rollout", rollout_key(p["student"], p["prompts"], p["cfg"], p["seed"],
                                                             p["checker"])))
 def rollout_task(root: str, student: ModelSpec, prompts: ArtifactRef, cfg: RolloutConfig, seed: int, checker: str,
-                 device: str, iteration: int, run: str, fault: FaultConfig | None = None) -> ArtifactRef:
+                 device: str, iteration: int, run: str, fault: FaultConfig | None = None,
+                 remote: str | None = None) -> ArtifactRef:
     _fault(root, run, "rollout", iteration, fault)
-    return rollout(ArtifactStore(root), student, prompts, cfg, seed, checker, device)
+    return rollout(ArtifactStore(root, remote), student, prompts, cfg, seed, checker, device)
 
 
 @task(name="score", task_run_name="score-it{iteration}", **TASK_OPTS,
       cache_key_fn=lambda c, p: _key("score", score_key(p["teacher"], p["rollouts"], p["cfg"])))
 def score_task(root: str, teacher: ModelSpec, student: ModelSpec, rollouts: ArtifactRef, cfg: ScoringConfig,
-               device: str, iteration: int, run: str, fault: FaultConfig | None = None) -> ArtifactRef:
+               device: str, iteration: int, run: str, fault: FaultConfig | None = None,
+               remote: str | None = None) -> ArtifactRef:
     _fault(root, run, "score", iteration, fault)
-    return score_teacher(ArtifactStore(root), teacher, student, rollouts, cfg, device)
+    return score_teacher(ArtifactStore(root, remote), teacher, student, rollouts, cfg, device)
 
 
 @task(name="gates", task_run_name="gates-it{iteration}", **TASK_OPTS,
@@ -113,9 +116,9 @@ def score_task(root: str, teacher: ModelSpec, student: ModelSpec, rollouts: Arti
                                                         p["cfg"])))
 def gates_task(root: str, student: ModelSpec, teacher: ModelSpec, rollouts: ArtifactRef, scores: ArtifactRef,
                cfg: GatesConfig, device: str, iteration: int, run: str,
-               fault: FaultConfig | None = None) -> ArtifactRef:
+               fault: FaultConfig | None = None, remote: str | None = None) -> ArtifactRef:
     _fault(root, run, "gates", iteration, fault)
-    return gates(ArtifactStore(root), student, teacher, rollouts, scores, cfg, device)
+    return gates(ArtifactStore(root, remote), student, teacher, rollouts, scores, cfg, device)
 
 
 @task(name="analyze", task_run_name="analyze-it{iteration}", **TASK_OPTS,
@@ -123,9 +126,10 @@ def gates_task(root: str, student: ModelSpec, teacher: ModelSpec, rollouts: Arti
                                                             p["cfg"], p["method"], p["upd"], p["seed"])))
 def analyze_task(root: str, student: ModelSpec, teacher: ModelSpec, rollouts: ArtifactRef, scores: ArtifactRef,
                  cfg: AnalysisConfig, method: str, upd: UpdateConfig, seed: int, label_roles: bool, device: str,
-                 iteration: int, run: str, fault: FaultConfig | None = None) -> ArtifactRef:
+                 iteration: int, run: str, fault: FaultConfig | None = None, remote: str | None = None) -> ArtifactRef:
     _fault(root, run, "analyze", iteration, fault)
-    return analyze(ArtifactStore(root), student, teacher, rollouts, scores, cfg, method, upd, seed, label_roles, device)
+    return analyze(ArtifactStore(root, remote), student, teacher, rollouts, scores, cfg, method, upd, seed,
+                   label_roles, device)
 
 
 @task(name="update", task_run_name="update-it{iteration}", **TASK_OPTS,
@@ -133,18 +137,19 @@ def analyze_task(root: str, student: ModelSpec, teacher: ModelSpec, rollouts: Ar
                                                           p["teacher"], p["cfg"], p["seed"])))
 def update_task(root: str, student: ModelSpec, rollouts: ArtifactRef, scores: ArtifactRef, cfg: UpdateConfig,
                 seed: int, weights: ArtifactRef | None, teacher: ModelSpec | None, device: str, iteration: int,
-                run: str, fault: FaultConfig | None = None) -> ArtifactRef:
+                run: str, fault: FaultConfig | None = None, remote: str | None = None) -> ArtifactRef:
     _fault(root, run, "update", iteration, fault)
-    return update(ArtifactStore(root), student, rollouts, scores, cfg, seed, weights, teacher, device)
+    return update(ArtifactStore(root, remote), student, rollouts, scores, cfg, seed, weights, teacher, device)
 
 
 @task(name="evaluate", task_run_name="evaluate-it{iteration}", **TASK_OPTS,
       cache_key_fn=lambda c, p: _key("evaluate", evaluate_key(p["model"], p["prompts"], p["cfg"], p["seed"],
                                                               p["checker"])))
 def evaluate_task(root: str, model: ModelSpec, prompts: ArtifactRef, cfg: EvaluationConfig, seed: int, checker: str,
-                  device: str, iteration: int, run: str, fault: FaultConfig | None = None) -> ArtifactRef:
+                  device: str, iteration: int, run: str, fault: FaultConfig | None = None,
+                  remote: str | None = None) -> ArtifactRef:
     _fault(root, run, "evaluate", iteration, fault)
-    return evaluate(ArtifactStore(root), model, prompts, cfg, seed, checker, device)
+    return evaluate(ArtifactStore(root, remote), model, prompts, cfg, seed, checker, device)
 
 
 @task(name="report", task_run_name="report-it{iteration}", cache_policy=NO_CACHE, persist_result=False)
@@ -184,14 +189,14 @@ class _Runner:
         if stage in ("rollout", "score", "gates", "analyze", "update", "evaluate"):
             opts["tags"] = [o.concurrency_tag]
         t0 = time.perf_counter()
-        state = tsk.with_options(**opts)(root=str(self.store.root), iteration=iteration, run=self.cfg.name,
-                                         fault=self.cfg.fault, **params, return_state=True)
+        state = tsk.with_options(**opts)(root=str(self.store.root), remote=self.store.remote_uri, iteration=iteration,
+                                         run=self.cfg.name, fault=self.cfg.fault, **params, return_state=True)
         ref: ArtifactRef = state.result()  # raises the stage's error if it failed after its retries
         current = self.store.lookup(stage, ref.key)
         if current is None or current.sha256 != ref.sha256:  # a stale cache record: recompute once
             state = tsk.with_options(**{**opts, "refresh_cache": True})(
-                root=str(self.store.root), iteration=iteration, run=self.cfg.name, fault=None, **params,
-                return_state=True)
+                root=str(self.store.root), remote=self.store.remote_uri, iteration=iteration, run=self.cfg.name,
+                fault=None, **params, return_state=True)
             ref = state.result()
         secs = time.perf_counter() - t0
         cached = state.name == "Cached"
@@ -212,7 +217,7 @@ def distill(config: dict, refresh: list[str] | None = None, resume: bool = False
     0 from the configured student (and are cache hits where they already ran).
     """
     cfg = RunConfig.model_validate(config)
-    store = ArtifactStore(cfg.resolved_root())
+    store = ArtifactStore(cfg.resolved_root(), remote=cfg.resolved_remote())
     lineage = RunLineage(store.layout, cfg.name)
     lineage.init(method=cfg.method, config=cfg.model_dump(mode="json"))
     bad = set(refresh or []) - set(STAGES)

@@ -145,7 +145,7 @@ def run_iteration(
 
 def run_plain(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """All iterations of a run with the plain driver. Returns the baseline accuracy and per-iteration results."""
-    store = ArtifactStore(cfg.resolved_root())
+    store = ArtifactStore(cfg.resolved_root(), remote=cfg.resolved_remote())
     lineage = RunLineage(store.layout, cfg.name)
     lineage.init(method=cfg.method, config=cfg.model_dump(mode="json"))
     stages = Stages(store, lineage, log)

@@ -15,6 +15,12 @@ against the manifest, and raise `ArtifactError` naming the bad file before any b
 
 An artifact may hold several tables (e.g. the analysis stage writes `tokens` and `probes`) and free-form
 files (a checkpoint's `save_pretrained` directory). Table parts live at `<table>/part-NNNNN.parquet`.
+
+Remote mirror (optional, `ArtifactStore(root, remote="s3://bucket/prefix")`, storage/remote.py): the local root
+stays the working copy. A commit pushes the new artifact to the remote (files first, the manifest last); a
+`lookup` that misses locally pulls the artifact from the remote, checks every file's size and sha256 against
+the remote manifest, and publishes it locally with the same atomic rename; a local hit whose remote copy is
+missing (a push cut off by a crash) is pushed again. A remote manifest is never overwritten.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from storage.errors import ArtifactError
 from storage.hashing import canonical_json, sha256_bytes, sha256_file
 from storage.layout import MANIFEST, TMP_PREFIX, Layout, check_key, check_name
 from storage.refs import ArtifactRef
+from storage.remote import RemoteMirror, check_rel_path
 from storage.schemas import TableSchema, check_file_schema, conform, get_schema
 
 MANIFEST_FORMAT = 1
@@ -164,6 +171,24 @@ class ArtifactWriter:
                 "meta": self.meta,
             }
             data = canonical_json(manifest)
+        except OSError as e:
+            self.abort()
+            raise self._os_error(e, self.path) from e
+        except BaseException:
+            self.abort()
+            raise
+        ref, fresh = self._publish(data, files)
+        if fresh:
+            self.store.published.append(ref)
+        self.store._push(ref, verified=fresh)  # a no-op without a remote or when the remote has it already
+        return ref
+
+    def _publish(self, data: bytes, files: list[Path]) -> tuple[ArtifactRef, bool]:
+        """Write manifest `data` beside `files`, fsync, and rename the temp dir into place.
+
+        Returns (ref, True), or (the existing verified ref, False) when someone published this key first.
+        """
+        try:
             with open(self.path / MANIFEST, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -186,16 +211,14 @@ class ArtifactWriter:
                 raise self._os_error(e, self.final) from e
             # Someone published this key first: keep theirs (verified), drop ours.
             self.abort()
-            ref = self.store.lookup(self.stage, self.key)
+            ref = self.store._lookup_local(self.stage, self.key)
             if ref is None:
                 raise ArtifactError(f"{self.final} exists but has no {MANIFEST}") from None
             self.store.verify(ref)
-            return ref
+            return ref, False
         self._done = True
         _fsync_dir(self.final.parent)
-        ref = self.store._ref_from_manifest(self.final, data)
-        self.store.published.append(ref)
-        return ref
+        return self.store._ref_from_manifest(self.final, data), True
 
     def abort(self) -> None:
         self._done = True
@@ -212,13 +235,25 @@ class ArtifactWriter:
 
 
 class ArtifactStore:
-    """Content-addressed artifacts under one storage root."""
+    """Content-addressed artifacts under one storage root, optionally mirrored to a remote fsspec URI.
 
-    def __init__(self, root: str | Path | None = None):
+    `remote` (e.g. "s3://bucket/opd", "file:///mnt/shared/opd") makes the store push what it publishes and pull
+    what it misses (storage/remote.py); `storage_options` go to fsspec (prefer fsspec's and the file system's
+    own credential mechanisms). Without a remote the store is local only, as before.
+    """
+
+    def __init__(self, root: str | Path | None = None, remote: str | None = None,
+                 storage_options: dict[str, Any] | None = None):
         self.layout = Layout(root)
         self.root = self.layout.root
+        self.remote: RemoteMirror | None = RemoteMirror(remote, storage_options) if remote else None
         #: Artifacts this instance published (not found in the cache): lets a driver tell computed from cached.
         self.published: list[ArtifactRef] = []
+
+    @property
+    def remote_uri(self) -> str | None:
+        """The remote URI (as configured), or None; pass it on so another process opens the same mirror."""
+        return self.remote.uri if self.remote is not None else None
 
     # -- writing ------------------------------------------------------------------------------------
     def writer(self, stage: str, key: str) -> ArtifactWriter:
@@ -261,12 +296,103 @@ class ArtifactStore:
             raise ArtifactError(f"{adir / MANIFEST} is not a valid manifest: {e}") from None
 
     def lookup(self, stage: str, key: str) -> ArtifactRef | None:
-        """The published artifact for (stage, key), or None. Does not verify part files (see `verify`)."""
+        """The published artifact for (stage, key), or None. Does not verify part files (see `verify`).
+
+        With a remote: a local miss pulls the artifact from the remote when it has one (every file verified);
+        a local hit that the remote lacks is pushed (after verifying the local files).
+        """
+        ref = self._lookup_local(stage, key)
+        if self.remote is None:
+            return ref
+        if ref is not None:
+            if not self.remote.has_manifest(stage, key):
+                self._push(ref)
+            return ref
+        return self._pull(stage, key)
+
+    def _lookup_local(self, stage: str, key: str) -> ArtifactRef | None:
         adir = self.layout.artifact_dir(stage, key)
         mpath = adir / MANIFEST
         if not mpath.is_file():
             return None
         return self._ref_from_manifest(adir, mpath.read_bytes())
+
+    # -- remote mirror ------------------------------------------------------------------------------
+    def _push(self, ref: ArtifactRef, verified: bool = False) -> None:
+        """Mirror a local artifact to the remote: files, then the manifest. If the remote already has a manifest
+        for the key it must be byte-identical to ours; it is never overwritten."""
+        remote = self.remote
+        if remote is None:
+            return
+        adir = Path(ref.uri)
+        data = (adir / MANIFEST).read_bytes()
+        theirs = remote.manifest_bytes(ref.stage, ref.key)
+        if theirs is None:
+            if not verified:
+                self.verify(ref)  # never mirror a corrupted local file under a manifest that vouches for it
+            rels = [check_rel_path(e["path"], str(adir / MANIFEST)) for e in json.loads(data)["files"]]
+            remote.upload(ref.stage, ref.key, sha256_bytes(data), adir, rels, data)
+            theirs = remote.manifest_bytes(ref.stage, ref.key)
+        if theirs is not None and theirs != data:
+            moved = self._retire_local(ref)
+            raise ArtifactError(
+                f"artifact {ref.stage}/{ref.key}: {remote.display(remote.manifest_path(ref.stage, ref.key))} holds "
+                f"a different manifest (sha256 {sha256_bytes(theirs)[:16]}..., ours {sha256_bytes(data)[:16]}...). "
+                "A remote manifest is never overwritten: two writers computed different bytes for one cache key. "
+                f"The local copy was moved to {moved}; the next lookup of the key uses the remote one."
+            )
+
+    def _pull(self, stage: str, key: str) -> ArtifactRef | None:
+        """Download (stage, key) from the remote into a temp dir, verify every file, publish it locally."""
+        remote = self.remote
+        if remote is None:
+            return None
+        data = remote.manifest_bytes(stage, key)
+        if data is None:
+            return None  # no artifact, or a push cut off before its manifest: both mean "not there"
+        where = remote.display(remote.manifest_path(stage, key))
+        try:
+            m = json.loads(data)
+            entries = list(m["files"])
+            if m["format"] != MANIFEST_FORMAT or m["stage"] != stage or m["key"] != key:
+                raise ArtifactError(
+                    f"{where}: manifest is for {m['stage']}/{m['key']} (format {m['format']}), "
+                    f"expected {stage}/{key} (format {MANIFEST_FORMAT})"
+                )
+            rels = [check_rel_path(e["path"], where) for e in entries]
+            sizes = [int(e["bytes"]) for e in entries]
+            wanted = [str(e["sha256"]) for e in entries]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ArtifactError(f"{where} is not a valid manifest: {e}") from None
+        sha = sha256_bytes(data)
+        w = ArtifactWriter(self, stage, key)
+        try:
+            remote.download(stage, key, sha, rels, w.path)
+            paths = [w.path / r for r in rels]
+            got_sizes = [p.stat().st_size for p in paths]
+            hashes = _hash_files(paths)
+            for rel, size, got_size, want, got in zip(rels, sizes, got_sizes, wanted, hashes, strict=True):
+                if got_size != size or got != want:
+                    raise ArtifactError(
+                        f"artifact {stage}/{key} pulled from {remote.display(remote.file_path(stage, key, sha, rel))}"
+                        f": file {rel} is corrupted ({got_size} bytes, sha256 {got[:16]}...; the manifest says "
+                        f"{size} bytes, {want[:16]}...); nothing was published under {w.final}"
+                    )
+        except BaseException:
+            w.abort()
+            raise
+        ref, _ = w._publish(data, paths)
+        return ref
+
+    def _dir(self, ref: ArtifactRef) -> Path:
+        """The local directory of `ref`: its uri, else (with a remote) this root's copy, pulled if needed."""
+        p = Path(ref.uri)
+        if self.remote is None or (p / MANIFEST).is_file():
+            return p
+        own = self.layout.artifact_dir(ref.stage, ref.key)
+        if (own / MANIFEST).is_file() or self._pull(ref.stage, ref.key) is not None:
+            return own
+        return p
 
     def iter_artifacts(self) -> Iterator[ArtifactRef]:
         """Every published artifact under the root (temp dirs are skipped)."""
@@ -283,11 +409,12 @@ class ArtifactStore:
     # -- verification -------------------------------------------------------------------------------
     def manifest(self, ref: ArtifactRef) -> dict[str, Any]:
         """The artifact's manifest, checked against `ref.sha256`."""
-        mpath = Path(ref.uri) / MANIFEST
+        mpath = self._dir(ref) / MANIFEST
         try:
             data = mpath.read_bytes()
         except FileNotFoundError:
-            raise ArtifactError(f"artifact {ref.stage}/{ref.key} is missing: no {mpath}") from None
+            also = f" (nor a manifest on {self.remote!r})" if self.remote is not None else ""
+            raise ArtifactError(f"artifact {ref.stage}/{ref.key} is missing: no {mpath}{also}") from None
         got = sha256_bytes(data)
         if got != ref.sha256:
             raise ArtifactError(f"{mpath}: sha256 {got[:16]}... does not match the ref's {ref.sha256[:16]}...")
@@ -296,7 +423,7 @@ class ArtifactStore:
     def verify(self, ref: ArtifactRef, files: list[str] | None = None) -> dict[str, Any]:
         """Check the manifest and every listed file (or only `files`); raise ArtifactError naming the bad one."""
         m = self.manifest(ref)
-        base = Path(ref.uri)
+        base = self._dir(ref)
         entries = [e for e in m["files"] if files is None or e["path"] in files]
         paths = [base / e["path"] for e in entries]
         for p in paths:
@@ -328,7 +455,8 @@ class ArtifactStore:
         rels = sorted(e["path"] for e in m["files"] if e["path"].startswith(f"{name}/"))
         if verify:
             self.verify(ref, files=rels)
-        return [Path(ref.uri) / r for r in rels]
+        base = self._dir(ref)
+        return [base / r for r in rels]
 
     def read_table(self, ref: ArtifactRef, name: str | None = None, columns: list[str] | None = None) -> pa.Table:
         """Read (and verify) table `name` of an artifact; `name` may be omitted for one-table artifacts.
@@ -342,7 +470,7 @@ class ArtifactStore:
         if not files:
             empty = schema.arrow.empty_table()
             return empty.select(columns) if columns else empty
-        rels = [f.relative_to(Path(ref.uri)).as_posix() for f in files]
+        rels = [f.relative_to(self._dir(ref)).as_posix() for f in files]
         with ThreadPoolExecutor(max_workers=1) as pool:
             check = pool.submit(self.verify, ref, rels)
             parts = []
@@ -365,7 +493,7 @@ class ArtifactStore:
     def checkpoint_dir(self, ref: ArtifactRef) -> Path:
         """The verified directory of a free-form artifact (e.g. a checkpoint). Treat it as read-only."""
         self.verify(ref)
-        return Path(ref.uri)
+        return self._dir(ref)
 
     def find(self, sha256: str) -> ArtifactRef:
         """The artifact whose manifest hash starts with `sha256` (a prefix of >= 8 hex digits)."""
@@ -376,9 +504,19 @@ class ArtifactStore:
 
     def retire(self, ref: ArtifactRef) -> Path:
         """Move a published artifact out of the cache (to `<root>/retired/<stage>/<key>-<time>`), so that its
-        stage recomputes (`--refresh`). Nothing is deleted; `opd gc` may delete retired artifacts later."""
+        stage recomputes (`--refresh`). Nothing is deleted; `opd gc` may delete retired artifacts later.
+
+        With a remote, its manifest is moved first (to `<remote>/retired/...`), or the next lookup would pull the
+        artifact straight back."""
+        stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        if self.remote is not None:
+            self.remote.retire(ref.stage, ref.key, stamp)
+        return self._retire_local(ref, stamp)
+
+    def _retire_local(self, ref: ArtifactRef, stamp: str | None = None) -> Path:
+        stamp = stamp or f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
         src = Path(ref.uri)
-        dest = self.root / "retired" / ref.stage / f"{ref.key}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        dest = self.root / "retired" / ref.stage / f"{ref.key}-{stamp}"
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.rename(src, dest)
         return dest

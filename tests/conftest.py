@@ -10,6 +10,7 @@ os.environ["PREFECT_HOME"] = os.path.join(_session_tmp, "prefect-home")
 os.environ["OPD_HOME"] = os.path.join(_session_tmp, "opd-home")
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("PREFECT_PROFILE", None)
+os.environ.pop("OPD_REMOTE", None)  # a developer's remote mirror must not leak into tests
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")

@@ -85,20 +85,38 @@ class DataConfig(_Strict):
 
 
 class RolloutConfig(_Strict):
-    backend: Literal["hf", "vllm"] = "hf"
+    """Stage 1: the student samples completions with per-token log-probs (vllm: docs/scaling.md, vLLM)."""
+
+    backend: Literal["hf", "vllm"] = Field(
+        default="hf", description="hf: transformers generate (CPU or CUDA); vllm: vllm.LLM in a child process (CUDA).")
     samples_per_prompt: int = Field(default=4, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=10.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(default=64, ge=1)
     batch_size: int = Field(default=64, ge=1, description="Sequences generated per forward batch (hf).")
-    gpu_memory_utilization: float = Field(default=0.85, gt=0.0, le=1.0, description="vLLM only.")
-    tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM only.")
+    gpu_memory_utilization: float = Field(default=0.85, gt=0.0, le=1.0,
+                                          description="vLLM only: share of each GPU's memory the engine may take.")
+    tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM only: GPUs the model is sharded over.")
+    max_model_len: int | None = Field(default=None, ge=2,
+                                      description="vLLM only: most prompt + completion tokens; None = the model's.")
+    enforce_eager: bool = Field(default=False,
+                                description="vLLM only: no torch.compile / CUDA graphs (faster start, slower decode).")
 
 
 class ScoringConfig(_Strict):
-    backend: Literal["hf", "vllm"] = "hf"
+    """Stage 2: the teacher's log-prob of each sampled token, and its top-k (vllm: docs/scaling.md, vLLM)."""
+
+    backend: Literal["hf", "vllm"] = Field(
+        default="hf", description="hf: transformers teacher forcing; vllm: prompt_logprobs (CUDA; no teacher_entropy).")
     top_k: int = Field(default=8, ge=1, le=1024, description="Teacher top-k ids/log-probs kept per token.")
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=64, ge=1, description="Sequences per forward batch (hf).")
+    gpu_memory_utilization: float = Field(default=0.85, gt=0.0, le=1.0,
+                                          description="vLLM only: share of each GPU's memory the engine may take.")
+    tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM only: GPUs the model is sharded over.")
+    max_model_len: int | None = Field(default=None, ge=2,
+                                      description="vLLM only: most prompt + completion tokens; None = the model's.")
+    enforce_eager: bool = Field(default=True,
+                                description="vLLM only: no torch.compile / CUDA graphs (scoring is prefill only).")
 
 
 class AnalysisConfig(_Strict):
@@ -179,6 +197,10 @@ class RunConfig(_Strict):
 
     name: str = Field(default="testbed", description="Run name: letters, digits, '_', '.', '-'.")
     root: str | None = Field(default=None, description="Storage root; default $OPD_HOME or ./.opd")
+    remote: str | None = Field(
+        default=None, description="fsspec URI artifacts are mirrored to (s3://, gs://, file://...); "
+        "default $OPD_REMOTE, else none (docs/scaling.md).",
+    )
     seed: int = Field(default=0, ge=0, description="Seed of prompt sampling, generation and training.")
     iterations: int = Field(default=3, ge=1, description="OPD iterations (rollout -> ... -> evaluate) to run.")
     method: Literal["opd", "opd_suppress", "topd"] = Field(
@@ -206,11 +228,29 @@ class RunConfig(_Strict):
             )
         return v
 
+    @field_validator("remote")
+    @classmethod
+    def _remote_uri(cls, v: str | None) -> str | None:
+        from storage.remote import check_remote_uri
+
+        if v is None:
+            return None
+        try:
+            return check_remote_uri(v)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+
     def resolved_root(self) -> Path:
         """The storage root: `root` from the config, else $OPD_HOME, else ./.opd (DESIGN.md section 3)."""
         from storage.layout import default_root
 
         return Path(self.root).expanduser() if self.root else default_root()
+
+    def resolved_remote(self) -> str | None:
+        """The remote mirror: `remote` from the config, else $OPD_REMOTE, else None (local storage only)."""
+        from storage.remote import default_remote
+
+        return self.remote if self.remote else default_remote()
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -224,7 +264,12 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"  {path}: unknown key (value {e['input']!r})")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"  {path}: {msg} (got {e['input']!r})")
+            got = e["input"]
+            if path == "remote" and isinstance(got, str):  # never echo a password from a URI
+                from storage.remote import redact
+
+                got = redact(got)
+            lines.append(f"  {path}: {msg} (got {got!r})")
     return "\n".join(lines)
 
 

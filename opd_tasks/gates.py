@@ -6,7 +6,8 @@ configured threshold (None disables it); the stage publishes every figure in its
 - topk_coverage: share of sampled tokens inside the teacher's top-k (teacher and student disagree on format);
 - logprob_drift: mean |sampling log-prob - a teacher-forced recomputation by the same student| over a sample
   (sampler/trainer mismatch: dtype, kernels, a wrong checkpoint);
-- teacher_repeat_diff: max |difference| when the teacher scores the same sample again (non-determinism).
+- teacher_repeat_diff: max |difference| when the teacher scores the same sample again (non-determinism); with
+  `scoring.backend: vllm` the re-score is `hf`, so the figure is the backend difference: reported, not enforced.
 """
 
 from __future__ import annotations
@@ -77,6 +78,10 @@ def gates(
         "logprob_drift": float(drift.mean()) if drift.size else 0.0,
         "teacher_repeat_diff": float(rep.max()) if rep.size else 0.0,
     }
+    if store.manifest(scores)["meta"].get("backend") == "vllm":
+        # The re-score runs on `hf`, so for vLLM scores this figure is the backend difference (bf16 kernels), not
+        # the scorer's non-determinism: it is reported, never enforced (the parity tests bound it; tests/gpu).
+        cfg = cfg.model_copy(update={"max_teacher_repeat_diff": None})
     result = evaluate_gates(figures, cfg)
     with store.writer("gates", key) as w:
         w.meta.update({"gates": result, "passed": all(g["passed"] for g in result.values()),

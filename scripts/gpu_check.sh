@@ -8,8 +8,11 @@
 # 2. runs `python -m bench.gpu_check`: the testbed models on CUDA with the `hf` backend through the plain
 #    driver: baseline, then 3 OPD and 3 TOPD iterations, CPU-vs-CUDA parity of teacher log-probs, sampling
 #    log-probs vs a teacher-forced recompute, seconds per stage and tokens/s;
-# 3. runs the vLLM parity tests when vLLM is importable. There are none yet: the vLLM backend is not built
-#    (issue 7), and the script says so rather than pass silently.
+# 3. when vLLM is importable: the backend parity tests (`pytest -ra tests/gpu`: vllm vs hf on the same tokens,
+#    float32, stated tolerances; their output in OUT_DIR/vllm_parity.txt), then `python -m bench.vllm_check`:
+#    rollout and scoring tokens/s of vllm vs hf on the same batch, and bf16 score parity (OUT_DIR/vllm_check.json).
+#    Without vLLM it says so and skips them. Failed parity tests (or pytest missing, so none ran) make the
+#    script exit 4 at the end, after the throughput figures. The vLLM parts have not run on a GPU yet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-/tmp/opd-gpu-check}}"
@@ -52,10 +55,21 @@ echo "== hf backend on CUDA (plain driver): OPD and TOPD, parity, stage throughp
 "$py" -m bench.gpu_check --out "$out/gpu_check.json" --iterations 3
 
 echo "== vLLM"
+parity=0
 if "$py" -c "import vllm" 2>/dev/null; then
-  echo "vLLM $("$py" -c 'import vllm; print(vllm.__version__)') is importable, but the vllm backend is not built" \
-       "yet (issue 7): no parity tests to run"
+  echo "vLLM $("$py" -c 'import vllm; print(vllm.__version__)') is importable: backend parity tests, then throughput"
+  if "$py" -c "import pytest" 2>/dev/null; then
+    "$py" -m pytest -ra -q -p no:cacheprovider tests/gpu >"$out/vllm_parity.txt" 2>&1 || parity=$?
+    tail -n 25 "$out/vllm_parity.txt"
+    [ "$parity" -eq 0 ] || echo "vLLM parity tests FAILED (pytest exit $parity): $out/vllm_parity.txt" >&2
+  else
+    echo "pytest is not installed: the parity tests (tests/gpu) were NOT run" >&2
+    parity=2
+  fi
+  "$py" -m bench.vllm_check --out "$out/vllm_check.json"
 else
-  echo "vLLM is not importable: vLLM parity skipped (and the vllm backend is not built yet, issue 7)"
+  echo "vLLM is not importable: vLLM parity tests and vllm-vs-hf throughput skipped (pip install" \
+       "'opd-pipeline[vllm]')"
 fi
 echo "== done: $out/gpu_check.json"
+[ "$parity" -eq 0 ] || exit 4

@@ -61,3 +61,24 @@ def test_drifting_sampling_logprobs_fail_the_drift_gate(env) -> None:
     ref = gates(store, env["student"], env["teacher"], bad, env["scores"], GatesConfig(max_truncated=None), "cpu")
     with pytest.raises(DataError, match=r"logprob_drift = 0.5 \(above the limit 0.05\)"):
         check_gates(store, ref)
+
+
+def test_teacher_repeat_gate_is_reported_not_enforced_for_vllm_scores(env) -> None:
+    """With scores from the vllm backend the re-score (hf) measures the backend difference, not non-determinism:
+    the figure is still computed and published, but a difference above the limit does not stop the iteration.
+    The same shifted teacher log-probs from the hf backend do stop it."""
+    store = env["store"]
+    t = store.read_table(env["scores"])
+    shifted = t.set_column(t.column_names.index("teacher_logprob"), "teacher_logprob",
+                           pa.array([x - 0.01 for x in t.column("teacher_logprob").to_pylist()], pa.float32()))
+    as_hf = store.put_table("score", "a1" * 32, "teacher_scores", shifted, meta={"tokens": t.num_rows})
+    as_vllm = store.put_table("score", "a2" * 32, "teacher_scores", shifted,
+                              meta={"tokens": t.num_rows, "backend": "vllm"})
+    cfg = GatesConfig(max_truncated=None, min_topk_coverage=None)  # random tiny models fail those two
+    hf_ref = gates(store, env["student"], env["teacher"], env["roll"], as_hf, cfg, "cpu")
+    with pytest.raises(DataError, match=r"failed.*: teacher_repeat_diff = 0.01 \(above"):
+        check_gates(store, hf_ref)
+    v_ref = gates(store, env["student"], env["teacher"], env["roll"], as_vllm, cfg, "cpu")
+    g = store.manifest(v_ref)["meta"]["gates"]["teacher_repeat_diff"]
+    assert g["value"] == pytest.approx(0.01, abs=1e-4) and g["threshold"] is None and g["passed"]
+    check_gates(store, v_ref)

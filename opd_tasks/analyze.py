@@ -210,6 +210,50 @@ def _probe(student_lm, teacher_lm, sequences: list[list[int]], probes: list[tupl
     return c_t, c_s, dist
 
 
+def _swap(teacher_lm, seqs: list[_Seq], full: list[list[int]], rows: list[tuple[int, int]], window: int,
+          delta: float | None, k: int, eos: int, pad: int, batch: int, bridge: bool,
+          progress: bool) -> tuple[list[float], list[list[int]]]:
+    """The `swap` detector: for each probed (sequence i, position t), D_t = mean over the student's next W tokens
+    of log pi_T(y_t+j | s_t, y_t, ...) - log pi_T(y_t+j | s_t, a_t, ...), where a_t is the teacher's most likely
+    token other than y_t. The first term is the scoring stage's teacher log-prob; the second is one teacher-forced
+    pass over a_t + y_t+1..t+W from the teacher's cached prefix s_t. D_t > 0: the student's next tokens build on
+    its choice at t (a fork with consequences); D_t <= 0: they read as well after the teacher's token (a
+    surface-form choice). 0 when no token follows. With `bridge`, the teacher's greedy K-token continuation from
+    each divergent prefix (D_t >= delta; with delta None, i.e. a quantile threshold, after all D_t are known)."""
+    from opd_tasks.hf import _Prefixes
+
+    dists: list[float] = []
+    conts: list[list[int]] = [[] for _ in rows]
+    for s0 in tqdm(range(0, len(rows), batch), desc="swap", unit="batch", disable=not progress, leave=False):
+        chunk = rows[s0 : s0 + batch]
+        pre = _Prefixes(teacher_lm, full, [(i, len(seqs[i].prompt) + t) for i, t in chunk], pad)
+        given = []
+        for i, t in chunk:
+            alt = next(c for c in seqs[i].topk_ids[t] if c != seqs[i].tokens[t])
+            given.append([alt] + seqs[i].tokens[t + 1 : t + 1 + window])
+        for (i, t), lp in zip(chunk, pre.score(given), strict=True):
+            fut = seqs[i].logp_t[t + 1 : t + 1 + window]
+            dists.append(float(np.mean(np.asarray(fut, dtype=np.float64) - np.asarray(lp[1:], dtype=np.float64)))
+                         if fut else 0.0)
+        if bridge and delta is not None:
+            div = [j for j in range(len(chunk)) if dists[s0 + j] >= delta]
+            for j, c in zip(div, pre.greedy(k, eos, only=div)[0], strict=True):
+                conts[s0 + j] = c
+    return dists, conts  # with a quantile threshold the caller adds the bridges (`_swap_bridges`)
+
+
+def _swap_bridges(teacher_lm, full: list[list[int]], seqs: list[_Seq], rows: list[tuple[int, int]],
+                  divergent: list[int], k: int, eos: int, pad: int, batch: int) -> dict[int, list[int]]:
+    """The teacher's greedy continuations from the divergent prefixes `rows[j]`, j in `divergent`."""
+    from opd_tasks.hf import probe_greedy
+
+    probes = [(rows[j][0], len(seqs[rows[j][0]].prompt) + rows[j][1]) for j in divergent]
+    if not probes:
+        return {}
+    conts, _ = probe_greedy(teacher_lm, full, probes, k, eos_token_id=eos, pad_token_id=pad, batch_size=batch)
+    return dict(zip(divergent, conts, strict=True))
+
+
 def analyze(
     store: ArtifactStore,
     student: ModelSpec,
@@ -246,7 +290,7 @@ def analyze(
         high_flat = high_loss_mask(flat, cfg.high_loss_quantile, cfg.high_loss_threshold)
         high = [high_flat[bounds[i] : bounds[i + 1]] for i in range(len(seqs))]
         rows: list[tuple[int, int]] = []
-        if cfg.detector == "probe":
+        if cfg.detector in ("probe", "swap"):
             for i in range(len(seqs)):
                 order = sorted(np.flatnonzero(high[i]).tolist(), key=lambda t: -signal[i][t])[: cfg.probe_budget]
                 rows += [(i, t) for t in sorted(order)]
@@ -287,6 +331,20 @@ def analyze(
             probes = [(i, len(seqs[i].prompt) + t) for i, t in probe_rows]
             c_t, c_s, dists = _probe(s_lm, t_lm, full, probes, cfg.probe_tokens, cfg.distance, tok.eos_token_id,
                                      tok.pad_token_id, batch=cfg.batch_size, progress=progress)
+        elif cfg.detector == "swap" and probe_rows:
+            if min(len(s.topk_ids[0]) for s in seqs) < 2:
+                raise ConfigError("analysis.detector 'swap' needs the teacher's top-2 at least (scoring.top_k >= 2)")
+            bridge = method == "topd" and upd.beta > 0
+            absolute = cfg.delta if cfg.delta_mode == "absolute" else None
+            t_lm = load_causal_lm(teacher.path, dev, teacher.dtype, teacher.trust_remote_code)
+            dists, c_t = _swap(t_lm, seqs, full, probe_rows, cfg.window, absolute, cfg.probe_tokens,
+                               tok.eos_token_id, tok.pad_token_id, cfg.batch_size, bridge, progress)
+            if bridge and absolute is None:
+                cut = resolve_delta(cfg, dists)
+                got = _swap_bridges(t_lm, full, seqs, probe_rows, [j for j, x in enumerate(dists) if x >= cut],
+                                    cfg.probe_tokens, tok.eos_token_id, tok.pad_token_id, cfg.batch_size)
+                c_t = [got.get(j, []) for j in range(len(dists))]
+            c_s = [[] for _ in dists]
     if cfg.detector == "window":
         for i in range(len(seqs)):
             wd = window_divergence(signal[i], cfg.window)
@@ -335,6 +393,7 @@ def analyze(
         "weight": pa.array(cat(weights, np.float32)),
         "role": pa.array(cat(roles), pa.string()),
     })
+    kind = "swap" if cfg.detector == "swap" else cfg.distance
     probes = pa.table({
         "prompt_id": pa.array([seqs[i].pid for i, _ in probe_rows], pa.string()),
         "sample_id": pa.array([seqs[i].sid for i, _ in probe_rows], pa.int32()),
@@ -342,13 +401,14 @@ def analyze(
         "teacher_continuation": pa.array(c_t, pa.list_(pa.int32())),
         "student_continuation": pa.array(c_s, pa.list_(pa.int32())),
         "distance": pa.array(dists, pa.float32()),
-        "distance_kind": pa.array([cfg.distance] * len(probe_rows), pa.string()),
+        "distance_kind": pa.array([kind] * len(probe_rows), pa.string()),
     })
     flat_reg = cat(regimes)
     n_high = int(high_flat.sum())
     meta = {
         "tokens": int(len(flat_reg)), "high_loss": n_high, "delta": delta, "method": method,
-        "detector": cfg.detector, "distance": cfg.distance if cfg.detector == "probe" else None,
+        "detector": cfg.detector,
+        "distance": {"probe": cfg.distance, "swap": "swap"}.get(cfg.detector),
         "share": {r: (flat_reg.count(r) / n_high if n_high else 0.0) for r in REGIMES if r != "normal"},
     }
     if label_roles:

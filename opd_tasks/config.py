@@ -123,13 +123,18 @@ class AnalysisConfig(_Strict):
     loss_signal: Literal["k1", "rkl_topk"] = "k1"
     high_loss_quantile: float = Field(default=0.2, gt=0.0, le=1.0, description="Top-q fraction is high-loss.")
     high_loss_threshold: float | None = Field(default=None, description="Absolute threshold; overrides q.")
-    detector: Literal["window", "probe"] = "probe"
-    window: int = Field(default=8, ge=1, description="W: tokens averaged by the window detector.")
+    detector: Literal["window", "probe", "swap"] = Field(
+        default="swap", description="Near-future detector: window (free), probe (continuations), swap "
+        "(the teacher re-reads the student's next W tokens after its own token instead of y_t).")
+    window: int = Field(default=8, ge=1, description="W: the student's next tokens read by window and swap.")
     probe_tokens: int = Field(default=16, ge=1, description="K: tokens each model continues in a probe.")
-    probe_budget: int = Field(default=2, ge=0, description="Most probed positions per rollout (highest signal first).")
+    probe_budget: int = Field(default=1, ge=0,
+                              description="Most probed (probe, swap) positions per rollout, highest signal first.")
     distance: Literal["xent", "ot"] = "xent"
-    delta: float = Field(default=0.5, description="Divergence threshold for the divergent regime.")
-    delta_mode: Literal["absolute", "quantile"] = "quantile"
+    delta: float = Field(default=0.0, description="Divergence threshold for the divergent regime (D_t >= delta); "
+                         "its scale depends on the detector (docs/method.md).")
+    delta_mode: Literal["absolute", "quantile"] = Field(
+        default="absolute", description="absolute: delta is the threshold; quantile: delta is a quantile of D_t.")
     batch_size: int = Field(default=256, ge=1, description="Sequences (or probe prefixes) per forward batch.")
 
 

@@ -363,8 +363,9 @@ class _Prefixes:
                           cache_position=torch.arange(self.w + start, self.w + start + t, device=self.device),
                           use_cache=True)
 
-    def greedy(self, k: int, eos: int) -> tuple[list[list[int]], list[list[float]]]:
-        """Greedy continuation of each prefix (at most k tokens, up to and including EOS), raw-logit log-probs.
+    def greedy(self, k: int, eos: int, only: Sequence[int] | None = None) -> tuple[list[list[int]], list[list[float]]]:
+        """Greedy continuation of each prefix (at most k tokens, up to and including EOS), raw-logit log-probs;
+        with `only`, of those probes alone (in that order).
 
         Probes that have emitted EOS leave the batch: once a quarter of the rows in it are finished, the cache,
         mask and positions keep only the running ones (rows never interact, so this changes no result)."""
@@ -372,9 +373,16 @@ class _Prefixes:
         tokens: list[list[int]] = [[] for _ in range(p_n)]
         logps: list[list[float]] = [[] for _ in range(p_n)]
         saved = [(layer.keys, layer.values) for layer in self.cache.layers]
-        rows = list(range(p_n))  # the probe held by each row of the running batch
-        running = [True] * p_n  # per row of the running batch
+        rows = list(range(p_n)) if only is None else list(only)  # the probe held by each row of the running batch
+        running = [True] * len(rows)  # per row of the running batch
         mask, logits, pos = self.mask, self.next_logits, self.pos
+        if only is not None:
+            if not rows:
+                return [], []
+            idx = torch.tensor(rows, device=self.device)
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+            mask, logits, pos = mask[idx], logits[idx], pos[idx]
         try:
             for j in range(k):
                 lp = torch.log_softmax(logits, -1)
@@ -401,6 +409,8 @@ class _Prefixes:
         finally:
             for layer, (keys, values) in zip(self.cache.layers, saved, strict=True):
                 layer.keys, layer.values = keys, values  # the prefixes again, for every probe
+        if only is not None:
+            return [tokens[p] for p in only], [logps[p] for p in only]
         return tokens, logps
 
     def logprobs(self, given: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -119,7 +119,8 @@ def env(tmp_path_factory: pytest.TempPathFactory):
     return {"base": base, "store": store, "student": student, "teacher": teacher, "roll": roll, "scores": scores}
 
 
-@pytest.mark.parametrize(("detector", "distance"), [("window", "xent"), ("probe", "xent"), ("probe", "ot")])
+@pytest.mark.parametrize(("detector", "distance"), [("window", "xent"), ("probe", "xent"), ("probe", "ot"),
+                                                   ("swap", "xent")])
 def test_analyze_stage_tables_are_consistent(env, detector: str, distance: str) -> None:
     store: ArtifactStore = env["store"]
     cfg = AnalysisConfig(detector=detector, distance=distance, probe_tokens=5, probe_budget=2, delta=0.5,
@@ -142,11 +143,14 @@ def test_analyze_stage_tables_are_consistent(env, detector: str, distance: str) 
     high = [r for r in rows if r["high_loss"]]
     assert len(high) == pytest.approx(0.2 * len(rows), abs=len(rows) * 0.1 + 1)
     probes = store.read_table(ref, "probes")
-    if detector == "probe":
+    if detector in ("probe", "swap"):
         per_seq: dict = {}
         for p in probes.to_pylist():
             per_seq[(p["prompt_id"], p["sample_id"])] = per_seq.get((p["prompt_id"], p["sample_id"]), 0) + 1
-            assert 1 <= len(p["teacher_continuation"]) <= 5 and p["distance_kind"] == distance
+            assert len(p["teacher_continuation"]) <= 5
+            assert p["distance_kind"] == (distance if detector == "probe" else "swap")
+            if detector == "probe":
+                assert len(p["teacher_continuation"]) >= 1
         assert max(per_seq.values()) <= 2
         assert probes.num_rows == sum(r["regime"] in ("surface", "divergent") for r in rows)
     else:
@@ -211,6 +215,74 @@ def test_student_statistics_and_chunked_probes_match_independent_computations(en
         assert p["distance"] == pytest.approx(want, abs=1e-5)
 
 
+@pytest.mark.parametrize("delta_mode", ["absolute", "quantile"])
+def test_swap_detector_matches_a_slow_loop_and_bridges_only_divergent_positions(env, delta_mode: str) -> None:
+    """`swap`: each stored D_t equals mean_j[log T(y_t+j | s_t, y_t, ..) - log T(y_t+j | s_t, a_t, ..)] over the
+    student's next W tokens, recomputed here with one full forward per token (no cache, no batching), with a_t
+    the teacher's most likely token other than y_t taken from the teacher's own logits. Divergent positions carry
+    the teacher's greedy continuation (equal to `generate` from the re-encoded prefix), surface ones none; both
+    threshold modes (decided per batch, or after every D_t is known)."""
+    from opd_tasks.hf import generate, load_causal_lm
+
+    store: ArtifactStore = env["store"]
+    cfg = AnalysisConfig(detector="swap", window=3, probe_tokens=4, probe_budget=2, delta_mode=delta_mode,
+                         delta=0.0 if delta_mode == "absolute" else 0.5, batch_size=4)
+    ref = analyze(store, env["student"], env["teacher"], env["roll"], env["scores"], cfg, "topd", UpdateConfig(), 0,
+                  progress=False)
+    probes = store.read_table(ref, "probes").to_pylist()
+    tokens = {(r["prompt_id"], r["sample_id"], r["pos"]): r for r in store.read_table(ref, "tokens").to_pylist()}
+    roll = {(r["prompt_id"], r["sample_id"]): r for r in store.read_table(env["roll"]).to_pylist()}
+    t_lm = load_causal_lm(env["teacher"].path, torch.device("cpu"), "float32")
+
+    def logp(prefix: list[int], cont: list[int]) -> list[float]:
+        out = []
+        with torch.no_grad():
+            for j, tok in enumerate(cont):
+                out.append(float(torch.log_softmax(t_lm(input_ids=torch.tensor([prefix + cont[:j]])).logits[0, -1], -1)[tok]))
+        return out
+
+    assert len(probes) > 4 and {p["distance_kind"] for p in probes} == {"swap"}
+    regimes = set()
+    for p in probes:
+        r = roll[(p["prompt_id"], p["sample_id"])]
+        t, y = p["pos"], r["token_ids"]
+        prefix = r["prompt_token_ids"] + y[:t]
+        with torch.no_grad():
+            logits = t_lm(input_ids=torch.tensor([prefix])).logits[0, -1]
+        logits[y[t]] = -float("inf")
+        alt = int(logits.argmax())
+        fut = y[t + 1 : t + 4]
+        want = (sum(a - b for a, b in zip(logp(prefix + [y[t]], fut), logp(prefix + [alt], fut), strict=True))
+                / len(fut)) if fut else 0.0
+        assert p["distance"] == pytest.approx(want, abs=1e-4)
+        regime = tokens[(p["prompt_id"], p["sample_id"], t)]["regime"]
+        regimes.add(regime)
+        assert p["student_continuation"] == []
+        if regime == "divergent":
+            g = generate(t_lm, [prefix], eos_token_id=2, pad_token_id=0, n=1, temperature=0.0, max_new_tokens=4,
+                         progress=False)[0]
+            assert p["teacher_continuation"] == g.token_ids
+        else:
+            assert regime == "surface" and p["teacher_continuation"] == []
+    assert regimes == {"surface", "divergent"}
+    # Without the bridge (opd_suppress) no continuation is generated at all.
+    sup = analyze(store, env["student"], env["teacher"], env["roll"], env["scores"], cfg, "opd_suppress",
+                  UpdateConfig(), 0, progress=False)
+    assert all(p["teacher_continuation"] == [] for p in store.read_table(sup, "probes").to_pylist())
+
+
+def test_swap_detector_needs_the_teachers_top_2(env, tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "root")
+    import shutil
+
+    shutil.copytree(env["roll"].uri, store.layout.artifact_dir("rollout", env["roll"].key))
+    roll = store.lookup("rollout", env["roll"].key)
+    scores = score_teacher(store, env["teacher"], env["student"], roll, ScoringConfig(top_k=1), progress=False)
+    with pytest.raises(Exception, match=r"analysis.detector 'swap' needs .*scoring.top_k >= 2"):
+        analyze(store, env["student"], env["teacher"], roll, scores, AnalysisConfig(detector="swap"), "topd",
+                UpdateConfig(), 0, progress=False)
+
+
 def test_analyze_rerun_is_byte_identical(env) -> None:
     cfg = AnalysisConfig(probe_tokens=4, probe_budget=1)
     a = analyze(env["store"], env["student"], env["teacher"], env["roll"], env["scores"], cfg, "topd",
@@ -251,7 +323,8 @@ def test_zero_weights_freeze_the_pg_update(env) -> None:
 
 def test_bridge_loss_equals_explicit_reference(env) -> None:
     store = env["store"]
-    cfg = AnalysisConfig(probe_tokens=4, probe_budget=2, delta=0.0, delta_mode="absolute")  # every probe divergent
+    cfg = AnalysisConfig(detector="probe", probe_tokens=4, probe_budget=2, delta=0.0,
+                         delta_mode="absolute")  # every probe divergent
     upd = UpdateConfig(beta=0.3, gamma=0.7, learning_rate=1e-9, micro_batch_size=64)
     ref = analyze(store, env["student"], env["teacher"], env["roll"], env["scores"], cfg, "topd", upd, 0,
                   progress=False)

@@ -395,21 +395,31 @@ def _examples_html(ex: dict | None) -> str:
             span = (f'<span class="tok {html.escape(t["regime"])}" title="{html.escape(title)}">'
                     f"{html.escape(_show(t['text']))}</span>")
             if t["teacher"] is not None:
-                span += (f'<span class="probe">[teacher: {html.escape(_show(t["teacher"]))} | student: '
-                         f'{html.escape(_show(t["student"] or ""))} | distance {_num(t["distance"], "{:.2f}")}]'
-                         "</span>")
+                span += f'<span class="probe">[{html.escape(_probe_text(t))}]</span>'
             toks.append(span)
         parts.append(f'<div class="ex"><div class="prompt">{html.escape(_show(s["prompt"]))}</div>'
                      f'<div class="completion">{"".join(toks)}</div></div>')
     return "\n".join(parts)
 
 
+def _probe_text(t: dict) -> str:
+    """A probed position's continuations and distance: both continuations (probe detector), or with the swap
+    detector the teacher's bridge continuation where there is one."""
+    parts = []
+    if t["teacher"]:
+        parts.append(f"teacher: {_show(t['teacher'])}")
+    if t["student"]:
+        parts.append(f"student: {_show(t['student'])}")
+    return " | ".join([*parts, f"D {_num(t['distance'], '{:.2f}')}"])
+
+
 def _examples_md(ex: dict | None) -> str:
     if ex is None:
         return "No run in this report ran the analysis stage, so there are no token examples."
     lines = [f"Run `{ex['run']}` ({ex['method']}), iteration {ex['iteration']}. Marks: `[s:tok]` surface, "
-             "`[D:tok]` divergent, `[u:tok]` unprobed high-loss token; `{teacher: ... | student: ...}` the probe "
-             "continuations at a probed position.", ""]
+             "`[D:tok]` divergent, `[u:tok]` unprobed high-loss token; `{teacher: ... | student: ... | D ...}` at a "
+             "probed position: the continuations (probe detector; with swap, the teacher's bridge at divergent "
+             "positions only) and the near-future divergence.", ""]
     marks = {"surface": "s", "divergent": "D", "unprobed": "u"}
     for s in ex["sequences"]:
         out = []
@@ -417,7 +427,7 @@ def _examples_md(ex: dict | None) -> str:
             txt = _show(t["text"])
             out.append(f"[{marks[t['regime']]}:{txt}]" if t["regime"] in marks else txt)
             if t["teacher"] is not None:
-                out.append(f"{{teacher: {_show(t['teacher'])} | student: {_show(t['student'] or '')}}}")
+                out.append(f"{{{_probe_text(t)}}}")
         lines += ["```", _show(s["prompt"]) + " " + "".join(out), "```", ""]
     return "\n".join(lines)
 

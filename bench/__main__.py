@@ -12,6 +12,7 @@ BENCHES = {
     "teacher_styles": "bench.teacher_styles",
     "trl": "bench.trl_peer",
     "economics": "bench.economics",
+    "detectors": "bench.detectors",
 }
 
 

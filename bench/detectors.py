@@ -1,0 +1,96 @@
+"""How well each near-future detector tells surface-form forks from reasoning forks on the testbed.
+
+For each detector setting, `topd` runs (plain driver) over the seeds; then, over every probed high-loss token
+of every iteration (regime `surface` or `divergent`), against the testbed's ground-truth roles:
+- the base rate of `form` tokens among them (a detector that calls everything `surface` has that precision);
+- AUC: the chance that a reasoning/answer token gets a larger D_t than a form token (0.5 = no separation),
+  computed in DuckDB over the `tokens` Parquet files;
+- surface precision / recall at the run's own threshold, and the final accuracy.
+
+    python -m bench detectors --seeds 0 1 2 --iterations 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import duckdb
+from rich.console import Console
+from rich.table import Table
+
+from bench.common import save
+
+console = Console(width=160)
+
+SETTINGS: dict[str, list[str]] = {
+    "swap, delta 0": ["analysis.detector=swap", "analysis.delta_mode=absolute", "analysis.delta=0.0"],
+    "probe xent, median": ["analysis.detector=probe", "analysis.distance=xent", "analysis.delta_mode=quantile",
+                           "analysis.delta=0.5"],
+    "probe xent, delta 1.5": ["analysis.detector=probe", "analysis.distance=xent", "analysis.delta_mode=absolute",
+                              "analysis.delta=1.5"],
+    "probe ot, median": ["analysis.detector=probe", "analysis.distance=ot", "analysis.delta_mode=quantile",
+                         "analysis.delta=0.5"],
+    "window, median": ["analysis.detector=window", "analysis.delta_mode=quantile", "analysis.delta=0.5"],
+}
+
+QUERY = """
+WITH t AS (SELECT near_future_div AS d, role = 'form' AS form, regime FROM read_parquet($files)
+           WHERE regime IN ('surface', 'divergent')),
+     f AS (SELECT d FROM t WHERE form), o AS (SELECT d FROM t WHERE NOT form)
+SELECT (SELECT count(*) FROM t) AS probed,
+       (SELECT avg(form::INT) FROM t) AS form_share,
+       (SELECT avg(CASE WHEN o.d > f.d THEN 1.0 WHEN o.d = f.d THEN 0.5 ELSE 0.0 END) FROM o, f) AS auc,
+       (SELECT count(*) FILTER (regime = 'surface' AND form) / count(*) FILTER (regime = 'surface') FROM t) AS p,
+       (SELECT count(*) FILTER (regime = 'surface' AND form) / count(*) FILTER (form) FROM t) AS r
+"""
+
+
+def measure(root: Path) -> dict:
+    files = sorted(str(p) for p in root.glob("artifacts/analyze/*/tokens/*.parquet"))
+    row = duckdb.connect().execute(QUERY, {"files": files}).fetchone()
+    return dict(zip(["probed", "form_share", "auc", "surface_precision", "surface_recall"], row, strict=True))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from opd_tasks.config import load_config
+    from opd_tasks.iteration import run_plain
+
+    ap = argparse.ArgumentParser(prog="python -m bench detectors", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--iterations", type=int, default=5)
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="config override for all (repeatable)")
+    ap.add_argument("--tag", default=None, help="results go to bench/results/detectors[-TAG].json")
+    args = ap.parse_args(argv)
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.settings:
+            root = Path(tmp) / name.replace(" ", "_").replace(",", "")
+            finals = []
+            t0 = time.perf_counter()
+            for seed in args.seeds:
+                cfg = load_config(None, ["method=topd", f"seed={seed}", f"iterations={args.iterations}",
+                                         f"root={root}", f"name=s{seed}", *SETTINGS[name], *args.sets])
+                res = run_plain(cfg, log=lambda m: None, progress=False)
+                finals.append(res["iterations"][-1].accuracy)
+            out[name] = measure(root) | {"final_accuracy": finals, "seconds": time.perf_counter() - t0,
+                                         "overrides": SETTINGS[name]}
+            console.print(f"{name}: {out[name]}")
+    t = Table("detector", "probed", "form share (base rate)", "AUC", "surface P / R", "final accuracy",
+              title="near-future detectors vs ground truth (topd runs)")
+    for name, m in out.items():
+        t.add_row(name, str(m["probed"]), f"{m['form_share']:.3f}", f"{m['auc']:.3f}",
+                  f"{m['surface_precision']:.3f} / {m['surface_recall']:.3f}",
+                  f"{sum(m['final_accuracy']) / len(m['final_accuracy']):.1%}")
+    console.print(t)
+    path = save("detectors" + (f"-{args.tag}" if args.tag else ""), {"args": vars(args), "detectors": out})
+    console.print(f"results: {path}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -441,6 +441,52 @@ def deploy_cmd(
                   f"Start a worker: prefect worker start --pool {pool}", highlight=False)
 
 
+@app.command("deploy-stages")
+def deploy_stages_cmd(
+    pool: Annotated[str, typer.Option("--pool", help="Work pool of the GPU workers (e.g. prefect work-pool create "
+                                                     "gpu --type process; Kubernetes: --type kubernetes).")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    stages: Annotated[str, typer.Option(help="Comma-separated GPU stages to deploy.")] =
+        "rollout,score,gates,analyze,update,evaluate",
+    work_queue: Annotated[str | None, typer.Option("--work-queue", help="Work queue in the pool (default: the "
+                                                                        "pool's default queue).")] = None,
+    concurrency_limit: Annotated[int | None, typer.Option(
+        "--concurrency-limit", min=1, help="Most flow runs of each stage deployment at once (default: none; a "
+                                           "pool limit caps all: prefect work-pool set-concurrency-limit POOL N).")]
+        = None,
+) -> None:
+    """Register one deployment of the `opd-stage` flow per GPU stage on a work pool (from this checkout's source,
+    no image build). Runs with `orchestration.stage_runner=deployment` start them with run_deployment; names
+    come from `orchestration.stage_deployment` (default opd-stage/{stage})."""
+    from opd_tasks.config import GPU_STAGES, load_config
+
+    try:
+        cfg = load_config(config, list(set_ or []))
+        chosen = _csv(stages, "--stages")
+        bad = [s for s in chosen if s not in GPU_STAGES]
+        if bad:
+            raise OpdError(f"--stages: not GPU stage(s) {bad}; GPU stages are {', '.join(GPU_STAGES)}")
+        names = {s: cfg.orchestration.stage_deployment_name(s) for s in chosen}
+    except OpdError as e:
+        _fail(e)
+    from flows.stage import opd_stage
+
+    repo = Path(__file__).resolve().parent.parent
+    src = opd_stage.from_source(source=str(repo), entrypoint="flows/stage.py:opd_stage")
+    tag = cfg.orchestration.concurrency_tag
+    for stage, full in names.items():
+        dep_id = src.deploy(
+            name=full.split("/", 1)[1], work_pool_name=pool, work_queue_name=work_queue, build=False, push=False,
+            print_next_steps=False, parameters={"stage": stage}, tags=[tag], concurrency_limit=concurrency_limit,
+            description=f"OPD stage {stage}: one run per call from a distill flow with "
+                        "orchestration.stage_runner=deployment (flows/stage.py)")
+        console.print(f"deployment {full} ({dep_id}) on work pool {pool!r}", highlight=False)
+    console.print(f"Start a worker: prefect worker start --pool {pool}. Run with --set "
+                  "orchestration.stage_runner=deployment (and PREFECT_API_URL pointing at this server).",
+                  highlight=False)
+
+
 def main() -> None:  # pragma: no cover - console entry point helper
     app()
 

@@ -10,6 +10,12 @@ deleted (or `--refresh STAGE` retired it), the task is called with `refresh_cach
 Retries: exponential backoff with jitter; errors marked non-retryable (config, data, model, artifact,
 training) are not retried. A report task (never cached) publishes a Prefect table and markdown artifact per
 iteration, so a fully cached run still shows them.
+
+Where the stages run (`orchestration.stage_runner`): `inline` (the default) calls every stage task in this
+flow's process. `deployment` runs each GPU stage as a flow run of its own deployment (`opd-stage/<stage>`,
+flows/stage.py, created by `opd deploy-stages`) with `run_deployment`, waits for it, and takes the
+`ArtifactRef` from that flow run's result. The child calls the same task through `call_stage_task`, so its
+cache key, cache records, retries and tags are the same as inline, and the two runners share one cache.
 """
 
 from __future__ import annotations
@@ -22,15 +28,18 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
+from pydantic_core import to_jsonable_python
 
 from opd_tasks.analyze import analyze, analyze_key
 from opd_tasks.common import ModelSpec
 from opd_tasks.config import (
+    GPU_STAGES,
     AnalysisConfig,
     DataConfig,
     EvaluationConfig,
     FaultConfig,
     GatesConfig,
+    OrchestrationConfig,
     RolloutConfig,
     RunConfig,
     ScoringConfig,
@@ -152,6 +161,29 @@ def evaluate_task(root: str, model: ModelSpec, prompts: ArtifactRef, cfg: Evalua
     return evaluate(ArtifactStore(root, remote), model, prompts, cfg, seed, checker, device)
 
 
+#: Stage name -> its Prefect task. `_Runner` (inline) and the `opd-stage` flow (flows/stage.py) both call these.
+STAGE_TASKS = {"prompts": prompts_task, "rollout": rollout_task, "score": score_task, "gates": gates_task,
+               "analyze": analyze_task, "update": update_task, "evaluate": evaluate_task}
+
+
+def call_stage_task(stage: str, *, root: str, remote: str | None, iteration: int, run: str,
+                    fault: FaultConfig | None, params: dict[str, Any], refresh_cache: bool,
+                    orchestration: OrchestrationConfig):
+    """Call stage `stage`'s task with this project's options; returns its final Prefect state.
+
+    The one place that sets a stage task's options: the cache records (Prefect results) go to
+    `<root>/prefect/results`, retries and backoff come from `orchestration`, GPU stages carry its concurrency
+    tag. Both runners go through here, so a stage behaves the same in-process and in its own deployment.
+    """
+    o = orchestration
+    opts: dict[str, Any] = dict(result_storage=Path(root) / "prefect" / "results", refresh_cache=refresh_cache,
+                                retries=o.retries, retry_delay_seconds=exponential_backoff(o.retry_delay_seconds))
+    if stage in GPU_STAGES:
+        opts["tags"] = [o.concurrency_tag]
+    return STAGE_TASKS[stage].with_options(**opts)(root=root, remote=remote, iteration=iteration, run=run,
+                                                   fault=fault, **params, return_state=True)
+
+
 @task(name="report", task_run_name="report-it{iteration}", cache_policy=NO_CACHE, persist_result=False)
 def report_task(root: str, run: str, iteration: int, rows: list[dict], acc: float | None, baseline: float) -> None:
     """Publish the iteration's stages as a table artifact and a markdown summary (never cached)."""
@@ -167,45 +199,144 @@ def report_task(root: str, run: str, iteration: int, rows: list[dict], acc: floa
                              description=f"run {run}, iteration {iteration}")
 
 
+class StageRunError(OpdError):
+    """A stage's own flow run (stage_runner: deployment) did not complete; names the stage and the flow run.
+
+    The stage's own error class is re-raised where the child's result says what it was (a `DataError` stays
+    a `DataError`); this class is used when it does not (a crashed or cancelled flow run).
+    """
+
+
 class _Runner:
-    """Calls stage tasks with the right options and records lineage + a row per stage."""
+    """Calls stage tasks (in-process or as deployments) and records lineage + a row per stage."""
 
     def __init__(self, cfg: RunConfig, store: ArtifactStore, lineage: RunLineage, refresh: set[str]):
         self.cfg, self.store, self.lineage, self.refresh = cfg, store, lineage, refresh
-        self.results = store.root / "prefect" / "results"
         self.rows: list[dict] = []
         self.log = get_run_logger()
+        self.deployments: dict[str, Any] = {}  # stage -> Prefect deployment (stage_runner: deployment)
 
-    def __call__(self, stage: str, iteration: int, tsk, key: str, label: str | None = None, **params) -> ArtifactRef:
-        """Run stage task `tsk` (content key `key`); record it in the lineage as `label` (default: stage)."""
+    def check_deployments(self, stages: list[str]) -> None:
+        """stage_runner: deployment: every GPU stage this run calls has its deployment (fail before any work)."""
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound
+        from prefect.settings import PREFECT_API_URL
+
+        o = self.cfg.orchestration
+        missing = []
+        with get_client(sync_client=True) as client:
+            for stage in stages:
+                name = o.stage_deployment_name(stage)
+                try:
+                    self.deployments[stage] = client.read_deployment_by_name(name)
+                except ObjectNotFound:
+                    missing.append(name)
+        if missing:
+            raise ConfigError(
+                f"orchestration.stage_runner is 'deployment' but deployment(s) {', '.join(missing)} do not exist on "
+                f"the Prefect API {PREFECT_API_URL.value() or '(a temporary local server)'}: create them with "
+                "`opd deploy-stages --pool POOL`, start a worker on POOL, and point PREFECT_API_URL at that server")
+
+    def __call__(self, stage: str, iteration: int, key: str, label: str | None = None, **params) -> ArtifactRef:
+        """Run stage `stage` (content key `key`); record it in the lineage as `label` (default: stage)."""
         existing = self.store.lookup(stage, key)
         if existing is not None and stage in self.refresh:
             moved = self.store.retire(existing)
             self.log.info("--refresh %s: retired %s to %s", stage, existing.short(), moved)
             existing = None
-        o = self.cfg.orchestration
-        opts: dict[str, Any] = dict(result_storage=self.results, refresh_cache=existing is None,
-                                    retries=o.retries, retry_delay_seconds=exponential_backoff(o.retry_delay_seconds))
-        if stage in ("rollout", "score", "gates", "analyze", "update", "evaluate"):
-            opts["tags"] = [o.concurrency_tag]
+        label = label or stage
+        call = self._deployment if stage in self.deployments else self._inline
         t0 = time.perf_counter()
-        state = tsk.with_options(**opts)(root=str(self.store.root), remote=self.store.remote_uri, iteration=iteration,
-                                         run=self.cfg.name, fault=self.cfg.fault, **params, return_state=True)
-        ref: ArtifactRef = state.result()  # raises the stage's error if it failed after its retries
+        ref, state_name = call(stage, iteration, label, key, params, refresh=existing is None, fault=self.cfg.fault)
         current = self.store.lookup(stage, ref.key)
         if current is None or current.sha256 != ref.sha256:  # a stale cache record: recompute once
-            state = tsk.with_options(**{**opts, "refresh_cache": True})(
-                root=str(self.store.root), remote=self.store.remote_uri, iteration=iteration, run=self.cfg.name,
-                fault=None, **params, return_state=True)
-            ref = state.result()
+            ref, state_name = call(stage, iteration, label, key, params, refresh=True, fault=None)
         secs = time.perf_counter() - t0
-        cached = state.name == "Cached"
-        label = label or stage
+        cached = state_name == "Cached"
         self.lineage.record(iteration, label, ref, cached=cached, seconds=secs)
-        self.rows.append({"iteration": iteration, "stage": label, "state": state.name, "seconds": round(secs, 3),
+        self.rows.append({"iteration": iteration, "stage": label, "state": state_name, "seconds": round(secs, 3),
                           "rows": ref.rows, "sha256": ref.sha256[:16], "uri": ref.uri})
-        self.log.info("it%d %-9s %-9s %6.1fs -> %s", iteration, stage, state.name, secs, ref.short())
+        self.log.info("it%d %-9s %-9s %6.1fs -> %s", iteration, stage, state_name, secs, ref.short())
         return ref
+
+    def _inline(self, stage: str, iteration: int, label: str, key: str, params: dict, refresh: bool,
+                fault: FaultConfig | None) -> tuple[ArtifactRef, str]:
+        state = call_stage_task(stage, root=str(self.store.root), remote=self.store.remote_uri, iteration=iteration,
+                                run=self.cfg.name, fault=fault, params=params, refresh_cache=refresh,
+                                orchestration=self.cfg.orchestration)
+        return state.result(), state.name  # result() raises the stage's error if it failed after its retries
+
+    def _deployment(self, stage: str, iteration: int, label: str, key: str, params: dict, refresh: bool,
+                    fault: FaultConfig | None) -> tuple[ArtifactRef, str]:
+        """Run the stage as a flow run of its deployment; wait; its result is the ArtifactRef.
+
+        The child writes its flow result (JSON) next to the cache records, `<root>/prefect/results`, through
+        the `env` job variable, so this process reads it back; both must see the root at the same path (one
+        machine, or a shared volume). If that read fails (e.g. pods with their own local roots and a remote
+        mirror), the artifact is looked up by its key in the store instead, which pulls it from the remote.
+        """
+        from prefect.deployments import run_deployment
+
+        o, dep = self.cfg.orchestration, self.deployments[stage]
+        results = str(self.store.root / "prefect" / "results")
+        env = {**((dep.job_variables or {}).get("env") or {}), "PREFECT_RESULTS_LOCAL_STORAGE_PATH": results}
+        name = o.stage_deployment_name(stage)
+        fr = run_deployment(
+            name, timeout=None, as_subflow=True, poll_interval=o.stage_poll_seconds,
+            flow_run_name=f"{self.cfg.name}-it{iteration}-{label}", job_variables={"env": env},
+            parameters={"stage": stage, "params": to_jsonable_python(params), "root": str(self.store.root),
+                        "remote": self.store.remote_uri, "iteration": iteration, "run": self.cfg.name,
+                        "fault": fault.model_dump(mode="json") if fault is not None else None,
+                        "orchestration": o.model_dump(mode="json"), "refresh_cache": refresh})
+        where = (f"stage {label!r} (deployment {name}) at iteration {iteration}: its flow run {fr.name!r} "
+                 f"({fr.id})")
+        st = fr.state
+        if st is None or not st.is_completed():
+            err: BaseException | None = None
+            if st is not None and st.is_failed():
+                try:
+                    st.result(raise_on_failure=True)
+                except OpdError as e:  # the stage's own error, read back from the child's result
+                    err = e
+                except Exception:  # noqa: BLE001 - result not readable here: the state's message says it
+                    pass
+            cls = type(err) if err is not None else (TransientError if st is not None and st.is_crashed()
+                                                     else StageRunError)
+            msg = (st.message if st is not None else None) or (str(err) if err else "no message")
+            raise cls(f"{where} ended {st.name if st is not None else 'without a state'}: {msg}")
+        try:
+            ref = st.result()
+            if not isinstance(ref, ArtifactRef):
+                ref = ArtifactRef.model_validate(ref)
+        except Exception as e:  # noqa: BLE001 - e.g. the child's results are not on this machine
+            ref = self.store.lookup(stage, key)
+            if ref is None:
+                raise StageRunError(f"{where} completed, but neither its result nor an artifact under its key "
+                                    f"can be read here ({type(e).__name__}: {e}); the distill flow and the stage "
+                                    "must share the storage root or a remote (docs/scaling.md)") from e
+            self.log.warning("%s: result not readable here (%s); took %s from the store", where, e, ref.short())
+        return ref, _child_task_state(fr.id, stage, iteration, self.log)
+
+
+def _child_task_state(flow_run_id, stage: str, iteration: int, log) -> str:
+    """The final state name (Cached, Completed) of the stage task inside a stage's flow run.
+
+    Task run states reach the API as events, a moment after the flow run itself is final: wait briefly.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        for _ in range(60):
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            done = [r for r in runs if r.name == f"{stage}-it{iteration}" and r.state is not None
+                    and r.state.is_final()]
+            if done:
+                return max(done, key=lambda r: r.expected_start_time or r.created).state.name
+            time.sleep(0.5)
+    log.warning("flow run %s: the %s task's final state is not in the API yet; recorded as computed", flow_run_id,
+                stage)
+    return "Completed"
 
 
 @flow(name="distill", log_prints=True, validate_parameters=False)
@@ -224,16 +355,19 @@ def distill(config: dict, refresh: list[str] | None = None, resume: bool = False
     if bad:
         raise ConfigError(f"--refresh: unknown stage(s) {sorted(bad)}; stages are {', '.join(STAGES)}")
     run = _Runner(cfg, store, lineage, set(refresh or []))
+    if cfg.orchestration.stage_runner == "deployment":
+        run.check_deployments([s for s in GPU_STAGES if (s != "gates" or cfg.gates.enabled)
+                               and (s != "analyze" or cfg.method != "opd")])
     teacher, student0 = resolve_models(cfg)
     chk = checker_name(cfg)
     dev, seed = cfg.device, cfg.seed
 
     ev_split = cfg.data.eval_split or "test"
     ev_ctx = _max_prompt_tokens(student0, cfg.evaluation.max_new_tokens)
-    ev = run("prompts", 0, prompts_task, prompts_key(cfg.data, student0, ev_split, cfg.data.eval_size, 0, seed, ev_ctx),
+    ev = run("prompts", 0, prompts_key(cfg.data, student0, ev_split, cfg.data.eval_size, 0, seed, ev_ctx),
              label="eval_prompts", data=cfg.data, tokenizer_model=student0, split=ev_split, n=cfg.data.eval_size,
              offset=0, seed=seed, max_context=ev_ctx)
-    base = run("evaluate", 0, evaluate_task, evaluate_key(student0, ev, cfg.evaluation, seed, chk), label="baseline",
+    base = run("evaluate", 0, evaluate_key(student0, ev, cfg.evaluation, seed, chk), label="baseline",
                model=student0, prompts=ev, cfg=cfg.evaluation, seed=seed, checker=chk, device=dev)
     baseline = accuracy(store, base)
 
@@ -249,28 +383,27 @@ def distill(config: dict, refresh: list[str] | None = None, resume: bool = False
     ctx = _max_prompt_tokens(student0, cfg.rollout.max_new_tokens)
     for i in range(start, start + cfg.iterations):
         run.rows = []
-        pr = run("prompts", i, prompts_task, prompts_key(cfg.data, student0, "train", n, i * n, seed, ctx),
+        pr = run("prompts", i, prompts_key(cfg.data, student0, "train", n, i * n, seed, ctx),
                  data=cfg.data, tokenizer_model=student0, split="train", n=n, offset=i * n, seed=seed,
                  max_context=ctx)
-        ro = run("rollout", i, rollout_task, rollout_key(student, pr, cfg.rollout, seed, chk), student=student,
+        ro = run("rollout", i, rollout_key(student, pr, cfg.rollout, seed, chk), student=student,
                  prompts=pr, cfg=cfg.rollout, seed=seed, checker=chk, device=dev)
-        sc = run("score", i, score_task, score_key(teacher, ro, cfg.scoring), teacher=teacher, student=student,
+        sc = run("score", i, score_key(teacher, ro, cfg.scoring), teacher=teacher, student=student,
                  rollouts=ro, cfg=cfg.scoring, device=dev)
         if cfg.gates.enabled:
-            gt = run("gates", i, gates_task, gates_key(student, teacher, ro, sc, cfg.gates), student=student,
+            gt = run("gates", i, gates_key(student, teacher, ro, sc, cfg.gates), student=student,
                      teacher=teacher, rollouts=ro, scores=sc, cfg=cfg.gates, device=dev)
             check_gates(store, gt)  # DataError naming each failed gate: nothing trains on these rollouts
         an = None
         if cfg.method != "opd":
-            an = run("analyze", i, analyze_task, analyze_key(student, teacher, ro, sc, cfg.analysis, cfg.method,
-                                                             cfg.update, seed),
+            an = run("analyze", i, analyze_key(student, teacher, ro, sc, cfg.analysis, cfg.method, cfg.update, seed),
                      student=student, teacher=teacher, rollouts=ro, scores=sc, cfg=cfg.analysis, method=cfg.method,
                      upd=cfg.update, seed=seed, label_roles=chk == "testbed", device=dev)
-        up = run("update", i, update_task, update_key(student, ro, sc, an, teacher, cfg.update, seed),
+        up = run("update", i, update_key(student, ro, sc, an, teacher, cfg.update, seed),
                  student=student, rollouts=ro, scores=sc, cfg=cfg.update, seed=seed, weights=an, teacher=teacher,
                  device=dev)
         student = ModelSpec.from_checkpoint(store, up)
-        ev_ref = run("evaluate", i, evaluate_task, evaluate_key(student, ev, cfg.evaluation, seed, chk),
+        ev_ref = run("evaluate", i, evaluate_key(student, ev, cfg.evaluation, seed, chk),
                      model=student, prompts=ev, cfg=cfg.evaluation, seed=seed, checker=chk, device=dev)
         acc = accuracy(store, ev_ref)
         losses = store.read_table(up, "updates", columns=["loss"]).column("loss").to_pylist()

@@ -189,12 +189,44 @@ class FaultConfig(_Strict):
     iteration: int = Field(default=0, ge=0, description="Iteration at which the stage fails.")
 
 
+#: The stages that need a GPU (with a real model): each can run as its own deployment (stage_runner).
+GPU_STAGES = ("rollout", "score", "gates", "analyze", "update", "evaluate")
+
+#: The flow that runs one stage (flows/stage.py); its deployments are named by `stage_deployment`.
+STAGE_FLOW = "opd-stage"
+
+_STAGE_DEPLOYMENT = re.compile(r"^opd-stage/[A-Za-z0-9_.-]*\{stage\}[A-Za-z0-9_.-]*$")
+
+
 class OrchestrationConfig(_Strict):
     """Prefect settings of the stages (not part of any cache key)."""
 
     retries: int = Field(default=2, ge=0, le=20, description="Retries of a failed stage (transient errors only).")
     retry_delay_seconds: float = Field(default=5.0, ge=0.0, description="Base of the exponential backoff.")
     concurrency_tag: str = Field(default="gpu", description="Tag on GPU stages, for Prefect concurrency limits.")
+    stage_runner: Literal["inline", "deployment"] = Field(
+        default="inline", description="inline: every stage runs in the distill flow's process; deployment: each GPU "
+        "stage is a flow run of its own deployment (opd deploy-stages), started with run_deployment "
+        "(docs/scaling.md).")
+    stage_deployment: str = Field(
+        default="opd-stage/{stage}", description="deployment runner: the deployment of each GPU stage, "
+        "'opd-stage/NAME' with {stage} replaced by rollout, score, gates, analyze, update or evaluate.")
+    stage_poll_seconds: float = Field(default=2.0, gt=0.0, le=300.0,
+                                      description="deployment runner: how often a stage's flow run is polled.")
+
+    @field_validator("stage_deployment")
+    @classmethod
+    def _deployment_template(cls, v: str) -> str:
+        if not _STAGE_DEPLOYMENT.match(v) or v.count("{stage}") != 1:
+            raise ValueError(f"must be '{STAGE_FLOW}/NAME' where NAME holds {{stage}} once and otherwise only "
+                             "letters, digits, '_', '.', '-' (e.g. 'opd-stage/{stage}' or 'opd-stage/{stage}-a100')")
+        return v
+
+    def stage_deployment_name(self, stage: str) -> str:
+        """The full deployment name ('opd-stage/rollout') that runs `stage` under the deployment runner."""
+        if stage not in GPU_STAGES:
+            raise ConfigError(f"stage {stage!r} has no deployment; GPU stages are {', '.join(GPU_STAGES)}")
+        return self.stage_deployment.replace("{stage}", stage)
 
 
 class RunConfig(_Strict):

@@ -75,6 +75,13 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
         with temporary_settings({PREFECT_API_URL: api}):  # this process's client talks to the test server
             yield {"env": env, "api": api, "proc": proc}
+            # Send this process's queued logs and events while the server is up; left for interpreter exit, they
+            # would retry against the stopped server for about a minute ("Error logging to API").
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=10)
+            EventsWorker.drain_all(timeout=10)
     finally:
         _stop(proc)
 
@@ -166,5 +173,90 @@ def test_deployment_on_process_work_pool(server, tiny, tmp_path: Path) -> None:
                               env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     try:
         _check_two_runs_continue(server, dep, "pooled", root, [worker], log)
+    finally:
+        _stop(worker)
+
+
+def _summary_shas(out: dict) -> dict[tuple[int, str], str]:
+    return {(it["iteration"], r["stage"]): r["sha256"] for it in out["iterations"] for r in it["stages"]}
+
+
+def _summary_states(out: dict) -> dict[tuple[int, str], str]:
+    return {(it["iteration"], r["stage"]): r["state"] for it in out["iterations"] for r in it["stages"]}
+
+
+@pytest.mark.slow
+def test_one_deployment_per_gpu_stage_on_process_work_pool(server, tiny, tmp_path: Path) -> None:
+    """`opd deploy-stages` on a process pool + a real worker; `distill` with stage_runner=deployment runs each GPU
+    stage as a child flow run of its deployment. The artifacts equal an inline run's (the inline rerun in the
+    same root is all cache hits; in a fresh root it recomputes the same bytes), and a failing stage is an error
+    that names the stage, the iteration and the child flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    from flows.distill import distill
+    from opd_tasks.config import GPU_STAGES, load_config
+    from opd_tasks.errors import TransientError
+
+    env = {**server["env"], "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    out = subprocess.run([str(BIN / "prefect"), "work-pool", "create", "gpu-test", "--type", "process"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    dep_out = subprocess.run([sys.executable, "-m", "flows.cli", "deploy-stages", "--pool", "gpu-test"], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=180)
+    assert dep_out.returncode == 0, dep_out.stdout + dep_out.stderr
+    with get_client(sync_client=True) as c:
+        deps = {s: c.read_deployment_by_name(f"opd-stage/{s}") for s in GPU_STAGES}
+    assert {d.work_pool_name for d in deps.values()} == {"gpu-test"} and deps["score"].tags == ["gpu"]
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "gpu-test"], cwd=tmp_path,
+                              env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    common = [*tiny, "iterations=1", "method=topd", "orchestration.retry_delay_seconds=0"]
+    deployed = ["orchestration.stage_runner=deployment", "orchestration.stage_poll_seconds=0.5"]
+    try:
+        root = tmp_path / "a"
+        state = distill(load_config(None, [*common, *deployed, f"root={root}"]).model_dump(mode="json"),
+                        return_state=True)
+        assert state.is_completed(), log.read_text()[-3000:]
+        via_deployments = state.result()
+        assert set(_summary_states(via_deployments).values()) == {"Completed"}
+        # One child flow run per GPU stage call, of the deployment of its stage, all completed.
+        labels = {"baseline": "evaluate", "rollout": "rollout", "score": "score", "gates": "gates",
+                  "analyze": "analyze", "update": "update", "evaluate": "evaluate"}
+        with get_client(sync_client=True) as c:
+            children = c.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
+        by_id = {d.id: s for s, d in deps.items()}
+        assert sorted((fr.name, by_id.get(fr.deployment_id), fr.state.name) for fr in children) == sorted(
+            (f"testbed-it0-{label}", stage, "Completed") for label, stage in labels.items())
+        # Each ArtifactRef came back as the child flow run's JSON result under <root>/prefect/results.
+        results = [json.loads(f.read_text()) for f in (root / "prefect" / "results").iterdir()
+                   if re.fullmatch(r"[0-9a-f]{32}", f.name)]
+        assert len(results) == len(labels)
+        assert {r["__class__"] for r in results} == {"storage.refs.ArtifactRef"}
+        assert {r["data"]["sha256"][:16] for r in results} == {r["sha256"] for r in via_deployments[
+            "iterations"][0]["stages"] if r["stage"] != "prompts"} | {RunLineage(root, "testbed").get(
+                0, "baseline").ref.sha256[:16]}
+
+        # The same config inline, same root: every stage is a cache hit on the children's records and artifacts.
+        inline = distill(load_config(None, [*common, f"root={root}"]).model_dump(mode="json"))
+        assert set(_summary_states(inline).values()) == {"Cached"}
+        assert _summary_shas(inline) == _summary_shas(via_deployments)
+        # ... and in a fresh root it recomputes the same bytes.
+        fresh = distill(load_config(None, [*common, f"root={tmp_path / 'b'}"]).model_dump(mode="json"))
+        assert set(_summary_states(fresh).values()) == {"Completed"}
+        assert _summary_shas(fresh) == _summary_shas(via_deployments)
+
+        # A failing stage (the injected fault, no retries; --refresh so that it runs) fails the run with an error
+        # naming the stage, the iteration and the child flow run. Its baseline child was a cache hit: cached.
+        faulty = load_config(None, [*common, *deployed, f"root={root}", "name=faulty", "fault.stage=rollout",
+                                    "fault.iteration=0", "orchestration.retries=0"])
+        with pytest.raises(TransientError, match=r"stage 'rollout' \(deployment opd-stage/rollout\) at iteration 0: "
+                                                 r"its flow run 'faulty-it0-rollout' \([0-9a-f-]{36}\) ended Failed: "
+                                                 r".*injected fault"):
+            distill(faulty.model_dump(mode="json"), refresh=["rollout"])
+        baseline = RunLineage(root, "faulty").get(0, "baseline")
+        assert baseline.cached is True
+        assert baseline.ref.sha256 == RunLineage(root, "testbed").get(0, "baseline").ref.sha256
     finally:
         _stop(worker)

@@ -265,3 +265,36 @@ def test_experiment_runs_methods_x_seeds_shares_cache_and_publishes_the_report(h
 
     arts = asyncio.run(artifacts())
     assert arts and any("exp-topd-s1" in (a.data or "") and "final accuracy" in (a.data or "") for a in arts)
+
+
+def test_deployment_runner_without_stage_deployments_fails_before_any_work(harness, models, tmp_path: Path) -> None:
+    from flows.distill import distill
+
+    cfg = _cfg(models, tmp_path, "iterations=1", "orchestration.stage_runner=deployment")
+    with pytest.raises(ConfigError, match=r"deployment\(s\) opd-stage/rollout, opd-stage/score, opd-stage/gates, "
+                                          r"opd-stage/update, opd-stage/evaluate do not exist .*opd deploy-stages"):
+        distill(cfg.model_dump(mode="json"))
+    assert list(ArtifactStore(tmp_path).iter_artifacts()) == []
+
+
+def test_stage_flow_calls_the_same_cached_task_as_inline(harness, models, tmp_path: Path) -> None:
+    """The `opd-stage` flow (what each stage deployment runs), called with JSON parameters after an inline run,
+    returns the inline run's ArtifactRef from the same cache record; the child task's state reads as Cached."""
+    import logging
+
+    from pydantic_core import to_jsonable_python
+
+    from flows.distill import _child_task_state, distill
+    from flows.stage import opd_stage
+    from opd_tasks.iteration import checker_name, resolve_models
+
+    cfg = _cfg(models, tmp_path, "iterations=1")
+    distill(cfg.model_dump(mode="json"))
+    lin = RunLineage(tmp_path, "testbed")
+    _, student0 = resolve_models(cfg)
+    params = dict(model=student0, prompts=lin.get(0, "eval_prompts").ref, cfg=cfg.evaluation, seed=cfg.seed,
+                  checker=checker_name(cfg), device=cfg.device)
+    state = opd_stage(stage="evaluate", params=to_jsonable_python(params), root=str(tmp_path), iteration=0,
+                      run="testbed", orchestration=cfg.orchestration.model_dump(mode="json"), return_state=True)
+    assert state.result() == lin.get(0, "baseline").ref
+    assert _child_task_state(state.state_details.flow_run_id, "evaluate", 0, logging.getLogger()) == "Cached"

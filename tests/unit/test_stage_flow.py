@@ -1,0 +1,104 @@
+"""`orchestration.stage_runner` / `stage_deployment` (config validation and deployment names) and the `opd-stage`
+flow's JSON parameters turned back into the stage task's types (no Prefect server needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic_core import to_jsonable_python
+
+from opd_tasks.common import ModelSpec
+from opd_tasks.config import GPU_STAGES, load_config
+from opd_tasks.errors import ConfigError
+from storage.refs import ArtifactRef
+
+
+def test_stage_runner_defaults_and_deployment_names() -> None:
+    o = load_config().orchestration
+    assert o.stage_runner == "inline" and o.stage_deployment == "opd-stage/{stage}"
+    assert [o.stage_deployment_name(s) for s in GPU_STAGES] == [
+        "opd-stage/rollout", "opd-stage/score", "opd-stage/gates", "opd-stage/analyze", "opd-stage/update",
+        "opd-stage/evaluate"]
+    o = load_config(None, ["orchestration.stage_runner=deployment",
+                           "orchestration.stage_deployment=opd-stage/a100-{stage}.v2"]).orchestration
+    assert o.stage_runner == "deployment" and o.stage_deployment_name("update") == "opd-stage/a100-update.v2"
+    with pytest.raises(ConfigError, match=r"stage 'prompts' has no deployment; GPU stages are rollout, score"):
+        o.stage_deployment_name("prompts")
+
+
+@pytest.mark.parametrize("bad", ["rollout", "opd-stage/gpu", "distill/{stage}", "opd-stage/{stage}/x",
+                                 "opd-stage/{stage}{stage}", "opd-stage/{other}", "opd-stage/{stage} x",
+                                 "opd-stage/{stage}-{iteration}"])
+def test_bad_stage_deployment_is_an_error_naming_the_key(bad: str) -> None:
+    with pytest.raises(ConfigError, match=r"orchestration\.stage_deployment: must be 'opd-stage/NAME' where NAME "
+                                          r"holds \{stage\} once"):
+        load_config(None, [f"orchestration.stage_deployment={bad}"])
+
+
+@pytest.mark.parametrize(("override", "pattern"), [
+    ("orchestration.stage_runner=k8s", r"orchestration\.stage_runner: Input should be 'inline' or 'deployment'"),
+    ("orchestration.stage_poll_seconds=0", r"orchestration\.stage_poll_seconds: .*greater than 0"),
+])
+def test_bad_stage_runner_settings(override: str, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, [override])
+
+
+def _ref(stage: str) -> ArtifactRef:
+    return ArtifactRef(uri=f"/r/{stage}", stage=stage, key="k" * 64, sha256="c" * 64, rows=3, bytes=10,
+                       schema_name=stage, schema_version=1)
+
+
+def test_stage_params_survive_json_with_their_types_and_cache_keys() -> None:
+    """What `run_deployment` sends (JSON) comes back as the task's types, with the same cache key."""
+    from flows.stage import typed_params
+    from opd_tasks.rollout import rollout_key
+    from opd_tasks.update import update_key
+
+    cfg = load_config(None, ["rollout.temperature=0.7"])
+    student = ModelSpec(path="/m/s", sha256="a" * 64, checkpoint=_ref("update"))
+    teacher = ModelSpec(path="/m/t", sha256="b" * 64)
+    params = dict(student=student, prompts=_ref("prompts"), cfg=cfg.rollout, seed=3, checker="testbed", device="cpu")
+    back = typed_params("rollout", json.loads(json.dumps(to_jsonable_python(params))))
+    assert back == params and type(back["cfg"]) is type(cfg.rollout) and type(back["prompts"]) is ArtifactRef
+    assert rollout_key(back["student"], back["prompts"], back["cfg"], 3, "testbed") == rollout_key(
+        student, _ref("prompts"), cfg.rollout, 3, "testbed")
+    # Optional parameters: None stays None, a ref is a ref.
+    for weights in (None, _ref("analyze")):
+        params = dict(student=student, rollouts=_ref("rollout"), scores=_ref("score"), cfg=cfg.update, seed=0,
+                      weights=weights, teacher=teacher, device="cpu")
+        back = typed_params("update", json.loads(json.dumps(to_jsonable_python(params))))
+        assert back == params
+        assert update_key(student, back["rollouts"], back["scores"], back["weights"], teacher, back["cfg"], 0) == \
+            update_key(student, _ref("rollout"), _ref("score"), weights, teacher, cfg.update, 0)
+
+
+def test_stage_params_errors_name_the_stage_and_parameter() -> None:
+    from flows.stage import typed_params
+
+    ok = to_jsonable_python(dict(model=ModelSpec(path="/m", sha256="a" * 64), prompts=_ref("prompts"),
+                                 cfg=load_config().evaluation, seed=0, checker="testbed", device="cpu"))
+    assert typed_params("evaluate", ok)["seed"] == 0
+    with pytest.raises(ConfigError, match=r"opd-stage: unknown stage 'train'"):
+        typed_params("train", ok)
+    with pytest.raises(ConfigError, match=r"opd-stage evaluate: unknown parameter\(s\) \['bogus'\]"):
+        typed_params("evaluate", {**ok, "bogus": 1})
+    with pytest.raises(ConfigError, match=r"opd-stage evaluate: missing parameter\(s\) \['prompts'\]"):
+        typed_params("evaluate", {k: v for k, v in ok.items() if k != "prompts"})
+    with pytest.raises(ConfigError, match=r"opd-stage evaluate: parameter 'prompts' is not a .*ArtifactRef"):
+        typed_params("evaluate", {**ok, "prompts": {"uri": "/x"}})
+    with pytest.raises(ConfigError, match=r"unknown parameter\(s\) \['root'\]"):  # the flow passes it itself
+        typed_params("evaluate", {**ok, "root": "/elsewhere"})
+
+
+def test_deploy_stages_refuses_non_gpu_stages_and_bad_names_before_any_api_call() -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    runner = CliRunner()
+    out = runner.invoke(app, ["deploy-stages", "--pool", "gpu", "--stages", "rollout,prompts"])
+    assert out.exit_code == 2 and "not GPU stage(s) ['prompts']" in out.output
+    out = runner.invoke(app, ["deploy-stages", "--pool", "gpu", "--set", "orchestration.stage_deployment=x/{stage}"])
+    assert out.exit_code == 2 and "orchestration.stage_deployment: must be" in out.output

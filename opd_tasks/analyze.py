@@ -34,8 +34,10 @@ REGIMES = ("normal", "surface", "divergent", "unprobed")
 
 
 def weight_slice(method: str, upd: UpdateConfig) -> dict:
+    """The update settings the analysis artifact depends on: the weights, and whether the bridge needs the
+    teacher's continuations (the `swap` detector generates them only then)."""
     return {"method": method, "lambda_s": upd.lambda_s, "alpha": upd.alpha, "gamma": upd.gamma,
-            "horizon": upd.horizon}
+            "horizon": upd.horizon, "bridge": method == "topd" and upd.beta > 0}
 
 
 def analyze_key(student: ModelSpec, teacher: ModelSpec, rollouts: ArtifactRef, scores: ArtifactRef,
@@ -145,7 +147,7 @@ def _student_pass(model, seqs: list[_Seq], batch: int, on_chunk=None) -> tuple[l
     for s0 in range(0, len(seqs), batch):
         chunk = seqs[s0 : s0 + batch]
         ids, attn, pred, _ = pack_right([s.prompt for s in chunk], [s.tokens for s in chunk], 0)
-        enc = encode(model, ids, attn, {s0 + i: i for i in range(len(chunk))})
+        enc = encode(model, ids, attn, {s0 + i: i for i in range(len(chunk))}, use_cache=on_chunk is not None)
         idx = pred.to(dev)[:, :, None].expand(-1, -1, enc.hidden.shape[-1])
         logits = _head(model, enc.hidden.gather(1, idx))  # [B, T, V] at the completion tokens only
         logp = torch.log_softmax(logits, -1)
@@ -215,31 +217,38 @@ def _swap(teacher_lm, seqs: list[_Seq], full: list[list[int]], rows: list[tuple[
           progress: bool) -> tuple[list[float], list[list[int]]]:
     """The `swap` detector: for each probed (sequence i, position t), D_t = mean over the student's next W tokens
     of log pi_T(y_t+j | s_t, y_t, ...) - log pi_T(y_t+j | s_t, a_t, ...), where a_t is the teacher's most likely
-    token other than y_t. The first term is the scoring stage's teacher log-prob; the second is one teacher-forced
-    pass over a_t + y_t+1..t+W from the teacher's cached prefix s_t. D_t > 0: the student's next tokens build on
-    its choice at t (a fork with consequences); D_t <= 0: they read as well after the teacher's token (a
-    surface-form choice). 0 when no token follows. With `bridge`, the teacher's greedy K-token continuation from
-    each divergent prefix (D_t >= delta; with delta None, i.e. a quantile threshold, after all D_t are known)."""
+    token other than y_t (from the scoring stage's top-k). Both terms come from one teacher-forced pass over
+    y_t + y_t+1..t+W and a_t + y_t+1..t+W from the teacher's cached prefix s_t, so the scoring backend's
+    numerics never enter D_t. D_t > 0: the student's next tokens build on its choice at t (a fork with
+    consequences); D_t <= 0: they read as well after the teacher's token (a surface-form choice). Positions
+    without a following token are never probed (`select`). With `bridge`, the teacher's greedy K-token
+    continuation from each divergent prefix (D_t >= delta; with delta None, i.e. a quantile threshold, the
+    caller adds them once all D_t are known)."""
     from opd_tasks.hf import _Prefixes
 
     dists: list[float] = []
     conts: list[list[int]] = [[] for _ in rows]
     for s0 in tqdm(range(0, len(rows), batch), desc="swap", unit="batch", disable=not progress, leave=False):
         chunk = rows[s0 : s0 + batch]
-        pre = _Prefixes(teacher_lm, full, [(i, len(seqs[i].prompt) + t) for i, t in chunk], pad)
-        given = []
+        if any(t + 1 >= len(seqs[i].tokens) for i, t in chunk):
+            raise DataError("swap: a probed position has no following token")
+        prefixes = [(i, len(seqs[i].prompt) + t) for i, t in chunk]
+        pre = _Prefixes(teacher_lm, full, prefixes + prefixes, pad)  # rows j and P + j share prefix j
+        own, alt = [], []
         for i, t in chunk:
-            alt = next(c for c in seqs[i].topk_ids[t] if c != seqs[i].tokens[t])
-            given.append([alt] + seqs[i].tokens[t + 1 : t + 1 + window])
-        for (i, t), lp in zip(chunk, pre.score(given), strict=True):
-            fut = seqs[i].logp_t[t + 1 : t + 1 + window]
-            dists.append(float(np.mean(np.asarray(fut, dtype=np.float64) - np.asarray(lp[1:], dtype=np.float64)))
-                         if fut else 0.0)
+            fut = seqs[i].tokens[t + 1 : t + 1 + window]
+            own.append([seqs[i].tokens[t]] + fut)
+            alt.append([next(c for c in seqs[i].topk_ids[t] if c != seqs[i].tokens[t])] + fut)
+        lp = pre.score(own + alt)
+        n = len(chunk)
+        for j in range(n):
+            dists.append(float(np.mean(np.asarray(lp[j][1:], dtype=np.float64)
+                                       - np.asarray(lp[n + j][1:], dtype=np.float64))))
         if bridge and delta is not None:
-            div = [j for j in range(len(chunk)) if dists[s0 + j] >= delta]
+            div = [j for j in range(n) if dists[s0 + j] >= delta]
             for j, c in zip(div, pre.greedy(k, eos, only=div)[0], strict=True):
                 conts[s0 + j] = c
-    return dists, conts  # with a quantile threshold the caller adds the bridges (`_swap_bridges`)
+    return dists, conts
 
 
 def _swap_bridges(teacher_lm, full: list[list[int]], seqs: list[_Seq], rows: list[tuple[int, int]],
@@ -292,7 +301,10 @@ def analyze(
         rows: list[tuple[int, int]] = []
         if cfg.detector in ("probe", "swap"):
             for i in range(len(seqs)):
-                order = sorted(np.flatnonzero(high[i]).tolist(), key=lambda t: -signal[i][t])[: cfg.probe_budget]
+                cand = np.flatnonzero(high[i]).tolist()
+                if cfg.detector == "swap":  # the last token has no near future to re-read: never probed
+                    cand = [t for t in cand if t < len(seqs[i].tokens) - 1]
+                order = sorted(cand, key=lambda t: -signal[i][t])[: cfg.probe_budget]
                 rows += [(i, t) for t in sorted(order)]
         return high_flat, high, rows
 

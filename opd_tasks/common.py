@@ -19,8 +19,9 @@ STAGE_VERSIONS: dict[str, int] = {
     "score": 1,
     "gates": 1,
     # analyze 3: probes continue from cached prefixes, xent self terms from generation; 4: head at ends;
-    # 5: the student's probes reuse its statistics pass, finished probes leave the batch
-    "analyze": 5,
+    # 5: the student's probes reuse its statistics pass, finished probes leave the batch; 6: whether the bridge
+    # is trained is part of the key (swap generates continuations only then)
+    "analyze": 6,
     "update": 2,  # 2: the bridge loss continues from the main forward's keys/values
     "evaluate": 1,
 }

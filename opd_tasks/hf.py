@@ -286,11 +286,16 @@ class Encoded:
     row: dict[int, int]
 
 
-def encode(model, ids: torch.Tensor, attn: torch.Tensor, row: dict[int, int]) -> Encoded:
-    """The decoder alone over a right-padded batch, with its KV cache (no output head: see `_head`)."""
+def encode(model, ids: torch.Tensor, attn: torch.Tensor, row: dict[int, int], use_cache: bool = True) -> Encoded:
+    """The decoder alone over a right-padded batch, with its KV cache unless `use_cache` is False (no output
+    head: see `_head`)."""
     dev = next(model.parameters()).device
-    out = model.get_decoder()(input_ids=ids.to(dev), attention_mask=attn.to(dev), use_cache=True)
-    return Encoded(out["cache"] if "cache" in out else out["past_key_values"], out.last_hidden_state, row)
+    out = model.get_decoder()(input_ids=ids.to(dev), attention_mask=attn.to(dev), use_cache=use_cache)
+    cache = (out["cache"] if "cache" in out else out.get("past_key_values")) if use_cache else None
+    if use_cache and cache is None:
+        raise ModelError(f"{type(model).__name__} returned no KV cache (gradient checkpointing on?); the probes "
+                         "and the bridge loss continue from it")
+    return Encoded(cache, out.last_hidden_state, row)
 
 
 class _Prefixes:
@@ -332,6 +337,10 @@ class _Prefixes:
         elif any(i not in encoded.row for i, _ in probes):
             raise ConfigError("a probed sequence is not in the given encoding")
         full = encoded.cache
+        if any(type(layer).__name__ != "DynamicLayer" for layer in full.layers):
+            raise ConfigError(
+                f"{type(model).__name__}: the probes need every layer's full keys/values (a DynamicLayer); this "
+                f"model's cache has {sorted({type(x).__name__ for x in full.layers})} (sliding-window attention?)")
         self.w = w = max(lengths)
         n = torch.tensor(lengths, device=device)
         src = torch.tensor([encoded.row[i] for i, _ in probes], device=device)

@@ -209,10 +209,15 @@ class RemoteMirror:
             if self.has_manifest(stage, key):  # someone committed meanwhile: the caller compares
                 return
             mpath = self.manifest_path(stage, key)
-            if self._local:  # a POSIX target: write aside and rename, so no reader sees a half-written manifest
+            if self._local:  # a POSIX target: write aside, then link: no half-written manifest, never replaced
                 tmp = f"{mpath}.tmp-{uuid.uuid4().hex[:8]}"
                 self.fs.pipe_file(tmp, manifest)
-                self.fs.mv(tmp, mpath)
+                try:
+                    os.link(self.fs._strip_protocol(tmp), self.fs._strip_protocol(mpath))
+                except FileExistsError:
+                    pass  # someone committed meanwhile: the caller compares
+                finally:
+                    self.fs.rm_file(tmp)
             else:  # an object PUT appears whole or not at all
                 self.fs.pipe_file(mpath, manifest)
         except OSError as e:

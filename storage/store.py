@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import socket
@@ -40,7 +41,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.errors import ArtifactError
+from storage.errors import ArtifactError, TransientError
 from storage.hashing import canonical_json, sha256_bytes, sha256_file
 from storage.layout import MANIFEST, TMP_PREFIX, Layout, check_key, check_name
 from storage.refs import ArtifactRef
@@ -48,6 +49,8 @@ from storage.remote import RemoteMirror, check_rel_path
 from storage.schemas import TableSchema, check_file_schema, conform, get_schema
 
 MANIFEST_FORMAT = 1
+
+log = logging.getLogger(__name__)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -180,8 +183,8 @@ class ArtifactWriter:
         ref, fresh = self._publish(data, files)
         if fresh:
             self.store.published.append(ref)
-        self.store._push(ref, verified=fresh)  # a no-op without a remote or when the remote has it already
-        return ref
+        # a no-op without a remote or when the remote has it already; theirs when the remote differs
+        return self.store._push(ref, verified=fresh)
 
     def _publish(self, data: bytes, files: list[Path]) -> tuple[ArtifactRef, bool]:
         """Write manifest `data` beside `files`, fsync, and rename the temp dir into place.
@@ -305,8 +308,12 @@ class ArtifactStore:
         if self.remote is None:
             return ref
         if ref is not None:
-            if not self.remote.has_manifest(stage, key):
-                self._push(ref)
+            try:  # best effort: a local hit never needs the remote (it may be down)
+                if not self.remote.has_manifest(stage, key):
+                    ref = self._push(ref)
+            except TransientError as e:
+                log.warning("artifact %s/%s: not mirrored to the remote now (%s); the next lookup tries again",
+                            stage, key, e)
             return ref
         return self._pull(stage, key)
 
@@ -318,12 +325,15 @@ class ArtifactStore:
         return self._ref_from_manifest(adir, mpath.read_bytes())
 
     # -- remote mirror ------------------------------------------------------------------------------
-    def _push(self, ref: ArtifactRef, verified: bool = False) -> None:
-        """Mirror a local artifact to the remote: files, then the manifest. If the remote already has a manifest
-        for the key it must be byte-identical to ours; it is never overwritten."""
+    def _push(self, ref: ArtifactRef, verified: bool = False) -> ArtifactRef:
+        """Mirror a local artifact to the remote: files, then the manifest; returns the artifact to use.
+
+        A remote manifest is never overwritten. If the remote already has a different one for the key (two
+        writers computed different bytes for one cache key: the first to commit wins, as in the local store),
+        the local copy is moved to `<root>/retired/` and the remote artifact is pulled and returned."""
         remote = self.remote
         if remote is None:
-            return
+            return ref
         adir = Path(ref.uri)
         data = (adir / MANIFEST).read_bytes()
         theirs = remote.manifest_bytes(ref.stage, ref.key)
@@ -333,14 +343,19 @@ class ArtifactStore:
             rels = [check_rel_path(e["path"], str(adir / MANIFEST)) for e in json.loads(data)["files"]]
             remote.upload(ref.stage, ref.key, sha256_bytes(data), adir, rels, data)
             theirs = remote.manifest_bytes(ref.stage, ref.key)
-        if theirs is not None and theirs != data:
-            moved = self._retire_local(ref)
-            raise ArtifactError(
-                f"artifact {ref.stage}/{ref.key}: {remote.display(remote.manifest_path(ref.stage, ref.key))} holds "
-                f"a different manifest (sha256 {sha256_bytes(theirs)[:16]}..., ours {sha256_bytes(data)[:16]}...). "
-                "A remote manifest is never overwritten: two writers computed different bytes for one cache key. "
-                f"The local copy was moved to {moved}; the next lookup of the key uses the remote one."
-            )
+        if theirs is None or theirs == data:
+            return ref
+        moved = self._retire_local(ref)
+        log.warning(
+            "artifact %s/%s: %s holds a different manifest (sha256 %s..., ours %s...); two writers computed "
+            "different bytes for one cache key. The remote one was first and is used; ours was moved to %s",
+            ref.stage, ref.key, remote.display(remote.manifest_path(ref.stage, ref.key)),
+            sha256_bytes(theirs)[:16], sha256_bytes(data)[:16], moved)
+        pulled = self._pull(ref.stage, ref.key)
+        if pulled is None:
+            raise TransientError(f"artifact {ref.stage}/{ref.key}: the remote manifest that differs from ours "
+                                 "disappeared while it was being read; retry the stage")
+        return pulled
 
     def _pull(self, stage: str, key: str) -> ArtifactRef | None:
         """Download (stage, key) from the remote into a temp dir, verify every file, publish it locally."""

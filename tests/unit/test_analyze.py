@@ -238,7 +238,8 @@ def test_swap_detector_matches_a_slow_loop_and_bridges_only_divergent_positions(
         out = []
         with torch.no_grad():
             for j, tok in enumerate(cont):
-                out.append(float(torch.log_softmax(t_lm(input_ids=torch.tensor([prefix + cont[:j]])).logits[0, -1], -1)[tok]))
+                logits = t_lm(input_ids=torch.tensor([prefix + cont[:j]])).logits[0, -1]
+                out.append(float(torch.log_softmax(logits, -1)[tok]))
         return out
 
     assert len(probes) > 4 and {p["distance_kind"] for p in probes} == {"swap"}
@@ -269,6 +270,59 @@ def test_swap_detector_matches_a_slow_loop_and_bridges_only_divergent_positions(
     sup = analyze(store, env["student"], env["teacher"], env["roll"], env["scores"], cfg, "opd_suppress",
                   UpdateConfig(), 0, progress=False)
     assert all(p["teacher_continuation"] == [] for p in store.read_table(sup, "probes").to_pylist())
+
+
+def test_swap_never_probes_the_last_token_and_keys_on_the_bridge(env) -> None:
+    """A last token has no near future to re-read: with a budget that covers every high-loss token, swap probes
+    all of them except the last ones, which stay `unprobed` (weight 1). And whether the bridge is trained is
+    part of the analysis key: with beta 0 no continuation is generated, with beta > 0 every divergent position
+    has one, and the two are different artifacts."""
+    store: ArtifactStore = env["store"]
+    cfg = AnalysisConfig(detector="swap", window=3, probe_tokens=4, probe_budget=1000, high_loss_quantile=0.5)
+    with_bridge = analyze(store, env["student"], env["teacher"], env["roll"], env["scores"], cfg, "topd",
+                          UpdateConfig(beta=0.1), 0, progress=False)
+    no_bridge = analyze(store, env["student"], env["teacher"], env["roll"], env["scores"], cfg, "topd",
+                        UpdateConfig(beta=0.0), 0, progress=False)
+    assert with_bridge.key != no_bridge.key
+    rows = store.read_table(with_bridge, "tokens").to_pylist()
+    last = {(r["prompt_id"], r["sample_id"]): r["pos"] for r in rows
+            if r["pos"] == max(x["pos"] for x in rows if (x["prompt_id"], x["sample_id"]) == (r["prompt_id"],
+                                                                                            r["sample_id"]))}
+    high_last = [r for r in rows if r["high_loss"] and r["pos"] == last[(r["prompt_id"], r["sample_id"])]]
+    assert high_last and all(r["regime"] == "unprobed" for r in high_last)
+    others = [r for r in rows if r["high_loss"] and r["pos"] != last[(r["prompt_id"], r["sample_id"])]]
+    assert others and all(r["regime"] in ("surface", "divergent") for r in others)
+    regime = {(r["prompt_id"], r["sample_id"], r["pos"]): r["regime"] for r in rows}
+    for ref, bridged in ((with_bridge, True), (no_bridge, False)):
+        for p in store.read_table(ref, "probes").to_pylist():
+            div = regime[(p["prompt_id"], p["sample_id"], p["pos"])] == "divergent"
+            assert bool(p["teacher_continuation"]) == (bridged and div)
+
+
+def test_greedy_of_a_subset_equals_the_full_batch(env) -> None:
+    """`_Prefixes.greedy(only=...)` (the swap detector's bridges) gives the same continuations as greedy over
+    every prefix, with an EOS that some probes emit early (so the batch is compacted on the way)."""
+    from opd_tasks.hf import _Prefixes, load_causal_lm
+
+    roll = env["store"].read_table(env["roll"]).to_pylist()
+    seqs = [r["prompt_token_ids"] + r["token_ids"] for r in roll]
+    probes = [(i, len(r["prompt_token_ids"]) + j) for i, r in enumerate(roll)
+              for j in range(min(3, len(r["token_ids"])))]
+    model = load_causal_lm(env["teacher"].path, torch.device("cpu"), "float32")
+    with torch.no_grad():
+        pre = _Prefixes(model, seqs, probes, 0)
+        first, _ = pre.greedy(6, -1)  # no EOS: every probe runs 6 tokens
+        eos = first[0][0]  # a token some probes emit at once: they finish at step 0
+        full, full_lp = pre.greedy(6, eos)
+        assert any(len(c) == 1 for c in full) and any(len(c) > 1 for c in full)
+        only = [5, 1, len(probes) - 1, 0]
+        sub, sub_lp = pre.greedy(6, eos, only=only)
+        assert sub == [full[j] for j in only]
+        for a, j in zip(sub_lp, only, strict=True):
+            assert a == pytest.approx(full_lp[j], abs=1e-6)
+        assert pre.greedy(6, eos, only=[]) == ([], [])
+        again, _ = pre.greedy(6, eos)  # the cache is restored to the prefixes after each call
+        assert again == full
 
 
 def test_swap_detector_needs_the_teachers_top_2(env, tmp_path: Path) -> None:

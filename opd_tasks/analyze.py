@@ -16,6 +16,7 @@ tokens t..t+H after each divergent t. (`opd` does not run this stage: every weig
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,8 @@ from opd_tasks.errors import ConfigError, DataError
 from storage.keys import cache_key
 from storage.refs import ArtifactRef
 from storage.store import ArtifactStore
+
+log = logging.getLogger(__name__)
 
 REGIMES = ("normal", "surface", "divergent", "unprobed")
 
@@ -366,6 +369,11 @@ def analyze(
         d[i][t], probed[i][t] = dist, True
     all_d = [x for row in d for x in row if x is not None]
     delta = resolve_delta(cfg, all_d)
+    if cfg.detector != "swap" and cfg.delta_mode == "absolute" and cfg.delta == 0.0:
+        log.warning("analysis.delta is 0 (absolute), the swap detector's threshold; the %s detector's D_t has no "
+                    "natural zero (%d of %d probed positions come out divergent): set analysis.delta_mode: "
+                    "quantile or a calibrated absolute delta (docs/method.md)", cfg.detector,
+                    sum(x >= delta for x in all_d), len(all_d))
 
     regimes = [[regime_of(bool(high[i][t]), probed[i][t], d[i][t], delta) for t in range(len(s.tokens))]
                for i, s in enumerate(seqs)]

@@ -325,6 +325,20 @@ def test_greedy_of_a_subset_equals_the_full_batch(env) -> None:
         assert again == full
 
 
+def test_delta_zero_with_another_detector_warns(env, caplog) -> None:
+    """delta 0 (absolute) is swap's natural threshold; for the window detector it is a mistake worth a warning."""
+    cfg = AnalysisConfig(detector="window", delta_mode="absolute", delta=0.0)
+    with caplog.at_level("WARNING", logger="opd_tasks.analyze"):
+        analyze(env["store"], env["student"], env["teacher"], env["roll"], env["scores"], cfg, "topd", UpdateConfig(),
+                0, progress=False)
+    assert "analysis.delta is 0 (absolute)" in caplog.text and "window detector" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="opd_tasks.analyze"):
+        analyze(env["store"], env["student"], env["teacher"], env["roll"], env["scores"],
+                AnalysisConfig(detector="swap", window=3), "topd", UpdateConfig(), 0, progress=False)
+    assert "analysis.delta is 0" not in caplog.text
+
+
 def test_swap_detector_needs_the_teachers_top_2(env, tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path / "root")
     import shutil

@@ -424,7 +424,8 @@ class _Prefixes:
 
     def logprobs(self, given: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs [P, T] of the tokens `given[p]` after prefix p (teacher forcing) and their mask [P, T]. Under
-        autograd the gradient reaches the forward that encoded the prefixes. Call `_restore` afterwards."""
+        autograd the gradient reaches the forward that encoded the prefixes. Call `_restore` before using these
+        prefixes again."""
         if min(len(g) for g in given) < 1:
             raise ConfigError("cannot score an empty continuation")
         p_n, t = len(given), max(len(g) for g in given)

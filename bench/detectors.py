@@ -56,7 +56,7 @@ def measure(root: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     from opd_tasks.config import load_config
-    from opd_tasks.iteration import run_plain
+    from opd_tasks.pipeline import run_plain
 
     ap = argparse.ArgumentParser(prog="python -m bench detectors", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
                 cfg = load_config(None, ["method=topd", f"seed={seed}", f"iterations={args.iterations}",
                                          f"root={root}", f"name=s{seed}", *SETTINGS[name], *args.sets])
                 res = run_plain(cfg, log=lambda m: None, progress=False)
-                finals.append(res["iterations"][-1].accuracy)
+                finals.append(res.iterations[-1].accuracy)
             out[name] = measure(root) | {"final_accuracy": finals, "seconds": time.perf_counter() - t0,
                                          "overrides": SETTINGS[name]}
             console.print(f"{name}: {out[name]}")

@@ -52,27 +52,29 @@ def _peak_mb() -> float | None:
 
 def one_iteration(method: str, sequences: int, samples: int, root: Path, eval_size: int, sets: list[str]) -> dict:
     from opd_tasks.config import load_config
-    from opd_tasks.iteration import Stages, eval_prompts, resolve_models, run_iteration
-    from storage.store import ArtifactStore
+    from opd_tasks.method import plan
+    from opd_tasks.pipeline import StageRunner, eval_prompts_inputs, open_run, resolve_models, run_iteration
+    from opd_tasks.stages import PROMPTS
 
-    class MeteredStages(Stages):
-        def __call__(self, iteration, stage, fn, *args, **kwargs):
+    class MeteredRunner(StageRunner):
+        peaks: dict[str, float | None] = {}
+
+        def call(self, stage, inputs, key, iteration, label, existing):
             _reset_peak()
-            rec = super().__call__(iteration, stage, fn, *args, **kwargs)
-            self.peaks[stage] = _peak_mb()
-            return rec
+            out = super().call(stage, inputs, key, iteration, label, existing)
+            self.peaks[label] = _peak_mb()
+            return out
 
     if sequences % samples:
         raise SystemExit(f"--sequences {sequences} is not a multiple of --samples {samples}")
     cfg = load_config(None, [f"method={method}", f"root={root}", "iterations=1", f"name={method}-{sequences}",
                              f"data.prompts_per_iteration={sequences // samples}",
                              f"rollout.samples_per_prompt={samples}", f"data.eval_size={eval_size}", *sets])
-    store = ArtifactStore(cfg.resolved_root())
-    stages = MeteredStages(store, None, lambda m: None)
-    stages.peaks = {}
-    teacher, student0 = resolve_models(cfg)
-    ev = eval_prompts(stages, cfg, student0)
-    res = run_iteration(stages, cfg, 0, student0, teacher, student0, ev.ref, progress=False)
+    store, lineage = open_run(cfg)
+    stages = MeteredRunner(store, lineage, cfg, progress=False, log=lambda m: None)
+    models = resolve_models(cfg)
+    ev = stages(PROMPTS, eval_prompts_inputs(cfg, models), iteration=0, label="eval_prompts")
+    res = run_iteration(stages, cfg, plan(cfg), 0, models.initial_student, models, ev.ref)
 
     def col(ref, table, name):
         return store.read_table(ref, table, columns=[name]).column(name).to_pylist()

@@ -23,10 +23,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda", help="cpu only to dry-run this script")
     ap.add_argument("--prompts", type=int, default=64)
     args = ap.parse_args(argv)
-    from opd_tasks.common import ModelSpec
+    from opd_tasks.backends.hf import load_causal_lm, score_sequences
     from opd_tasks.config import load_config
-    from opd_tasks.hf import load_causal_lm, score_sequences
-    from opd_tasks.iteration import resolve_models, run_plain
+    from opd_tasks.pipeline import resolve_models, run_plain
     from storage.lineage import RunLineage
     from storage.store import ArtifactStore
 
@@ -54,23 +53,22 @@ def main(argv: list[str] | None = None) -> dict:
         )
         t0 = time.perf_counter()
         out = run_plain(cfg, log=lambda m: print(m, flush=True), progress=False)
-        st = out["store"]
+        st = ArtifactStore(out.root)
         tokens = [sum(len(t) for t in st.read_table(r.stages["rollout"].ref, "rollouts", columns=["token_ids"])
-                      .column("token_ids").to_pylist()) for r in out["iterations"]]
+                      .column("token_ids").to_pylist()) for r in out.iterations]
         # completion tokens per second of each stage, iterations after the first (CUDA start-up excluded)
-        later = list(zip(out["iterations"], tokens, strict=True))[1:] or list(zip(out["iterations"], tokens,
-                                                                                   strict=True))
+        later = list(zip(out.iterations, tokens, strict=True))[1:] or list(zip(out.iterations, tokens, strict=True))
         throughput = {k: float(np.median([n / r.stages[k].seconds for r, n in later]))
-                      for k in ("rollout", "score", "analyze", "update") if k in out["iterations"][0].stages}
+                      for k in ("rollout", "score", "analyze", "update") if k in out.iterations[0].stages}
         print(f"{method}: completion tokens/s per stage (median over iterations after the first): "
               + ", ".join(f"{k} {v:,.0f}" for k, v in throughput.items()), flush=True)
         runs[method] = {
             "tokens_per_iteration": tokens,
             "stage_tokens_per_s": throughput,
-            "baseline": out["baseline_accuracy"],
-            "accuracy": [r.accuracy for r in out["iterations"]],
-            "seconds_per_iteration": [sum(s.seconds for s in r.stages.values()) for r in out["iterations"]],
-            "stage_seconds": [{k: round(s.seconds, 3) for k, s in r.stages.items()} for r in out["iterations"]],
+            "baseline": out.baseline_accuracy,
+            "accuracy": [r.accuracy for r in out.iterations],
+            "seconds_per_iteration": [sum(s.seconds for s in r.stages.values()) for r in out.iterations],
+            "stage_seconds": [{k: round(s.seconds, 3) for k, s in r.stages.items()} for r in out.iterations],
             "total_s": time.perf_counter() - t0,
         }
         print(method, runs[method], flush=True)
@@ -84,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     lin = RunLineage(store.layout, "gpu-opd")
     roll = store.read_table(lin.get(0, "rollout").ref, "rollouts")
     prompts, comps = roll.column("prompt_token_ids").to_pylist()[:128], roll.column("token_ids").to_pylist()[:128]
-    teacher, _ = resolve_models(load_config())
+    models = resolve_models(load_config())
+    teacher = models.teacher
     ref_lp = None
     gpu = args.device
     for name, dev, dtype in (
@@ -101,8 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
             res[f"parity_{name}_vs_cpu_max_abs"] = float(np.abs(lp - ref_lp).max())
             res[f"parity_{name}_vs_cpu_mean_abs"] = float(np.abs(lp - ref_lp).mean())
     # Sampling log-probs (CUDA generate, bf16) vs a CUDA fp32 teacher-forced recompute with the same student.
-    student0 = ModelSpec(path=resolve_models(load_config())[1].path, sha256="0" * 64)
-    sm = load_causal_lm(student0.path, torch.device(gpu), "float32")
+    sm = load_causal_lm(models.initial_student.path, torch.device(gpu), "float32")
     sc = score_sequences(sm, prompts, comps, pad_token_id=0, top_k=1, batch_size=64, progress=False)
     samp = np.concatenate([np.asarray(x) for x in roll.column("logprobs").to_pylist()[:128]])
     rec = np.concatenate([np.asarray(s.logprob) for s in sc])

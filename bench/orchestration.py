@@ -1,7 +1,7 @@
 """Orchestration overhead: the Prefect flow `distill` vs the plain driver on the same config, side by side,
 and the cost of a fully cached rerun, for a growing number of iterations.
 
-For each N: (a) plain driver (`opd_tasks.iteration.run_plain`) in a fresh root; (b) the Prefect flow in
+For each N: (a) plain driver (`opd_tasks.pipeline.run_plain`) in a fresh root; (b) the Prefect flow in
 another fresh root (same inputs, so the same work); (c) the flow again on (b)'s root (every stage cached).
 Overhead = (b - a) / a; cached rerun = c / b. The temporary Prefect server is started once before timing.
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     from prefect import flow
 
     from flows.distill import distill
-    from opd_tasks.iteration import run_plain
+    from opd_tasks.pipeline import run_plain
 
     @flow
     def warmup() -> int:

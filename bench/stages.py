@@ -21,14 +21,19 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.common import median, peak_rss_mb, save
-from opd_tasks.common import ModelSpec
-from opd_tasks.config import DataConfig, RolloutConfig, ScoringConfig, UpdateConfig
-from opd_tasks.hf import load_causal_lm, pack_right
-from opd_tasks.models import resolve_model
-from opd_tasks.prompts import prepare_prompts
-from opd_tasks.rollout import rollout
-from opd_tasks.scoring import score_teacher
-from opd_tasks.update import update
+from opd_tasks.backends.hf import load_causal_lm, pack_right
+from opd_tasks.config import DataConfig, ModelRef, RolloutConfig, ScoringConfig, UpdateConfig
+from opd_tasks.models import ModelSpec, spec_of
+from opd_tasks.stages import (
+    PROMPTS,
+    ROLLOUT,
+    SCORE,
+    UPDATE,
+    PromptsInputs,
+    RolloutInputs,
+    ScoreInputs,
+    UpdateInputs,
+)
 from storage.store import ArtifactStore
 
 console = Console(width=160)
@@ -36,10 +41,7 @@ CPU = torch.device("cpu")
 
 
 def spec(path: str) -> ModelSpec:
-    from opd_tasks.config import ModelRef
-
-    r = resolve_model(ModelRef(path=path))
-    return ModelSpec(path=r.local_dir, sha256=r.sha256)
+    return spec_of(ModelRef(path=path))
 
 
 def bare_generate(model, prompts: list[list[int]], n: int, max_new: int, batch: int, pad: int, eos: int, seed: int):
@@ -106,15 +108,16 @@ def main(argv: list[str] | None = None) -> dict:
     for rep in range(args.reps):
         with tempfile.TemporaryDirectory() as tmp:
             store = ArtifactStore(Path(tmp))
-            pr = prepare_prompts(store, DataConfig(prompts_per_iteration=args.prompts), student, "train",
-                                 args.prompts, 0, 0, None)
+            pr = PROMPTS(store, PromptsInputs(data=DataConfig(prompts_per_iteration=args.prompts), tokenizer=student,
+                                              split="train", n=args.prompts, offset=0, max_context=None, seed=0))
             ptab = store.read_table(pr)
             prompts = ptab.column("prompt_token_ids").to_pylist()
             order = ["stage", "bare"] if rep % 2 == 0 else ["bare", "stage"]
             for side in order:
                 t0 = time.perf_counter()
                 if side == "stage":
-                    roll = rollout(store, student, pr, rcfg, seed=rep, device="cpu", progress=False)
+                    roll = ROLLOUT(store, RolloutInputs(student=student, prompts=pr, rollout=rcfg, checker="testbed",
+                                                        seed=rep), device="cpu", progress=False)
                     times["rollout"].append(time.perf_counter() - t0)
                 else:
                     bare_generate(s_model, prompts, args.samples, args.max_new_tokens, rcfg.batch_size, 0, 2, rep)
@@ -125,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
             for side in order:
                 t0 = time.perf_counter()
                 if side == "stage":
-                    sc = score_teacher(store, teacher, student, roll, scfg, device="cpu", progress=False)
+                    sc = SCORE(store, ScoreInputs(teacher=teacher, student=student, rollouts=roll, scoring=scfg),
+                               device="cpu", progress=False)
                     times["score"].append(time.perf_counter() - t0)
                 else:
                     bare_forward(t_model, rp, rc, scfg.batch_size)
@@ -133,7 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
             for side in order:
                 t0 = time.perf_counter()
                 if side == "stage":
-                    update(store, student, roll, sc, ucfg, seed=rep, device="cpu", progress=False)
+                    inputs = UpdateInputs(student=student, rollouts=roll, scores=sc, analysis=None, teacher=teacher,
+                                          update=ucfg, bridge=None, seed=rep)
+                    UPDATE(store, inputs, device="cpu", progress=False)
                     times["update"].append(time.perf_counter() - t0)
                 else:
                     m = load_causal_lm(student.path, CPU, "float32")

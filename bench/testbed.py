@@ -26,7 +26,7 @@ console = Console(width=160)
 
 
 def run_one(method: str, seed: int, iterations: int, root: Path, sets: list[str]) -> dict:
-    from opd_tasks.iteration import run_plain
+    from opd_tasks.pipeline import run_plain
     from storage.store import ArtifactStore
 
     cfg = load_config(None, [f"method={method}", f"seed={seed}", f"iterations={iterations}", f"root={root}",
@@ -35,7 +35,7 @@ def run_one(method: str, seed: int, iterations: int, root: Path, sets: list[str]
     out = run_plain(cfg, log=lambda m: None, progress=False)
     store = ArtifactStore(root)
     its = []
-    for r in out["iterations"]:
+    for r in out.iterations:
         it = {"iteration": r.iteration, "accuracy": r.accuracy,
               "seconds": sum(s.seconds for s in r.stages.values()),
               "stage_seconds": {k: s.seconds for k, s in r.stages.items()}}
@@ -44,7 +44,7 @@ def run_one(method: str, seed: int, iterations: int, root: Path, sets: list[str]
             it["share"] = meta["share"]
             it["classifier"] = meta.get("classifier")
         its.append(it)
-    return {"method": method, "seed": seed, "baseline": out["baseline_accuracy"], "iterations": its,
+    return {"method": method, "seed": seed, "baseline": out.baseline_accuracy, "iterations": its,
             "total_s": time.perf_counter() - t0}
 
 

@@ -31,21 +31,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--top-k", type=int, default=8)
     args = ap.parse_args(argv)
-    from opd_tasks import vllm_backend
+    from opd_tasks.backends import vllm as vllm_backend
+    from opd_tasks.backends.hf import generate, load_causal_lm, score_sequences
     from opd_tasks.config import DataConfig, load_config
-    from opd_tasks.hf import generate, load_causal_lm, score_sequences
-    from opd_tasks.iteration import resolve_models
-    from opd_tasks.prompts import prepare_prompts
+    from opd_tasks.pipeline import resolve_models
+    from opd_tasks.stages import PROMPTS, PromptsInputs
     from storage.store import ArtifactStore
 
     vllm_backend.require_vllm("rollout.backend", "cuda")
     res: dict = {"torch": torch.__version__, "vllm": vllm_backend.vllm_version(), "python": platform.python_version(),
                  "gpu": torch.cuda.get_device_name(0), "prompts": args.prompts, "samples": args.samples,
                  "max_new_tokens": args.max_new_tokens, "dtype": "auto (bf16 on CUDA)"}
-    teacher, student = resolve_models(load_config())
+    models = resolve_models(load_config())
+    teacher, student = models.teacher, models.initial_student
     with tempfile.TemporaryDirectory(prefix="opd-vllm-check-") as tmp:
         store = ArtifactStore(tmp)
-        pref = prepare_prompts(store, DataConfig(), student, "train", args.prompts, 0, 0, None)
+        pref = PROMPTS(store, PromptsInputs(data=DataConfig(), tokenizer=student, split="train", n=args.prompts,
+                                            offset=0, max_context=None, seed=0))
         prompts = store.read_table(pref, "prompts").column("prompt_token_ids").to_pylist()
     gen_kw = dict(n=args.samples, temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens, seed=0)
 

@@ -13,18 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from opd_tasks.errors import OpdError
-
-# A fresh Prefect home migrates its SQLite database on the first start; on a busy 2-core machine that can take
-# longer than Prefect's 20 s default before the temporary server answers.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-# The temporary server's telemetry heartbeat has nowhere to go on an offline machine, and on a fresh SQLite
-# database it races the migrations and logs "database is locked" tracebacks. Opt in with =true.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# Spinning OpenMP threads make torch several times slower on a shared 2-core CPU (docs/testbed.md).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# Prefect does not create a missing parent of PREFECT_HOME, and its temporary server then fails to start.
-if os.environ.get("PREFECT_HOME"):
-    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+from opd_tasks.method import METHODS
+from opd_tasks.stages import STAGES, gpu_stages
 
 app = typer.Typer(
     help="opd-pipeline: on-policy distillation (OPD / TOPD) of language models as a Prefect pipeline.",
@@ -32,6 +22,22 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _environment() -> None:
+    """Process settings every command needs, set when a command runs (never at import); each only where unset."""
+    # A fresh Prefect home migrates its SQLite database on the first start; on a busy 2-core machine that can take
+    # longer than Prefect's 20 s default before the temporary server answers.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # The temporary server's telemetry heartbeat has nowhere to go on an offline machine, and on a fresh SQLite
+    # database it races the migrations and logs "database is locked" tracebacks. Opt in with =true.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Spinning OpenMP threads make torch several times slower on a shared 2-core CPU (docs/testbed.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Prefect does not create a missing parent of PREFECT_HOME, and its temporary server then fails to start.
+    if os.environ.get("PREFECT_HOME"):
+        Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
 config_app = typer.Typer(help="Inspect the run configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
@@ -262,10 +268,10 @@ def run_cmd(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     name: Annotated[str | None, typer.Option("--name", help="Run name (overrides the config's).")] = None,
-    method: Annotated[str | None, typer.Option("--method", help="opd | opd_suppress | topd")] = None,
+    method: Annotated[str | None, typer.Option("--method", help=" | ".join(METHODS))] = None,
     iterations: Annotated[int | None, typer.Option("--iterations", "-n", help="Iterations to run.")] = None,
     refresh: Annotated[list[str] | None, typer.Option("--refresh", help="Recompute this stage (repeatable): "
-                                                      "prompts, rollout, score, analyze, update, evaluate.")] = None,
+                                                      f"{', '.join(STAGES)}.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run after its latest checkpoint, on new "
                                                           "prompts, for N more iterations.")] = False,
 ) -> None:
@@ -301,7 +307,8 @@ def experiment_cmd(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     name: Annotated[str, typer.Option("--name", help="Experiment name; runs are NAME-METHOD-sSEED.")] = "experiment",
-    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "opd,opd_suppress,topd",
+    methods: Annotated[str, typer.Option(help=f"Comma-separated methods among {', '.join(METHODS)}.")] =
+        ",".join(METHODS),
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
     iterations: Annotated[int | None, typer.Option("--iterations", "-n", help="Iterations per run.")] = None,
     report: Annotated[bool, typer.Option(help="Build the report at the end.")] = True,
@@ -447,8 +454,7 @@ def deploy_stages_cmd(
                                                      "gpu --type process; Kubernetes: --type kubernetes).")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    stages: Annotated[str, typer.Option(help="Comma-separated GPU stages to deploy.")] =
-        "rollout,score,gates,analyze,update,evaluate",
+    stages: Annotated[str, typer.Option(help="Comma-separated GPU stages to deploy.")] = ",".join(gpu_stages()),
     work_queue: Annotated[str | None, typer.Option("--work-queue", help="Work queue in the pool (default: the "
                                                                         "pool's default queue).")] = None,
     concurrency_limit: Annotated[int | None, typer.Option(
@@ -459,14 +465,14 @@ def deploy_stages_cmd(
     """Register one deployment of the `opd-stage` flow per GPU stage on a work pool (from this checkout's source,
     no image build). Runs with `orchestration.stage_runner=deployment` start them with run_deployment; names
     come from `orchestration.stage_deployment` (default opd-stage/{stage})."""
-    from opd_tasks.config import GPU_STAGES, load_config
+    from opd_tasks.config import load_config
 
     try:
         cfg = load_config(config, list(set_ or []))
         chosen = _csv(stages, "--stages")
-        bad = [s for s in chosen if s not in GPU_STAGES]
+        bad = [s for s in chosen if s not in gpu_stages()]
         if bad:
-            raise OpdError(f"--stages: not GPU stage(s) {bad}; GPU stages are {', '.join(GPU_STAGES)}")
+            raise OpdError(f"--stages: not GPU stage(s) {bad}; GPU stages are {', '.join(gpu_stages())}")
         names = {s: cfg.orchestration.stage_deployment_name(s) for s in chosen}
     except OpdError as e:
         _fail(e)

@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.distill import distill
 from opd_tasks.config import RunConfig
 from opd_tasks.errors import ConfigError
+from opd_tasks.method import METHODS
 
 
 def check_plan(methods: list[str], seeds: list[int], cfg: RunConfig | None = None, name: str | None = None,
@@ -27,9 +28,9 @@ def check_plan(methods: list[str], seeds: list[int], cfg: RunConfig | None = Non
     """ConfigError, before any server starts, unless the methods are known, the seeds distinct, the report
     directory usable, and no planned run already holds iterations beyond this plan's (a shorter rerun of a longer
     run would leave the old iterations in its lineage and the report would read them)."""
-    bad = [m for m in methods if m not in ("opd", "opd_suppress", "topd")]
+    bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
-        raise ConfigError(f"opd experiment: methods must be among opd, opd_suppress, topd; got {methods}")
+        raise ConfigError(f"opd experiment: methods must be among {', '.join(METHODS)}; got {methods}")
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"opd experiment: seeds must be distinct and at least one; got {seeds}")
     if cfg is None or name is None:

@@ -26,9 +26,10 @@ def run_and_report(cfg: RunConfig, console: Console, refresh: list[str] | None =
     )
     t0 = time.perf_counter()
     out = distill(cfg.model_dump(mode="json"), refresh=refresh or [], resume=resume)
-    t = Table("iteration", "test accuracy", "mean loss", "high-loss tokens: surface / divergent / unprobed",
+    t = Table("iteration", "accuracy (per sample)", "mean loss", "high-loss tokens: surface / divergent / unprobed",
               "stages computed / cached", "seconds",
-              title=f"run {cfg.name}: test accuracy per iteration (baseline {out['baseline_accuracy']:.1%})")
+              title=f"run {cfg.name}: accuracy on {cfg.data.eval_size} held-out prompts per iteration "
+                    f"(baseline {out['baseline_accuracy']:.1%})")
     for it in out["iterations"]:
         comp = [r["stage"] for r in it["stages"] if r["state"] != "Cached"]
         cach = [r["stage"] for r in it["stages"] if r["state"] == "Cached"]

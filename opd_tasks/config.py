@@ -18,8 +18,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from opd_tasks.errors import ConfigError
+from opd_tasks.method import METHODS
 
-#: The embedded default config, shipped inside the package so that it works from any working directory.
+#: The embedded default config: the repository's configs/testbed.yaml, found relative to this file (so from any
+#: working directory of a source checkout or editable install). It is not packaged: an installed wheel without
+#: the repository falls back to the defaults of this module (`load_config`).
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "testbed.yaml"
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -84,7 +87,24 @@ class DataConfig(_Strict):
         return self
 
 
-class RolloutConfig(_Strict):
+#: Fields of `rollout` and `scoring` that only the vllm backend reads: left out of an hf stage's cache key, so that
+#: changing them never invalidates hf artifacts.
+VLLM_ONLY_FIELDS = ("gpu_memory_utilization", "tensor_parallel_size", "max_model_len", "enforce_eager")
+
+
+class _BackendSection(_Strict):
+    """A stage section with a `backend` (rollout, scoring)."""
+
+    def key_slice(self) -> dict[str, Any]:
+        """This section as it goes into the stage's cache key: without the vLLM-only fields under hf."""
+        out = self.model_dump(mode="json")
+        if out["backend"] == "hf":
+            for name in VLLM_ONLY_FIELDS:
+                del out[name]
+        return out
+
+
+class RolloutConfig(_BackendSection):
     """Stage 1: the student samples completions with per-token log-probs (vllm: docs/scaling.md, vLLM)."""
 
     backend: Literal["hf", "vllm"] = Field(
@@ -103,7 +123,7 @@ class RolloutConfig(_Strict):
                                 description="vLLM only: no torch.compile / CUDA graphs (faster start, slower decode).")
 
 
-class ScoringConfig(_Strict):
+class ScoringConfig(_BackendSection):
     """Stage 2: the teacher's log-prob of each sampled token, and its top-k (vllm: docs/scaling.md, vLLM)."""
 
     backend: Literal["hf", "vllm"] = Field(
@@ -138,8 +158,24 @@ class AnalysisConfig(_Strict):
     batch_size: int = Field(default=256, ge=1, description="Sequences (or probe prefixes) per forward batch.")
 
 
+#: Keys that moved to the `topd:` section (issue 15): an old config that still sets one gets an error naming the new
+#: key instead of being silently read differently.
+MOVED_KEYS = {"update.lambda_s": "topd.surface_weight", "update.alpha": "topd.spread_weight",
+              "update.gamma": "topd.spread_decay and topd.bridge_decay", "update.horizon": "topd.spread_horizon",
+              "update.beta": "topd.bridge_weight"}
+
+
 class UpdateConfig(_Strict):
-    """The student update: OPD loss, optimizer, and the TOPD weights (docs/method.md)."""
+    """The student update: OPD loss and optimizer (TOPD's weights are under `topd`; docs/method.md)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            moved = [f"update.{k} moved to {MOVED_KEYS[f'update.{k}']}" for k in data if f"update.{k}" in MOVED_KEYS]
+            if moved:
+                raise ValueError("; ".join(moved))
+        return data
 
     loss: Literal["pg", "topk_rkl", "full_rkl"] = Field(
         default="pg", description="pg: policy gradient on -k1; topk_rkl / full_rkl: supervised reverse KL.")
@@ -150,17 +186,35 @@ class UpdateConfig(_Strict):
     micro_batch_size: int = Field(default=32, ge=1)
     grad_accumulation: int = Field(default=1, ge=1)
     epochs: int = Field(default=1, ge=1, description="Passes over one iteration's rollouts.")
-    lambda_s: float = Field(default=0.0, ge=0.0, description="Weight of surface tokens (TOPD).")
-    alpha: float = Field(default=0.5, ge=0.0, description="Extra weight spread after a divergent token.")
-    gamma: float = Field(default=0.8, ge=0.0, le=1.0, description="Decay of spread and bridge weights.")
-    horizon: int = Field(default=4, ge=0, description="H: tokens after a divergent one that get extra weight.")
-    beta: float = Field(default=0.1, ge=0.0, description="Weight of the bridge loss (TOPD).")
     bf16: bool = Field(default=True, description="bf16 autocast on GPU (ignored on CPU).")
 
 
+class TopdConfig(_Strict):
+    """TOPD's token weights and bridge; `method` picks which apply (opd: none, opd_suppress: surface_weight, topd: all).
+
+    The methods' switches are in opd_tasks/method.py; docs/method.md says which values are the paper's."""
+
+    surface_weight: float = Field(default=0.0, ge=0.0, description="Weight of a surface token (high loss, "
+                                  "no near-future divergence); 0 suppresses it. The paper's lambda_s.")
+    spread_weight: float = Field(default=0.5, ge=0.0, description="Extra weight spread_weight * spread_decay^j "
+                                 "on tokens t..t+H after a divergent token t. The paper's alpha.")
+    spread_decay: float = Field(default=0.8, ge=0.0, le=1.0, description="Decay of the spread weight per token "
+                                "(gamma).")
+    spread_horizon: int = Field(default=4, ge=0, description="H: tokens after a divergent one that get extra "
+                                "weight.")
+    bridge_weight: float = Field(default=0.1, ge=0.0, description="Weight of the bridge loss (the student follows "
+                                 "the teacher's continuation at divergent positions); 0 turns it off. beta.")
+    bridge_decay: float = Field(default=0.8, ge=0.0, le=1.0, description="Decay of the bridge loss per "
+                                "continuation token (gamma).")
+
+
 class EvaluationConfig(_Strict):
+    """Stage 5: answers to the held-out prompts; accuracy is per sample (pass@k beside it when pass_k > 1).
+
+    Accuracy is the share of correct samples: with pass_k > 1, the mean over each prompt's k samples."""
+
     greedy: bool = True
-    pass_k: int = Field(default=1, ge=1)
+    pass_k: int = Field(default=1, ge=1, description="Samples per prompt (sampled at temperature 1 when > 1).")
     max_new_tokens: int = Field(default=64, ge=1)
     batch_size: int = Field(default=100, ge=1)
 
@@ -183,14 +237,19 @@ class GatesConfig(_Strict):
 class FaultConfig(_Strict):
     """Fault injection for tests and drills: the stage fails once (a TransientError) at that iteration."""
 
-    stage: Literal["prompts", "rollout", "score", "gates", "analyze", "update", "evaluate"] | None = Field(
-        default=None, description="Stage to fail once; None = off (the default)."
-    )
+    stage: str | None = Field(default=None, description="Stage to fail once (a stage name, docs/stages.md); "
+                              "None = off (the default).")
     iteration: int = Field(default=0, ge=0, description="Iteration at which the stage fails.")
 
+    @field_validator("stage")
+    @classmethod
+    def _known_stage(cls, v: str | None) -> str | None:
+        from opd_tasks.stages import STAGES
 
-#: The stages that need a GPU (with a real model): each can run as its own deployment (stage_runner).
-GPU_STAGES = ("rollout", "score", "gates", "analyze", "update", "evaluate")
+        if v is not None and v not in STAGES:
+            raise ValueError(f"unknown stage {v!r}; stages are {', '.join(STAGES)}")
+        return v
+
 
 #: The flow that runs one stage (flows/stage.py); its deployments are named by `stage_deployment`.
 STAGE_FLOW = "opd-stage"
@@ -224,8 +283,10 @@ class OrchestrationConfig(_Strict):
 
     def stage_deployment_name(self, stage: str) -> str:
         """The full deployment name ('opd-stage/rollout') that runs `stage` under the deployment runner."""
-        if stage not in GPU_STAGES:
-            raise ConfigError(f"stage {stage!r} has no deployment; GPU stages are {', '.join(GPU_STAGES)}")
+        from opd_tasks.stages import gpu_stages
+
+        if stage not in gpu_stages():
+            raise ConfigError(f"stage {stage!r} has no deployment; GPU stages are {', '.join(gpu_stages())}")
         return self.stage_deployment.replace("{stage}", stage)
 
 
@@ -240,8 +301,8 @@ class RunConfig(_Strict):
     )
     seed: int = Field(default=0, ge=0, description="Seed of prompt sampling, generation and training.")
     iterations: int = Field(default=3, ge=1, description="OPD iterations (rollout -> ... -> evaluate) to run.")
-    method: Literal["opd", "opd_suppress", "topd"] = Field(
-        default="topd", description="opd: w=1; opd_suppress: surface tokens get lambda_s; topd: + spread + bridge.",
+    method: Literal[tuple(METHODS)] = Field(  # type: ignore[valid-type]
+        default="topd", description="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + ".",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto = cuda if available, else cpu.")
     models: ModelsConfig = ModelsConfig()
@@ -250,6 +311,7 @@ class RunConfig(_Strict):
     scoring: ScoringConfig = ScoringConfig()
     analysis: AnalysisConfig = AnalysisConfig()
     update: UpdateConfig = UpdateConfig()
+    topd: TopdConfig = TopdConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     gates: GatesConfig = GatesConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
@@ -306,7 +368,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
                 from storage.remote import redact
 
                 got = redact(got)
-            lines.append(f"  {path}: {msg} (got {got!r})")
+            # a whole section as the bad value says nothing the message does not (e.g. a moved key)
+            lines.append(f"  {path}: {msg}" if isinstance(got, dict) else f"  {path}: {msg} (got {got!r})")
     return "\n".join(lines)
 
 

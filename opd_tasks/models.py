@@ -1,4 +1,5 @@
-"""Model references: resolve a `ModelRef` to local files with a content hash, and load through Auto classes.
+"""Models: resolve a config `ModelRef` to local files with a content hash (`ResolvedModel`), the `ModelSpec` that
+stages take (a local directory plus that hash), and loading through the Auto classes.
 
 `testbed:teacher`, `testbed:student` and `testbed:tokenizer` name the committed testbed assets
 (opd_tasks/testbed/assets/). Any other path is a local directory, or else a hub id that is fetched with
@@ -12,14 +13,47 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from opd_tasks.config import ModelRef
 from opd_tasks.errors import ModelError
 from storage.hashing import sha256_tree
+from storage.refs import ArtifactRef
+from storage.store import ArtifactStore
 
 TESTBED_ASSETS = Path(__file__).resolve().parent / "testbed" / "assets"
 TESTBED_REFS = {"testbed:teacher": "teacher", "testbed:student": "student", "testbed:tokenizer": "tokenizer"}
+
+
+#: A checkpoint artifact (the update stage's output) holds the model here (`save_pretrained`: weights, config,
+#: tokenizer) and the optimizer, counters and RNG state under CHECKPOINT_STATE_DIR (opd_tasks/training/checkpoint.py).
+CHECKPOINT_MODEL_DIR = "model"
+CHECKPOINT_STATE_DIR = "state"
+
+
+class ModelSpec(BaseModel):
+    """A model as stages see it: a local directory plus the hash of its content (what cache keys hold).
+
+    Made from a config `ModelRef` by `spec_of(ref)` or from a checkpoint artifact by `ModelSpec.from_checkpoint`.
+    JSON-serialisable, so it can be a Prefect task parameter.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str
+    sha256: str
+    trust_remote_code: bool = False
+    dtype: str = "auto"
+    checkpoint: ArtifactRef | None = None  # set when the model is a checkpoint artifact (has optimizer state)
+
+    @classmethod
+    def from_checkpoint(cls, store: ArtifactStore, ref: ArtifactRef, dtype: str = "auto") -> ModelSpec:
+        base = store.checkpoint_dir(ref)  # verifies every file's hash
+        return cls(path=str(base / CHECKPOINT_MODEL_DIR), sha256=ref.sha256, dtype=dtype, checkpoint=ref)
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.path)
 
 
 class ResolvedModel(BaseModel):
@@ -72,21 +106,27 @@ def resolve_model(ref: ModelRef) -> ResolvedModel:
     )
 
 
+def spec_of(ref: ModelRef) -> ModelSpec:
+    """The `ModelSpec` of a config model ref (resolved to local files and hashed)."""
+    r = resolve_model(ref)
+    return ModelSpec(path=r.local_dir, sha256=r.sha256, trust_remote_code=r.trust_remote_code, dtype=ref.dtype)
+
+
 def load_tokenizer(ref: ModelRef) -> Any:
-    """AutoTokenizer of the ref (`opd_tasks.hf.load_tokenizer`: EOS required, PAD = EOS when missing)."""
-    from opd_tasks.hf import load_tokenizer as load_tokenizer_dir
+    """AutoTokenizer of the ref (`opd_tasks.backends.hf.load_tokenizer`: EOS required, PAD = EOS when missing)."""
+    from opd_tasks.backends.hf import load_tokenizer as load_tokenizer_dir
 
     return load_tokenizer_dir(_local_dir(ref), ref.trust_remote_code)
 
 
 def load_model(ref: ModelRef, device: str = "cpu", dtype: str | None = None) -> Any:
-    """AutoModelForCausalLM of the ref on `device`, in eval mode (`opd_tasks.hf.load_causal_lm`).
+    """AutoModelForCausalLM of the ref on `device`, in eval mode (`opd_tasks.backends.hf.load_causal_lm`).
 
     `dtype` overrides `ref.dtype`; "auto" means float32 on CPU and bfloat16 on CUDA.
     """
     import torch
 
-    from opd_tasks.hf import load_causal_lm
+    from opd_tasks.backends.hf import load_causal_lm
 
     return load_causal_lm(_local_dir(ref), torch.device(device), dtype or ref.dtype, ref.trust_remote_code)
 

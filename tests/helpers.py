@@ -62,7 +62,7 @@ def tiny_model_dir(out, seed: int = 0, hidden: int = 32, layers: int = 2):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from opd_tasks.common import ModelSpec
+    from opd_tasks.models import ModelSpec
     from opd_tasks.testbed.tokenizer import save_tokenizer
     from storage.hashing import sha256_tree
 
@@ -76,3 +76,27 @@ def tiny_model_dir(out, seed: int = 0, hidden: int = 32, layers: int = 2):
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(out, safe_serialization=True)
     return out, ModelSpec(path=str(out), sha256=sha256_tree(out))
+
+
+def scored_env(base, prompts: int, samples: int, max_new_tokens: int, top_k: int, score_batch: int = 64) -> dict:
+    """Tiny random student and teacher, `prompts` testbed prompts, the student's rollouts and the teacher's scores,
+    made by the stages themselves in a store under `base`. Returns the pieces by name."""
+    from pathlib import Path
+
+    from opd_tasks.config import DataConfig, RolloutConfig, ScoringConfig
+    from opd_tasks.stages import PROMPTS, ROLLOUT, SCORE, PromptsInputs, RolloutInputs, ScoreInputs
+    from storage.store import ArtifactStore
+
+    base = Path(base)
+    _, student = tiny_model_dir(base / "student", seed=0, hidden=32)
+    _, teacher = tiny_model_dir(base / "teacher", seed=1, hidden=48)
+    store = ArtifactStore(base / "root")
+    prompt_ref = PROMPTS(store, PromptsInputs(data=DataConfig(), tokenizer=student, split="train", n=prompts,
+                                              offset=0, max_context=None, seed=0))
+    roll_cfg = RolloutConfig(samples_per_prompt=samples, max_new_tokens=max_new_tokens)
+    roll = ROLLOUT(store, RolloutInputs(student=student, prompts=prompt_ref, rollout=roll_cfg, checker="testbed",
+                                        seed=0), progress=False)
+    scores = SCORE(store, ScoreInputs(teacher=teacher, student=student, rollouts=roll,
+                                      scoring=ScoringConfig(top_k=top_k, batch_size=score_batch)), progress=False)
+    return {"base": base, "store": store, "student": student, "teacher": teacher, "prompts": prompt_ref,
+            "roll": roll, "scores": scores, "roll_cfg": roll_cfg}

@@ -1,7 +1,7 @@
 -- The regime classifier against the testbed's ground-truth token roles, per method and iteration (pooled over
 -- seeds), over classified high-loss tokens (regime surface or divergent, role known): precision and recall of
 -- `surface` against `form` tokens and of `divergent` against `reasoning`/`answer` tokens. The same
--- definition as opd_tasks.analyze.classifier_scores (written to each analysis artifact's manifest).
+-- definition as opd_tasks.topd.signals.classifier_scores (written to each analysis artifact's manifest).
 SELECT i.method, t.iteration,
        count(*) AS classified,
        count(*) FILTER (t.regime = 'surface' AND t.role = 'form')

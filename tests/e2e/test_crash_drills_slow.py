@@ -48,39 +48,52 @@ CHILD = textwrap.dedent(
 
 def run_stage(stage: str, root: str, models: dict):
     """Run the pipeline up to `stage` in `root` (earlier stages are cache hits on reruns); return its ref."""
-    from opd_tasks.analyze import analyze
-    from opd_tasks.common import ModelSpec
-    from opd_tasks.config import (
-        AnalysisConfig,
-        DataConfig,
-        EvaluationConfig,
-        RolloutConfig,
-        ScoringConfig,
-        UpdateConfig,
+    from opd_tasks.config import RunConfig
+    from opd_tasks.method import plan
+    from opd_tasks.models import ModelSpec
+    from opd_tasks.stages import (
+        ANALYZE,
+        EVALUATE,
+        PROMPTS,
+        ROLLOUT,
+        SCORE,
+        UPDATE,
+        AnalyzeInputs,
+        EvaluateInputs,
+        PromptsInputs,
+        RolloutInputs,
+        ScoreInputs,
+        UpdateInputs,
     )
-    from opd_tasks.evaluate import evaluate
-    from opd_tasks.prompts import prepare_prompts
-    from opd_tasks.rollout import rollout
-    from opd_tasks.scoring import score_teacher
-    from opd_tasks.update import update
 
+    cfg = RunConfig.model_validate({"method": "topd", "data": {"prompts_per_iteration": 4},
+                                    "rollout": {"samples_per_prompt": 2, "max_new_tokens": 8},
+                                    "scoring": {"top_k": 4}, "analysis": {"probe_tokens": 4},
+                                    "evaluation": {"max_new_tokens": 8}})
+    method = plan(cfg)
     store = ArtifactStore(root)
     student, teacher = ModelSpec(**models["student"]), ModelSpec(**models["teacher"])
-    refs = {"prompts": prepare_prompts(store, DataConfig(), student, "train", 4, 0, 0, None)}
+    quiet = dict(progress=False)
+    refs = {"prompts": PROMPTS(store, PromptsInputs(data=cfg.data, tokenizer=student, split="train", n=4, offset=0,
+                                                    max_context=None, seed=0))}
     if stage != "prompts":
-        refs["rollout"] = rollout(store, student, refs["prompts"], RolloutConfig(samples_per_prompt=2,
-                                                                                  max_new_tokens=8), 0, progress=False)
+        refs["rollout"] = ROLLOUT(store, RolloutInputs(student=student, prompts=refs["prompts"], rollout=cfg.rollout,
+                                                       checker="testbed", seed=0), **quiet)
     if stage not in ("prompts", "rollout"):
-        refs["score"] = score_teacher(store, teacher, student, refs["rollout"], ScoringConfig(top_k=4), progress=False)
+        refs["score"] = SCORE(store, ScoreInputs(teacher=teacher, student=student, rollouts=refs["rollout"],
+                                                 scoring=cfg.scoring), **quiet)
     if stage in ("analyze", "update", "evaluate"):
-        refs["analyze"] = analyze(store, student, teacher, refs["rollout"], refs["score"],
-                                  AnalysisConfig(probe_tokens=4), "topd", UpdateConfig(), 0, progress=False)
+        refs["analyze"] = ANALYZE(store, AnalyzeInputs(
+            student=student, teacher=teacher, rollouts=refs["rollout"], scores=refs["score"], analysis=cfg.analysis,
+            weighting=method.weighting, bridge=method.bridge is not None, label_roles=True, seed=0), **quiet)
     if stage in ("update", "evaluate"):
-        refs["update"] = update(store, student, refs["rollout"], refs["score"], UpdateConfig(), 0,
-                                weights=refs["analyze"], progress=False)
+        refs["update"] = UPDATE(store, UpdateInputs(
+            student=student, rollouts=refs["rollout"], scores=refs["score"], analysis=refs["analyze"], teacher=teacher,
+            update=cfg.update, bridge=method.bridge, seed=0), **quiet)
     if stage == "evaluate":
-        refs["evaluate"] = evaluate(store, ModelSpec.from_checkpoint(store, refs["update"]), refs["prompts"],
-                                    EvaluationConfig(max_new_tokens=8), 0, progress=False)
+        refs["evaluate"] = EVALUATE(store, EvaluateInputs(model=ModelSpec.from_checkpoint(store, refs["update"]),
+                                                          prompts=refs["prompts"], evaluation=cfg.evaluation,
+                                                          checker="testbed", seed=0), **quiet)
     return refs[stage]
 
 

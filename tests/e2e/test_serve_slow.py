@@ -195,8 +195,9 @@ def test_one_deployment_per_gpu_stage_on_process_work_pool(server, tiny, tmp_pat
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
     from flows.distill import distill
-    from opd_tasks.config import GPU_STAGES, load_config
+    from opd_tasks.config import load_config
     from opd_tasks.errors import TransientError
+    from opd_tasks.stages import gpu_stages
 
     env = {**server["env"], "PREFECT_WORKER_QUERY_SECONDS": "1"}
     out = subprocess.run([str(BIN / "prefect"), "work-pool", "create", "gpu-test", "--type", "process"], env=env,
@@ -206,7 +207,7 @@ def test_one_deployment_per_gpu_stage_on_process_work_pool(server, tiny, tmp_pat
                              env=env, capture_output=True, text=True, timeout=180)
     assert dep_out.returncode == 0, dep_out.stdout + dep_out.stderr
     with get_client(sync_client=True) as c:
-        deps = {s: c.read_deployment_by_name(f"opd-stage/{s}") for s in GPU_STAGES}
+        deps = {s: c.read_deployment_by_name(f"opd-stage/{s}") for s in gpu_stages()}
     assert {d.work_pool_name for d in deps.values()} == {"gpu-test"} and deps["score"].tags == ["gpu"]
     log = tmp_path / "worker.log"
     worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "gpu-test"], cwd=tmp_path,
@@ -234,9 +235,9 @@ def test_one_deployment_per_gpu_stage_on_process_work_pool(server, tiny, tmp_pat
                    if re.fullmatch(r"[0-9a-f]{32}", f.name)]
         assert len(results) == len(labels)
         assert {r["__class__"] for r in results} == {"storage.refs.ArtifactRef"}
-        assert {r["data"]["sha256"][:16] for r in results} == {r["sha256"] for r in via_deployments[
+        assert {r["data"]["sha256"] for r in results} == {r["sha256"] for r in via_deployments[
             "iterations"][0]["stages"] if r["stage"] != "prompts"} | {RunLineage(root, "testbed").get(
-                0, "baseline").ref.sha256[:16]}
+                0, "baseline").ref.sha256}
 
         # The same config inline, same root: every stage is a cache hit on the children's records and artifacts.
         inline = distill(load_config(None, [*common, f"root={root}"]).model_dump(mode="json"))

@@ -51,7 +51,7 @@ def content_hash(store, ref) -> str:
 
 def measure(case: str, root: Path) -> dict:
     from opd_tasks.config import load_config
-    from opd_tasks.iteration import run_plain
+    from opd_tasks.pipeline import run_plain
     from storage.lineage import RunLineage
     from storage.store import ArtifactStore
 
@@ -64,8 +64,8 @@ def measure(case: str, root: Path) -> dict:
                                                    "meta": store.manifest(e.ref)["meta"]}
         if e.stage == "update":
             updates[str(e.iteration)] = store.read_table(e.ref, "updates").to_pylist()
-    return {"artifacts": artifacts, "updates": updates, "baseline": out["baseline_accuracy"],
-            "accuracy": [r.accuracy for r in out["iterations"]]}
+    return {"artifacts": artifacts, "updates": updates, "baseline": out.baseline_accuracy,
+            "accuracy": [r.accuracy for r in out.iterations]}
 
 
 def main(argv: list[str]) -> None:

@@ -26,14 +26,11 @@ import numpy as np
 import pytest
 import torch
 
-from opd_tasks.common import ModelSpec
+from opd_tasks.backends.hf import generate, load_causal_lm, score_sequences
 from opd_tasks.config import DataConfig, ModelRef, RolloutConfig, ScoringConfig
 from opd_tasks.errors import ConfigError
-from opd_tasks.hf import generate, load_causal_lm, score_sequences
-from opd_tasks.models import resolve_model
-from opd_tasks.prompts import prepare_prompts
-from opd_tasks.rollout import rollout
-from opd_tasks.scoring import score_teacher
+from opd_tasks.models import ModelSpec, spec_of
+from opd_tasks.stages import PROMPTS, ROLLOUT, SCORE, PromptsInputs, RolloutInputs, ScoreInputs
 from storage.store import ArtifactStore
 
 LP_TOL = 2e-3
@@ -45,7 +42,7 @@ CPU = torch.device("cpu")
 
 def vllm_missing() -> str | None:
     """What this machine lacks for the vllm backend (the backend's own check), or None."""
-    from opd_tasks.vllm_backend import require_vllm
+    from opd_tasks.backends.vllm import require_vllm
 
     try:
         require_vllm("rollout.backend", "auto")
@@ -62,15 +59,20 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 def _spec(path: str) -> ModelSpec:
-    r = resolve_model(ModelRef(path=path, dtype="float32"))
-    return ModelSpec(path=r.local_dir, sha256=r.sha256, dtype="float32")
+    return spec_of(ModelRef(path=path, dtype="float32"))
+
+
+def rollout(store: ArtifactStore, student: ModelSpec, prompts, cfg: RolloutConfig, seed: int, device: str = "auto"):
+    return ROLLOUT(store, RolloutInputs(student=student, prompts=prompts, rollout=cfg, checker="testbed", seed=seed),
+                   device=device, progress=False)
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
     store = ArtifactStore(tmp_path_factory.mktemp("parity") / "root")
     student, teacher = _spec("testbed:student"), _spec("testbed:teacher")
-    prompts = prepare_prompts(store, DataConfig(), student, "train", 16, 0, 0, None)
+    prompts = PROMPTS(store, PromptsInputs(data=DataConfig(), tokenizer=student, split="train", n=16, offset=0,
+                                           max_context=None, seed=0))
     ptab = store.read_table(prompts, "prompts")
     return {"store": store, "student": student, "teacher": teacher, "prompts": prompts,
             "prompt_tokens": ptab.column("prompt_token_ids").to_pylist()}
@@ -83,7 +85,7 @@ def _reference_scores(model_dir: str, prompts: list, comps: list, top_k: int):
 
 def test_sampled_logprobs_are_raw_and_match_a_teacher_forced_recompute(env: dict, backend: str) -> None:
     cfg = RolloutConfig(backend=backend, samples_per_prompt=2, temperature=0.7, top_p=0.9, max_new_tokens=24)
-    ref = rollout(env["store"], env["student"], env["prompts"], cfg, seed=0, progress=False)
+    ref = rollout(env["store"], env["student"], env["prompts"], cfg, seed=0)
     t = env["store"].read_table(ref, "rollouts")
     assert t.num_rows == 32
     assert t.column("sample_id").to_pylist() == [0, 1] * 16
@@ -100,7 +102,7 @@ def test_sampled_logprobs_are_raw_and_match_a_teacher_forced_recompute(env: dict
 
 def test_greedy_rollouts_match_hf_on_the_cpu(env: dict, backend: str) -> None:
     cfg = RolloutConfig(backend=backend, samples_per_prompt=1, temperature=0.0, max_new_tokens=24)
-    ref = rollout(env["store"], env["student"], env["prompts"], cfg, seed=0, progress=False)
+    ref = rollout(env["store"], env["student"], env["prompts"], cfg, seed=0)
     got = env["store"].read_table(ref, "rollouts").column("token_ids").to_pylist()
     model = load_causal_lm(env["student"].path, CPU, "float32")
     want = [g.token_ids for g in generate(model, env["prompt_tokens"], eos_token_id=EOS, pad_token_id=0, n=1,
@@ -112,9 +114,9 @@ def test_greedy_rollouts_match_hf_on_the_cpu(env: dict, backend: str) -> None:
 def test_teacher_scores_of_the_same_tokens_match_hf_on_the_cpu(env: dict, backend: str) -> None:
     store = env["store"]
     roll_cfg = RolloutConfig(backend="hf", samples_per_prompt=2, temperature=1.0, max_new_tokens=24)
-    roll = rollout(store, env["student"], env["prompts"], roll_cfg, seed=1, device="cpu", progress=False)
-    scores = score_teacher(store, env["teacher"], env["student"], roll, ScoringConfig(backend=backend, top_k=5),
-                           progress=False)
+    roll = rollout(store, env["student"], env["prompts"], roll_cfg, seed=1, device="cpu")
+    scores = SCORE(store, ScoreInputs(teacher=env["teacher"], student=env["student"], rollouts=roll,
+                                      scoring=ScoringConfig(backend=backend, top_k=5)), progress=False)
     s = store.read_table(scores, "teacher_scores")  # ordered like the rollouts, pos within each
     r = store.read_table(roll, "rollouts")
     ref = _reference_scores(env["teacher"].path, r.column("prompt_token_ids").to_pylist(),

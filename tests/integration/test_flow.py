@@ -145,7 +145,7 @@ def test_refresh_retires_and_recomputes(harness, models, tmp_path: Path) -> None
 
 
 def test_should_retry_only_transient() -> None:
-    from flows.distill import _should_retry
+    from flows.stage_task import _should_retry
 
     class S:
         def __init__(self, e):
@@ -170,12 +170,13 @@ def test_resume_continues_from_latest_checkpoint_on_new_prompts(harness, models,
     lin = RunLineage(tmp_path, "testbed")
     # Iteration 1 started from iteration 0's checkpoint, on the next slice of prompts.
     it1_roll_key = lin.get(1, "rollout").ref.key
-    from opd_tasks.common import ModelSpec
-    from opd_tasks.rollout import rollout_key
+    from opd_tasks.models import ModelSpec
+    from opd_tasks.stages import ROLLOUT, RolloutInputs
 
     store = ArtifactStore(tmp_path)
     ck = ModelSpec.from_checkpoint(store, RunLineage(tmp_path, "testbed").get(0, "update").ref)
-    assert it1_roll_key == rollout_key(ck, lin.get(1, "prompts").ref, cfg.rollout, cfg.seed, "testbed")
+    assert it1_roll_key == ROLLOUT.key(RolloutInputs(student=ck, prompts=lin.get(1, "prompts").ref,
+                                                     rollout=cfg.rollout, checker="testbed", seed=cfg.seed))
     assert lin.get(1, "prompts").ref.sha256 != lin.get(0, "prompts").ref.sha256
     assert first["iterations"][0]["checkpoint"]["sha256"] == ck.sha256
 
@@ -199,19 +200,46 @@ def test_ablations_share_rollouts_and_scores(harness, models, tmp_path: Path) ->
     assert [s for s, v in st.items() if v != "Cached"] == ["analyze", "update", "evaluate"]
 
 
-def test_failed_gate_stops_before_update_and_is_not_retried(harness, models, tmp_path: Path) -> None:
+def _latest_flow_run_task_runs() -> list:
+    """The task runs of the flow run that started last (tests in this module run one flow at a time)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        latest = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[latest.id])))
+
+
+def test_failed_gate_stops_before_the_update(harness, models, tmp_path: Path) -> None:
     from flows.distill import distill
 
-    cfg = _cfg(models, tmp_path, "iterations=1", "gates.max_truncated=0.0", "orchestration.retries=3",
-               "orchestration.retry_delay_seconds=30")
-    import time
-
-    t0 = time.time()
+    cfg = _cfg(models, tmp_path, "name=gated", "iterations=1", "gates.max_truncated=0.0")
     with pytest.raises(DataError, match=r"quality gates failed.*truncated"):
         distill(cfg.model_dump(mode="json"))
-    assert time.time() - t0 < 60  # no retry (each would wait 30 s and more)
-    stages = {e.stage for e in RunLineage(tmp_path, "testbed").entries()}
+    stages = {e.stage for e in RunLineage(tmp_path, "gated").entries()}
     assert "gates" in stages and "update" not in stages
+    assert [r.name for r in _latest_flow_run_task_runs() if r.name.startswith("update")] == []
+
+
+def test_data_error_in_a_stage_is_not_retried_and_a_transient_one_is(harness, models, tmp_path: Path) -> None:
+    """With 3 retries allowed, a stage that fails with a DataError (a dataset file without the prompt column) runs
+    once; a stage that fails with a TransientError (an injected fault) runs again and completes."""
+    from flows.distill import distill
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"q": "1+1", "a": "2"}\n')
+    cfg = _cfg(models, tmp_path, "data.source=dataset", f"data.path={data}", "data.eval_split=train",
+               "orchestration.retries=3", "orchestration.retry_delay_seconds=0")
+    with pytest.raises(DataError, match=r"column\(s\) \['question', 'answer'\] not found"):
+        distill(cfg.model_dump(mode="json"))
+    [prompts] = _latest_flow_run_task_runs()
+    assert prompts.name == "prompts-it0" and prompts.state.is_failed() and prompts.run_count == 1
+    cfg = _cfg(models, tmp_path, "fault.stage=score", "fault.iteration=0", "orchestration.retries=3",
+               "orchestration.retry_delay_seconds=0", "iterations=1")
+    distill(cfg.model_dump(mode="json"))
+    [score] = [r for r in _latest_flow_run_task_runs() if r.name == "score-it0"]
+    assert score.state.is_completed() and score.run_count == 2
 
 
 def test_deleted_artifact_is_recomputed_not_served_from_a_stale_cache_record(harness, models, tmp_path: Path) -> None:
@@ -284,17 +312,69 @@ def test_stage_flow_calls_the_same_cached_task_as_inline(harness, models, tmp_pa
 
     from pydantic_core import to_jsonable_python
 
-    from flows.distill import _child_task_state, distill
+    from flows.distill import distill
+    from flows.runners import child_task_state
     from flows.stage import opd_stage
-    from opd_tasks.iteration import checker_name, resolve_models
+    from opd_tasks.pipeline import checker_name, resolve_models
+    from opd_tasks.stages import EvaluateInputs
 
     cfg = _cfg(models, tmp_path, "iterations=1")
     distill(cfg.model_dump(mode="json"))
     lin = RunLineage(tmp_path, "testbed")
-    _, student0 = resolve_models(cfg)
-    params = dict(model=student0, prompts=lin.get(0, "eval_prompts").ref, cfg=cfg.evaluation, seed=cfg.seed,
-                  checker=checker_name(cfg), device=cfg.device)
-    state = opd_stage(stage="evaluate", params=to_jsonable_python(params), root=str(tmp_path), iteration=0,
-                      run="testbed", orchestration=cfg.orchestration.model_dump(mode="json"), return_state=True)
+    inputs = EvaluateInputs(model=resolve_models(cfg).initial_student, prompts=lin.get(0, "eval_prompts").ref,
+                            evaluation=cfg.evaluation, checker=checker_name(cfg), seed=cfg.seed)
+    state = opd_stage(stage="evaluate", inputs=to_jsonable_python(inputs), root=str(tmp_path), device=cfg.device,
+                      iteration=0, run_name="testbed", orchestration=cfg.orchestration.model_dump(mode="json"),
+                      return_state=True)
     assert state.result() == lin.get(0, "baseline").ref
-    assert _child_task_state(state.state_details.flow_run_id, "evaluate", 0, logging.getLogger()) == "Cached"
+    assert child_task_state(state.state_details.flow_run_id, "evaluate", 0, logging.getLogger().info) == "Cached"
+
+
+def _lineage_shas(root: Path, run: str) -> dict[tuple[int, str], str]:
+    return {(e.iteration, e.stage): e.ref.sha256 for e in RunLineage(root, run).entries()}
+
+
+def test_flow_and_plain_driver_run_one_loop_with_identical_artifacts(harness, models, tmp_path: Path) -> None:
+    """Two topd iterations through the Prefect flow and through the plain driver, each in its own root: every
+    stage of every iteration has the same artifact sha256 (manifest, hence key, content and meta)."""
+    from flows.distill import distill
+    from opd_tasks.pipeline import run_plain
+
+    extra = ("method=topd", "analysis.probe_tokens=3", "analysis.delta_mode=quantile", "analysis.delta=0.5")
+    out = distill(_cfg(models, tmp_path / "flow", *extra).model_dump(mode="json"))
+    plain = run_plain(_cfg(models, tmp_path / "plain", *extra), log=lambda m: None, progress=False)
+    flow_shas, plain_shas = _lineage_shas(tmp_path / "flow", "testbed"), _lineage_shas(tmp_path / "plain", "testbed")
+    assert {s for _, s in flow_shas} == {"eval_prompts", "baseline", "prompts", "rollout", "score", "gates",
+                                         "analyze", "update", "evaluate"}
+    assert {i for i, _ in flow_shas} == {0, 1}
+    assert flow_shas == plain_shas
+    assert [it["accuracy"] for it in out["iterations"]] == [it.accuracy for it in plain.iterations]
+    assert out["iterations"][1]["analysis"] == plain.iterations[1].analysis
+
+
+def test_plain_driver_fault_refresh_and_resume(models, tmp_path: Path) -> None:
+    """The plain driver honours fault.*, --refresh and resume like the flow (no retries: a rerun recovers)."""
+    from opd_tasks.pipeline import run_plain
+
+    quiet = dict(log=lambda m: None, progress=False)
+    clean = run_plain(_cfg(models, tmp_path / "clean"), **quiet)
+    faulty = _cfg(models, tmp_path / "f", "fault.stage=update", "fault.iteration=1")
+    with pytest.raises(TransientError, match="injected fault: stage 'update' at iteration 1"):
+        run_plain(faulty, **quiet)
+    rerun = run_plain(faulty, **quiet)
+    computed = [(it.iteration, s) for it in rerun.iterations for s, r in it.stages.items() if not r.cached]
+    assert computed == [(1, "update"), (1, "evaluate")]
+    assert _lineage_shas(tmp_path / "f", "testbed") == _lineage_shas(tmp_path / "clean", "testbed")
+    assert [it.accuracy for it in rerun.iterations] == [it.accuracy for it in clean.iterations]
+
+    refreshed = run_plain(_cfg(models, tmp_path / "clean"), refresh=["score"], **quiet)
+    assert {s: r.cached for s, r in refreshed.iterations[0].stages.items()} == {
+        "prompts": True, "rollout": True, "score": False, "gates": True, "update": True, "evaluate": True}
+    assert len(list((tmp_path / "clean" / "retired" / "score").iterdir())) == 2  # one per iteration
+    with pytest.raises(ConfigError, match=r"--refresh: unknown stage\(s\) \['scores'\]; stages are prompts, rollout"):
+        run_plain(_cfg(models, tmp_path / "clean"), refresh=["scores"], **quiet)
+
+    resumed = run_plain(_cfg(models, tmp_path / "clean", "iterations=1"), resume=True, **quiet)
+    assert [it.iteration for it in resumed.iterations] == [2]
+    lin = RunLineage(tmp_path / "clean", "testbed")
+    assert lin.get(2, "prompts").ref.sha256 not in {lin.get(i, "prompts").ref.sha256 for i in (0, 1)}

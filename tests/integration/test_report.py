@@ -28,7 +28,7 @@ SEEDS = (0, 1)
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from opd_tasks.iteration import run_plain
+    from opd_tasks.pipeline import run_plain
 
     root = tmp_path_factory.mktemp("report-root")
     for seed in SEEDS:

@@ -11,23 +11,28 @@ import pyarrow as pa
 import pytest
 import torch
 
-from opd_tasks.analyze import (
-    analyze,
-    classifier_scores,
-    high_loss_mask,
-    regime_of,
-    token_weights,
-    window_divergence,
+from opd_tasks.config import (
+    AnalysisConfig,
+    RunConfig,
+    ScoringConfig,
+    TopdConfig,
+    UpdateConfig,
 )
-from opd_tasks.common import group_tokens
-from opd_tasks.config import AnalysisConfig, DataConfig, RolloutConfig, ScoringConfig, UpdateConfig
-from opd_tasks.ot import cosine_cost, ot_distance, sinkhorn
-from opd_tasks.prompts import prepare_prompts
-from opd_tasks.rollout import rollout
-from opd_tasks.scoring import score_teacher
-from opd_tasks.update import update
+from opd_tasks.errors import ConfigError
+from opd_tasks.method import Bridge, TokenWeighting, plan
+from opd_tasks.stages import (
+    ANALYZE,
+    SCORE,
+    UPDATE,
+    AnalyzeInputs,
+    ScoreInputs,
+    UpdateInputs,
+)
+from opd_tasks.topd.ot import cosine_cost, ot_distance, sinkhorn
+from opd_tasks.topd.signals import classifier_scores, high_loss_mask, regime_of, token_weights, window_divergence
+from opd_tasks.training.sequences import group_tokens
 from storage.store import ArtifactStore
-from tests.helpers import tiny_model_dir
+from tests.helpers import scored_env
 
 
 def test_high_loss_quantile_and_threshold() -> None:
@@ -62,9 +67,9 @@ def test_spike_is_surface_and_persistent_drift_is_divergent() -> None:
 
 def test_token_weights_match_loop() -> None:
     reg = ["normal", "surface", "divergent", "normal", "divergent", "surface", "normal", "unprobed"]
-    assert token_weights(reg, "opd", 0.0, 0.5, 0.8, 3) == [1.0] * 8
-    assert token_weights(reg, "opd_suppress", 0.1, 0.5, 0.8, 3) == [1, 0.1, 1, 1, 1, 0.1, 1, 1]
-    got = token_weights(reg, "topd", 0.0, 0.5, 0.8, 3)
+    assert token_weights(reg, TokenWeighting()) == [1.0] * 8  # the default: every weight 1
+    assert token_weights(reg, TokenWeighting(surface_weight=0.1)) == [1, 0.1, 1, 1, 1, 0.1, 1, 1]
+    got = token_weights(reg, TokenWeighting(surface_weight=0.0, spread_weight=0.5, spread_decay=0.8, spread_horizon=3))
     ref = [0.0 if r == "surface" else 1.0 for r in reg]
     for t, r in enumerate(reg):
         if r == "divergent":
@@ -109,14 +114,29 @@ def test_sinkhorn_matches_exact_assignment() -> None:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory):
-    base = tmp_path_factory.mktemp("analyze")
-    _, student = tiny_model_dir(base / "student", seed=0, hidden=32)
-    _, teacher = tiny_model_dir(base / "teacher", seed=1, hidden=48)
-    store = ArtifactStore(base / "root")
-    prompts = prepare_prompts(store, DataConfig(), student, "train", 5, 0, 0, None)
-    roll = rollout(store, student, prompts, RolloutConfig(samples_per_prompt=2, max_new_tokens=10), 0, progress=False)
-    scores = score_teacher(store, teacher, student, roll, ScoringConfig(top_k=4), progress=False)
-    return {"base": base, "store": store, "student": student, "teacher": teacher, "roll": roll, "scores": scores}
+    return scored_env(tmp_path_factory.mktemp("analyze"), prompts=5, samples=2, max_new_tokens=10, top_k=4)
+
+
+def _score(store, teacher, student, roll, top_k: int):
+    return SCORE(store, ScoreInputs(teacher=teacher, student=student, rollouts=roll,
+                                    scoring=ScoringConfig(top_k=top_k)), progress=False)
+
+
+def _analyze(env, cfg: AnalysisConfig, method: str = "topd", topd: TopdConfig | None = None,
+             label_roles: bool = False, store: ArtifactStore | None = None, rollouts=None, scores=None):
+    """The analysis stage as the loop calls it for `method` (opd_tasks/method.py) with `topd` settings."""
+    p = plan(RunConfig(method=method, topd=topd or TopdConfig()))
+    return ANALYZE(store or env["store"], AnalyzeInputs(
+        student=env["student"], teacher=env["teacher"], rollouts=rollouts or env["roll"],
+        scores=scores or env["scores"], analysis=cfg, weighting=p.weighting, bridge=p.bridge is not None,
+        label_roles=label_roles, seed=0), progress=False)
+
+
+def _update(env, upd: UpdateConfig, analysis, method: str = "topd", topd: TopdConfig | None = None):
+    p = plan(RunConfig(method=method, topd=topd or TopdConfig()))
+    return UPDATE(env["store"], UpdateInputs(student=env["student"], rollouts=env["roll"], scores=env["scores"],
+                                             analysis=analysis, teacher=env["teacher"], update=upd, bridge=p.bridge,
+                                             seed=0), progress=False)
 
 
 @pytest.mark.parametrize(("detector", "distance"), [("window", "xent"), ("probe", "xent"), ("probe", "ot"),
@@ -125,9 +145,7 @@ def test_analyze_stage_tables_are_consistent(env, detector: str, distance: str) 
     store: ArtifactStore = env["store"]
     cfg = AnalysisConfig(detector=detector, distance=distance, probe_tokens=5, probe_budget=2, delta=0.5,
                          delta_mode="quantile")
-    upd = UpdateConfig()
-    ref = analyze(store, env["student"], env["teacher"], env["roll"], env["scores"], cfg, "topd", upd, 0,
-                  label_roles=True, progress=False)
+    ref = _analyze(env, cfg, label_roles=True)
     tok = store.read_table(ref, "tokens")
     scores = store.read_table(env["scores"])
     assert tok.num_rows == scores.num_rows
@@ -158,8 +176,7 @@ def test_analyze_stage_tables_are_consistent(env, detector: str, distance: str) 
     # Weights equal a recomputation from the regimes, sequence by sequence.
     g = group_tokens(tok, ["regime", "weight"])
     for v in g.values():
-        assert v["weight"] == pytest.approx(token_weights(v["regime"], "topd", upd.lambda_s, upd.alpha, upd.gamma,
-                                                          upd.horizon))
+        assert v["weight"] == pytest.approx(token_weights(v["regime"], plan(RunConfig(method="topd")).weighting))
     meta = store.manifest(ref)["meta"]
     assert set(meta["share"]) == {"surface", "divergent", "unprobed"} and "classifier" in meta
 
@@ -173,7 +190,8 @@ def test_student_statistics_and_chunked_probes_match_independent_computations(en
     sequences afresh. With 3 sequences per chunk the probes span several chunks."""
     import math
 
-    from opd_tasks.hf import load_causal_lm, probe_pair, score_sequences
+    from opd_tasks.backends.hf import load_causal_lm, score_sequences
+    from opd_tasks.topd.probes import probe_pair
 
     store: ArtifactStore = env["store"]
     roll = {(r["prompt_id"], r["sample_id"]): r for r in store.read_table(env["roll"]).to_pylist()}
@@ -185,8 +203,7 @@ def test_student_statistics_and_chunked_probes_match_independent_computations(en
                           pad_token_id=0, top_k=1, batch_size=64, progress=False)
     ent = {(*k, j): e for k, sc in zip(keys, ref, strict=True) for j, e in enumerate(sc.entropy)}
     cfg = AnalysisConfig(detector="probe", distance="xent", probe_tokens=4, probe_budget=2, batch_size=batch_size)
-    a = analyze(store, env["student"], env["teacher"], env["roll"], env["scores"], cfg, "topd", UpdateConfig(), 0,
-                progress=False)
+    a = _analyze(env, cfg)
     rows = store.read_table(a, "tokens").to_pylist()
     for r in rows:
         key = (r["prompt_id"], r["sample_id"], r["pos"])
@@ -222,13 +239,12 @@ def test_swap_detector_matches_a_slow_loop_and_bridges_only_divergent_positions(
     the teacher's most likely token other than y_t taken from the teacher's own logits. Divergent positions carry
     the teacher's greedy continuation (equal to `generate` from the re-encoded prefix), surface ones none; both
     threshold modes (decided per batch, or after every D_t is known)."""
-    from opd_tasks.hf import generate, load_causal_lm
+    from opd_tasks.backends.hf import generate, load_causal_lm
 
     store: ArtifactStore = env["store"]
     cfg = AnalysisConfig(detector="swap", window=3, probe_tokens=4, probe_budget=2, delta_mode=delta_mode,
                          delta=0.0 if delta_mode == "absolute" else 0.5, batch_size=4)
-    ref = analyze(store, env["student"], env["teacher"], env["roll"], env["scores"], cfg, "topd", UpdateConfig(), 0,
-                  progress=False)
+    ref = _analyze(env, cfg)
     probes = store.read_table(ref, "probes").to_pylist()
     tokens = {(r["prompt_id"], r["sample_id"], r["pos"]): r for r in store.read_table(ref, "tokens").to_pylist()}
     roll = {(r["prompt_id"], r["sample_id"]): r for r in store.read_table(env["roll"]).to_pylist()}
@@ -267,22 +283,19 @@ def test_swap_detector_matches_a_slow_loop_and_bridges_only_divergent_positions(
             assert regime == "surface" and p["teacher_continuation"] == []
     assert regimes == {"surface", "divergent"}
     # Without the bridge (opd_suppress) no continuation is generated at all.
-    sup = analyze(store, env["student"], env["teacher"], env["roll"], env["scores"], cfg, "opd_suppress",
-                  UpdateConfig(), 0, progress=False)
+    sup = _analyze(env, cfg, method="opd_suppress")
     assert all(p["teacher_continuation"] == [] for p in store.read_table(sup, "probes").to_pylist())
 
 
 def test_swap_never_probes_the_last_token_and_keys_on_the_bridge(env) -> None:
     """A last token has no near future to re-read: with a budget that covers every high-loss token, swap probes
     all of them except the last ones, which stay `unprobed` (weight 1). And whether the bridge is trained is
-    part of the analysis key: with beta 0 no continuation is generated, with beta > 0 every divergent position
+    part of the analysis key: with topd.bridge_weight 0 no continuation is generated, with > 0 every divergent position
     has one, and the two are different artifacts."""
     store: ArtifactStore = env["store"]
     cfg = AnalysisConfig(detector="swap", window=3, probe_tokens=4, probe_budget=1000, high_loss_quantile=0.5)
-    with_bridge = analyze(store, env["student"], env["teacher"], env["roll"], env["scores"], cfg, "topd",
-                          UpdateConfig(beta=0.1), 0, progress=False)
-    no_bridge = analyze(store, env["student"], env["teacher"], env["roll"], env["scores"], cfg, "topd",
-                        UpdateConfig(beta=0.0), 0, progress=False)
+    with_bridge = _analyze(env, cfg, topd=TopdConfig(bridge_weight=0.1))
+    no_bridge = _analyze(env, cfg, topd=TopdConfig(bridge_weight=0.0))
     assert with_bridge.key != no_bridge.key
     rows = store.read_table(with_bridge, "tokens").to_pylist()
     last = {(r["prompt_id"], r["sample_id"]): r["pos"] for r in rows
@@ -300,9 +313,10 @@ def test_swap_never_probes_the_last_token_and_keys_on_the_bridge(env) -> None:
 
 
 def test_greedy_of_a_subset_equals_the_full_batch(env) -> None:
-    """`_Prefixes.greedy(only=...)` (the swap detector's bridges) gives the same continuations as greedy over
+    """`PrefixCache.greedy(only=...)` (the swap detector's bridges) gives the same continuations as greedy over
     every prefix, with an EOS that some probes emit early (so the batch is compacted on the way)."""
-    from opd_tasks.hf import _Prefixes, load_causal_lm
+    from opd_tasks.backends.hf import load_causal_lm
+    from opd_tasks.backends.prefix_cache import PrefixCache
 
     roll = env["store"].read_table(env["roll"]).to_pylist()
     seqs = [r["prompt_token_ids"] + r["token_ids"] for r in roll]
@@ -310,7 +324,7 @@ def test_greedy_of_a_subset_equals_the_full_batch(env) -> None:
               for j in range(min(3, len(r["token_ids"])))]
     model = load_causal_lm(env["teacher"].path, torch.device("cpu"), "float32")
     with torch.no_grad():
-        pre = _Prefixes(model, seqs, probes, 0)
+        pre = PrefixCache(model, seqs, probes, 0)
         first, _ = pre.greedy(6, -1)  # no EOS: every probe runs 6 tokens
         eos = first[0][0]  # a token some probes emit at once: they finish at step 0
         full, full_lp = pre.greedy(6, eos)
@@ -328,14 +342,12 @@ def test_greedy_of_a_subset_equals_the_full_batch(env) -> None:
 def test_delta_zero_with_another_detector_warns(env, caplog) -> None:
     """delta 0 (absolute) is swap's natural threshold; for the window detector it is a mistake worth a warning."""
     cfg = AnalysisConfig(detector="window", delta_mode="absolute", delta=0.0)
-    with caplog.at_level("WARNING", logger="opd_tasks.analyze"):
-        analyze(env["store"], env["student"], env["teacher"], env["roll"], env["scores"], cfg, "topd", UpdateConfig(),
-                0, progress=False)
+    with caplog.at_level("WARNING", logger="opd_tasks.stages.analyze"):
+        _analyze(env, cfg)
     assert "analysis.delta is 0 (absolute)" in caplog.text and "window detector" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="opd_tasks.analyze"):
-        analyze(env["store"], env["student"], env["teacher"], env["roll"], env["scores"],
-                AnalysisConfig(detector="swap", window=3), "topd", UpdateConfig(), 0, progress=False)
+    with caplog.at_level("WARNING", logger="opd_tasks.stages.analyze"):
+        _analyze(env, AnalysisConfig(detector="swap", window=3))
     assert "analysis.delta is 0" not in caplog.text
 
 
@@ -345,16 +357,14 @@ def test_swap_detector_needs_the_teachers_top_2(env, tmp_path: Path) -> None:
 
     shutil.copytree(env["roll"].uri, store.layout.artifact_dir("rollout", env["roll"].key))
     roll = store.lookup("rollout", env["roll"].key)
-    scores = score_teacher(store, env["teacher"], env["student"], roll, ScoringConfig(top_k=1), progress=False)
-    with pytest.raises(Exception, match=r"analysis.detector 'swap' needs .*scoring.top_k >= 2"):
-        analyze(store, env["student"], env["teacher"], roll, scores, AnalysisConfig(detector="swap"), "topd",
-                UpdateConfig(), 0, progress=False)
+    scores = _score(store, env["teacher"], env["student"], roll, top_k=1)
+    with pytest.raises(ConfigError, match=r"analysis.detector 'swap' needs .*scoring.top_k >= 2"):
+        _analyze(env, AnalysisConfig(detector="swap"), store=store, rollouts=roll, scores=scores)
 
 
 def test_analyze_rerun_is_byte_identical(env) -> None:
     cfg = AnalysisConfig(probe_tokens=4, probe_budget=1)
-    a = analyze(env["store"], env["student"], env["teacher"], env["roll"], env["scores"], cfg, "topd",
-                UpdateConfig(), 0, progress=False)
+    a = _analyze(env, cfg)
     other = ArtifactStore(env["base"] / "other")
     # Copy the input artifacts into a fresh store: the stage recomputes from scratch there.
     import shutil
@@ -363,24 +373,21 @@ def test_analyze_rerun_is_byte_identical(env) -> None:
         shutil.copytree(ref.uri, other.layout.artifact_dir(ref.stage, ref.key))
     r2, s2 = other.lookup("rollout", env["roll"].key), other.lookup("score", env["scores"].key)
     assert (r2.sha256, s2.sha256) == (env["roll"].sha256, env["scores"].sha256)
-    b = analyze(other, env["student"], env["teacher"], r2, s2, cfg, "topd", UpdateConfig(), 0, progress=False)
+    b = _analyze(env, cfg, store=other, rollouts=r2, scores=s2)
     assert a.sha256 == b.sha256 and a.uri != b.uri
 
 
 def test_zero_weights_freeze_the_pg_update(env) -> None:
     """All tokens suppressed (weight 0) and no bridge: the policy gradient is zero, the weights do not move."""
     store = env["store"]
-    ref = analyze(store, env["student"], env["teacher"], env["roll"], env["scores"],
-                  AnalysisConfig(detector="window"), "opd_suppress", UpdateConfig(), 0, progress=False)
+    ref = _analyze(env, AnalysisConfig(detector="window"), method="opd_suppress")
     t = store.read_table(ref, "tokens")
     zero = t.set_column(t.column_names.index("weight"), "weight", pa.array([0.0] * t.num_rows, pa.float32()))
     with store.writer("analyze", "ab" * 32) as w:
         w.write_table("tokens", zero)
         w.declare_table("probes")
-        w.meta["method"] = "opd_suppress"
         zref = w.commit()
-    up = update(store, env["student"], env["roll"], env["scores"], UpdateConfig(learning_rate=0.1), 0, weights=zref,
-                progress=False)
+    up = _update(env, UpdateConfig(learning_rate=0.1), zref, method="opd_suppress")
     from safetensors.torch import load_file
 
     a = load_file(str(Path(env["student"].path) / "model.safetensors"))
@@ -393,17 +400,16 @@ def test_bridge_loss_equals_explicit_reference(env) -> None:
     store = env["store"]
     cfg = AnalysisConfig(detector="probe", probe_tokens=4, probe_budget=2, delta=0.0,
                          delta_mode="absolute")  # every probe divergent
-    upd = UpdateConfig(beta=0.3, gamma=0.7, learning_rate=1e-9, micro_batch_size=64)
-    ref = analyze(store, env["student"], env["teacher"], env["roll"], env["scores"], cfg, "topd", upd, 0,
-                  progress=False)
+    topd = TopdConfig(bridge_weight=0.3, bridge_decay=0.7)
+    ref = _analyze(env, cfg, topd=topd)
     probes = store.read_table(ref, "probes").to_pylist()
     assert probes
-    up = update(store, env["student"], env["roll"], env["scores"], upd, 0, weights=ref, progress=False)
+    up = _update(env, UpdateConfig(learning_rate=1e-9, micro_batch_size=64), ref, topd=topd)
     logged = store.read_table(up, "updates").to_pylist()
     assert len(logged) == 1
     roll = {(r["prompt_id"], r["sample_id"]): r for r in store.read_table(env["roll"]).to_pylist()}
     n_tok = sum(len(r["token_ids"]) for r in roll.values())
-    from opd_tasks.hf import load_causal_lm
+    from opd_tasks.backends.hf import load_causal_lm
 
     model = load_causal_lm(env["student"].path, torch.device("cpu"))
     ref_sum = 0.0
@@ -424,18 +430,20 @@ def test_bridge_gradient_through_cached_prefixes_equals_reencoding(env) -> None:
     """The bridge term continues from the main forward's keys/values; its gradient must equal the gradient of
     the same sum computed by encoding prefix + continuation afresh, one bridge at a time with no padding.
     Token weights are 0, so the policy-gradient term contributes nothing."""
-    from opd_tasks.hf import load_causal_lm
-    from opd_tasks.update import Sequence, micro_batch_loss
+    from opd_tasks.backends.hf import load_causal_lm
+    from opd_tasks.training.objective import micro_batch_loss
+    from opd_tasks.training.sequences import ScoredSequence
 
     roll = env["store"].read_table(env["roll"]).to_pylist()[:3]
     batch = []
     for i, r in enumerate(roll):
         n = len(r["token_ids"])
         br = [(pos, [3 + i, 5, 7][: 1 + (pos % 3)]) for pos in sorted({0, n // 2, n - 1})]
-        batch.append(Sequence(r["prompt_token_ids"], r["token_ids"], [0.0] * n, [0.0] * n, [0.0] * n, bridges=br))
-    upd = UpdateConfig(beta=1.0, gamma=0.7)
+        batch.append(ScoredSequence(r["prompt_id"], r["sample_id"], r["prompt_token_ids"], r["token_ids"], [0.0] * n,
+                                    [0.0] * n, weights=[0.0] * n, bridges=br))
     model = load_causal_lm(env["student"].path, torch.device("cpu"), "float32").train()
-    loss, stats = micro_batch_loss(model, batch, upd, 0, torch.device("cpu"))
+    loss, stats = micro_batch_loss(model, batch, UpdateConfig(), Bridge(weight=1.0, decay=0.7), 0,
+                                   torch.device("cpu"))
     loss.backward()
     got = {k: v.grad.clone() for k, v in model.named_parameters()}
     model.zero_grad()
@@ -459,12 +467,11 @@ def test_xent_probe_distance_matches_a_slow_teacher_forced_loop(env) -> None:
     """Each stored xent distance equals 0.5 * (mean_j[log T(c_T) - log S(c_T)] + mean_j[log S(c_S) - log T(c_S)]),
     recomputed here one token at a time with a full forward over prefix + continuation[:j] (no KV cache, no
     batching, no padding), for both models' continuations."""
-    from opd_tasks.hf import load_causal_lm
+    from opd_tasks.backends.hf import load_causal_lm
 
     store: ArtifactStore = env["store"]
     cfg = AnalysisConfig(detector="probe", distance="xent", probe_tokens=4, probe_budget=2)
-    ref = analyze(store, env["student"], env["teacher"], env["roll"], env["scores"], cfg, "topd", UpdateConfig(), 0,
-                  progress=False)
+    ref = _analyze(env, cfg)
     probes = store.read_table(ref, "probes").to_pylist()
     assert probes
     roll = {(r["prompt_id"], r["sample_id"]): r for r in store.read_table(env["roll"]).to_pylist()}
@@ -490,12 +497,13 @@ def test_xent_probe_distance_matches_a_slow_teacher_forced_loop(env) -> None:
 
 
 def test_probe_greedy_from_cached_prefixes_equals_generate_and_teacher_forcing(env) -> None:
-    """`hf.probe_greedy` (prefix keys/values sliced from one forward over the full sequence) gives the same greedy
+    """`probe_greedy` (prefix keys/values sliced from one forward over the full sequence) gives the same greedy
     continuations as `hf.generate` from re-encoded prefixes, the same log-probs, and in scoring mode the same
     log-probs as `hf.score_sequences` (teacher forcing over prefix + continuation)."""
     import random
 
-    from opd_tasks.hf import generate, load_causal_lm, probe_greedy, score_sequences
+    from opd_tasks.backends.hf import generate, load_causal_lm, score_sequences
+    from opd_tasks.topd.probes import probe_greedy
 
     roll = env["store"].read_table(env["roll"]).to_pylist()
     seqs = [r["prompt_token_ids"] + r["token_ids"] for r in roll]

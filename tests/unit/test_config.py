@@ -92,3 +92,29 @@ def test_every_shipped_config_loads() -> None:
     for f in files:
         cfg = load_config(f, [])
         assert cfg.name == f.stem, f
+
+
+@pytest.mark.parametrize(("old", "new"), [("lambda_s", "topd.surface_weight"), ("alpha", "topd.spread_weight"),
+                                          ("gamma", "topd.spread_decay and topd.bridge_decay"),
+                                          ("horizon", "topd.spread_horizon"), ("beta", "topd.bridge_weight")])
+def test_moved_topd_keys_are_refused_naming_the_new_key(tmp_path: Path, old: str, new: str) -> None:
+    with pytest.raises(ConfigError, match=rf"update: update\.{old} moved to {new}$"):
+        load_config(None, [f"update.{old}=0.5"])
+    f = tmp_path / "old.yaml"
+    f.write_text(f"update:\n  learning_rate: 0.001\n  {old}: 0.5\n")
+    with pytest.raises(ConfigError, match=rf"update\.{old} moved to {new}"):
+        load_config(f)
+
+
+def test_method_and_fault_stage_come_from_their_registries() -> None:
+    from opd_tasks.method import METHODS
+    from opd_tasks.stages import STAGES
+
+    for m in METHODS:
+        assert load_config(None, [f"method={m}"]).method == m
+    with pytest.raises(ConfigError, match=r"method: Input should be 'opd', 'opd_suppress' or 'topd'"):
+        load_config(None, ["method=grpo"])
+    for s in STAGES:
+        assert load_config(None, [f"fault.stage={s}"]).fault.stage == s
+    with pytest.raises(ConfigError, match=r"fault\.stage: unknown stage 'scoring'; stages are prompts, rollout"):
+        load_config(None, ["fault.stage=scoring"])

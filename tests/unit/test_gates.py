@@ -5,14 +5,11 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from opd_tasks.config import DataConfig, GatesConfig, RolloutConfig, ScoringConfig
+from opd_tasks.config import GatesConfig
 from opd_tasks.errors import DataError
-from opd_tasks.gates import check_gates, evaluate_gates, gates
-from opd_tasks.prompts import prepare_prompts
-from opd_tasks.rollout import rollout
-from opd_tasks.scoring import score_teacher
-from storage.store import ArtifactStore
-from tests.helpers import tiny_model_dir
+from opd_tasks.stages import GATES, GatesInputs, check_gates
+from opd_tasks.stages.gates import evaluate_gates
+from tests.helpers import scored_env
 
 
 def test_evaluate_gates_thresholds() -> None:
@@ -26,14 +23,12 @@ def test_evaluate_gates_thresholds() -> None:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory):
-    base = tmp_path_factory.mktemp("gates")
-    _, student = tiny_model_dir(base / "student", seed=0, hidden=32)
-    _, teacher = tiny_model_dir(base / "teacher", seed=1, hidden=48)
-    store = ArtifactStore(base / "root")
-    prompts = prepare_prompts(store, DataConfig(), student, "train", 6, 0, 0, None)
-    roll = rollout(store, student, prompts, RolloutConfig(samples_per_prompt=2, max_new_tokens=8), 0, progress=False)
-    scores = score_teacher(store, teacher, student, roll, ScoringConfig(top_k=4), progress=False)
-    return {"store": store, "student": student, "teacher": teacher, "roll": roll, "scores": scores}
+    return scored_env(tmp_path_factory.mktemp("gates"), prompts=6, samples=2, max_new_tokens=8, top_k=4)
+
+
+def gates(store, student, teacher, rollouts, scores, cfg: GatesConfig, device: str):
+    return GATES(store, GatesInputs(student=student, teacher=teacher, rollouts=rollouts, scores=scores, gates=cfg),
+                 device=device)
 
 
 def test_gates_figures_on_real_rollouts(env) -> None:

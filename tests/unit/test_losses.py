@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from opd_tasks.losses import bridge_nll, full_rkl, pg_loss, topk_rkl, topk_rkl_per_token
+from opd_tasks.training.losses import bridge_nll, full_rkl, pg_loss, topk_rkl, topk_rkl_per_token
 
 B, T, V = 3, 5, 11
 
@@ -57,6 +57,46 @@ def test_pg_loss_matches_loop_and_gradient() -> None:
             for v in range(V):
                 onehot = 1.0 if v == int(targets[b, t]) else 0.0
                 grad[b, t, v] = -float(weight[b, t]) * adv * ratio * (onehot - math.exp(lps[v]))
+    assert ours.item() == pytest.approx(ref, rel=1e-10, abs=1e-12)
+    np.testing.assert_allclose(x.grad.numpy(), grad, rtol=1e-9, atol=1e-12)
+
+
+def test_ppo_clipped_pg_loss_matches_loop_and_gradient() -> None:
+    """The default update loss: `clip_ratio` 0.2. Per token, -w * min(r A, clip(r, 0.8, 1.2) A); where the clipped
+    term is the smaller one and r is outside [0.8, 1.2] the token passes no gradient, elsewhere the gradient is
+    the unclipped one. The case covers tokens on both sides of the clip range with both signs of the advantage."""
+    eps = 0.2
+    g, logits, mask, weight = _rand(1)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    logp_now = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+    logp_old = logp_now + torch.tensor([[-0.5, 0.5, -0.05, 0.05, 0.3], [0.4, -0.4, 0.1, 0.0, -0.1],
+                                        [0.6, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)  # ratios 0.55 .. 1.65
+    logp_t = logp_old + torch.tensor([[1.0, -1.0, -1.0, 1.0, 1.0], [1.0, 1.0, -1.0, 0.5, -0.5],
+                                      [-2.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)  # A = logp_t - logp_old
+
+    x = logits.clone().requires_grad_(True)
+    logp = torch.log_softmax(x, -1).gather(-1, targets[..., None]).squeeze(-1)
+    ours = pg_loss(logp, logp_old, logp_t, weight, mask, clip=eps)
+    ours.backward()
+
+    ref, grad, kinds = 0.0, np.zeros((B, T, V)), set()
+    for b in range(B):
+        for t in range(T):
+            if mask[b, t] == 0:
+                continue
+            lps = _log_softmax_list(logits[b, t].tolist())
+            lp, old = lps[int(targets[b, t])], float(logp_old[b, t])
+            adv = float(logp_t[b, t]) - old
+            ratio = math.exp(lp - old)
+            unclipped, clipped = ratio * adv, min(max(ratio, 1 - eps), 1 + eps) * adv
+            ref += -float(weight[b, t]) * min(unclipped, clipped)
+            passes = unclipped <= clipped or 1 - eps < ratio < 1 + eps
+            kinds.add((passes, adv > 0))
+            if passes:
+                for v in range(V):
+                    onehot = 1.0 if v == int(targets[b, t]) else 0.0
+                    grad[b, t, v] = -float(weight[b, t]) * adv * ratio * (onehot - math.exp(lps[v]))
+    assert kinds == {(True, True), (True, False), (False, True), (False, False)}
     assert ours.item() == pytest.approx(ref, rel=1e-10, abs=1e-12)
     np.testing.assert_allclose(x.grad.numpy(), grad, rtol=1e-9, atol=1e-12)
 

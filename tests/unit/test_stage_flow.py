@@ -1,5 +1,5 @@
 """`orchestration.stage_runner` / `stage_deployment` (config validation and deployment names) and the `opd-stage`
-flow's JSON parameters turned back into the stage task's types (no Prefect server needed)."""
+flow's JSON inputs turned back into the stage's inputs record, with the same cache key (no Prefect server needed)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,17 @@ import json
 import pytest
 from pydantic_core import to_jsonable_python
 
-from opd_tasks.common import ModelSpec
-from opd_tasks.config import GPU_STAGES, load_config
+from opd_tasks.config import load_config
 from opd_tasks.errors import ConfigError
+from opd_tasks.models import ModelSpec
+from opd_tasks.stages import STAGES, gpu_stages
 from storage.refs import ArtifactRef
 
 
 def test_stage_runner_defaults_and_deployment_names() -> None:
     o = load_config().orchestration
     assert o.stage_runner == "inline" and o.stage_deployment == "opd-stage/{stage}"
-    assert [o.stage_deployment_name(s) for s in GPU_STAGES] == [
+    assert [o.stage_deployment_name(s) for s in gpu_stages()] == [
         "opd-stage/rollout", "opd-stage/score", "opd-stage/gates", "opd-stage/analyze", "opd-stage/update",
         "opd-stage/evaluate"]
     o = load_config(None, ["orchestration.stage_runner=deployment",
@@ -50,46 +51,43 @@ def _ref(stage: str) -> ArtifactRef:
                        schema_name=stage, schema_version=1)
 
 
-def test_stage_params_survive_json_with_their_types_and_cache_keys() -> None:
-    """What `run_deployment` sends (JSON) comes back as the task's types, with the same cache key."""
-    from flows.stage import typed_params
-    from opd_tasks.rollout import rollout_key
-    from opd_tasks.update import update_key
+def test_stage_inputs_survive_json_with_their_types_and_cache_keys() -> None:
+    """What `run_deployment` sends (JSON) comes back as the stage's inputs record, with the same cache key."""
+    from flows.stage import typed_inputs
+    from opd_tasks.method import Bridge
+    from opd_tasks.stages import RolloutInputs, UpdateInputs
 
     cfg = load_config(None, ["rollout.temperature=0.7"])
     student = ModelSpec(path="/m/s", sha256="a" * 64, checkpoint=_ref("update"))
     teacher = ModelSpec(path="/m/t", sha256="b" * 64)
-    params = dict(student=student, prompts=_ref("prompts"), cfg=cfg.rollout, seed=3, checker="testbed", device="cpu")
-    back = typed_params("rollout", json.loads(json.dumps(to_jsonable_python(params))))
-    assert back == params and type(back["cfg"]) is type(cfg.rollout) and type(back["prompts"]) is ArtifactRef
-    assert rollout_key(back["student"], back["prompts"], back["cfg"], 3, "testbed") == rollout_key(
-        student, _ref("prompts"), cfg.rollout, 3, "testbed")
-    # Optional parameters: None stays None, a ref is a ref.
-    for weights in (None, _ref("analyze")):
-        params = dict(student=student, rollouts=_ref("rollout"), scores=_ref("score"), cfg=cfg.update, seed=0,
-                      weights=weights, teacher=teacher, device="cpu")
-        back = typed_params("update", json.loads(json.dumps(to_jsonable_python(params))))
-        assert back == params
-        assert update_key(student, back["rollouts"], back["scores"], back["weights"], teacher, back["cfg"], 0) == \
-            update_key(student, _ref("rollout"), _ref("score"), weights, teacher, cfg.update, 0)
+    inputs = RolloutInputs(student=student, prompts=_ref("prompts"), rollout=cfg.rollout, checker="testbed", seed=3)
+    back = typed_inputs("rollout", json.loads(json.dumps(to_jsonable_python(inputs))))
+    assert back == inputs and type(back.rollout) is type(cfg.rollout) and type(back.prompts) is ArtifactRef
+    assert STAGES["rollout"].key(back) == STAGES["rollout"].key(inputs)
+    # Optional inputs: None stays None, a ref is a ref, a bridge is a bridge.
+    for analysis, bridge in ((None, None), (_ref("analyze"), Bridge(weight=0.1, decay=0.8))):
+        inputs = UpdateInputs(student=student, rollouts=_ref("rollout"), scores=_ref("score"), analysis=analysis,
+                              teacher=teacher, update=cfg.update, bridge=bridge, seed=0)
+        back = typed_inputs("update", json.loads(json.dumps(to_jsonable_python(inputs))))
+        assert back == inputs and STAGES["update"].key(back) == STAGES["update"].key(inputs)
 
 
-def test_stage_params_errors_name_the_stage_and_parameter() -> None:
-    from flows.stage import typed_params
+def test_stage_inputs_errors_name_the_stage_and_field() -> None:
+    from flows.stage import typed_inputs
 
     ok = to_jsonable_python(dict(model=ModelSpec(path="/m", sha256="a" * 64), prompts=_ref("prompts"),
-                                 cfg=load_config().evaluation, seed=0, checker="testbed", device="cpu"))
-    assert typed_params("evaluate", ok)["seed"] == 0
+                                 evaluation=load_config().evaluation, seed=0, checker="testbed"))
+    assert typed_inputs("evaluate", ok).seed == 0
     with pytest.raises(ConfigError, match=r"opd-stage: unknown stage 'train'"):
-        typed_params("train", ok)
-    with pytest.raises(ConfigError, match=r"opd-stage evaluate: unknown parameter\(s\) \['bogus'\]"):
-        typed_params("evaluate", {**ok, "bogus": 1})
-    with pytest.raises(ConfigError, match=r"opd-stage evaluate: missing parameter\(s\) \['prompts'\]"):
-        typed_params("evaluate", {k: v for k, v in ok.items() if k != "prompts"})
-    with pytest.raises(ConfigError, match=r"opd-stage evaluate: parameter 'prompts' is not a .*ArtifactRef"):
-        typed_params("evaluate", {**ok, "prompts": {"uri": "/x"}})
-    with pytest.raises(ConfigError, match=r"unknown parameter\(s\) \['root'\]"):  # the flow passes it itself
-        typed_params("evaluate", {**ok, "root": "/elsewhere"})
+        typed_inputs("train", ok)
+    with pytest.raises(ConfigError, match=r"opd-stage evaluate: bad inputs: bogus: Extra inputs are not permitted"):
+        typed_inputs("evaluate", {**ok, "bogus": 1})
+    with pytest.raises(ConfigError, match=r"opd-stage evaluate: bad inputs: prompts: Field required"):
+        typed_inputs("evaluate", {k: v for k, v in ok.items() if k != "prompts"})
+    with pytest.raises(ConfigError, match=r"opd-stage evaluate: bad inputs: prompts\.stage: Field required"):
+        typed_inputs("evaluate", {**ok, "prompts": {"uri": "/x"}})
+    with pytest.raises(ConfigError, match=r"bad inputs: device: Extra inputs"):  # runtime settings are not inputs
+        typed_inputs("evaluate", {**ok, "device": "cpu"})
 
 
 def test_deploy_stages_refuses_non_gpu_stages_and_bad_names_before_any_api_call() -> None:

@@ -10,33 +10,54 @@ import pyarrow as pa
 import pytest
 import torch
 
-from opd_tasks.common import ModelSpec, group_tokens
+from opd_tasks.backends.hf import load_causal_lm, score_sequences
 from opd_tasks.config import DataConfig, EvaluationConfig, RolloutConfig, ScoringConfig, UpdateConfig
 from opd_tasks.errors import ModelError, TrainingError
-from opd_tasks.evaluate import accuracy, evaluate
-from opd_tasks.hf import load_causal_lm, score_sequences
-from opd_tasks.prompts import prepare_prompts
-from opd_tasks.rollout import rollout
-from opd_tasks.scoring import score_teacher
-from opd_tasks.update import save_checkpoint, update
+from opd_tasks.models import ModelSpec
+from opd_tasks.stages import (
+    EVALUATE,
+    PROMPTS,
+    ROLLOUT,
+    SCORE,
+    UPDATE,
+    EvaluateInputs,
+    PromptsInputs,
+    RolloutInputs,
+    ScoreInputs,
+    UpdateInputs,
+)
+from opd_tasks.stages.evaluate import accuracy
+from opd_tasks.training.checkpoint import save_checkpoint
+from opd_tasks.training.sequences import group_tokens
 from storage.store import ArtifactStore
-from tests.helpers import tiny_model_dir
+from tests.helpers import scored_env
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory):
-    base = tmp_path_factory.mktemp("stages")
-    _, student = tiny_model_dir(base / "student", seed=0, hidden=32)
-    _, teacher = tiny_model_dir(base / "teacher", seed=1, hidden=48)
-    store = ArtifactStore(base / "root")
-    prompts = prepare_prompts(store, DataConfig(), student, "train", 6, 0, 0, None)
-    roll_cfg = RolloutConfig(samples_per_prompt=3, max_new_tokens=12, temperature=1.0)
-    roll = rollout(store, student, prompts, roll_cfg, seed=0, progress=False)
-    scores = score_teacher(store, teacher, student, roll, ScoringConfig(top_k=5, batch_size=4), progress=False)
-    return {"base": base, "store": store, "student": student, "teacher": teacher, "prompts": prompts,
-            "roll": roll, "scores": scores, "roll_cfg": roll_cfg}
+    return scored_env(tmp_path_factory.mktemp("stages"), prompts=6, samples=3, max_new_tokens=12, top_k=5,
+                      score_batch=4)
+
+
+def _prompts(store: ArtifactStore, tokenizer: ModelSpec, split: str = "train", n: int = 6):
+    return PROMPTS(store, PromptsInputs(data=DataConfig(), tokenizer=tokenizer, split=split, n=n, offset=0,
+                                        max_context=None, seed=0))
+
+
+def _rollout(store: ArtifactStore, student: ModelSpec, prompts, cfg: RolloutConfig, seed: int):
+    return ROLLOUT(store, RolloutInputs(student=student, prompts=prompts, rollout=cfg, checker="testbed", seed=seed),
+                   progress=False)
+
+
+def _update_inputs(env, cfg: UpdateConfig, seed: int, student: ModelSpec | None = None, scores=None) -> UpdateInputs:
+    return UpdateInputs(student=student or env["student"], rollouts=env["roll"], scores=scores or env["scores"],
+                        analysis=None, teacher=env["teacher"], update=cfg, bridge=None, seed=seed)
+
+
+def _update(env, cfg: UpdateConfig, seed: int, student: ModelSpec | None = None):
+    return UPDATE(env["store"], _update_inputs(env, cfg, seed, student), progress=False)
 
 
 def test_rollout_table_is_consistent_and_reproducible(env) -> None:
@@ -53,10 +74,10 @@ def test_rollout_table_is_consistent_and_reproducible(env) -> None:
         assert reason == "stop" or len(toks) == 12
     # A fresh store, same inputs and seed: the same bytes (content hash).
     other = ArtifactStore(env["base"] / "other-root")
-    p2 = prepare_prompts(other, DataConfig(), env["student"], "train", 6, 0, 0, None)
-    r2 = rollout(other, env["student"], p2, env["roll_cfg"], seed=0, progress=False)
+    p2 = _prompts(other, env["student"])
+    r2 = _rollout(other, env["student"], p2, env["roll_cfg"], seed=0)
     assert other.read_table(r2).equals(t)
-    r3 = rollout(other, env["student"], p2, env["roll_cfg"], seed=1, progress=False)
+    r3 = _rollout(other, env["student"], p2, env["roll_cfg"], seed=1)
     assert not other.read_table(r3).column("token_ids").equals(t.column("token_ids"))
 
 
@@ -116,7 +137,8 @@ def test_tokenizer_mismatch_is_refused(env) -> None:
     tok.save_pretrained(bad_dir)
     bad = ModelSpec(path=str(bad_dir), sha256="0" * 64)
     with pytest.raises(ModelError, match="vocab size: teacher 128 vs student 127"):
-        score_teacher(env["store"], bad, env["student"], env["roll"], ScoringConfig(top_k=3), progress=False)
+        SCORE(env["store"], ScoreInputs(teacher=bad, student=env["student"], rollouts=env["roll"],
+                                        scoring=ScoringConfig(top_k=3)), progress=False)
 
 
 def _weights(spec: ModelSpec) -> dict[str, torch.Tensor]:
@@ -128,12 +150,12 @@ def _weights(spec: ModelSpec) -> dict[str, torch.Tensor]:
 def test_update_checkpoint_cache_and_microbatch_invariance(env) -> None:
     store = env["store"]
     cfg = UpdateConfig(learning_rate=1e-2, micro_batch_size=18, grad_accumulation=1)
-    ref = update(store, env["student"], env["roll"], env["scores"], cfg, seed=0, progress=False)
+    ref = _update(env, cfg, seed=0)
     upd = store.read_table(ref, "updates")
     assert upd.num_rows == 1 and upd.column("tokens_trained")[0].as_py() == sum(
         len(x) for x in store.read_table(env["roll"]).column("token_ids").to_pylist())
     n_pub = len(store.published)
-    assert update(store, env["student"], env["roll"], env["scores"], cfg, seed=0, progress=False) == ref
+    assert _update(env, cfg, seed=0) == ref
     assert len(store.published) == n_pub  # a cache hit publishes nothing
     new = ModelSpec.from_checkpoint(store, ref)
     assert new.checkpoint == ref and new.sha256 == ref.sha256
@@ -141,7 +163,7 @@ def test_update_checkpoint_cache_and_microbatch_invariance(env) -> None:
     assert any(not torch.equal(before[k], after[k]) for k in before)
     # Same optimizer step split into 3 micro-batches x accumulation 3: same weights.
     cfg2 = UpdateConfig(learning_rate=1e-2, micro_batch_size=6, grad_accumulation=3)
-    ref2 = update(store, env["student"], env["roll"], env["scores"], cfg2, seed=0, progress=False)
+    ref2 = _update(env, cfg2, seed=0)
     w2 = _weights(ModelSpec.from_checkpoint(store, ref2))
     for k in after:
         torch.testing.assert_close(after[k], w2[k], rtol=1e-4, atol=1e-5)  # fp32 summation order
@@ -151,10 +173,9 @@ def test_resume_equals_uninterrupted(env) -> None:
     store = env["store"]
     one = UpdateConfig(learning_rate=5e-3, micro_batch_size=4, epochs=1)
     two = UpdateConfig(learning_rate=5e-3, micro_batch_size=4, epochs=2)
-    straight = update(store, env["student"], env["roll"], env["scores"], two, seed=3, progress=False)
-    first = update(store, env["student"], env["roll"], env["scores"], one, seed=3, progress=False)
-    resumed = update(store, ModelSpec.from_checkpoint(store, first), env["roll"], env["scores"], one, seed=3,
-                     progress=False)
+    straight = _update(env, two, seed=3)
+    first = _update(env, one, seed=3)
+    resumed = _update(env, one, seed=3, student=ModelSpec.from_checkpoint(store, first))
     a = _weights(ModelSpec.from_checkpoint(store, straight))
     b = _weights(ModelSpec.from_checkpoint(store, resumed))
     for k in a:
@@ -190,12 +211,10 @@ def test_nan_loss_stops_update_and_publishes_nothing(env) -> None:
     nan = t.set_column(t.column_names.index("teacher_logprob"), "teacher_logprob",
                        pa.array([float("nan")] * t.num_rows, pa.float32()))
     bad_scores = store.put_table("score", "dd" * 32, "teacher_scores", nan)
+    inputs = _update_inputs(env, UpdateConfig(), seed=0, scores=bad_scores)
     with pytest.raises(TrainingError, match="not finite.*previous checkpoint"):
-        update(store, env["student"], env["roll"], bad_scores, UpdateConfig(), seed=0, progress=False)
-    from opd_tasks.update import update_key
-
-    assert store.lookup("update", update_key(env["student"], env["roll"], bad_scores, None, None, UpdateConfig(),
-                                             0)) is None
+        UPDATE(store, inputs, progress=False)
+    assert store.lookup("update", UPDATE.key(inputs)) is None
 
 
 @pytest.mark.parametrize("loss", ["topk_rkl", "full_rkl"])
@@ -207,8 +226,8 @@ def test_supervised_losses_move_student_toward_teacher(env, loss: str) -> None:
     teacher = load_causal_lm(env["teacher"].path, CPU)
 
     def rkl(spec: ModelSpec) -> float:
-        from opd_tasks.hf import completion_logits, pack_right
-        from opd_tasks.losses import full_rkl
+        from opd_tasks.backends.hf import completion_logits, pack_right
+        from opd_tasks.training.losses import full_rkl
 
         m = load_causal_lm(spec.path, CPU)
         ids, attn, pred, cm = pack_right(prompts, comps, 0)
@@ -217,8 +236,7 @@ def test_supervised_losses_move_student_toward_teacher(env, loss: str) -> None:
         return (full_rkl(s, t, torch.ones_like(cm, dtype=torch.float32), cm.float()) / cm.sum()).item()
 
     cfg = UpdateConfig(loss=loss, learning_rate=3e-3, micro_batch_size=6, epochs=8)
-    ref = update(store, env["student"], env["roll"], env["scores"], cfg, seed=0, teacher=env["teacher"],
-                 progress=False)
+    ref = _update(env, cfg, seed=0)
     assert rkl(ModelSpec.from_checkpoint(store, ref)) < 0.9 * rkl(env["student"])
 
 
@@ -236,23 +254,47 @@ def test_pg_step_shrinks_per_token_gap_on_its_samples(env) -> None:
                              progress=False)
         return float(sum(((torch.tensor(s.logprob) - t) ** 2).sum() for s, t in zip(sc, t_lp, strict=True)))
 
-    ref = update(store, env["student"], env["roll"], env["scores"],
-                 UpdateConfig(loss="pg", learning_rate=1e-3, micro_batch_size=18), seed=0, progress=False)
+    ref = _update(env, UpdateConfig(loss="pg", learning_rate=1e-3, micro_batch_size=18), seed=0)
     assert gap(ModelSpec.from_checkpoint(store, ref)) < gap(env["student"])
 
 
-def test_evaluate_counts_correct_answers(env) -> None:
-    store = env["store"]
-    ref = evaluate(store, env["student"], env["prompts"], EvaluationConfig(max_new_tokens=8), seed=0,
-                   progress=False)
-    t = store.read_table(ref)
-    assert t.num_rows == 6
-    from opd_tasks.checkers import check_testbed
+@pytest.mark.parametrize("pass_k", [1, 3])
+def test_evaluate_checks_the_trained_students_answers_against_arithmetic(tmp_path: Path, pass_k: int) -> None:
+    """The committed (trained) testbed student answers 30 held-out sums: each sample's `correct` equals an
+    independent check (the last number of the completion against a + b computed from the prompt text); accuracy
+    is the mean over samples, pass@k the share of prompts with a correct sample. Some answers are right and some
+    wrong, so neither outcome passes by default."""
+    import re
 
-    expected = [check_testbed(x, r) for x, r in zip(t.column("text").to_pylist(),
-                                                     t.column("reference").to_pylist(), strict=True)]
+    from opd_tasks.config import ModelRef
+    from opd_tasks.models import spec_of
+
+    store = ArtifactStore(tmp_path)
+    student = spec_of(ModelRef(path="testbed:student"))
+    prompts = _prompts(store, student, split="test", n=30)
+    ref = EVALUATE(store, EvaluateInputs(model=student, prompts=prompts, evaluation=EvaluationConfig(pass_k=pass_k),
+                                         checker="testbed", seed=0), progress=False)
+    t = store.read_table(ref, "evals")
+    assert t.num_rows == 30 * pass_k
+    asked = dict(zip(*(store.read_table(prompts).column(c).to_pylist() for c in ("prompt_id", "prompt")),
+                     strict=True))
+    expected = []
+    for pid, text in zip(t.column("prompt_id").to_pylist(), t.column("text").to_pylist(), strict=True):
+        a, b = map(int, re.fullmatch(r"Q: (\d+)\+(\d+)=\?\n", asked[pid]).groups())
+        numbers = re.findall(r"\d+", text)
+        expected.append(bool(numbers) and int(numbers[-1]) == a + b)
     assert t.column("correct").to_pylist() == expected
-    assert accuracy(store, ref) == sum(expected) / 6
+    assert 0 < sum(expected) < len(expected)
+    assert accuracy(store, ref) == sum(expected) / len(expected)
+    meta = store.manifest(ref)["meta"]
+    if pass_k > 1:
+        by_prompt: dict[str, bool] = {}
+        for pid, ok in zip(t.column("prompt_id").to_pylist(), expected, strict=True):
+            by_prompt[pid] = by_prompt.get(pid, False) or ok
+        assert meta["pass_at_k"] == sum(by_prompt.values()) / 30 and meta["k"] == pass_k
+        assert meta["pass_at_k"] >= meta["accuracy"]
+    else:
+        assert "pass_at_k" not in meta
 
 
 def test_models_load_without_remote_code_unless_configured(env, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,13 +21,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from opd_tasks import vllm_backend as vb
-from opd_tasks.common import ModelSpec
+from opd_tasks.backends import vllm as vb
 from opd_tasks.config import RolloutConfig, ScoringConfig
 from opd_tasks.errors import ConfigError, ModelError, TransientError
-from opd_tasks.rollout import rollout, rollout_key
-from opd_tasks.scoring import score_key, score_teacher
-from storage.keys import cache_key
+from opd_tasks.models import ModelSpec
+from opd_tasks.stages import ROLLOUT, SCORE, RolloutInputs, ScoreInputs
 from storage.refs import ArtifactRef
 from storage.store import ArtifactStore
 
@@ -262,36 +260,41 @@ def test_stages_refuse_vllm_before_any_work(monkeypatch: pytest.MonkeyPatch, tmp
     _no_vllm(monkeypatch)
     store = ArtifactStore(tmp_path)
     with pytest.raises(ConfigError, match="^rollout.backend: 'vllm' cannot run here"):
-        rollout(store, MISSING, REF, RolloutConfig(backend="vllm"), seed=0, progress=False)
+        ROLLOUT(store, _rollout_inputs(RolloutConfig(backend="vllm")), progress=False)
     with pytest.raises(ConfigError, match="^scoring.backend: 'vllm' cannot run here"):
-        score_teacher(store, MISSING, MISSING, REF, ScoringConfig(backend="vllm"), progress=False)
+        SCORE(store, _score_inputs(ScoringConfig(backend="vllm")), progress=False)
 
 
-def test_cache_keys_carry_the_backend_and_keep_hf_keys_unchanged() -> None:
-    hf, vl = RolloutConfig(), RolloutConfig(backend="vllm")
-    assert rollout_key(MISSING, REF, hf, 0, "testbed") != rollout_key(MISSING, REF, vl, 0, "testbed")
-    # vLLM-only fields added with the backend do not enter hf keys...
-    assert rollout_key(MISSING, REF, hf, 0, "testbed") == rollout_key(
-        MISSING, REF, RolloutConfig(max_model_len=512, enforce_eager=True), 0, "testbed")
-    # ...which are exactly what they were before the fields existed
-    old_slice = {"backend": "hf", "samples_per_prompt": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 64,
-                 "batch_size": 64, "gpu_memory_utilization": 0.85, "tensor_parallel_size": 1, "checker": "testbed"}
-    assert rollout_key(MISSING, REF, hf, 0, "testbed") == cache_key(
-        "rollout", 1, {"student": MISSING.sha256, "prompts": REF}, old_slice, 0)
-    assert score_key(MISSING, REF, ScoringConfig()) == cache_key(
-        "score", 1, {"teacher": MISSING.sha256, "rollouts": REF}, {"backend": "hf", "top_k": 8, "batch_size": 64},
-        None)
+def _rollout_inputs(cfg: RolloutConfig) -> RolloutInputs:
+    return RolloutInputs(student=MISSING, prompts=REF, rollout=cfg, checker="testbed", seed=0)
+
+
+def _score_inputs(cfg: ScoringConfig) -> ScoreInputs:
+    return ScoreInputs(teacher=MISSING, student=MISSING, rollouts=REF, scoring=cfg)
+
+
+def test_cache_keys_carry_the_backend_and_only_the_fields_it_reads() -> None:
+    def rollout_key(**cfg) -> str:
+        return ROLLOUT.key(_rollout_inputs(RolloutConfig(**cfg)))
+
+    def score_key(**cfg) -> str:
+        return SCORE.key(_score_inputs(ScoringConfig(**cfg)))
+
+    assert rollout_key() != rollout_key(backend="vllm") and score_key() != score_key(backend="vllm")
+    # The vLLM-only fields do not enter hf keys (changing them invalidates no hf artifact)...
+    assert rollout_key() == rollout_key(max_model_len=512, enforce_eager=True, gpu_memory_utilization=0.5,
+                                        tensor_parallel_size=2)
+    assert score_key() == score_key(max_model_len=512, enforce_eager=False, gpu_memory_utilization=0.5)
+    assert rollout_key() != rollout_key(temperature=0.7) and score_key() != score_key(top_k=4)
     # ...but they do enter vllm keys
-    assert rollout_key(MISSING, REF, vl, 0, "testbed") != rollout_key(
-        MISSING, REF, RolloutConfig(backend="vllm", max_model_len=512), 0, "testbed")
-    assert score_key(MISSING, REF, ScoringConfig(backend="vllm")) != score_key(
-        MISSING, REF, ScoringConfig(backend="vllm", enforce_eager=False))
+    assert rollout_key(backend="vllm") != rollout_key(backend="vllm", max_model_len=512)
+    assert score_key(backend="vllm") != score_key(backend="vllm", enforce_eager=False)
 
 
 # ------------------------------------------------------------------------------------------ child process
 
 FAKE_VLLM = '''
-"""A FAKE vllm for tests of opd_tasks.vllm_backend's plumbing: shaped like vLLM 0.11.0's API, nothing more.
+"""A FAKE vllm for tests of opd_tasks.backends.vllm's plumbing: shaped like vLLM 0.11.0's API, nothing more.
 Its 'model': the log-probs after token t are log_softmax(((v * 7 + t * 3) % 11) / 3) over a vocabulary of 13."""
 import json, math, os
 from dataclasses import dataclass

@@ -14,19 +14,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from opd_tasks.common import STAGE_VERSIONS, ModelSpec, scored_rollouts
 from opd_tasks.config import GatesConfig
 from opd_tasks.errors import DataError
-from storage.keys import cache_key
+from opd_tasks.models import ModelSpec
+from opd_tasks.stages.registry import StageContext, StageInputs, stage
+from opd_tasks.training.sequences import scored_sequences
 from storage.refs import ArtifactRef
 from storage.store import ArtifactStore
 
 
-def gates_key(student: ModelSpec, teacher: ModelSpec, rollouts: ArtifactRef, scores: ArtifactRef,
-              cfg: GatesConfig) -> str:
-    return cache_key("gates", STAGE_VERSIONS["gates"],
-                     {"student": student.sha256, "teacher": teacher.sha256, "rollouts": rollouts, "scores": scores},
-                     cfg.model_dump(mode="json"), None)
+class GatesInputs(StageInputs):
+    """The figures of the gates on `rollouts` and their `scores`; two of them re-score a sample with `student` and
+    `teacher`."""
+
+    student: ModelSpec
+    teacher: ModelSpec
+    rollouts: ArtifactRef
+    scores: ArtifactRef
+    gates: GatesConfig
 
 
 def evaluate_gates(figures: dict[str, float], cfg: GatesConfig) -> dict[str, dict]:
@@ -42,35 +47,27 @@ def evaluate_gates(figures: dict[str, float], cfg: GatesConfig) -> dict[str, dic
     return out
 
 
-def gates(
-    store: ArtifactStore,
-    student: ModelSpec,
-    teacher: ModelSpec,
-    rollouts: ArtifactRef,
-    scores: ArtifactRef,
-    cfg: GatesConfig,
-    device: str = "auto",
-) -> ArtifactRef:
-    key = gates_key(student, teacher, rollouts, scores, cfg)
-    if (ref := store.lookup("gates", key)) is not None:
-        return ref
-    from opd_tasks.hf import load_causal_lm, resolve_device, score_sequences
+@stage("gates", version=1, inputs=GatesInputs, outputs=())
+def gates(ctx: StageContext, x: GatesInputs) -> ArtifactRef:
+    """Quality figures of the rollouts and scores, each against its threshold (manifest meta only)."""
+    from opd_tasks.backends import HfBackend
 
+    store, rollouts, scores, cfg = ctx.store, x.rollouts, x.scores, x.gates
     roll = store.read_table(rollouts, "rollouts", columns=["finish_reason"])
     reasons = roll.column("finish_reason").to_pylist()
-    seqs = list(scored_rollouts(store, rollouts, scores, ["teacher_logprob", "topk_ids"]))
-    inside = [tok in ids for *_, toks, _lps, s in seqs for tok, ids in zip(toks, s["topk_ids"], strict=True)]
+    seqs = scored_sequences(store, rollouts, scores, ("topk_ids",))
+    inside = [tok in ids for s in seqs for tok, ids in zip(s.tokens, s.topk_ids, strict=True)]
     # A deterministic sample (evenly spaced) for the two gates that need model passes.
     step = max(1, len(seqs) // cfg.sample_sequences)
     sample = seqs[::step][: cfg.sample_sequences]
-    prompts, comps = [s[2] for s in sample], [s[3] for s in sample]
-    dev = resolve_device(device)
-    s_lm = load_causal_lm(student.path, dev, student.dtype, student.trust_remote_code)
-    rec = score_sequences(s_lm, prompts, comps, pad_token_id=0, top_k=1, progress=False)
-    drift = np.concatenate([np.abs(np.asarray(s[4]) - np.asarray(r.logprob)) for s, r in zip(sample, rec, strict=True)])
-    t_lm = load_causal_lm(teacher.path, dev, teacher.dtype, teacher.trust_remote_code)
-    again = score_sequences(t_lm, prompts, comps, pad_token_id=0, top_k=1, progress=False)
-    rep = np.concatenate([np.abs(np.asarray(s[5]["teacher_logprob"]) - np.asarray(r.logprob))
+    prompts, comps = [s.prompt for s in sample], [s.tokens for s in sample]
+    # The re-scores run on hf whatever the stages' backends; right padding, so the pad id never reaches a value.
+    hf = HfBackend(ctx.device)
+    rec = hf.score(x.student, prompts, comps, pad_token_id=0, top_k=1, progress=False)
+    drift = np.concatenate([np.abs(np.asarray(s.sampling_logprobs) - np.asarray(r.logprob))
+                            for s, r in zip(sample, rec, strict=True)])
+    again = hf.score(x.teacher, prompts, comps, pad_token_id=0, top_k=1, progress=False)
+    rep = np.concatenate([np.abs(np.asarray(s.teacher_logprobs) - np.asarray(r.logprob))
                           for s, r in zip(sample, again, strict=True)])
     figures = {
         "truncated": sum(r == "length" for r in reasons) / max(1, len(reasons)),
@@ -83,7 +80,7 @@ def gates(
         # the scorer's non-determinism: it is reported, never enforced (the parity tests bound it; tests/gpu).
         cfg = cfg.model_copy(update={"max_teacher_repeat_diff": None})
     result = evaluate_gates(figures, cfg)
-    with store.writer("gates", key) as w:
+    with ctx.writer() as w:
         w.meta.update({"gates": result, "passed": all(g["passed"] for g in result.values()),
                        "sampled_sequences": len(sample)})
         return w.commit()

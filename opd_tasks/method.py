@@ -1,0 +1,97 @@
+"""The method as a value: the one place that says what `method: opd | opd_suppress | topd` switches on.
+
+A `Method` names the pieces of TOPD it uses. `plan(cfg)` turns it, with the `topd:` section, into the exact
+values the stages read, so no stage ever branches on the method's name:
+
+- `analyze`: whether the analysis stage runs (regimes and token weights); without it every weight is 1;
+- `weighting`: the token weights the analysis writes (`TokenWeighting`): a surface token's weight, and the
+  extra weight spread over the near future of a divergent token (0 when the method does not spread);
+- `bridge`: the bridge loss's weight and decay in the update (`Bridge`), or None when the method has none or
+  its weight is 0; the analysis generates the teacher's bridge continuations only when there is one.
+
+Adding a method (e.g. a baseline the experiment needs) is one `Method(...)` line below, plus, when it needs a new
+switch, that switch here and where the stage reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from opd_tasks.config import RunConfig
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    suppress: bool  # surface tokens (high loss, no near-future divergence) get topd.surface_weight instead of 1
+    spread: bool  # a divergent token's correction is spread over its near future (topd.spread_*)
+    bridge: bool  # the student also follows the teacher's continuation at divergent positions (topd.bridge_*)
+
+    @property
+    def analyze(self) -> bool:
+        """Whether the method needs the analysis stage's regimes (every switch does)."""
+        return self.suppress or self.spread or self.bridge
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("opd", "standard on-policy distillation: every completion token has weight 1",
+           suppress=False, spread=False, bridge=False),
+    Method("opd_suppress", "OPD with surface tokens down-weighted to topd.surface_weight",
+           suppress=True, spread=False, bridge=False),
+    Method("topd", "trajectory-aware OPD: suppression, spread over the near future of divergent tokens, bridge",
+           suppress=True, spread=True, bridge=True),
+)}
+
+
+class TokenWeighting(BaseModel):
+    """The per-token weights the analysis writes, from each token's regime (opd_tasks/topd/signals.py):
+    `surface` -> surface_weight, otherwise 1; then each `divergent` token t adds spread_weight * spread_decay^j
+    to tokens t + j, j = 0..spread_horizon."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    surface_weight: float = Field(default=1.0, ge=0.0)
+    spread_weight: float = Field(default=0.0, ge=0.0)
+    spread_decay: float = Field(default=0.8, ge=0.0, le=1.0)
+    spread_horizon: int = Field(default=0, ge=0)
+
+
+class Bridge(BaseModel):
+    """TOPD's near-future guidance in the update: `weight * -sum_j decay^j log pi_S(c_j | s_t, c_<j)` over the
+    teacher's continuation c of each divergent prefix s_t (opd_tasks/training/losses.py, `bridge_nll`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    weight: float = Field(gt=0.0)
+    decay: float = Field(ge=0.0, le=1.0)
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    """What the stages of one run read from its method (see the module docstring)."""
+
+    method: Method
+    weighting: TokenWeighting
+    bridge: Bridge | None
+
+    @property
+    def analyze(self) -> bool:
+        return self.method.analyze
+
+
+def plan(cfg: RunConfig) -> MethodPlan:
+    """The switches of `cfg.method` with the values of `cfg.topd`."""
+    m, t = METHODS[cfg.method], cfg.topd
+    weighting = TokenWeighting(
+        surface_weight=t.surface_weight if m.suppress else 1.0,
+        spread_weight=t.spread_weight if m.spread else 0.0,
+        spread_decay=t.spread_decay if m.spread else TokenWeighting.model_fields["spread_decay"].default,
+        spread_horizon=t.spread_horizon if m.spread else 0,
+    )
+    bridge = Bridge(weight=t.bridge_weight, decay=t.bridge_decay) if m.bridge and t.bridge_weight > 0 else None
+    return MethodPlan(m, weighting, bridge)

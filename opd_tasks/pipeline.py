@@ -1,0 +1,288 @@
+"""The one iteration loop of on-policy distillation, and the plain driver that runs it without Prefect.
+
+One iteration, from student checkpoint S_i (`run_iteration`):
+
+    prompts_i -> rollout(S_i) -> score(teacher) -> gates -> analyze (methods that need it) -> update(S_i) = S_{i+1}
+    -> evaluate(S_{i+1})
+
+A run (`run_distillation`) is the eval set and the baseline evaluation of the initial student, then
+`iterations` of that loop (with `resume`, starting after the run's latest checkpoint, on the next prompts).
+
+This is the only code that chains stages. It calls each stage through a `StageRunner`: this module's runs them
+in this process (the plain driver, `run_plain`); the Prefect flow's (flows/runners.py) runs each as a Prefect
+task with its cache policy and retries, or as a flow run of the stage's own deployment. Both compute the cache
+key once per call from the stage registry, honour `--refresh` and `fault.*` the same way, record the run's
+lineage, and therefore produce byte-identical artifacts (tests/integration/test_flow.py). Retries are Prefect's:
+the plain driver stops at the first failure, and a rerun recomputes only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from opd_tasks.config import FaultConfig, RunConfig
+from opd_tasks.errors import ConfigError, TransientError
+from opd_tasks.method import MethodPlan, plan
+from opd_tasks.models import ModelSpec, spec_of
+from opd_tasks.stages import (
+    ANALYZE,
+    EVALUATE,
+    GATES,
+    PROMPTS,
+    ROLLOUT,
+    SCORE,
+    STAGES,
+    UPDATE,
+    AnalyzeInputs,
+    EvaluateInputs,
+    GatesInputs,
+    PromptsInputs,
+    RolloutInputs,
+    ScoreInputs,
+    Stage,
+    StageContext,
+    StageInputs,
+    UpdateInputs,
+    check_gates,
+    compute,
+)
+from opd_tasks.stages.evaluate import accuracy
+from storage.lineage import RunLineage
+from storage.refs import ArtifactRef
+from storage.store import ArtifactStore
+
+
+@dataclass
+class StageRecord:
+    """One stage call of a run: what it produced, whether it came from the cache, how long it took."""
+
+    iteration: int
+    stage: str  # the registered stage
+    label: str  # its name in the lineage: the stage's, or eval_prompts / baseline
+    ref: ArtifactRef
+    cached: bool
+    seconds: float
+
+    def row(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "stage": self.label, "state": "Cached" if self.cached else "Completed",
+                "seconds": round(self.seconds, 3), "rows": self.ref.rows, "sha256": self.ref.sha256,
+                "uri": self.ref.uri}
+
+
+@dataclass
+class IterationResult:
+    iteration: int
+    stages: dict[str, StageRecord]  # by label, in the order they ran
+    checkpoint: ArtifactRef  # S_{i+1}
+    accuracy: float  # per sample, on the eval set (opd_tasks/stages/evaluate.py)
+    mean_loss: float
+    analysis: dict | None  # the analysis summary (regime shares, classifier), None when the method has none
+
+    def summary(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "accuracy": self.accuracy, "mean_loss": self.mean_loss,
+                "analysis": self.analysis, "checkpoint": self.checkpoint.model_dump(mode="json"),
+                "stages": [r.row() for r in self.stages.values()]}
+
+
+@dataclass
+class Distillation:
+    run: str
+    root: str
+    baseline_accuracy: float
+    iterations: list[IterationResult] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """The run as JSON (what the `distill` flow returns)."""
+        return {"run": self.run, "root": self.root, "baseline_accuracy": self.baseline_accuracy,
+                "iterations": [it.summary() for it in self.iterations]}
+
+
+# ----------------------------------------------------------------------------------------- the stage runner
+
+
+def check_refresh(stages: Iterable[str]) -> frozenset[str]:
+    """`--refresh` stage names, each a registered stage."""
+    chosen = frozenset(stages)
+    if bad := sorted(chosen - set(STAGES)):
+        raise ConfigError(f"--refresh: unknown stage(s) {bad}; stages are {', '.join(STAGES)}")
+    return chosen
+
+
+def inject_fault(root: Path, run_name: str, stage: str, iteration: int, fault: FaultConfig | None) -> None:
+    """`fault.*` (tests, crash drills): fail once with a TransientError when `stage` is about to compute at
+    `iteration`; a marker file under `<root>/faults` makes it once, so a retry or a rerun goes through."""
+    if fault is None or fault.stage != stage or fault.iteration != iteration:
+        return
+    marker = Path(root) / "faults" / f"{run_name}.{stage}.it{iteration}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    raise TransientError(f"injected fault: stage {stage!r} at iteration {iteration} (fault.* in the config)")
+
+
+class StageRunner:
+    """Runs one stage for the loop: computes its key, honours `--refresh`, calls it, records the lineage.
+
+    This class calls the stage in this process (the plain driver). A subclass changes `call` alone (the Prefect
+    task or a deployment run, flows/runners.py); everything else is the same for both."""
+
+    def __init__(self, store: ArtifactStore, lineage: RunLineage, cfg: RunConfig, *, refresh: Iterable[str] = (),
+                 progress: bool = True, log: Callable[[str], None] = print):
+        self.store, self.lineage, self.cfg = store, lineage, cfg
+        self.refresh = check_refresh(refresh)
+        self.progress, self.log = progress, log
+
+    def __call__(self, stage: Stage, inputs: StageInputs, iteration: int, label: str | None = None) -> StageRecord:
+        label = label or stage.name
+        key = stage.key(inputs)  # the one computation of this call's key: the store and Prefect both use it
+        existing = self.store.lookup(stage.name, key)
+        if existing is not None and stage.name in self.refresh:
+            moved = self.store.retire(existing)
+            self.log(f"--refresh {stage.name}: retired {existing.short()} to {moved}")
+            existing = None
+        t0 = time.perf_counter()
+        ref, cached = self.call(stage, inputs, key, iteration, label, existing)
+        record = StageRecord(iteration, stage.name, label, ref, cached, time.perf_counter() - t0)
+        self.lineage.record(iteration, label, ref, cached=cached, seconds=record.seconds)
+        self.log(f"it{iteration} {label:<12} {'cached' if cached else 'computed'} in {record.seconds:6.1f}s "
+                 f"-> {ref.short()}")
+        return record
+
+    def call(self, stage: Stage, inputs: StageInputs, key: str, iteration: int, label: str,
+             existing: ArtifactRef | None) -> tuple[ArtifactRef, bool]:
+        """(the artifact, whether it came from the cache): the stored one, or computed here."""
+        if existing is not None:
+            return existing, True
+        inject_fault(self.store.root, self.cfg.name, stage.name, iteration, self.cfg.fault)
+        ctx = StageContext(self.store, stage.name, key, self.cfg.device, self.progress)
+        return compute(stage, ctx, inputs), False
+
+
+# ----------------------------------------------------------------------------------------- the loop
+
+
+@dataclass(frozen=True)
+class Models:
+    teacher: ModelSpec
+    initial_student: ModelSpec  # S_0; its tokenizer encodes every prompt
+
+
+def resolve_models(cfg: RunConfig) -> Models:
+    return Models(teacher=spec_of(cfg.models.teacher), initial_student=spec_of(cfg.models.student))
+
+
+def checker_name(cfg: RunConfig) -> str:
+    """The answer checker of the run's data: the testbed's, or numeric answers."""
+    return "testbed" if cfg.data.source == "testbed" else "numeric"
+
+
+def max_prompt_tokens(model: ModelSpec, max_new_tokens: int) -> int | None:
+    """The longest prompt that leaves room for `max_new_tokens` in the model's context (None: no limit known)."""
+    context = json.loads((model.dir / "config.json").read_text()).get("max_position_embeddings")
+    if context is None:
+        return None
+    if context <= max_new_tokens:
+        raise ConfigError(f"max_new_tokens ({max_new_tokens}) leaves no room for a prompt in the model's "
+                          f"context of {context} tokens ({model.path})")
+    return context - max_new_tokens
+
+
+def eval_prompts_inputs(cfg: RunConfig, models: Models) -> PromptsInputs:
+    """The held-out eval set: `data.eval_size` prompts of the eval split, the same for every iteration."""
+    return PromptsInputs(data=cfg.data, tokenizer=models.initial_student, split=cfg.data.eval_split or "test",
+                         n=cfg.data.eval_size, offset=0,
+                         max_context=max_prompt_tokens(models.initial_student, cfg.evaluation.max_new_tokens),
+                         seed=cfg.seed)
+
+
+def run_iteration(runner: StageRunner, cfg: RunConfig, method: MethodPlan, iteration: int, student: ModelSpec,
+                  models: Models, eval_prompts: ArtifactRef) -> IterationResult:
+    """One OPD iteration from student checkpoint `student` (S_i): returns S_{i+1} and its accuracy."""
+    store, seed, checker = runner.store, cfg.seed, checker_name(cfg)
+    done: dict[str, StageRecord] = {}
+
+    def run(stage: Stage, inputs: StageInputs) -> ArtifactRef:
+        done[stage.name] = runner(stage, inputs, iteration)
+        return done[stage.name].ref
+
+    n = cfg.data.prompts_per_iteration
+    prompts = run(PROMPTS, PromptsInputs(
+        data=cfg.data, tokenizer=models.initial_student, split="train", n=n, offset=iteration * n,
+        max_context=max_prompt_tokens(models.initial_student, cfg.rollout.max_new_tokens), seed=seed))
+    rollouts = run(ROLLOUT, RolloutInputs(student=student, prompts=prompts, rollout=cfg.rollout, checker=checker,
+                                          seed=seed))
+    scores = run(SCORE, ScoreInputs(teacher=models.teacher, student=student, rollouts=rollouts, scoring=cfg.scoring))
+    if cfg.gates.enabled:
+        gate_figures = run(GATES, GatesInputs(student=student, teacher=models.teacher, rollouts=rollouts,
+                                              scores=scores, gates=cfg.gates))
+        check_gates(store, gate_figures)  # DataError naming each failed gate: nothing trains on these rollouts
+    analysis = None
+    if method.analyze:
+        analysis = run(ANALYZE, AnalyzeInputs(
+            student=student, teacher=models.teacher, rollouts=rollouts, scores=scores, analysis=cfg.analysis,
+            weighting=method.weighting, bridge=method.bridge is not None, label_roles=checker == "testbed",
+            seed=seed))
+    checkpoint = run(UPDATE, UpdateInputs(student=student, rollouts=rollouts, scores=scores, analysis=analysis,
+                                          teacher=models.teacher, update=cfg.update, bridge=method.bridge, seed=seed))
+    new_student = ModelSpec.from_checkpoint(store, checkpoint)
+    evals = run(EVALUATE, EvaluateInputs(model=new_student, prompts=eval_prompts, evaluation=cfg.evaluation,
+                                         checker=checker, seed=seed))
+    return IterationResult(iteration, done, checkpoint, accuracy(store, evals),
+                           mean_loss=store.manifest(checkpoint)["meta"]["mean_loss"],
+                           analysis=store.manifest(analysis)["meta"] if analysis is not None else None)
+
+
+def stages_used(cfg: RunConfig) -> list[str]:
+    """The stages an iteration of `cfg` runs (what `run_iteration` calls), in order."""
+    skipped = ({GATES.name} if not cfg.gates.enabled else set()) | ({ANALYZE.name} if not plan(cfg).analyze else set())
+    return [name for name in STAGES if name not in skipped]
+
+
+def run_distillation(runner: StageRunner, cfg: RunConfig, resume: bool = False,
+                     on_iteration: Callable[[IterationResult, Distillation], None] | None = None) -> Distillation:
+    """The eval set and the baseline, then `cfg.iterations` iterations; with `resume`, starting after the run's
+    latest checkpoint, from it, on the next prompts (what a scheduled "nightly distillation" does)."""
+    store, seed, checker = runner.store, cfg.seed, checker_name(cfg)
+    models, method = resolve_models(cfg), plan(cfg)
+    eval_prompts = runner(PROMPTS, eval_prompts_inputs(cfg, models), iteration=0, label="eval_prompts").ref
+    baseline = runner(EVALUATE, EvaluateInputs(model=models.initial_student, prompts=eval_prompts,
+                                               evaluation=cfg.evaluation, checker=checker, seed=seed),
+                      iteration=0, label="baseline").ref
+    out = Distillation(cfg.name, str(store.root), accuracy(store, baseline))
+    runner.log(f"baseline: student accuracy {out.baseline_accuracy:.1%} on {cfg.data.eval_size} held-out prompts")
+    student, first = models.initial_student, 0
+    latest = runner.lineage.latest("update") if resume else None
+    if latest is not None:
+        student, first = ModelSpec.from_checkpoint(store, latest.ref), latest.iteration + 1
+        runner.log(f"resuming run {cfg.name} after iteration {latest.iteration} from checkpoint {latest.ref.short()}")
+    for iteration in range(first, first + cfg.iterations):
+        result = run_iteration(runner, cfg, method, iteration, student, models, eval_prompts)
+        out.iterations.append(result)
+        runner.log(f"iteration {iteration}: accuracy {result.accuracy:.1%} (baseline {out.baseline_accuracy:.1%}), "
+                   f"mean loss {result.mean_loss:.4f}")
+        if on_iteration is not None:
+            on_iteration(result, out)
+        student = ModelSpec.from_checkpoint(store, result.checkpoint)
+    return out
+
+
+def open_run(cfg: RunConfig) -> tuple[ArtifactStore, RunLineage]:
+    """The run's store and lineage; records the run's method and config in its run.json."""
+    store = ArtifactStore(cfg.resolved_root(), remote=cfg.resolved_remote())
+    lineage = RunLineage(store.layout, cfg.name)
+    lineage.init(method=cfg.method, config=cfg.model_dump(mode="json"))
+    return store, lineage
+
+
+def run_plain(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool = True,
+              refresh: Iterable[str] = (), resume: bool = False) -> Distillation:
+    """A whole run in this process, without Prefect (tests, benchmarks, debugging)."""
+    store, lineage = open_run(cfg)
+    return run_distillation(StageRunner(store, lineage, cfg, refresh=refresh, progress=progress, log=log), cfg,
+                            resume=resume)

@@ -1,0 +1,82 @@
+"""Stage 5, `evaluate`: a checkpoint's answers to the held-out prompts (greedy; `pass_k` samples when > 1).
+
+Accuracy, here and everywhere it is shown (the run table, the report, `opd sql` on `evals`), is per sample: the
+share of correct samples, `avg(correct)` over the `evals` table. With one greedy sample per prompt that is the
+share of prompts answered correctly; with `pass_k` > 1 it is the mean over each prompt's k samples (pass@1
+estimated from k samples), and pass@k (a prompt counts if any of its k samples is correct) is recorded beside it
+in the manifest as `pass_at_k`.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from opd_tasks.checkers import CHECKERS, extract_numeric_answer, extract_testbed_answer
+from opd_tasks.config import EvaluationConfig
+from opd_tasks.models import ModelSpec
+from opd_tasks.stages.registry import StageContext, StageInputs, stage
+from storage.refs import ArtifactRef
+from storage.store import ArtifactStore
+
+EXTRACTORS = {"testbed": extract_testbed_answer, "numeric": extract_numeric_answer}
+
+
+class EvaluateInputs(StageInputs):
+    """`model`'s answers to the `prompts` (the eval set), checked by `checker`."""
+
+    model: ModelSpec
+    prompts: ArtifactRef
+    evaluation: EvaluationConfig
+    checker: str
+    seed: int
+
+
+@stage("evaluate", version=1, inputs=EvaluateInputs, outputs=("evals",))
+def evaluate(ctx: StageContext, x: EvaluateInputs) -> ArtifactRef:
+    """The model's answers to the eval prompts, each checked; accuracy per sample."""
+    from opd_tasks.backends import HfBackend
+    from opd_tasks.backends.hf import load_tokenizer
+
+    cfg = x.evaluation
+    prompts = ctx.store.read_table(x.prompts, "prompts")
+    toks = prompts.column("prompt_token_ids").to_pylist()
+    refs = prompts.column("answer").to_pylist()
+    pids = prompts.column("prompt_id").to_pylist()
+    tok = load_tokenizer(x.model.path, x.model.trust_remote_code)
+    sampled = cfg.pass_k > 1 or not cfg.greedy
+    gens = HfBackend(ctx.device, cfg.batch_size).generate(
+        x.model, toks, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, n=cfg.pass_k if sampled else 1,
+        temperature=1.0 if sampled else 0.0, top_p=1.0, max_new_tokens=cfg.max_new_tokens, seed=x.seed,
+        want_logprobs=False, desc="evaluate", progress=ctx.progress)
+    check, extract = CHECKERS[x.checker], EXTRACTORS[x.checker]
+    texts = [tok.decode(g.token_ids, skip_special_tokens=True) for g in gens]
+    correct = [bool(refs[g.prompt_index] is not None and check(t, refs[g.prompt_index]))
+               for g, t in zip(gens, texts, strict=True)]
+    table = pa.table(
+        {
+            "prompt_id": [pids[g.prompt_index] for g in gens],
+            "sample_id": pa.array([g.sample_id for g in gens], pa.int32()),
+            "text": texts,
+            "answer": [extract(t) for t in texts],
+            "reference": [refs[g.prompt_index] for g in gens],
+            "correct": correct,
+            "num_tokens": pa.array([len(g.token_ids) for g in gens], pa.int32()),
+        }
+    )
+    meta = {"accuracy": sum(correct) / max(1, len(correct)), "n": table.num_rows}
+    if cfg.pass_k > 1:
+        meta |= {"pass_at_k": pass_at_k(table.column("prompt_id").to_pylist(), correct), "k": cfg.pass_k}
+    return ctx.put_table("evals", table, meta=meta)
+
+
+def pass_at_k(prompt_ids: list[str], correct: list[bool]) -> float:
+    """The share of prompts with at least one correct sample."""
+    per: dict[str, bool] = {}
+    for pid, ok in zip(prompt_ids, correct, strict=True):
+        per[pid] = per.get(pid, False) or ok
+    return sum(per.values()) / max(1, len(per))
+
+
+def accuracy(store: ArtifactStore, evals: ArtifactRef) -> float:
+    """Accuracy per sample of an `evals` artifact: the share of its samples that are correct (module docstring)."""
+    return float(store.manifest(evals)["meta"]["accuracy"])

@@ -1,0 +1,169 @@
+"""The stage registry: each stage is declared once, with `@stage(...)` on its compute function.
+
+A stage is a record (`Stage`): its name, code version, the type of its inputs, the tables it writes, whether it
+needs a GPU (then it may run as its own deployment and carries the concurrency tag), and its compute function.
+Everything else is derived from that record:
+
+- the cache key (`Stage.key`): sha256 of (name, version, every input artifact's and model's content hash, the
+  config the inputs carry, the seed), computed from the inputs' fields (`StageInputs`); the store and Prefect's
+  cache policy both use this one key;
+- the cache prologue (`execute`): return the artifact under the key if the store has it, else compute and
+  publish; a stage's compute function only computes;
+- the stage list of the CLI (`--refresh`, `opd deploy-stages`), the fault config, the deployments and
+  docs/stages.md.
+
+Inputs are a pydantic model per stage (`StageInputs`): what the stage reads and what its key is made of, and
+nothing that is not (no device, no progress bar, no run name). They round-trip through JSON, which is how the
+deployment runner sends them to a stage's own flow run.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from opd_tasks.errors import ConfigError
+from opd_tasks.models import ModelSpec
+from storage.keys import cache_key
+from storage.refs import ArtifactRef
+from storage.store import ArtifactStore
+
+
+class StageInputs(BaseModel):
+    """A stage's inputs. Its cache key is derived from the fields (override `key_parts` only to leave something
+    out or add a content hash, and say why):
+
+    - an `ArtifactRef` (or None) is an input artifact: its sha256;
+    - a `ModelSpec` is an input model: the hash of its files (or of its checkpoint artifact);
+    - `seed` is the seed;
+    - any other field (a config section, a flag) is part of the config slice, as JSON.
+    Fields named in `unkeyed` are read but not keyed (each with its reason in the stage module).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    unkeyed: ClassVar[frozenset[str]] = frozenset()
+
+    def key_parts(self) -> tuple[dict[str, ArtifactRef | str | None], dict[str, Any], int | None]:
+        """(input artifacts and models by content hash, config slice, seed)."""
+        artifacts: dict[str, ArtifactRef | str | None] = {}
+        config: dict[str, Any] = {}
+        seed = None
+        for name in type(self).model_fields:
+            if name in self.unkeyed:
+                continue
+            value = getattr(self, name)
+            if name == "seed":
+                seed = value
+            elif isinstance(value, ModelSpec):
+                artifacts[name] = value.sha256
+            elif isinstance(value, ArtifactRef) or (value is None and _is_input_field(type(self), name)):
+                artifacts[name] = value
+            elif isinstance(value, BaseModel):
+                config[name] = key_slice(value)
+            else:
+                config[name] = value
+        return artifacts, config, seed
+
+
+def key_slice(section: BaseModel) -> Any:
+    """A config section as it enters a key: its own `key_slice()` if it has one (backend sections), else JSON."""
+    own = getattr(section, "key_slice", None)
+    return own() if callable(own) else section.model_dump(mode="json")
+
+
+def _is_input_field(cls: type[StageInputs], name: str) -> bool:
+    """Whether field `name` holds an input artifact or model (so that None is keyed as a missing input)."""
+    ann = cls.model_fields[name].annotation
+    return bool({ArtifactRef, ModelSpec} & {ann, *getattr(ann, "__args__", ())})
+
+
+@dataclass
+class StageContext:
+    """What a compute function gets besides its inputs: where to write, under which key, on which device."""
+
+    store: ArtifactStore
+    stage: str
+    key: str
+    device: str = "auto"
+    progress: bool = True
+
+    def writer(self):
+        """A writer of this stage's artifact under its key (storage/store.py, `ArtifactWriter`)."""
+        return self.store.writer(self.stage, self.key)
+
+    def put_table(self, table_name: str, table, meta: dict | None = None) -> ArtifactRef:
+        """Publish a one-table artifact under this stage's key."""
+        return self.store.put_table(self.stage, self.key, table_name, table, meta=meta)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One registered stage (see the module docstring)."""
+
+    name: str
+    version: int
+    inputs: type[StageInputs]
+    outputs: tuple[str, ...]  # the tables it writes; `checkpoint` for a model directory
+    gpu: bool
+    compute: Callable[[StageContext, Any], ArtifactRef]
+    summary: str
+
+    def key(self, inputs: StageInputs) -> str:
+        """The content key of this stage on `inputs` (64 hex digits)."""
+        if not isinstance(inputs, self.inputs):
+            raise ConfigError(f"stage {self.name!r} takes {self.inputs.__name__}, got {type(inputs).__name__}")
+        artifacts, config, seed = inputs.key_parts()
+        return cache_key(self.name, self.version, artifacts, config, seed)
+
+    def __call__(self, store: ArtifactStore, inputs: StageInputs, *, device: str = "auto",
+                 progress: bool = True) -> ArtifactRef:
+        """Run the stage as a plain function: the artifact under its key if it exists, else computed."""
+        return execute(self, StageContext(store, self.name, self.key(inputs), device, progress), inputs)[0]
+
+
+def execute(stage: Stage, ctx: StageContext, inputs: StageInputs,
+            before_compute: Callable[[], None] | None = None) -> tuple[ArtifactRef, bool]:
+    """The cache prologue every stage shares: (the stored artifact under `ctx.key`, False) if there is one, else
+    `before_compute()` (fault injection) and (the computed artifact, True)."""
+    if (ref := ctx.store.lookup(stage.name, ctx.key)) is not None:
+        return ref, False
+    if before_compute is not None:
+        before_compute()
+    return compute(stage, ctx, inputs), True
+
+
+def compute(stage: Stage, ctx: StageContext, inputs: StageInputs) -> ArtifactRef:
+    """Run the stage's compute function; its artifact must be published under the stage's name and key."""
+    ref = stage.compute(ctx, inputs)
+    if ref.key != ctx.key or ref.stage != stage.name:
+        raise ConfigError(f"stage {stage.name!r} published {ref.stage}/{ref.key}, not under its key {ctx.key}")
+    return ref
+
+
+_REGISTRY: dict[str, Stage] = {}
+
+
+def stage(name: str, *, version: int, inputs: type[StageInputs], outputs: tuple[str, ...],
+          gpu: bool = True) -> Callable[[Callable[[StageContext, Any], ArtifactRef]], Stage]:
+    """Register the decorated compute function `fn(ctx, inputs) -> ArtifactRef` as stage `name`.
+
+    Bump `version` whenever the code changes what the stage writes: the new version gets new cache keys."""
+
+    def register(fn: Callable[[StageContext, Any], ArtifactRef]) -> Stage:
+        if name in _REGISTRY:
+            raise ConfigError(f"stage {name!r} is registered twice")
+        doc = inspect.getdoc(fn) or ""
+        _REGISTRY[name] = record = Stage(name, version, inputs, outputs, gpu, fn, doc.split("\n\n")[0])
+        return record
+
+    return register
+
+
+def registered() -> dict[str, Stage]:
+    """Every registered stage by name, in registration (= pipeline) order."""
+    return dict(_REGISTRY)

@@ -1,0 +1,76 @@
+"""Stage 2, `score`: the teacher's log-prob of every sampled token, its top-k and its entropy.
+
+The backend (`scoring.backend`: `hf` or `vllm`, opd_tasks/backends/) teacher-forces prompt + completion. Both
+write the same `teacher_scores` table; `vllm` writes `teacher_entropy` as null, since vLLM returns only the top-k
+of each distribution and the full-vocabulary entropy cannot be recovered from it (docs/scaling.md, vLLM).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from opd_tasks.config import ScoringConfig
+from opd_tasks.errors import ModelError
+from opd_tasks.models import ModelSpec, check_tokenizers_match
+from opd_tasks.stages.registry import StageContext, StageInputs, stage
+from storage.refs import ArtifactRef
+
+
+class ScoreInputs(StageInputs):
+    """`teacher` scores `rollouts`; `student` is read only to check that the two share one tokenizer."""
+
+    # the student's tokenizer is only compared, never used: the rollouts already pin the student
+    unkeyed = frozenset({"student"})
+
+    teacher: ModelSpec
+    student: ModelSpec
+    rollouts: ArtifactRef
+    scoring: ScoringConfig
+
+
+@stage("score", version=1, inputs=ScoreInputs, outputs=("teacher_scores",))
+def score(ctx: StageContext, x: ScoreInputs) -> ArtifactRef:
+    """The teacher's log-prob, top-k and entropy at every sampled token."""
+    from opd_tasks.backends import backend_for
+    from opd_tasks.backends.hf import load_tokenizer
+
+    backend = backend_for(x.scoring, ctx.device, "scoring.backend")  # refuses before any work if it cannot run
+    t_tok = load_tokenizer(x.teacher.path, x.teacher.trust_remote_code)
+    s_tok = load_tokenizer(x.student.path, x.student.trust_remote_code)
+    try:
+        check_tokenizers_match(t_tok, s_tok)
+    except ModelError as e:
+        raise ModelError(f"{e} (teacher {x.teacher.path}, student {x.student.path}); on-policy distillation "
+                         "needs one shared tokenizer") from None
+    roll = ctx.store.read_table(x.rollouts, "rollouts")
+    prompts = roll.column("prompt_token_ids").to_pylist()
+    comps = roll.column("token_ids").to_pylist()
+    scores = backend.score(x.teacher, prompts, comps, pad_token_id=t_tok.pad_token_id, top_k=x.scoring.top_k,
+                           desc="score", progress=ctx.progress)
+    lengths = np.array([len(c) for c in comps], dtype=np.int64)
+    n = int(lengths.sum())
+    k = next((len(row) for s in scores for row in s.topk_ids), x.scoring.top_k)
+    if backend.full_entropy:
+        entropy = pa.array(np.fromiter((e for s in scores for e in s.entropy), np.float32, count=n))
+    else:  # no full-vocabulary entropy: null, never a top-k stand-in
+        entropy = pa.nulls(n, pa.float32())
+    pids = roll.column("prompt_id").to_pylist()
+    sids = roll.column("sample_id").to_pylist()
+    flat_ids = np.fromiter((i for s in scores for row in s.topk_ids for i in row), np.int32, count=n * k)
+    flat_lp = np.fromiter((v for s in scores for row in s.topk_logprobs for v in row), np.float32, count=n * k)
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+    table = pa.table(
+        {
+            "prompt_id": pa.array(np.repeat(np.array(pids, dtype=object), lengths), pa.string()),
+            "sample_id": pa.array(np.repeat(np.array(sids, dtype=np.int32), lengths), pa.int32()),
+            "pos": pa.array(np.concatenate([np.arange(m) for m in lengths]) if n else [], pa.int32()),
+            "token_id": pa.array(np.fromiter((t for c in comps for t in c), np.int32, count=n), pa.int32()),
+            "teacher_logprob": pa.array(np.fromiter((v for s in scores for v in s.logprob), np.float32, count=n)),
+            "teacher_entropy": entropy,
+            "topk_ids": pa.ListArray.from_arrays(offsets, pa.array(flat_ids)),
+            "topk_logprobs": pa.ListArray.from_arrays(offsets, pa.array(flat_lp)),
+        }
+    )
+    meta = {"tokens": n, "top_k": k} | ({"backend": backend.name} if backend.name != "hf" else {})
+    return ctx.put_table("teacher_scores", table, meta=meta)

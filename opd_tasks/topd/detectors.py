@@ -1,0 +1,252 @@
+"""The near-future detectors, one function each, one result type (`Detection`).
+
+A detector gets the batch's high-loss candidates (`Candidates`) and returns the near-future divergence D_t at
+the positions it examined, plus, per probed position, the teacher's (and the student's) continuation and their
+distance. The analysis stage (opd_tasks/stages/analyze.py) turns D_t into regimes with the threshold delta.
+
+- `window`: D_t = mean loss signal over the student's own next W tokens; every high-loss token; no model pass.
+- `probe` (the paper's reading): from the prefix s_t, the teacher and the student each continue K tokens
+  greedily; D_t = `xent` (the two cross log-likelihood gaps, averaged per token) or `ot` (entropic OT between the
+  continuations' last-layer states).
+- `swap` (ours): the teacher re-reads the student's next W tokens after its own most likely token a_t instead of
+  y_t: D_t = mean_j [log pi_T(y_t+j | s_t, y_t, ..) - log pi_T(y_t+j | s_t, a_t, ..)]. D_t > 0: the rollout builds
+  on the student's choice (a fork); D_t <= 0: it reads as well after the teacher's token (surface form).
+`probe` and `swap` examine the `analysis.probe_budget` highest-signal positions per rollout; with a bridge, the
+teacher's greedy K-token continuation from each divergent prefix is the bridge the update trains on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from opd_tasks.config import AnalysisConfig
+from opd_tasks.errors import ConfigError, DataError
+from opd_tasks.models import ModelSpec
+from opd_tasks.topd import DETECTORS as DETECTOR_NAMES
+from opd_tasks.topd.signals import resolve_delta, window_divergence
+from opd_tasks.training.sequences import ScoredSequence
+
+
+@dataclass
+class Candidates:
+    """What a detector looks at: the batch's sequences, their per-token loss signal and high-loss mask, and the
+    (sequence, position) pairs to probe (empty for `window`, which examines every high-loss token)."""
+
+    sequences: list[ScoredSequence]
+    signal: list[list[float]]
+    high: list[np.ndarray]
+    probes: list[tuple[int, int]]
+
+    @cached_property
+    def full(self) -> list[list[int]]:
+        """prompt + completion token ids of each sequence."""
+        return [list(s.prompt) + list(s.tokens) for s in self.sequences]
+
+    def prefixes(self, rows: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """(sequence, prefix length) of each probed (sequence, completion position): the prefix s_t ends before t."""
+        return [(i, len(self.sequences[i].prompt) + t) for i, t in rows]
+
+
+@dataclass
+class Detection:
+    """D_t at every examined position, and per probed position (Candidates.probes order) the continuations and the
+    distance (`distance_kind` names it in the probes table)."""
+
+    divergence: dict[tuple[int, int], float]
+    distance_kind: str | None = None
+    teacher_continuations: list[list[int]] = field(default_factory=list)
+    student_continuations: list[list[int]] = field(default_factory=list)
+    distances: list[float] = field(default_factory=list)
+
+    @staticmethod
+    def concat(parts: list[Detection], kind: str | None) -> Detection:
+        out = Detection({}, kind)
+        for p in parts:
+            out.divergence.update(p.divergence)
+            out.teacher_continuations += p.teacher_continuations
+            out.student_continuations += p.student_continuations
+            out.distances += p.distances
+        return out
+
+
+class AnalysisModels:
+    """The student, the teacher and the tokenizer, each loaded when a detector first needs it."""
+
+    def __init__(self, student: ModelSpec, teacher: ModelSpec, device: str):
+        from opd_tasks.backends.hf import resolve_device
+
+        self.student_spec, self.teacher_spec, self.device = student, teacher, resolve_device(device)
+
+    @cached_property
+    def tokenizer(self):
+        from opd_tasks.backends.hf import load_tokenizer
+
+        return load_tokenizer(self.student_spec.path, self.student_spec.trust_remote_code)
+
+    @cached_property
+    def student(self):
+        from opd_tasks.backends.hf import load_causal_lm
+
+        s = self.student_spec
+        return load_causal_lm(s.path, self.device, s.dtype, s.trust_remote_code)
+
+    @cached_property
+    def teacher(self):
+        from opd_tasks.backends.hf import load_causal_lm
+
+        t = self.teacher_spec
+        return load_causal_lm(t.path, self.device, t.dtype, t.trust_remote_code)
+
+
+# ----------------------------------------------------------------------------------------- window
+
+
+def window(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, bridge: bool, progress: bool) -> Detection:
+    """D_t = the mean signal over the student's next W tokens, at every high-loss token (no probes, no bridge)."""
+    d: dict[tuple[int, int], float] = {}
+    for i, mask in enumerate(c.high):
+        wd = window_divergence(c.signal[i], cfg.window)
+        for t in np.flatnonzero(mask):
+            d[(i, int(t))] = wd[t]
+    return Detection(d)
+
+
+# ----------------------------------------------------------------------------------------- probe
+
+
+def probe(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, bridge: bool, progress: bool,
+          rows: list[tuple[int, int]] | None = None, student_encoded=None) -> Detection:
+    """Greedy K-token continuations by the teacher and the student from each probed prefix s_t, and their distance
+    (`analysis.distance`). `rows`: a subset of the probes (default all); `student_encoded`: the student's forward
+    over those rows' sequences has already run (the analysis's statistics pass), so its probes continue from it.
+    The teacher's continuation is the bridge."""
+    from opd_tasks.topd.probes import probe_pair
+
+    rows = c.probes if rows is None else rows
+    if not rows:
+        return Detection({}, cfg.distance)
+    tok = models.tokenizer
+    prefixes = c.prefixes(rows)
+    r = probe_pair(models.teacher, models.student, c.full, prefixes, cfg.probe_tokens, eos_token_id=tok.eos_token_id,
+                   pad_token_id=tok.pad_token_id, batch_size=cfg.batch_size, cross=cfg.distance == "xent",
+                   progress=progress, student_encoded=student_encoded)
+    c_t, c_s = r["c_t"], r["c_s"]
+    if cfg.distance == "xent":
+        # each model's log-probs of its own greedy continuation come with it; the cross terms are teacher forcing
+        # of the other model's continuation after the same cached prefix
+        dist = [0.5 * (float(np.mean(np.asarray(a) - np.asarray(b))) + float(np.mean(np.asarray(x) - np.asarray(y))))
+                for a, b, x, y in zip(r["t_on_t"], r["s_on_t"], r["s_on_s"], r["t_on_s"], strict=True)]
+    else:
+        dist = _ot_distances(models.student, c.full, prefixes, c_t, c_s, tok.pad_token_id, cfg.batch_size)
+    return Detection(dict(zip(rows, dist, strict=True)), cfg.distance, c_t, c_s, dist)
+
+
+def _ot_distances(student_lm, full: list[list[int]], prefixes: list[tuple[int, int]], c_t: list[list[int]],
+                  c_s: list[list[int]], pad: int, batch: int) -> list[float]:
+    """Entropic OT between the student's last-layer states at the two continuations' tokens, per probe."""
+    from opd_tasks.backends.hf import pack_right
+    from opd_tasks.topd.ot import ot_distance
+
+    dev = next(student_lm.parameters()).device
+    starts = [full[i][:n] for i, n in prefixes]
+
+    def embed(conts):
+        out = []
+        for s0 in range(0, len(starts), batch):
+            ids, attn, pred, cm = pack_right(starts[s0 : s0 + batch], conts[s0 : s0 + batch], pad)
+            h = student_lm(input_ids=ids.to(dev), attention_mask=attn.to(dev),
+                           output_hidden_states=True).hidden_states[-1]
+            for i in range(ids.shape[0]):
+                n = int(cm[i].sum())
+                out.append(h[i, (pred[i, :n] + 1).to(dev)].float().cpu())  # states at the continuation tokens
+        return out
+
+    with torch.no_grad():
+        e_t, e_s = embed(c_t), embed(c_s)
+    return [ot_distance(a, b) for a, b in zip(e_t, e_s, strict=True)]
+
+
+# ----------------------------------------------------------------------------------------- swap
+
+
+def swap(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, bridge: bool, progress: bool) -> Detection:
+    """The `swap` detector (module docstring). Both terms of D_t come from one teacher-forced pass over y_t + the
+    student's next W tokens and a_t + the same tokens, from the teacher's cached prefix s_t, so the scoring
+    backend's numerics never enter D_t. a_t is the teacher's most likely token other than y_t (the scoring
+    stage's top-k). With `bridge`, the teacher's greedy continuations from the divergent prefixes (D_t >= delta;
+    with a quantile delta, once every D_t is known)."""
+    from opd_tasks.backends.prefix_cache import PrefixCache
+
+    rows, seqs = c.probes, c.sequences
+    if not rows:
+        return Detection({}, "swap")
+    if min(len(s.topk_ids[0]) for s in seqs) < 2:
+        raise ConfigError("analysis.detector 'swap' needs the teacher's top-2 at least (scoring.top_k >= 2)")
+    tok, lm, batch = models.tokenizer, models.teacher, cfg.batch_size
+    absolute = cfg.delta if cfg.delta_mode == "absolute" else None
+    dists: list[float] = []
+    conts: list[list[int]] = [[] for _ in rows]
+    for s0 in tqdm(range(0, len(rows), batch), desc="swap", unit="batch", disable=not progress, leave=False):
+        chunk = rows[s0 : s0 + batch]
+        if any(t + 1 >= len(seqs[i].tokens) for i, t in chunk):
+            raise DataError("swap: a probed position has no following token")
+        prefixes = c.prefixes(chunk)
+        pre = PrefixCache(lm, c.full, prefixes + prefixes, tok.pad_token_id)  # rows j and P + j share prefix j
+        own, alt = [], []
+        for i, t in chunk:
+            future = seqs[i].tokens[t + 1 : t + 1 + cfg.window]
+            own.append([seqs[i].tokens[t]] + future)
+            alt.append([next(a for a in seqs[i].topk_ids[t] if a != seqs[i].tokens[t])] + future)
+        lp = pre.score(own + alt)
+        n = len(chunk)
+        for j in range(n):
+            dists.append(float(np.mean(np.asarray(lp[j][1:], dtype=np.float64)
+                                       - np.asarray(lp[n + j][1:], dtype=np.float64))))
+        if bridge and absolute is not None:
+            divergent = [j for j in range(n) if dists[s0 + j] >= absolute]
+            for j, cont in zip(divergent, pre.greedy(cfg.probe_tokens, tok.eos_token_id, only=divergent)[0],
+                               strict=True):
+                conts[s0 + j] = cont
+    if bridge and absolute is None:
+        cut = resolve_delta(cfg, dists)
+        conts = _bridges(models, c, [j for j, x in enumerate(dists) if x >= cut], cfg)
+    return Detection(dict(zip(rows, dists, strict=True)), "swap", conts, [[] for _ in dists], dists)
+
+
+def _bridges(models: AnalysisModels, c: Candidates, divergent: list[int], cfg: AnalysisConfig) -> list[list[int]]:
+    """The teacher's greedy continuations from the probed prefixes `divergent` (indices into c.probes); [] at the
+    others."""
+    from opd_tasks.topd.probes import probe_greedy
+
+    out: list[list[int]] = [[] for _ in c.probes]
+    if divergent:
+        tok = models.tokenizer
+        got, _ = probe_greedy(models.teacher, c.full, c.prefixes([c.probes[j] for j in divergent]), cfg.probe_tokens,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, batch_size=cfg.batch_size)
+        for j, cont in zip(divergent, got, strict=True):
+            out[j] = cont
+    return out
+
+
+# ----------------------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Detector:
+    run: Callable[..., Detection]
+    probes: bool  # examines the probe_budget highest-signal positions per rollout (else every high-loss token)
+    skip_last: bool  # never a rollout's last token (it has no near future to read)
+
+
+DETECTORS: dict[str, Detector] = {
+    "window": Detector(window, probes=False, skip_last=False),
+    "probe": Detector(probe, probes=True, skip_last=False),
+    "swap": Detector(swap, probes=True, skip_last=True),
+}
+assert set(DETECTORS) == set(DETECTOR_NAMES), "opd_tasks/topd/__init__.py names the detectors this module implements"

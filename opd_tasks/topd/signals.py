@@ -1,0 +1,99 @@
+"""Pure per-token functions of TOPD (numpy, no model): high-loss selection, the positions worth probing, regimes,
+token weights and the classifier's scores against ground truth. Each is checked against a slow loop in
+tests/unit/test_analyze.py.
+
+Regimes: `normal` (not high-loss), `surface` (high-loss, D_t < delta), `divergent` (high-loss, D_t >= delta),
+`unprobed` (high-loss beyond the per-rollout probe budget: treated as in standard OPD, weight 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from opd_tasks.config import AnalysisConfig
+from opd_tasks.errors import ConfigError
+from opd_tasks.method import TokenWeighting
+
+REGIMES = ("normal", "surface", "divergent", "unprobed")
+
+
+def high_loss_mask(signal: np.ndarray, quantile: float, threshold: float | None) -> np.ndarray:
+    """Top-q fraction of the batch's tokens by `signal` (ties included), or signal >= threshold."""
+    if signal.size == 0:
+        return np.zeros(0, dtype=bool)
+    if threshold is not None:
+        return signal >= threshold
+    cut = np.quantile(signal, 1.0 - quantile, method="higher")
+    return signal >= cut
+
+
+def probe_positions(signal: Sequence[Sequence[float]], high: Sequence[np.ndarray], budget: int,
+                    skip_last: bool) -> list[tuple[int, int]]:
+    """(sequence, position) pairs to probe: per sequence, its `budget` high-loss positions with the highest signal
+    (in position order); with `skip_last`, never a sequence's last token (it has no near future)."""
+    rows: list[tuple[int, int]] = []
+    for i, mask in enumerate(high):
+        cand = np.flatnonzero(mask).tolist()
+        if skip_last:
+            cand = [t for t in cand if t < len(mask) - 1]
+        order = sorted(cand, key=lambda t: -signal[i][t])[:budget]
+        rows += [(i, t) for t in sorted(order)]
+    return rows
+
+
+def window_divergence(signal: list[float], window: int) -> list[float]:
+    """D_t = mean of the signal over the student's own next `window` tokens t+1..t+W (0 when none follow)."""
+    s = np.asarray(signal, dtype=np.float64)
+    c = np.concatenate([[0.0], np.cumsum(s)])
+    n = len(s)
+    out = np.zeros(n)
+    for t in range(n):  # n is one sequence's length; the cumsum makes each value O(1)
+        a, b = t + 1, min(n, t + 1 + window)
+        out[t] = (c[b] - c[a]) / (b - a) if b > a else 0.0
+    return out.tolist()
+
+
+def token_weights(regimes: list[str], weighting: TokenWeighting) -> list[float]:
+    """Per-token weights of one sequence from its regimes: `surface` -> surface_weight, else 1; then each
+    `divergent` t adds spread_weight * spread_decay^j to tokens t + j, j = 0..spread_horizon."""
+    w = [weighting.surface_weight if r == "surface" else 1.0 for r in regimes]
+    if weighting.spread_weight > 0:
+        for t, r in enumerate(regimes):
+            if r == "divergent":
+                for j in range(weighting.spread_horizon + 1):
+                    if t + j < len(w):
+                        w[t + j] += weighting.spread_weight * weighting.spread_decay**j
+    return w
+
+
+def regime_of(high: bool, probed: bool, d: float | None, delta: float) -> str:
+    if not high:
+        return "normal"
+    if not probed or d is None:
+        return "unprobed"
+    return "divergent" if d >= delta else "surface"
+
+
+def resolve_delta(cfg: AnalysisConfig, distances: list[float]) -> float:
+    """The divergence threshold: `delta` itself (absolute), or that quantile of the batch's D_t (quantile)."""
+    if cfg.delta_mode == "absolute":
+        return cfg.delta
+    if not 0.0 <= cfg.delta <= 1.0:
+        raise ConfigError(f"analysis.delta must be in [0, 1] when analysis.delta_mode is 'quantile', got {cfg.delta}")
+    return float(np.quantile(distances, cfg.delta)) if distances else float("inf")
+
+
+def classifier_scores(roles: list[str | None], regimes: list[str]) -> dict:
+    """Precision/recall of `surface` vs ground-truth `form`, and of `divergent` vs `reasoning`/`answer`,
+    over classified high-loss tokens (regime surface or divergent)."""
+    pairs = [(r, g) for r, g in zip(roles, regimes, strict=True) if r is not None and g in ("surface", "divergent")]
+    out: dict = {"classified": len(pairs)}
+    for regime, truth in (("surface", {"form"}), ("divergent", {"reasoning", "answer"})):
+        tp = sum(1 for r, g in pairs if g == regime and r in truth)
+        pred = sum(1 for _, g in pairs if g == regime)
+        actual = sum(1 for r, _ in pairs if r in truth)
+        out[f"{regime}_precision"] = tp / pred if pred else None
+        out[f"{regime}_recall"] = tp / actual if actual else None
+    return out

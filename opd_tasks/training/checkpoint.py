@@ -1,0 +1,67 @@
+"""Checkpoints: the student's weights (`save_pretrained`, safetensors), the AdamW state (safetensors, no pickle) and
+the trainer's counters and RNG state (JSON), as the update stage writes them into its artifact:
+```
+model/                       save_pretrained + tokenizer: loadable by AutoModelForCausalLM / vLLM
+state/optimizer.safetensors  AdamW moments and step counts
+state/trainer.json           global step/epoch counters, optimizer param groups, RNG state (as a list)
+```
+A later update that starts from a checkpoint restores the optimizer and RNG state, so two chained updates equal
+one uninterrupted update over the same data.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from opd_tasks.config import UpdateConfig
+from opd_tasks.models import CHECKPOINT_MODEL_DIR, CHECKPOINT_STATE_DIR, ModelSpec
+
+
+def _save_optimizer(opt: torch.optim.Optimizer, path) -> dict:
+    from safetensors.torch import save_file
+
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for name, v in st.items():
+            tensors[f"{idx}.{name}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+    save_file(tensors, str(path))
+    return {"param_groups": sd["param_groups"]}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, path, groups: list[dict], cfg: UpdateConfig) -> None:
+    from safetensors.torch import load_file
+
+    flat = load_file(str(path))
+    state: dict[int, dict] = {}
+    for k, v in flat.items():
+        idx, name = k.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    for g in opt.param_groups:  # the config of this update wins over the saved hyperparameters
+        g["lr"], g["weight_decay"] = cfg.learning_rate, cfg.weight_decay
+
+
+def save_checkpoint(out, model, tokenizer, opt: torch.optim.Optimizer, trainer: dict, seed: int) -> None:
+    """Write model/ (safetensors + tokenizer) and state/ (optimizer, counters, RNG) under `out`."""
+    mdir = out / CHECKPOINT_MODEL_DIR
+    model.save_pretrained(mdir, safe_serialization=True)
+    tokenizer.save_pretrained(mdir)
+    sdir = out / CHECKPOINT_STATE_DIR
+    sdir.mkdir()
+    groups = _save_optimizer(opt, sdir / "optimizer.safetensors")
+    (sdir / "trainer.json").write_text(json.dumps(
+        {**trainer, "optimizer": groups, "rng_cpu": torch.get_rng_state().tolist(), "seed": seed}))
+
+
+def load_training_state(student: ModelSpec, opt: torch.optim.Optimizer, cfg: UpdateConfig) -> dict:
+    """Restore optimizer and RNG state from a checkpoint artifact; returns the step/epoch counters."""
+    if student.checkpoint is None:
+        return {"global_step": 0, "global_epoch": 0}
+    sdir = student.dir.parent / CHECKPOINT_STATE_DIR
+    saved = json.loads((sdir / "trainer.json").read_text())
+    _load_optimizer(opt, sdir / "optimizer.safetensors", saved["optimizer"]["param_groups"], cfg)
+    torch.set_rng_state(torch.tensor(saved["rng_cpu"], dtype=torch.uint8))
+    return {"global_step": saved["global_step"], "global_epoch": saved["global_epoch"]}

@@ -129,7 +129,7 @@ def _train(ctx: StageContext, x: UpdateInputs) -> ArtifactRef:
 
     model.eval()
     with ctx.writer() as w:
-        save_checkpoint(w.path, model, tok, opt, trainer, seed)
+        save_checkpoint(w.path, model, tok, student.dir, opt, trainer, seed)
         w.write_table("updates", pa.Table.from_pylist(rows))
         w.meta.update({"steps": len(rows), "sequences": len(seqs), "parent": student.sha256,
                        "mean_loss": sum(r["loss"] for r in rows) / len(rows)})

@@ -12,6 +12,9 @@ one uninterrupted update over the same data.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -44,11 +47,24 @@ def _load_optimizer(opt: torch.optim.Optimizer, path, groups: list[dict], cfg: U
         g["lr"], g["weight_decay"] = cfg.learning_rate, cfg.weight_decay
 
 
-def save_checkpoint(out, model, tokenizer, opt: torch.optim.Optimizer, trainer: dict, seed: int) -> None:
-    """Write model/ (safetensors + tokenizer) and state/ (optimizer, counters, RNG) under `out`."""
+def save_tokenizer(tokenizer, source: Path, out: Path) -> None:
+    """The tokenizer files transformers writes for `tokenizer`, each copied byte for byte from `source` (the
+    student's directory) where it has one. `save_pretrained` alone would record how the tokenizer was loaded
+    (e.g. `local_files_only` follows HF_HUB_OFFLINE), so the checkpoint's bytes, and every later cache key, would
+    depend on the environment; the training never changes the tokenizer."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in tokenizer.save_pretrained(tmp):
+            name = Path(f).name
+            shutil.copyfile(source / name if (source / name).is_file() else f, out / name)
+
+
+def save_checkpoint(out: Path, model, tokenizer, tokenizer_source: Path, opt: torch.optim.Optimizer, trainer: dict,
+                    seed: int) -> None:
+    """Write model/ (safetensors + the tokenizer of `tokenizer_source`) and state/ (optimizer, counters, RNG)
+    under `out`."""
     mdir = out / CHECKPOINT_MODEL_DIR
     model.save_pretrained(mdir, safe_serialization=True)
-    tokenizer.save_pretrained(mdir)
+    save_tokenizer(tokenizer, Path(tokenizer_source), mdir)
     sdir = out / CHECKPOINT_STATE_DIR
     sdir.mkdir()
     groups = _save_optimizer(opt, sdir / "optimizer.safetensors")

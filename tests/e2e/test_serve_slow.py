@@ -30,6 +30,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _not_up_yet() -> tuple[type[BaseException], ...]:
+    """What `pred` may raise while a server or deployment is still coming up: connection errors (urllib's are
+    OSErrors), HTTP errors, and Prefect's 'not found'. Anything else is a bug and fails at once."""
+    import httpx
+    from prefect.exceptions import ObjectNotFound
+
+    return OSError, httpx.HTTPError, ObjectNotFound
+
+
 def _wait(pred, timeout: float, what: str, procs=()):
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -40,7 +49,7 @@ def _wait(pred, timeout: float, what: str, procs=()):
             v = pred()
             if v:
                 return v
-        except Exception:  # noqa: BLE001 - not up yet
+        except _not_up_yet():
             pass
         time.sleep(1)
     raise AssertionError(f"timed out waiting for {what}")

@@ -5,8 +5,10 @@
 the stage produced, independent of the cache key it was stored under) and the manifest's `meta`; the
 `updates` table of every update (losses, KL, gradient norms); and the accuracies.
 
-`testbed.json` holds these figures as recorded before the one-loop refactor (issue 15). Regenerate it only for
-an intended numerical change, and say so in the commit:
+`testbed.json` holds these figures. They were recorded before the one-loop refactor (issue 15), which reproduced
+them (commit f3dcb5e); they were regenerated once since, for checkpoints whose tokenizer files are the student's
+bytes (only the update artifacts' contents changed, and keys). Regenerate only for an intended change, and say
+what changed in the commit:
 
     python -m tests.golden --write
 """

@@ -49,7 +49,9 @@ def test_sql_table_csv_json_parquet(root: Path, tmp_path: Path) -> None:
     q = "SELECT run, iteration, count(*) AS n FROM updates GROUP BY ALL ORDER BY iteration"
     r = runner.invoke(app, ["sql", q, "--root", str(root)])
     assert r.exit_code == 0, r.output
-    assert "demo" in r.output and "n" in r.output
+    cells = [[c.strip() for c in line.replace("┃", "│").split("│")[1:-1]] for line in r.output.splitlines()
+             if line.replace("┃", "│").count("│") == 4]  # the header row, then one row per result
+    assert cells == [["run", "iteration", "n"], ["demo", "0", "3"], ["demo", "1", "3"]], r.output
     r = runner.invoke(app, ["sql", q, "--root", str(root), "--format", "csv"])
     assert r.stdout.splitlines() == ['"run","iteration","n"', '"demo",0,3', '"demo",1,3']
     r = runner.invoke(app, ["sql", q, "--root", str(root), "--format", "json"])

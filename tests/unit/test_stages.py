@@ -159,6 +159,9 @@ def test_update_checkpoint_cache_and_microbatch_invariance(env) -> None:
     assert len(store.published) == n_pub  # a cache hit publishes nothing
     new = ModelSpec.from_checkpoint(store, ref)
     assert new.checkpoint == ref and new.sha256 == ref.sha256
+    # The tokenizer files are the student's, byte for byte (never how this process happened to load them).
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (new.dir / name).read_bytes() == (env["student"].dir / name).read_bytes(), name
     before, after = _weights(env["student"]), _weights(new)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     # Same optimizer step split into 3 micro-batches x accumulation 3: same weights.
@@ -193,7 +196,7 @@ def test_checkpoint_round_trip_identical_logits(env, tmp_path: Path) -> None:
 
     store = ArtifactStore(tmp_path)
     with store.writer("update", "ee" * 32) as w:
-        save_checkpoint(w.path, model, AutoTokenizer.from_pretrained(env["student"].path), opt,
+        save_checkpoint(w.path, model, AutoTokenizer.from_pretrained(env["student"].path), env["student"].dir, opt,
                         {"global_step": 1, "global_epoch": 1}, seed=0)
         ref = w.commit()
     spec = ModelSpec.from_checkpoint(store, ref)

@@ -100,10 +100,9 @@ def test_tiny_model_saves_and_loads_via_auto(tmp_path, role):
 
 
 def test_committed_assets_resolve_and_load():
+    """The committed assets load through the Auto classes with distinct content hashes (their accuracies are
+    re-measured in test_committed_models_meet_the_accuracy_targets, not read from bootstrap.json)."""
     assert (TESTBED_ASSETS / "bootstrap.json").is_file()
-    report = json.loads((TESTBED_ASSETS / "bootstrap.json").read_text())
-    assert report["teacher"]["test_accuracy"] >= 0.9 and 0.1 <= report["student"]["test_accuracy"] <= 0.6
-    assert report["total_seconds"] <= 15 * 60
     hashes = set()
     for name in ("testbed:teacher", "testbed:student", "testbed:tokenizer"):
         resolved = resolve_model(ModelRef(path=name))

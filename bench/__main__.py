@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
+
+# Spinning OpenMP threads make torch several times slower on a shared 2-core CPU (docs/testbed.md); set before any
+# benchmark imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 BENCHES = {
     "storage": "bench.storage",

@@ -4,7 +4,7 @@ The parent flow `experiment` runs one `distill` subflow per (seed, method), name
 seeds outermost, so the methods of a seed run back to back against one storage root and share every cached
 stage whose inputs are the same: the eval prompts, the baseline evaluation, and the first iteration's prompts,
 rollouts, teacher scores and gates (same student checkpoint, same seed). The analysis is not shared between
-methods: its key includes the method and the TOPD weights. After the runs, an uncached task builds
+methods: its key includes the method's token weighting and bridge. After the runs, an uncached task builds
 `opd report` over exactly these runs and publishes its markdown as a Prefect artifact.
 """
 

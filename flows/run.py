@@ -30,13 +30,14 @@ def run_and_report(cfg: RunConfig, console: Console, refresh: list[str] | None =
               "stages computed / cached", "seconds",
               title=f"run {cfg.name}: accuracy on {cfg.data.eval_size} held-out prompts per iteration "
                     f"(baseline {out['baseline_accuracy']:.1%})")
-    for it in out["iterations"]:
-        comp = [r["stage"] for r in it["stages"] if r["state"] != "Cached"]
-        cach = [r["stage"] for r in it["stages"] if r["state"] == "Cached"]
-        an = it.get("analysis")
-        share = (" / ".join(f"{an['share'][r]:.0%}" for r in ("surface", "divergent", "unprobed")) if an else "-")
-        t.add_row(str(it["iteration"]), f"{it['accuracy']:.1%}", f"{it['mean_loss']:.4f}", share,
-                  f"{len(comp)} / {len(cach)}", f"{sum(r['seconds'] for r in it['stages']):.1f}")
+    for iteration in out["iterations"]:
+        stages = iteration["stages"]
+        cached = sum(1 for r in stages if r["state"] == "Cached")
+        analysis = iteration["analysis"]
+        shares = (" / ".join(f"{analysis['share'][r]:.0%}" for r in ("surface", "divergent", "unprobed"))
+                  if analysis else "-")
+        t.add_row(str(iteration["iteration"]), f"{iteration['accuracy']:.1%}", f"{iteration['mean_loss']:.4f}",
+                  shares, f"{len(stages) - cached} / {cached}", f"{sum(r['seconds'] for r in stages):.1f}")
     console.print(t)
     console.print(f"done in {time.perf_counter() - t0:.0f}s. Artifacts: {root}/artifacts; lineage: "
                   f"{root}/runs/{cfg.name}", highlight=False)

@@ -251,12 +251,12 @@ def _plots(data: dict, summary: dict, out: Path) -> list[dict]:
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("iteration (0 = baseline student)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Test accuracy: mean over seeds, band = min-max")
+    ax.set_ylabel("accuracy per sample (%)")
+    ax.set_title("Test accuracy (per sample): mean over seeds, band = min-max")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    figs.append(_save(fig, out, "accuracy.png", "Test accuracy per iteration per method (mean line, min-max band "
-                                                 "over seeds, thin lines = single seeds)."))
+    figs.append(_save(fig, out, "accuracy.png", "Test accuracy (per sample) per iteration per method (mean line, "
+                                                 "min-max band over seeds, thin lines = single seeds)."))
 
     reg_methods = [m for m in methods if any(r["method"] == m for r in data["regimes"])]
     if reg_methods:
@@ -343,8 +343,8 @@ def _num(v, fmt: str = "{:.2f}") -> str:
 
 
 def summary_table(summary: dict) -> tuple[list[str], list[list[str]]]:
-    head = ["method", "runs (seeds)", "baseline", "final accuracy: mean ± std", "min-max", "surface share of "
-            "high-loss tokens (of probed ones)", "s / iteration"]
+    head = ["method", "runs (seeds)", "baseline", "final accuracy (per sample): mean ± std", "min-max",
+            "surface share of high-loss tokens (of probed ones)", "s / iteration"]
     rows = []
     for m, s in summary["methods"].items():
         rows.append([m, f"{s['runs']} ({', '.join(map(str, s['seeds']))})", _pct(s["baseline_mean"]),

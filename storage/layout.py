@@ -2,7 +2,7 @@
 
 ```
 <root>/artifacts/<stage>/<cache_key>/   part files + _manifest.json (immutable, content-addressed)
-<root>/artifacts/<stage>/.tmp-*         in-flight writes; never read; removed by `opd gc`/next publish
+<root>/artifacts/<stage>/.tmp-*         in-flight writes; never read; a dead writer's go at the key's next publish
 <root>/runs/<name>/                     run.json + lineage/<iteration>-<stage>.json pointers
 <root>/prefect/results/                 Prefect's result store (same lifetime as the artifacts)
 ```

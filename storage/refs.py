@@ -21,9 +21,10 @@ class ArtifactRef(BaseModel):
     stage: str
     key: str = Field(description="The cache key the artifact was published under.")
     sha256: str = Field(description="sha256 of the artifact's _manifest.json.")
-    rows: int = Field(ge=0, description="Total table rows (0 for non-table artifacts like checkpoints).")
+    rows: int = Field(ge=0, description="Total table rows (0 for an artifact without tables).")
     bytes: int = Field(ge=0, description="Total bytes of the part files.")
-    schema_name: str = Field(description="Table schema name, or 'checkpoint' / 'files'.")
+    schema_name: str = Field(description="The table's schema name; with several tables their names joined by '+' "
+                             "(e.g. 'probes+tokens'), with none 'files'.")
     schema_version: int = Field(ge=0)
 
     @property

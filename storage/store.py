@@ -519,7 +519,8 @@ class ArtifactStore:
 
     def retire(self, ref: ArtifactRef) -> Path:
         """Move a published artifact out of the cache (to `<root>/retired/<stage>/<key>-<time>`), so that its
-        stage recomputes (`--refresh`). Nothing is deleted; `opd gc` may delete retired artifacts later.
+        stage recomputes (`--refresh`). Nothing is deleted: no command removes retired artifacts yet (delete
+        `<root>/retired/` by hand to reclaim the space).
 
         With a remote, its manifest is moved first (to `<remote>/retired/...`), or the next lookup would pull the
         artifact straight back."""

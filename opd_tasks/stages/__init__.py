@@ -29,6 +29,40 @@ def gpu_stages() -> tuple[str, ...]:
     return tuple(name for name, s in STAGES.items() if s.gpu)
 
 
+def reference_markdown() -> str:
+    """docs/stages.md, generated from the registry (a test checks the committed file is current)."""
+    lines = ["# Stages", "",
+             "Generated from the stage registry by `python -m opd_tasks.stages > docs/stages.md`; do not edit by hand.",
+             "Each stage is one module in `opd_tasks/stages/`, registered with `@stage` (docs/architecture.md says "
+             "how to add one).", "A stage's cache key is the sha256 of its name, version and its inputs: artifacts "
+             "and models by content hash, config by value, the seed.", "",
+             "| stage | version | GPU | writes | what it does |", "|---|---|---|---|---|"]
+    for s in STAGES.values():
+        lines.append(f"| `{s.name}` | {s.version} | {'yes' if s.gpu else 'no'} | "
+                     f"{', '.join(f'`{o}`' for o in s.outputs) or 'manifest meta only'} | {s.summary} |")
+    for s in STAGES.values():
+        lines += ["", f"## {s.name}", "", " ".join((s.inputs.__doc__ or "").split()), "",
+                  "| input | type | in the key as |", "|---|---|---|"]
+        for name, field in s.inputs.model_fields.items():
+            typ = " | ".join(t.rsplit(".", 1)[-1] for t in str(field.annotation).replace("<class '", "")
+                             .replace("'>", "").split(" | "))
+            if name in s.inputs.unkeyed:
+                how = "not keyed (read only; see the stage module)"
+            elif name == "seed":
+                how = "the seed"
+            elif "ArtifactRef" in typ or "ModelSpec" in typ:
+                how = "content hash"
+            elif hasattr(field.annotation, "key_slice"):
+                how = "config value, without the vLLM-only fields under the hf backend"
+            else:
+                how = "config value"
+            lines.append(f"| `{name}` | `{typ}` | {how} |")
+        if s.inputs.key_parts is not StageInputs.key_parts:
+            lines += ["", "Key: " + " ".join((s.inputs.key_parts.__doc__ or "").split())]
+    return "\n".join(lines) + "\n"
+
+
 __all__ = ["ANALYZE", "EVALUATE", "GATES", "PROMPTS", "ROLLOUT", "SCORE", "STAGES", "UPDATE", "AnalyzeInputs",
            "EvaluateInputs", "GatesInputs", "PromptsInputs", "RolloutInputs", "ScoreInputs", "Stage", "StageContext",
-           "StageInputs", "UpdateInputs", "check_gates", "compute", "execute", "gpu_stages"]
+           "StageInputs", "UpdateInputs", "check_gates", "compute", "execute", "gpu_stages", "ORDER",
+           "reference_markdown"]

@@ -35,8 +35,9 @@ class PromptsInputs(StageInputs):
     seed: int
 
     def key_parts(self):
+        """also the content hash of a local dataset file (`data.path`), never its path."""
         artifacts, config, seed = super().key_parts()
-        artifacts["dataset"] = dataset_hash(self.data)  # a local dataset file by its content, never its path
+        artifacts["dataset"] = dataset_hash(self.data)
         return artifacts, config, seed
 
 

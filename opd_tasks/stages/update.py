@@ -37,8 +37,9 @@ class UpdateInputs(StageInputs):
     seed: int
 
     def key_parts(self):
+        """the teacher only with `update.loss: full_rkl`, the one loss that reads the teacher model itself."""
         artifacts, config, seed = super().key_parts()
-        if self.update.loss != "full_rkl":  # only the full-vocabulary reverse KL reads the teacher model itself
+        if self.update.loss != "full_rkl":
             artifacts["teacher"] = None
         return artifacts, config, seed
 

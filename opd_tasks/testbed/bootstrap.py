@@ -17,22 +17,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import tokenizers
-import torch
-import transformers
+if __name__ == "__main__":  # run as a program: before torch loads OpenMP (docs/testbed.md, OMP_WAIT_POLICY)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from opd_tasks.config import TestbedTaskConfig
-from opd_tasks.testbed.modeling import STUDENT_SHAPE, TEACHER_SHAPE, make_model
-from opd_tasks.testbed.styles import get_style
-from opd_tasks.testbed.task import generate_problems, longest_completion
-from opd_tasks.testbed.tokenizer import save_tokenizer
-from opd_tasks.testbed.train import accuracy, sft
+import tokenizers  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from opd_tasks.config import TestbedTaskConfig  # noqa: E402
+from opd_tasks.testbed.modeling import STUDENT_SHAPE, TEACHER_SHAPE, make_model  # noqa: E402
+from opd_tasks.testbed.styles import get_style  # noqa: E402
+from opd_tasks.testbed.task import generate_problems, longest_completion  # noqa: E402
+from opd_tasks.testbed.tokenizer import save_tokenizer  # noqa: E402
+from opd_tasks.testbed.train import accuracy, sft  # noqa: E402
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 DEFAULTS: dict[str, Any] = dict(teacher_steps=1200, student_steps=1500, student_target=0.3, eval_size=500)

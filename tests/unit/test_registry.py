@@ -1,0 +1,135 @@
+"""The stage registry: keys follow content (never paths or runtime settings), the cache prologue, the generated
+docs/stages.md, and the documented way of adding a stage, run exactly as docs/architecture.md shows it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from opd_tasks.config import RolloutConfig, UpdateConfig
+from opd_tasks.errors import ConfigError
+from opd_tasks.models import ModelSpec
+from opd_tasks.stages import (
+    ORDER,
+    ROLLOUT,
+    SCORE,
+    STAGES,
+    UPDATE,
+    RolloutInputs,
+    ScoreInputs,
+    StageContext,
+    UpdateInputs,
+    execute,
+    reference_markdown,
+)
+from opd_tasks.stages import registry as reg
+from storage.refs import ArtifactRef
+from storage.store import ArtifactStore
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _ref(stage: str, sha: str = "c", uri: str | None = None) -> ArtifactRef:
+    return ArtifactRef(uri=uri or f"/r/{stage}", stage=stage, key="b" * 64, sha256=sha * 64, rows=1, bytes=1,
+                       schema_name=stage, schema_version=1)
+
+
+def _model(sha: str, path: str = "/m") -> ModelSpec:
+    return ModelSpec(path=path, sha256=sha * 64)
+
+
+def test_docs_stages_reference_is_current() -> None:
+    assert (REPO / "docs" / "stages.md").read_text() == reference_markdown(), (
+        "regenerate with: python -m opd_tasks.stages > docs/stages.md")
+
+
+def test_registry_order_and_gpu_flags() -> None:
+    assert tuple(STAGES) == ORDER == ("prompts", "rollout", "score", "gates", "analyze", "update", "evaluate")
+    assert [s for s in STAGES if not STAGES[s].gpu] == ["prompts"]
+
+
+def test_keys_follow_content_not_paths_or_names() -> None:
+    def key(**kw) -> str:
+        base = dict(student=_model("a"), prompts=_ref("prompts"), rollout=RolloutConfig(), checker="testbed", seed=0)
+        return ROLLOUT.key(RolloutInputs(**(base | kw)))
+
+    k = key()
+    assert re.fullmatch(r"[0-9a-f]{64}", k)
+    assert key(student=_model("a", path="/elsewhere")) == k  # a model by its content hash, never its path
+    assert key(prompts=_ref("prompts", uri="/moved/root/prompts")) == k  # an artifact likewise
+    assert len({k, key(student=_model("d")), key(prompts=_ref("prompts", sha="e")), key(seed=1),
+                key(checker="numeric"), key(rollout=RolloutConfig(temperature=0.7))}) == 6
+
+
+def test_unkeyed_and_conditional_inputs() -> None:
+    score = ScoreInputs(teacher=_model("a"), student=_model("b"), rollouts=_ref("rollout"),
+                        scoring=SCORE.inputs.model_fields["scoring"].annotation())
+    assert SCORE.key(score) == SCORE.key(score.model_copy(update={"student": _model("f")}))
+    assert SCORE.key(score) != SCORE.key(score.model_copy(update={"teacher": _model("f")}))
+
+    def update_key(loss: str, teacher: str) -> str:
+        return UPDATE.key(UpdateInputs(student=_model("a"), rollouts=_ref("rollout"), scores=_ref("score"),
+                                       analysis=None, teacher=_model(teacher), update=UpdateConfig(loss=loss),
+                                       bridge=None, seed=0))
+
+    assert update_key("pg", "1") == update_key("pg", "2")  # the pg loss never reads the teacher model
+    assert update_key("full_rkl", "1") != update_key("full_rkl", "2")
+    with pytest.raises(ConfigError, match="stage 'update' takes UpdateInputs, got ScoreInputs"):
+        UPDATE.key(score)
+
+
+def test_the_prologue_returns_the_stored_artifact_and_refuses_one_under_another_key(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    calls = []
+
+    def compute(ctx: StageContext, x) -> ArtifactRef:
+        calls.append(ctx.key)
+        with store.writer(ctx.stage, ctx.key if len(calls) == 1 else "f" * 64) as w:
+            w.meta["n"] = len(calls)
+            return w.commit()
+
+    fake = reg.Stage("gates", 1, ScoreInputs, (), False, compute, "a test stage")
+    inputs = ScoreInputs(teacher=_model("a"), student=_model("b"), rollouts=_ref("rollout"),
+                         scoring=SCORE.inputs.model_fields["scoring"].annotation())
+    ctx = StageContext(store, "gates", fake.key(inputs))
+    first, computed = execute(fake, ctx, inputs)
+    assert computed and store.manifest(first)["meta"] == {"n": 1}
+    again, computed = execute(fake, ctx, inputs, before_compute=lambda: pytest.fail("computed again"))
+    assert again == first and not computed and len(calls) == 1
+    other = StageContext(store, "gates", "e" * 64)
+    with pytest.raises(ConfigError, match=r"stage 'gates' published gates/f{64}, not under its key e{64}"):
+        execute(fake, other, inputs)
+
+
+def test_a_stage_is_registered_once() -> None:
+    with pytest.raises(ConfigError, match="stage 'rollout' is registered twice"):
+        reg.stage("rollout", version=1, inputs=RolloutInputs, outputs=())(lambda ctx, x: None)
+
+
+def test_the_documented_example_stage_runs_and_caches(tmp_path: Path) -> None:
+    """docs/architecture.md, "Adding a stage": the code block, run as written, registers a stage that computes once
+    and is then served from its key."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    block = re.search(r"<!-- example stage:[^\n]*-->\n```python\n(.*?)```", text, re.S)
+    assert block, "docs/architecture.md lost its example stage"
+    namespace: dict = {}
+    try:
+        # dont_inherit: the block runs as its own module would, without this file's `from __future__` import
+        exec(compile(block.group(1), "docs/architecture.md", "exec", dont_inherit=True), namespace)  # noqa: S102
+        stage, inputs_type = reg.registered()["reward_stats"], namespace["RewardStatsInputs"]
+        store = ArtifactStore(tmp_path)
+        rollouts = store.put_table("rollout", "a" * 64, "rollouts", pa.table({
+            "prompt_id": ["p0", "p0"], "sample_id": pa.array([0, 1], pa.int32()),
+            "prompt_token_ids": pa.array([[1, 5], [1, 5]], pa.list_(pa.int32())),
+            "token_ids": pa.array([[7, 2], [8, 2]], pa.list_(pa.int32())),
+            "logprobs": pa.array([[-0.1, -0.2], [-0.3, -0.4]], pa.list_(pa.float32())),
+            "text": ["7", "8"], "finish_reason": ["stop", "stop"], "reward": pa.array([1.0, 0.0], pa.float32())}))
+        ref = stage(store, inputs_type(rollouts=rollouts))
+        assert store.manifest(ref)["meta"] == {"mean_reward": 0.5} and ref.stage == "reward_stats"
+        n = len(store.published)
+        assert stage(store, inputs_type(rollouts=rollouts)) == ref and len(store.published) == n
+    finally:
+        reg._REGISTRY.pop("reward_stats", None)

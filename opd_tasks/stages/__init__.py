@@ -10,7 +10,7 @@ from opd_tasks.stages.analyze import AnalyzeInputs
 from opd_tasks.stages.evaluate import EvaluateInputs
 from opd_tasks.stages.gates import GatesInputs, check_gates
 from opd_tasks.stages.prompts import PromptsInputs
-from opd_tasks.stages.registry import Stage, StageContext, StageInputs, compute, execute, registered
+from opd_tasks.stages.registry import Stage, StageContext, StageInputs, compute, execute, field_role, registered
 from opd_tasks.stages.rollout import RolloutInputs
 from opd_tasks.stages.score import ScoreInputs
 from opd_tasks.stages.update import UpdateInputs
@@ -46,16 +46,10 @@ def reference_markdown() -> str:
         for name, field in s.inputs.model_fields.items():
             typ = " | ".join(t.rsplit(".", 1)[-1] for t in str(field.annotation).replace("<class '", "")
                              .replace("'>", "").split(" | "))
-            if name in s.inputs.unkeyed:
-                how = "not keyed (read only; see the stage module)"
-            elif name == "seed":
-                how = "the seed"
-            elif "ArtifactRef" in typ or "ModelSpec" in typ:
-                how = "content hash"
-            elif hasattr(field.annotation, "key_slice"):
-                how = "config value, without the vLLM-only fields under the hf backend"
-            else:
-                how = "config value"
+            how = {"unkeyed": "not keyed (read only; see the stage module)", "seed": "the seed",
+                   "input": "content hash", "config": "config value"}[field_role(s.inputs, name)]
+            if hasattr(field.annotation, "key_slice"):
+                how += ", without the vLLM-only fields under the hf backend"
             lines.append(f"| `{name}` | `{typ}` | {how} |")
         if s.inputs.key_parts is not StageInputs.key_parts:
             lines += ["", "Key: " + " ".join((s.inputs.key_parts.__doc__ or "").split())]

@@ -54,32 +54,31 @@ class StageInputs(BaseModel):
         config: dict[str, Any] = {}
         seed = None
         for name in type(self).model_fields:
-            if name in self.unkeyed:
-                continue
-            value = getattr(self, name)
-            if name == "seed":
+            role, value = field_role(type(self), name), getattr(self, name)
+            if role == "seed":
                 seed = value
-            elif isinstance(value, ModelSpec):
-                artifacts[name] = value.sha256
-            elif isinstance(value, ArtifactRef) or (value is None and _is_input_field(type(self), name)):
-                artifacts[name] = value
-            elif isinstance(value, BaseModel):
-                config[name] = key_slice(value)
-            else:
-                config[name] = value
+            elif role == "input":
+                artifacts[name] = value.sha256 if isinstance(value, ModelSpec) else value
+            elif role == "config":
+                config[name] = key_slice(value) if isinstance(value, BaseModel) else value
         return artifacts, config, seed
+
+
+def field_role(cls: type[StageInputs], name: str) -> str:
+    """How field `name` enters the key: `unkeyed`, `seed`, `input` (an ArtifactRef or ModelSpec, by content hash;
+    None when absent) or `config` (by value)."""
+    if name in cls.unkeyed:
+        return "unkeyed"
+    if name == "seed":
+        return "seed"
+    ann = cls.model_fields[name].annotation
+    return "input" if {ArtifactRef, ModelSpec} & {ann, *getattr(ann, "__args__", ())} else "config"
 
 
 def key_slice(section: BaseModel) -> Any:
     """A config section as it enters a key: its own `key_slice()` if it has one (backend sections), else JSON."""
     own = getattr(section, "key_slice", None)
     return own() if callable(own) else section.model_dump(mode="json")
-
-
-def _is_input_field(cls: type[StageInputs], name: str) -> bool:
-    """Whether field `name` holds an input artifact or model (so that None is keyed as a missing input)."""
-    ann = cls.model_fields[name].annotation
-    return bool({ArtifactRef, ModelSpec} & {ann, *getattr(ann, "__args__", ())})
 
 
 @dataclass

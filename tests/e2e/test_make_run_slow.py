@@ -28,7 +28,7 @@ def test_opd_run_on_testbed_then_cached_rerun(tmp_path: Path) -> None:
     small = ["--set", "data.prompts_per_iteration=8", "--set", "data.eval_size=20", "-n", "1", "--name", "e2e"]
     first = _run(["run", "--config", "configs/testbed.yaml", *small], env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "test accuracy per iteration (baseline" in first.stdout and "opd sql" in first.stdout
+    assert "accuracy on 20 held-out prompts per iteration (baseline" in first.stdout and "opd sql" in first.stdout
     # Security default: the temporary Prefect server binds to the loopback address only.
     assert "Starting temporary server on http://127.0.0.1:" in first.stdout + first.stderr
     second = _run(["run", "--config", "configs/testbed.yaml", *small], env)

@@ -18,6 +18,7 @@ BENCHES = {
     "trl": "bench.trl_peer",
     "economics": "bench.economics",
     "detectors": "bench.detectors",
+    "pilot": "bench.pilot",
 }
 
 

@@ -5,9 +5,13 @@ of every iteration (regime `surface` or `divergent`), against the testbed's grou
 - the base rate of `form` tokens among them (a detector that calls everything `surface` has that precision);
 - AUC: the chance that a reasoning/answer token gets a larger D_t than a form token (0.5 = no separation),
   computed in DuckDB over the `tokens` Parquet files;
-- surface precision / recall at the run's own threshold, and the final accuracy.
+- surface precision / recall at the run's own threshold, and the final accuracy;
+- against the `consequential` fork's ground truth (`--set data.testbed.fork=consequential`): how many probed
+  tokens are `fork`, the AUC of a fork against a surface-form token (form, filler), and the share of forks called
+  `divergent` (fork recall).
 
     python -m bench detectors --seeds 0 1 2 --iterations 5
+    python -m bench detectors --seeds 0 --iterations 2 --set data.testbed.fork=consequential --tag fork
 """
 
 from __future__ import annotations
@@ -34,24 +38,37 @@ SETTINGS: dict[str, list[str]] = {
     "probe ot, median": ["analysis.detector=probe", "analysis.distance=ot", "analysis.delta_mode=quantile",
                          "analysis.delta=0.5"],
     "window, median": ["analysis.detector=window", "analysis.delta_mode=quantile", "analysis.delta=0.5"],
+    "probe realised ot-input, median": ["analysis.detector=probe", "analysis.probe_student=realised",
+                                        "analysis.distance=ot", "analysis.ot_embedding=input",
+                                        "analysis.delta_mode=quantile", "analysis.delta=0.5"],
+    "oracle": ["analysis.detector=oracle"],
 }
 
 QUERY = """
-WITH t AS (SELECT near_future_div AS d, role = 'form' AS form, regime FROM read_parquet($files)
-           WHERE regime IN ('surface', 'divergent')),
-     f AS (SELECT d FROM t WHERE form), o AS (SELECT d FROM t WHERE NOT form)
+WITH t AS (SELECT near_future_div AS d, list_contains($surface_roles, role) AS form, role, regime
+           FROM read_parquet($files) WHERE regime IN ('surface', 'divergent')),
+     f AS (SELECT d FROM t WHERE form), o AS (SELECT d FROM t WHERE NOT form),
+     k AS (SELECT d FROM t WHERE role = 'fork')
 SELECT (SELECT count(*) FROM t) AS probed,
        (SELECT avg(form::INT) FROM t) AS form_share,
        (SELECT avg(CASE WHEN o.d > f.d THEN 1.0 WHEN o.d = f.d THEN 0.5 ELSE 0.0 END) FROM o, f) AS auc,
        (SELECT count(*) FILTER (regime = 'surface' AND form) / count(*) FILTER (regime = 'surface') FROM t) AS p,
-       (SELECT count(*) FILTER (regime = 'surface' AND form) / count(*) FILTER (form) FROM t) AS r
+       (SELECT count(*) FILTER (regime = 'surface' AND form) / count(*) FILTER (form) FROM t) AS r,
+       (SELECT count(*) FROM k) AS forks,
+       (SELECT avg(CASE WHEN k.d > f.d THEN 1.0 WHEN k.d = f.d THEN 0.5 ELSE 0.0 END) FROM k, f) AS fork_auc,
+       (SELECT count(*) FILTER (regime = 'divergent' AND role = 'fork') / nullif(count(*) FILTER (role = 'fork'), 0)
+        FROM t) AS fork_recall
 """
 
 
 def measure(root: Path) -> dict:
+    from opd_tasks.topd.signals import TRUE_REGIME
+
     files = sorted(str(p) for p in root.glob("artifacts/analyze/*/tokens/*.parquet"))
-    row = duckdb.connect().execute(QUERY, {"files": files}).fetchone()
-    return dict(zip(["probed", "form_share", "auc", "surface_precision", "surface_recall"], row, strict=True))
+    surface = [role for role, regime in TRUE_REGIME.items() if regime == "surface"]  # form, filler
+    row = duckdb.connect().execute(QUERY, {"files": files, "surface_roles": surface}).fetchone()
+    return dict(zip(["probed", "form_share", "auc", "surface_precision", "surface_recall", "forks", "fork_auc",
+                     "fork_recall"], row, strict=True))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -80,12 +97,16 @@ def main(argv: list[str] | None = None) -> dict:
             out[name] = measure(root) | {"final_accuracy": finals, "seconds": time.perf_counter() - t0,
                                          "overrides": SETTINGS[name]}
             console.print(f"{name}: {out[name]}")
-    t = Table("detector", "probed", "form share (base rate)", "AUC", "surface P / R", "final accuracy",
-              title="near-future detectors vs ground truth (topd runs)")
+    t = Table("detector", "probed", "form share (base rate)", "AUC", "surface P / R", "forks", "fork AUC",
+              "fork recall", "final accuracy", title="near-future detectors vs ground truth (topd runs)")
+
+    def num(v) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
     for name, m in out.items():
-        t.add_row(name, str(m["probed"]), f"{m['form_share']:.3f}", f"{m['auc']:.3f}",
-                  f"{m['surface_precision']:.3f} / {m['surface_recall']:.3f}",
-                  f"{sum(m['final_accuracy']) / len(m['final_accuracy']):.1%}")
+        t.add_row(name, str(m["probed"]), num(m["form_share"]), num(m["auc"]),
+                  f"{num(m['surface_precision'])} / {num(m['surface_recall'])}", str(m["forks"]), num(m["fork_auc"]),
+                  num(m["fork_recall"]), f"{sum(m['final_accuracy']) / len(m['final_accuracy']):.1%}")
     console.print(t)
     path = save("detectors" + (f"-{args.tag}" if args.tag else ""), {"args": vars(args), "detectors": out})
     console.print(f"results: {path}")

@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--teacher", action="append", default=None, help="NAME=PATH (repeatable); default: "
                     "committed=testbed:teacher")
     ap.add_argument("--problems", type=int, default=200)
+    ap.add_argument("--tag", default=None, help="results go to bench/results/teacher-styles[-TAG].json")
     args = ap.parse_args(argv)
     from opd_tasks.config import TestbedTaskConfig
     from opd_tasks.testbed.styles import Style, get_style
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
             t.add_row(name, sname, *(f"{roles[r]['argmax_accuracy']:.1%} / {roles[r]['nll']:.2f}" if r in roles
                                      else "-" for r in ("reasoning", "answer", "form")))
     console.print(t)
-    console.print(f"results: {save('teacher-styles', {'args': vars(args), 'teachers': teachers, 'results': res})}")
+    name = "teacher-styles" + (f"-{args.tag}" if args.tag else "")
+    console.print(f"results: {save(name, {'args': vars(args), 'teachers': teachers, 'results': res})}")
     return res
 
 

@@ -250,12 +250,16 @@ def bootstrap_cmd(
     seed: Annotated[int, typer.Option(help="Seed of data and initialisation.")] = 0,
     teacher_style: Annotated[str, typer.Option(help="Style the teacher trains on (e.g. teacher_broad: reads every "
                                                     "phrasing, prefers its own; docs/testbed.md).")] = "teacher",
+    fork: Annotated[bool, typer.Option("--fork", help="Build the mechanism switch's models instead: the committed "
+                                                      "teacher fine-tuned, one student per fork (data.testbed.fork; "
+                                                      "default --out: the assets' fork/ dir).")] = False,
 ) -> None:
     """Train the testbed tokenizer, teacher and student from scratch (about 10 minutes on 2 cores)."""
     from opd_tasks.testbed import bootstrap as bs
 
     argv = ["--out", str(out or bs.ASSETS_DIR), "--seed", str(seed), "--teacher-style", teacher_style]
     argv += ["--quick"] if quick else []
+    argv += ["--fork"] if fork else []
     try:
         rc = bs.main(argv)
     except OpdError as e:
@@ -311,6 +315,8 @@ def experiment_cmd(
         ",".join(METHODS),
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
     iterations: Annotated[int | None, typer.Option("--iterations", "-n", help="Iterations per run.")] = None,
+    eval_size: Annotated[int, typer.Option("--eval-size", min=1, help="Problems in the eval set every run shares "
+                                                                      "(data.eval_size; a --set wins).")] = 1000,
     report: Annotated[bool, typer.Option(help="Build the report at the end.")] = True,
     out: Annotated[Path | None, typer.Option(help="Report directory (default: <root>/reports/NAME).")] = None,
 ) -> None:
@@ -321,7 +327,8 @@ def experiment_cmd(
     try:
         ms = _csv(methods, "--methods")
         ss = _csv(seeds, "--seeds", int)
-        cfg = load_config(config, [*(set_ or []), *([f"iterations={iterations}"] if iterations else [])])
+        cfg = load_config(config, [f"data.eval_size={eval_size}", *(set_ or []),
+                                   *([f"iterations={iterations}"] if iterations else [])])
         from storage.layout import check_name
 
         check_name("experiment", name)
@@ -349,13 +356,15 @@ def experiment_cmd(
 
 
 def _print_summary(summary: dict) -> None:
-    from opd_tasks.report import summary_table
+    from opd_tasks.report import comparison_table, summary_table
 
-    head, rows = summary_table(summary)
-    t = Table(*head, title="final accuracy per method over seeds")
-    for r in rows:
-        t.add_row(*r)
-    console.print(t)
+    for (head, rows), title in ((summary_table(summary), "final accuracy per method over seeds"),
+                                (comparison_table(summary), "paired comparisons (points; per-seed differences)")):
+        if rows:
+            t = Table(*head, title=title)
+            for r in rows:
+                t.add_row(*r)
+            console.print(t)
     if summary.get("verdict"):
         console.print(summary["verdict"]["text"], highlight=False)
 

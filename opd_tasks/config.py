@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from opd_tasks.errors import ConfigError
 from opd_tasks.method import METHODS
+from opd_tasks.topd import DETECTORS
 
 #: The embedded default config: the repository's configs/testbed.yaml, found relative to this file (so from any
 #: working directory of a source checkout or editable install). It is not packaged: an installed wheel without
@@ -58,6 +59,11 @@ class TestbedTaskConfig(_Strict):
     operands: int = Field(default=2, ge=2, le=4, description="Numbers added per problem.")
     student_style: str = Field(default="student", description="Surface style of the student's rollouts.")
     teacher_style: str = Field(default="teacher", description="Surface style the teacher was trained on.")
+    fork: Literal["none", "harmless", "consequential"] = Field(
+        default="none", description="The mechanism switch (docs/testbed.md): which student habit the models have. "
+        "consequential: it often stops early and answers directly (a real fork); harmless: it writes a filler at "
+        "the same places (no consequence); none: neither. Picks the condition's models when models.* are the "
+        "testbed defaults.")
 
     @model_validator(mode="after")
     def _digits_order(self) -> TestbedTaskConfig:
@@ -78,6 +84,8 @@ class DataConfig(_Strict):
     chat_template: bool = Field(default=False, description="Wrap prompts with the tokenizer's chat template.")
     prompts_per_iteration: int = Field(default=32, ge=1, description="New prompts drawn each iteration.")
     eval_size: int = Field(default=100, ge=1, description="Held-out prompts used by evaluation.")
+    eval_seed: int = Field(default=0, ge=0, description="Seed of the eval set's draw, independent of the run seed: "
+                           "runs of any seed and method evaluate on the same problems (paired comparisons).")
     testbed: TestbedTaskConfig = TestbedTaskConfig()
 
     @model_validator(mode="after")
@@ -143,14 +151,22 @@ class AnalysisConfig(_Strict):
     loss_signal: Literal["k1", "rkl_topk"] = "k1"
     high_loss_quantile: float = Field(default=0.2, gt=0.0, le=1.0, description="Top-q fraction is high-loss.")
     high_loss_threshold: float | None = Field(default=None, description="Absolute threshold; overrides q.")
-    detector: Literal["window", "probe", "swap"] = Field(
-        default="swap", description="Near-future detector: window (free), probe (continuations), swap "
-        "(the teacher re-reads the student's next W tokens after its own token instead of y_t).")
+    detector: Literal[tuple(DETECTORS)] = Field(  # type: ignore[valid-type]
+        default="swap", description="Near-future detector: " + "; ".join(f"{k}: {v}" for k, v in DETECTORS.items())
+        + " (docs/method.md).")
     window: int = Field(default=8, ge=1, description="W: the student's next tokens read by window and swap.")
     probe_tokens: int = Field(default=16, ge=1, description="K: tokens each model continues in a probe.")
-    probe_budget: int = Field(default=1, ge=0,
-                              description="Most probed (probe, swap) positions per rollout, highest signal first.")
-    distance: Literal["xent", "ot"] = "xent"
+    probe_budget: Annotated[int, Field(ge=0)] | Literal["all"] = Field(
+        default=1, description="Most probed (probe, swap) positions per rollout, highest signal first; 'all': every "
+        "high-loss token.")
+    probe_student: Literal["realised", "greedy"] = Field(
+        default="realised", description="probe: the student's side of a probe: what it wrote after s_t (realised, "
+        "the faithful form) or its greedy continuation from s_t (greedy, which hides a sampled wrong token).")
+    distance: Literal["xent", "ot"] = Field(default="xent", description="probe: xent (cross log-likelihood gaps) or "
+                                            "ot (optimal transport between the continuations' embeddings).")
+    ot_embedding: Literal["input", "hidden"] = Field(
+        default="input", description="probe with ot: input token embeddings (paraphrases close, digits apart) or "
+        "the student's last-layer states at the continuation tokens (mostly its next-token prediction).")
     delta: float = Field(default=0.0, description="Divergence threshold for the divergent regime (D_t >= delta); "
                          "its scale depends on the detector (docs/method.md).")
     delta_mode: Literal["absolute", "quantile"] = Field(
@@ -186,6 +202,8 @@ class UpdateConfig(_Strict):
     micro_batch_size: int = Field(default=32, ge=1)
     grad_accumulation: int = Field(default=1, ge=1)
     epochs: int = Field(default=1, ge=1, description="Passes over one iteration's rollouts.")
+    order_seed: int | None = Field(default=None, ge=0, description="Seed of the order the sequences are trained in; "
+                                   "None = the run's seed. Another value is a pure training-noise replicate of a run.")
     bf16: bool = Field(default=True, description="bf16 autocast on GPU (ignored on CPU).")
 
 
@@ -206,6 +224,17 @@ class TopdConfig(_Strict):
                                  "the teacher's continuation at divergent positions); 0 turns it off. beta.")
     bridge_decay: float = Field(default=0.8, ge=0.0, le=1.0, description="Decay of the bridge loss per "
                                 "continuation token (gamma).")
+
+
+class BaselinesConfig(_Strict):
+    """The baselines a reviewer asks for (opd_tasks/method.py): opd_return and opd_matched; no detector."""
+
+    return_horizon: int = Field(default=4, ge=0, description="opd_return: H, the next tokens whose k1 enter A_t "
+                                "(TOPD's spread_horizon by default).")
+    return_decay: float = Field(default=0.8, ge=0.0, le=1.0, description="opd_return: the decay of the return "
+                                "(TOPD's spread_decay by default).")
+    compute_factor: float = Field(default=1.5, ge=1.0, description="opd_matched: samples per prompt x this: TOPD's "
+                                  "cost over OPD's, measured with `python -m bench testbed` (docs/benchmarks.md).")
 
 
 class EvaluationConfig(_Strict):
@@ -312,10 +341,23 @@ class RunConfig(_Strict):
     analysis: AnalysisConfig = AnalysisConfig()
     update: UpdateConfig = UpdateConfig()
     topd: TopdConfig = TopdConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     gates: GatesConfig = GatesConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     fault: FaultConfig = FaultConfig()
+
+    @model_validator(mode="after")
+    def _fork_models(self) -> RunConfig:
+        """`data.testbed.fork` picks its condition's models in place of the testbed defaults (never a model the
+        config names itself)."""
+        fork = self.data.testbed.fork
+        if self.data.source == "testbed" and fork != "none":
+            if self.models.teacher.path == "testbed:teacher":
+                self.models.teacher = self.models.teacher.model_copy(update={"path": "testbed:teacher-fork"})
+            if self.models.student.path == "testbed:student":
+                self.models.student = self.models.student.model_copy(update={"path": f"testbed:student-{fork}"})
+        return self
 
     @field_validator("name")
     @classmethod

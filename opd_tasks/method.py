@@ -7,7 +7,15 @@ values the stages read, so no stage ever branches on the method's name:
 - `weighting`: the token weights the analysis writes (`TokenWeighting`): a surface token's weight, and the
   extra weight spread over the near future of a divergent token (0 when the method does not spread);
 - `bridge`: the bridge loss's weight and decay in the update (`Bridge`), or None when the method has none or
-  its weight is 0; the analysis generates the teacher's bridge continuations only when there is one.
+  its weight is 0; the analysis generates the teacher's bridge continuations only when there is one;
+- `advantage`: the update's per-token advantage, -k1_t (OPD) or a discounted near-future return (`Return`);
+- `samples_per_prompt`: the rollout's samples per prompt (more for compute-matched OPD).
+
+Two baselines a reviewer asks for, with no detector (settings in the `baselines:` section):
+- `opd_return`: OPD whose advantage is the discounted near-future return A_t = -sum_{j<=H} decay^j k1_{t+j}:
+  the near-future credit TOPD spreads, given to every token without telling forks from surface form;
+- `opd_matched`: OPD with `baselines.compute_factor` times the samples per prompt, the extra compute TOPD
+  spends (measured: `bench testbed`'s cost ratio), spent on more data instead.
 
 Adding a method (e.g. a baseline the experiment needs) is one `Method(...)` line below, plus, when it needs a new
 switch, that switch here and where the stage reads it.
@@ -31,6 +39,8 @@ class Method:
     suppress: bool  # surface tokens (high loss, no near-future divergence) get topd.surface_weight instead of 1
     spread: bool  # a divergent token's correction is spread over its near future (topd.spread_*)
     bridge: bool  # the student also follows the teacher's continuation at divergent positions (topd.bridge_*)
+    discounted_return: bool = False  # advantage = -(discounted sum of k1 over the next tokens) (baselines.return_*)
+    compute_matched: bool = False  # baselines.compute_factor x the samples per prompt
 
     @property
     def analyze(self) -> bool:
@@ -45,6 +55,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            suppress=True, spread=False, bridge=False),
     Method("topd", "trajectory-aware OPD: suppression, spread over the near future of divergent tokens, bridge",
            suppress=True, spread=True, bridge=True),
+    Method("opd_return", "OPD with a discounted near-future return as advantage (baselines.return_*), no detector",
+           suppress=False, spread=False, bridge=False, discounted_return=True),
+    Method("opd_matched", "OPD with baselines.compute_factor x the samples per prompt (TOPD's extra compute)",
+           suppress=False, spread=False, bridge=False, compute_matched=True),
 )}
 
 
@@ -71,6 +85,16 @@ class Bridge(BaseModel):
     decay: float = Field(ge=0.0, le=1.0)
 
 
+class Return(BaseModel):
+    """The discounted near-future return as the update's advantage: A_t = -sum_{j=0..horizon} decay^j k1_{t+j}
+    (within the sequence; opd_tasks/training/losses.py, `discounted_return`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    horizon: int = Field(ge=0)
+    decay: float = Field(ge=0.0, le=1.0)
+
+
 @dataclass(frozen=True)
 class MethodPlan:
     """What the stages of one run read from its method (see the module docstring)."""
@@ -78,6 +102,8 @@ class MethodPlan:
     method: Method
     weighting: TokenWeighting
     bridge: Bridge | None
+    advantage: Return | None  # None: the per-token -k1_t
+    samples_per_prompt: int
 
     @property
     def analyze(self) -> bool:
@@ -94,4 +120,9 @@ def plan(cfg: RunConfig) -> MethodPlan:
         spread_horizon=t.spread_horizon if m.spread else 0,
     )
     bridge = Bridge(weight=t.bridge_weight, decay=t.bridge_decay) if m.bridge and t.bridge_weight > 0 else None
-    return MethodPlan(m, weighting, bridge)
+    b = cfg.baselines
+    advantage = Return(horizon=b.return_horizon, decay=b.return_decay) if m.discounted_return else None
+    samples = cfg.rollout.samples_per_prompt
+    if m.compute_matched:
+        samples = max(samples, round(samples * b.compute_factor))
+    return MethodPlan(m, weighting, bridge, advantage, samples)

@@ -22,7 +22,10 @@ from storage.refs import ArtifactRef
 from storage.store import ArtifactStore
 
 TESTBED_ASSETS = Path(__file__).resolve().parent / "testbed" / "assets"
-TESTBED_REFS = {"testbed:teacher": "teacher", "testbed:student": "student", "testbed:tokenizer": "tokenizer"}
+TESTBED_REFS = {"testbed:teacher": "teacher", "testbed:student": "student", "testbed:tokenizer": "tokenizer",
+                # the mechanism switch's models (data.testbed.fork; `opd bootstrap --fork` builds them)
+                "testbed:teacher-fork": "fork/teacher", "testbed:student-consequential": "fork/student-consequential",
+                "testbed:student-harmless": "fork/student-harmless"}
 
 
 #: A checkpoint artifact (the update stage's output) holds the model here (`save_pretrained`: weights, config,
@@ -74,7 +77,7 @@ def _local_dir(ref: ModelRef) -> Path:
         if not (local / "config.json").is_file() and not (local / "tokenizer.json").is_file():
             raise ModelError(
                 f"testbed model {ref.path!r}: {local} is missing; build it with "
-                "`python -m opd_tasks.testbed.bootstrap` (or `opd bootstrap`)"
+                + ("`opd bootstrap --fork`" if "/" in TESTBED_REFS[ref.path] else "`opd bootstrap`")
             )
         return local
     local = Path(ref.path).expanduser()

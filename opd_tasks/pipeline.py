@@ -194,11 +194,12 @@ def max_prompt_tokens(model: ModelSpec, max_new_tokens: int) -> int | None:
 
 
 def eval_prompts_inputs(cfg: RunConfig, models: Models) -> PromptsInputs:
-    """The held-out eval set: `data.eval_size` prompts of the eval split, the same for every iteration."""
+    """The held-out eval set: `data.eval_size` prompts of the eval split drawn with `data.eval_seed`, the same for
+    every iteration, and for every run seed and method (so comparisons are paired)."""
     return PromptsInputs(data=cfg.data, tokenizer=models.initial_student, split=cfg.data.eval_split or "test",
                          n=cfg.data.eval_size, offset=0,
                          max_context=max_prompt_tokens(models.initial_student, cfg.evaluation.max_new_tokens),
-                         seed=cfg.seed)
+                         seed=cfg.data.eval_seed)
 
 
 def run_iteration(runner: StageRunner, cfg: RunConfig, method: MethodPlan, iteration: int, student: ModelSpec,
@@ -215,7 +216,8 @@ def run_iteration(runner: StageRunner, cfg: RunConfig, method: MethodPlan, itera
     prompts = run(PROMPTS, PromptsInputs(
         data=cfg.data, tokenizer=models.initial_student, split="train", n=n, offset=iteration * n,
         max_context=max_prompt_tokens(models.initial_student, cfg.rollout.max_new_tokens), seed=seed))
-    rollouts = run(ROLLOUT, RolloutInputs(student=student, prompts=prompts, rollout=cfg.rollout, checker=checker,
+    sampling = cfg.rollout.model_copy(update={"samples_per_prompt": method.samples_per_prompt})
+    rollouts = run(ROLLOUT, RolloutInputs(student=student, prompts=prompts, rollout=sampling, checker=checker,
                                           seed=seed))
     scores = run(SCORE, ScoreInputs(teacher=models.teacher, student=student, rollouts=rollouts, scoring=cfg.scoring))
     if cfg.gates.enabled:
@@ -229,7 +231,8 @@ def run_iteration(runner: StageRunner, cfg: RunConfig, method: MethodPlan, itera
             weighting=method.weighting, bridge=method.bridge is not None, label_roles=checker == "testbed",
             seed=seed))
     checkpoint = run(UPDATE, UpdateInputs(student=student, rollouts=rollouts, scores=scores, analysis=analysis,
-                                          teacher=models.teacher, update=cfg.update, bridge=method.bridge, seed=seed))
+                                          teacher=models.teacher, update=cfg.update, bridge=method.bridge,
+                                          advantage=method.advantage, seed=seed))
     new_student = ModelSpec.from_checkpoint(store, checkpoint)
     evals = run(EVALUATE, EvaluateInputs(model=new_student, prompts=eval_prompts, evaluation=cfg.evaluation,
                                          checker=checker, seed=seed))

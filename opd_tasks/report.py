@@ -10,8 +10,11 @@ shows:
 - token examples: rollouts with high-loss tokens highlighted by regime, the probes' continuations at probed
   positions;
 - stage costs (median computed seconds per stage);
-- a summary table (final accuracy mean, std and range over seeds; surface share; seconds per iteration) and
-  the verdict "does TOPD beat OPD by more than the spread over seeds".
+- a summary table (final accuracy mean and range over seeds, learning-curve area, surface share, seconds per
+  iteration);
+- paired comparisons of every pair of methods (opd_tasks/stats.py): per-seed paired differences of the final
+  accuracy and of the learning-curve area, a paired t-test, a Wilcoxon signed-rank test and, for the final
+  accuracy, a seed-then-problem bootstrap 95% CI; the verdict "does TOPD beat OPD" reads that CI.
 
 Output: `<out>/report.html` (images embedded as data URIs, so the file can be mailed or attached),
 `<out>/report.md` (links the PNG files next to it), `<out>/*.png`, `<out>/report.json` (the query results).
@@ -37,7 +40,7 @@ from typing import Any
 from opd_tasks.errors import ConfigError, DataError, OpdError
 
 SQL_DIR = Path(__file__).with_name("report_sql")
-QUERIES = ("accuracy", "regimes", "classifier", "costs", "examples")
+QUERIES = ("accuracy", "problems", "regimes", "classifier", "costs", "examples")
 METHOD_ORDER = ("opd", "opd_suppress", "topd")
 METHOD_COLORS = {"opd": "#1f77b4", "opd_suppress": "#ff7f0e", "topd": "#2ca02c"}
 REGIME_COLORS = {"surface": "#8ecae6", "divergent": "#e76f51", "unprobed": "#e9c46a"}
@@ -107,13 +110,18 @@ def collect(root: str | Path, runs: list[RunInfo]) -> dict[str, list[dict]]:
     con.register("_run_info", pa.table({"run": [r.run for r in runs], "method": [r.method for r in runs],
                                         "seed": pa.array([r.seed for r in runs], pa.int64())}))
     con.execute("CREATE TABLE run_info AS SELECT * FROM _run_info")
-    data = {q: _rows(con, q) for q in ("accuracy", "regimes", "classifier", "costs")}
+    from opd_tasks.topd.signals import TRUE_REGIME
+
+    con.register("_role_regime", pa.table({"role": list(TRUE_REGIME), "regime": list(TRUE_REGIME.values())}))
+    con.execute("CREATE TABLE role_regime AS SELECT * FROM _role_regime")
+    data = {q: _rows(con, q) for q in ("accuracy", "problems", "regimes", "classifier", "costs")}
     data["_con"] = con  # examples need the connection (and a tokenizer); see examples()
     return data
 
 
 def summarize(runs: list[RunInfo], data: dict[str, list[dict]]) -> dict[str, Any]:
-    """Per method: baseline and final accuracy over seeds, surface share, seconds per iteration; the verdict."""
+    """Per method: baseline and final accuracy over seeds, the learning-curve area, surface share, seconds per
+    iteration; the paired comparison of every pair of methods; the verdict (TOPD vs OPD)."""
     out: dict[str, Any] = {"methods": {}}
     curves: dict[str, dict[int, float]] = {}
     for a in data["accuracy"]:
@@ -135,6 +143,9 @@ def summarize(runs: list[RunInfo], data: dict[str, list[dict]]) -> dict[str, Any
         surface = sum(r["tokens"] for r in reg if r["regime"] == "surface")
         classified = sum(r["tokens"] for r in reg if r["regime"] in ("surface", "divergent"))
         cost = {c["stage"]: c["seconds"] for c in data["costs"] if c["method"] == m}
+        mine = [r for r in runs if r.method == m and r.run in per_run]
+        area = {str(r.seed): _area(per_run[r.run], final_step) for r in mine}
+        area = {k: v for k, v in area.items() if v is not None}
         out["methods"][m] = {
             "runs": len(per_run),
             "seeds": sorted({r.seed for r in runs if r.method == m}),
@@ -144,38 +155,97 @@ def summarize(runs: list[RunInfo], data: dict[str, list[dict]]) -> dict[str, Any
             "final_std": statistics.stdev(finals) if len(finals) > 1 else 0.0 if finals else None,
             "final_min": min(finals) if finals else None,
             "final_max": max(finals) if finals else None,
-            "final_by_seed": {str(r.seed): per_run[r.run][final_step] for r in runs
-                              if r.method == m and r.run in per_run and final_step in per_run[r.run]},
+            "final_by_seed": {str(r.seed): per_run[r.run][final_step] for r in mine if final_step in per_run[r.run]},
+            "area_mean": statistics.mean(area.values()) if area else None,
+            "area_by_seed": area,
             "surface_share": surface / high if high else None,
             "surface_share_classified": surface / classified if classified else None,
             "seconds_per_iteration": sum(cost.values()) if cost else None,
             "stage_seconds": cost,
         }
-    out["verdict"] = verdict(out["methods"])
+    methods = list(out["methods"])
+    problems = _problem_scores(data.get("problems", []), runs, final_step)
+    out["comparisons"] = [compare(a, b, out["methods"][a], out["methods"][b], problems)
+                          for i, a in enumerate(methods) for b in methods[i + 1 :]]
+    out["verdict"] = verdict(next((c for c in out["comparisons"] if (c["a"], c["b"]) in (("opd", "topd"),
+                                                                                          ("topd", "opd"))), None))
     return out
 
 
-def verdict(methods: dict[str, dict]) -> dict[str, Any] | None:
-    """TOPD vs OPD: the difference of mean final accuracies against the spread over seeds (the larger of the
-    two methods' min-max ranges)."""
-    a, b = methods.get("topd"), methods.get("opd")
-    if not a or not b or a["final_mean"] is None or b["final_mean"] is None:
+def _area(curve: dict[int, float], final_step: int | None) -> float | None:
+    """The learning-curve area: the mean accuracy after iterations 1..final_step (None without them all)."""
+    if not final_step or any(s not in curve for s in range(1, final_step + 1)):
         return None
-    diff = a["final_mean"] - b["final_mean"]
-    spread = max(a["final_max"] - a["final_min"], b["final_max"] - b["final_min"])
-    if min(len(a.get("final_by_seed") or {}), len(b.get("final_by_seed") or {})) < 2:
-        return {"topd_minus_opd": diff, "spread": None, "topd_wins": False,
+    return statistics.mean(curve[s] for s in range(1, final_step + 1))
+
+
+def _problem_scores(rows: list[dict], runs: list[RunInfo], step: int | None) -> dict[tuple[str, int], dict]:
+    """(method, seed) -> {prompt_id: score} at `step` (the final step compared)."""
+    by_run = {r.run: r for r in runs}
+    out: dict[tuple[str, int], dict] = {}
+    for row in rows:
+        r = by_run.get(row["run"])
+        if r is not None and row["step"] == step:
+            out.setdefault((r.method, r.seed), {})[row["prompt_id"]] = row["correct"]
+    return out
+
+
+def compare(a: str, b: str, ma: dict, mb: dict, problems: dict[tuple[str, int], dict]) -> dict[str, Any]:
+    """Method b against method a on the seeds both ran: per-seed paired differences of the final accuracy and of
+    the learning-curve area, each with a paired t-test and a Wilcoxon signed-rank test; for the final accuracy
+    also a seed-then-problem bootstrap 95% CI (both methods at the same problems). Differences are b - a."""
+    from opd_tasks.stats import bootstrap_ci, paired_t, wilcoxon
+
+    out: dict[str, Any] = {"a": a, "b": b}
+    for metric in ("final", "area"):
+        xa, xb = ma[f"{metric}_by_seed"], mb[f"{metric}_by_seed"]
+        seeds = sorted(set(xa) & set(xb), key=int)
+        entry: dict[str, Any] = {"seeds": [int(s) for s in seeds],
+                                 "diff_by_seed": {s: xb[s] - xa[s] for s in seeds}}
+        if len(seeds) >= 2:
+            t = paired_t([xa[s] for s in seeds], [xb[s] for s in seeds])
+            entry |= {"mean_diff": t.mean, "sd_diff": t.sd, "t_ci95": list(t.ci95), "t_p": t.p,
+                      "wilcoxon_p": wilcoxon([xa[s] for s in seeds], [xb[s] for s in seeds]).p}
+        elif seeds:
+            entry["mean_diff"] = xb[seeds[0]] - xa[seeds[0]]
+        if metric == "final" and len(seeds) >= 2:
+            pa, pb = [problems.get((a, int(s)), {}) for s in seeds], [problems.get((b, int(s)), {}) for s in seeds]
+            if all(x and set(x) == set(y) for x, y in zip(pa, pb, strict=True)):
+                keys = [sorted(x) for x in pa]
+                entry["bootstrap_ci95"] = list(bootstrap_ci(
+                    [[x[k] for k in ks] for x, ks in zip(pa, keys, strict=True)],
+                    [[y[k] for k in ks] for y, ks in zip(pb, keys, strict=True)]))
+            else:
+                entry["bootstrap_note"] = "the methods were not evaluated on the same problems: no bootstrap"
+        out[metric] = entry
+    return out
+
+
+def verdict(comparison: dict | None) -> dict[str, Any] | None:
+    """TOPD vs OPD from their paired comparison: a win only when the 95% CI of the paired difference of the final
+    accuracy (the seed-then-problem bootstrap, else the t interval) lies above 0."""
+    if comparison is None:
+        return None
+    final = comparison["final"]
+    sign = 1.0 if comparison["b"] == "topd" else -1.0  # report TOPD - OPD
+    if "mean_diff" not in final:
+        return None
+    diff = sign * final["mean_diff"]
+    if len(final["seeds"]) < 2:
+        return {"topd_minus_opd": diff, "ci95": None, "topd_wins": False,
                 "text": f"TOPD - OPD = {diff * 100:+.1f} points with a single seed: no verdict (run 2 or more seeds)."}
-    if diff > spread:
-        text = (f"TOPD beats OPD: mean final accuracy {diff * 100:+.1f} points, more than the spread over seeds "
-                f"({spread * 100:.1f} points).")
-    elif diff > 0:
-        text = (f"TOPD is ahead of OPD by {diff * 100:.1f} points, which is within the spread over seeds "
-                f"({spread * 100:.1f} points): not a win.")
+    ci = final.get("bootstrap_ci95") or final["t_ci95"]
+    lo, hi = sorted(sign * c for c in ci)
+    how = "seed-then-problem bootstrap" if "bootstrap_ci95" in final else "paired t"
+    stats_text = (f"95% CI [{lo * 100:+.1f}, {hi * 100:+.1f}] ({how}), paired t p = {final['t_p']:.3g}, Wilcoxon p = "
+                  f"{final['wilcoxon_p']:.3g}, {len(final['seeds'])} seeds")
+    if lo > 0:
+        text = f"TOPD beats OPD: final accuracy {diff * 100:+.1f} points, {stats_text}."
+    elif hi < 0:
+        text = f"TOPD is worse than OPD: final accuracy {diff * 100:+.1f} points, {stats_text}."
     else:
-        text = (f"TOPD does not beat OPD: mean final accuracy {diff * 100:+.1f} points (spread over seeds "
-                f"{spread * 100:.1f} points).")
-    return {"topd_minus_opd": diff, "spread": spread, "topd_wins": diff > spread, "text": text}
+        text = f"No difference resolved between TOPD and OPD: final accuracy {diff * 100:+.1f} points, {stats_text}."
+    return {"topd_minus_opd": diff, "ci95": [lo, hi], "topd_wins": lo > 0, "text": text}
 
 
 # ----------------------------------------------------------------------------------------------- examples
@@ -343,16 +413,39 @@ def _num(v, fmt: str = "{:.2f}") -> str:
 
 
 def summary_table(summary: dict) -> tuple[list[str], list[list[str]]]:
-    head = ["method", "runs (seeds)", "baseline", "final accuracy (per sample): mean ± std", "min-max",
-            "surface share of high-loss tokens (of probed ones)", "s / iteration"]
+    head = ["method", "runs (seeds)", "baseline", "final accuracy (per sample), mean", "min-max",
+            "learning-curve area", "surface share of high-loss tokens (of probed ones)", "s / iteration"]
     rows = []
     for m, s in summary["methods"].items():
         rows.append([m, f"{s['runs']} ({', '.join(map(str, s['seeds']))})", _pct(s["baseline_mean"]),
-                     f"{_pct(s['final_mean'])} ± {_num(s['final_std'] and 100 * s['final_std'], '{:.1f}')}",
-                     f"{_pct(s['final_min'])}-{_pct(s['final_max'])}",
+                     _pct(s["final_mean"]), f"{_pct(s['final_min'])}-{_pct(s['final_max'])}", _pct(s["area_mean"]),
                      f"{_pct(s['surface_share'])} ({_pct(s['surface_share_classified'])})" if s["surface_share"]
                      is not None else "-",
                      _num(s["seconds_per_iteration"], "{:.1f}")])
+    return head, rows
+
+
+PAIRED_NOTE = ("Per seed, the two methods share the eval set, the prompts and the sampling stream; the differences "
+               "(in points) are per-seed paired, tested with a paired t-test and a Wilcoxon signed-rank test, and the "
+               "final accuracy's 95% CI is also bootstrapped over seeds, then problems. The learning-curve area is "
+               "the mean accuracy over the iterations.")
+
+
+def comparison_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per method pair and metric: the paired difference (points) and its tests."""
+    head = ["comparison", "metric", "seeds", "mean difference", "95% CI (t)", "95% CI (bootstrap)", "paired t p",
+            "Wilcoxon p"]
+    rows = []
+    for c in summary.get("comparisons", []):
+        for metric in ("final", "area"):
+            e = c[metric]
+            ci = e.get("t_ci95")
+            boot = e.get("bootstrap_ci95")
+            rows.append([f"{c['b']} - {c['a']}", "final accuracy" if metric == "final" else "learning-curve area",
+                         str(len(e["seeds"])), _num(e.get("mean_diff") and 100 * e["mean_diff"], "{:+.1f}"),
+                         f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "-",
+                         f"[{100 * boot[0]:+.1f}, {100 * boot[1]:+.1f}]" if boot else "-",
+                         _num(e.get("t_p"), "{:.3g}"), _num(e.get("wilcoxon_p"), "{:.3g}")])
     return head, rows
 
 
@@ -451,6 +544,7 @@ def render(title: str, runs: list[RunInfo], data: dict, summary: dict, figs: lis
     """(html, markdown) of the report; the html embeds each PNG as a data URI."""
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     sh, sr = summary_table(summary)
+    ph, pr = comparison_table(summary)
     ch, cr = _classifier_rows(data)
     v = summary["verdict"]
     vtext = v["text"] if v else "No TOPD/OPD pair in these runs: no verdict."
@@ -463,6 +557,8 @@ def render(title: str, runs: list[RunInfo], data: dict, summary: dict, figs: lis
     h += [f'<p class="verdict">{html.escape(vtext)}</p>', "<h2>Summary</h2>", _html_table(sh, sr)]
     if summary.get("note"):
         h.append(f"<p><b>Note:</b> {html.escape(summary['note'])}.</p>")
+    if pr:
+        h += ["<h2>Paired comparisons</h2>", f"<p>{html.escape(PAIRED_NOTE)}</p>", _html_table(ph, pr)]
     for f in figs:
         b64 = base64.b64encode((out / f["file"]).read_bytes()).decode()
         h.append(f'<figure><img alt="{html.escape(f["file"])}" src="data:image/png;base64,{b64}">'
@@ -471,7 +567,7 @@ def render(title: str, runs: list[RunInfo], data: dict, summary: dict, figs: lis
         h += ["<h2>Regime classifier vs ground truth</h2>", _html_table(ch, cr)]
     h += ["<h2>Token examples</h2>", _examples_html(ex),
           "<h2>Queries</h2><p>Every figure comes from the SQL in <code>opd_tasks/report_sql/</code> "
-          "(accuracy, regimes, classifier, costs, examples) over the storage views; rerun any of them with "
+          "(accuracy, problems, regimes, classifier, costs, examples) over the storage views; rerun any of them with "
           "<code>opd sql</code>. The data behind this page is in <code>report.json</code>.</p></body></html>"]
     md = [f"# {title}", "", f"{stamp}. Runs: {runs_line}.", ""]
     if command:
@@ -479,6 +575,8 @@ def render(title: str, runs: list[RunInfo], data: dict, summary: dict, figs: lis
     md += [f"**{vtext}**", "", "## Summary", "", _md_table(sh, sr), ""]
     if summary.get("note"):
         md += [f"Note: {summary['note']}.", ""]
+    if pr:
+        md += ["## Paired comparisons", "", PAIRED_NOTE, "", _md_table(ph, pr), ""]
     md += [f"![{f['file']}]({f['file']})\n\n{f['caption']}\n" for f in figs]
     if cr:
         md += ["## Regime classifier vs ground truth", "", _md_table(ch, cr), ""]
@@ -534,7 +632,8 @@ def build_report(root: str | Path, patterns: list[str], out: str | Path | None =
         page, md = render(title, runs, data, summary, figs, ex, tmp, command)
         (tmp / "report.html").write_text(page)
         (tmp / "report.md").write_text(md)
-        public = {k: v for k, v in data.items() if not k.startswith("_")}
+        # per-problem rows are left out: a large eval set over many runs would bloat the file (`opd sql` has them)
+        public = {k: v for k, v in data.items() if not k.startswith("_") and k != "problems"}
         (tmp / REPORT_MARKER).write_text(json.dumps(
             {"title": title, "runs": [r.__dict__ | {"config": None} for r in runs], "summary": summary,
              "data": public, "examples": ex, "figures": figs}, indent=1, default=str))

@@ -61,6 +61,11 @@ def analyze(ctx: StageContext, x: AnalyzeInputs) -> ArtifactRef:
         raise DataError(f"rollouts {x.rollouts.short()} have no completion tokens to analyze")
     models = AnalysisModels(x.student, x.teacher, ctx.device)
     detector = DETECTORS[cfg.detector]
+    roles = None
+    if x.label_roles:
+        from opd_tasks.testbed.labeler import label_token_ids
+
+        roles = [label_token_ids(models.tokenizer, s.tokens, s.prompt) for s in seqs]
     k1 = [list(np.asarray(s.sampling_logprobs) - np.asarray(s.teacher_logprobs)) for s in seqs]
     bounds = np.cumsum([0] + [len(s.tokens) for s in seqs])
 
@@ -69,8 +74,9 @@ def analyze(ctx: StageContext, x: AnalyzeInputs) -> ArtifactRef:
         flat = np.concatenate([np.asarray(v, dtype=np.float64) for v in signal])
         high_flat = high_loss_mask(flat, cfg.high_loss_quantile, cfg.high_loss_threshold)
         high = [high_flat[bounds[i] : bounds[i + 1]] for i in range(len(seqs))]
-        rows = probe_positions(signal, high, cfg.probe_budget, detector.skip_last) if detector.probes else []
-        return high_flat, Candidates(seqs, signal, high, rows)
+        budget = cfg.probe_budget if detector.budgeted else "all"
+        rows = probe_positions(signal, high, budget, detector.skip_last) if detector.probes else []
+        return high_flat, Candidates(seqs, signal, high, rows, roles)
 
     if cfg.detector == "probe" and cfg.loss_signal == "k1":
         # k1 needs no model, so the probed positions are known before the student's statistics pass, and the
@@ -91,15 +97,16 @@ def analyze(ctx: StageContext, x: AnalyzeInputs) -> ArtifactRef:
         student_entropy, rkl = student_statistics(models.student, seqs, cfg.batch_size)
         high_flat, cand = candidates(k1 if cfg.loss_signal == "k1" else rkl)
         detection = detector.run(cand, models, cfg, x.bridge, ctx.progress)
-    tokens, meta = _tokens_table(x, cand, high_flat, detection, k1, rkl, student_entropy, models)
+    tokens, meta = _tokens_table(x, cand, high_flat, detection, k1, rkl, student_entropy)
+    probe_rows = list(detection.divergence) if detector.probes else []  # a detector may drop candidates (oracle)
     probes = pa.table({
-        "prompt_id": pa.array([seqs[i].prompt_id for i, _ in cand.probes], pa.string()),
-        "sample_id": pa.array([seqs[i].sample_id for i, _ in cand.probes], pa.int32()),
-        "pos": pa.array([t for _, t in cand.probes], pa.int32()),
+        "prompt_id": pa.array([seqs[i].prompt_id for i, _ in probe_rows], pa.string()),
+        "sample_id": pa.array([seqs[i].sample_id for i, _ in probe_rows], pa.int32()),
+        "pos": pa.array([t for _, t in probe_rows], pa.int32()),
         "teacher_continuation": pa.array(detection.teacher_continuations, pa.list_(pa.int32())),
         "student_continuation": pa.array(detection.student_continuations, pa.list_(pa.int32())),
         "distance": pa.array(detection.distances, pa.float32()),
-        "distance_kind": pa.array([detection.distance_kind] * len(cand.probes), pa.string()),
+        "distance_kind": pa.array([detection.distance_kind] * len(probe_rows), pa.string()),
     })
     with ctx.writer() as w:
         w.write_table("tokens", tokens)
@@ -111,8 +118,8 @@ def analyze(ctx: StageContext, x: AnalyzeInputs) -> ArtifactRef:
         return w.commit()
 
 
-def _tokens_table(x: AnalyzeInputs, cand, high_flat: np.ndarray, detection, k1, rkl, student_entropy,
-                  models) -> tuple[pa.Table, dict]:
+def _tokens_table(x: AnalyzeInputs, cand, high_flat: np.ndarray, detection, k1, rkl,
+                  student_entropy) -> tuple[pa.Table, dict]:
     """The `tokens` table (regimes from D_t and delta, weights from the regimes) and the manifest's summary."""
     from opd_tasks.topd.signals import REGIMES, classifier_scores, regime_of, resolve_delta, token_weights
 
@@ -121,8 +128,8 @@ def _tokens_table(x: AnalyzeInputs, cand, high_flat: np.ndarray, detection, k1, 
     for (i, t), v in detection.divergence.items():
         d[i][t] = v
     all_d = [v for row in d for v in row if v is not None]
-    delta = resolve_delta(cfg, all_d)
-    if cfg.detector != "swap" and cfg.delta_mode == "absolute" and cfg.delta == 0.0:
+    delta = detection.threshold if detection.threshold is not None else resolve_delta(cfg, all_d)
+    if cfg.detector in ("window", "probe") and cfg.delta_mode == "absolute" and cfg.delta == 0.0:
         log.warning("analysis.delta is 0 (absolute), the swap detector's threshold; the %s detector's D_t has no "
                     "natural zero (%d of %d probed positions come out divergent): set analysis.delta_mode: "
                     "quantile or a calibrated absolute delta (docs/method.md)", cfg.detector,
@@ -130,12 +137,7 @@ def _tokens_table(x: AnalyzeInputs, cand, high_flat: np.ndarray, detection, k1, 
     regimes = [[regime_of(bool(cand.high[i][t]), (i, t) in detection.divergence, d[i][t], delta)
                 for t in range(len(s.tokens))] for i, s in enumerate(seqs)]
     weights = [token_weights(r, x.weighting) for r in regimes]
-    if x.label_roles:
-        from opd_tasks.testbed.labeler import label_token_ids
-
-        roles = [label_token_ids(models.tokenizer, s.tokens) for s in seqs]
-    else:
-        roles = [[None] * len(s.tokens) for s in seqs]
+    roles = cand.roles if cand.roles is not None else [[None] * len(s.tokens) for s in seqs]
     ranks = [[row.index(y) if y in row else len(row) for y, row in zip(s.tokens, s.topk_ids, strict=True)]
              for s in seqs]
     lengths = [len(s.tokens) for s in seqs]
@@ -166,7 +168,7 @@ def _tokens_table(x: AnalyzeInputs, cand, high_flat: np.ndarray, detection, k1, 
     n_high = int(high_flat.sum())
     meta = {
         "tokens": int(len(flat_regimes)), "high_loss": n_high, "delta": delta, "detector": cfg.detector,
-        "distance": {"probe": cfg.distance, "swap": "swap"}.get(cfg.detector),
+        "distance": detection.distance_kind,
         "share": {r: (flat_regimes.count(r) / n_high if n_high else 0.0) for r in REGIMES if r != "normal"},
     }
     if x.label_roles:

@@ -4,7 +4,8 @@ Accuracy, here and everywhere it is shown (the run table, the report, `opd sql` 
 share of correct samples, `avg(correct)` over the `evals` table. With one greedy sample per prompt that is the
 share of prompts answered correctly; with `pass_k` > 1 it is the mean over each prompt's k samples (pass@1
 estimated from k samples), and pass@k (a prompt counts if any of its k samples is correct) is recorded beside it
-in the manifest as `pass_at_k`.
+in the manifest as `pass_at_k`. On the testbed the manifest also holds `early_stop_rate`: the share of samples that
+answer before the last step (the `consequential` fork, docs/testbed.md).
 """
 
 from __future__ import annotations
@@ -64,6 +65,12 @@ def evaluate(ctx: StageContext, x: EvaluateInputs) -> ArtifactRef:
         }
     )
     meta = {"accuracy": sum(correct) / max(1, len(correct)), "n": table.num_rows}
+    if x.checker == "testbed":  # the mechanism switch's readout (docs/testbed.md): answers before the last step
+        from opd_tasks.testbed.labeler import stopped_early
+
+        asked = prompts.column("prompt").to_pylist()
+        meta["early_stop_rate"] = sum(stopped_early(t, asked[g.prompt_index]) for g, t in zip(gens, texts, strict=True)
+                                      ) / max(1, len(texts))
     if cfg.pass_k > 1:
         meta |= {"pass_at_k": pass_at_k(table.column("prompt_id").to_pylist(), correct), "k": cfg.pass_k}
     return ctx.put_table("evals", table, meta=meta)

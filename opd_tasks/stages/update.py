@@ -15,8 +15,8 @@ nothing is published, so the previous checkpoint stays the latest.
 from __future__ import annotations
 
 from opd_tasks.config import UpdateConfig
-from opd_tasks.errors import DataError, TrainingError
-from opd_tasks.method import Bridge
+from opd_tasks.errors import ConfigError, DataError, TrainingError
+from opd_tasks.method import Bridge, Return
 from opd_tasks.models import ModelSpec
 from opd_tasks.stages.registry import StageContext, StageInputs, stage
 from storage.hashing import sha256_json
@@ -34,6 +34,7 @@ class UpdateInputs(StageInputs):
     teacher: ModelSpec
     update: UpdateConfig
     bridge: Bridge | None
+    advantage: Return | None = None  # the opd_return baseline's discounted return; None: -k1_t
     seed: int
 
     def key_parts(self):
@@ -68,6 +69,9 @@ def _train(ctx: StageContext, x: UpdateInputs) -> ArtifactRef:
     from opd_tasks.training.sequences import attach_analysis, scored_sequences
 
     cfg, student, teacher, seed = x.update, x.student, x.teacher, x.seed
+    if x.advantage is not None and cfg.loss != "pg":
+        raise ConfigError(f"the opd_return baseline's discounted return is a policy-gradient advantage: it needs "
+                          f"update.loss: pg, not {cfg.loss!r}")
     dev = resolve_device(ctx.device)
     bridge = x.bridge if x.analysis is not None else None
     seqs = scored_sequences(ctx.store, x.rollouts, x.scores,
@@ -90,7 +94,8 @@ def _train(ctx: StageContext, x: UpdateInputs) -> ArtifactRef:
     rows = []
     bar = tqdm(total=n_steps, desc="update", unit="step", disable=not ctx.progress, leave=False)
     for _ in range(cfg.epochs):
-        g = torch.Generator().manual_seed(int(sha256_json([seed, trainer["global_epoch"]])[:15], 16))
+        order = seed if cfg.order_seed is None else cfg.order_seed
+        g = torch.Generator().manual_seed(int(sha256_json([order, trainer["global_epoch"]])[:15], 16))
         perm = torch.randperm(len(seqs), generator=g).tolist()
         for s0 in range(0, len(perm), per_step):
             step_seqs = [seqs[i] for i in perm[s0 : s0 + per_step]]
@@ -99,7 +104,7 @@ def _train(ctx: StageContext, x: UpdateInputs) -> ArtifactRef:
             for m0 in range(0, len(step_seqs), cfg.micro_batch_size):
                 with autocast:
                     loss, st = micro_batch_loss(model, step_seqs[m0 : m0 + cfg.micro_batch_size], cfg, bridge,
-                                                tok.pad_token_id, dev, t_model)
+                                                tok.pad_token_id, dev, t_model, x.advantage)
                 loss = loss / n_tok
                 if not torch.isfinite(loss):
                     raise TrainingError(

@@ -159,6 +159,102 @@ def bootstrap(
     return report
 
 
+#: The mechanism switch's models (docs/testbed.md): the teacher and one student per fork, under ASSETS_DIR / "fork".
+FORK_STUDENTS = {"consequential": "student_consequential", "harmless": "student_harmless"}
+FORK_DEFAULTS: dict[str, Any] = dict(teacher_steps=600, student_steps=1500, student_target=0.45, eval_size=500)
+
+
+def bootstrap_fork(out_dir: str | Path, seed: int = 0, teacher_steps: int = FORK_DEFAULTS["teacher_steps"],
+                   student_steps: int = FORK_DEFAULTS["student_steps"],
+                   student_target: float = FORK_DEFAULTS["student_target"],
+                   eval_size: int = FORK_DEFAULTS["eval_size"], progress: bool = True, batch_size: int = 64,
+                   lr: float = 2e-3, teacher_lr: float = 1e-3) -> dict[str, Any]:
+    """The models of the mechanism switch: `teacher/` (the committed teacher fine-tuned on `teacher_fork`, which reads
+    every phrasing and rarely takes either fork) and `student-<fork>/` for each fork (trained from scratch like the
+    committed student, on its fork style, until its greedy validation accuracy reaches `student_target`, so the
+    students start equal). bootstrap.json records what docs/testbed.md reports: the accuracies, the sampled
+    early-stop rate and the immediate k1 of fork, filler and style tokens under this teacher."""
+    from opd_tasks.config import ModelRef
+    from opd_tasks.models import load_model
+
+    task = TestbedTaskConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, threads))
+    t_start = time.perf_counter()
+    tok = save_tokenizer(out / "tokenizer")
+    max_new = len(tok(longest_completion(task), add_special_tokens=False).input_ids) + 8
+    test = generate_problems(task, "test", eval_size, seed=seed)
+    val = generate_problems(task, "validation", 200, seed=seed)
+    report: dict[str, Any] = {"seed": seed, "eval_size": eval_size, "students": {}}
+
+    teacher = load_model(ModelRef(path="testbed:teacher"))
+    res = sft(teacher, tok, task, get_style("teacher_fork"), teacher_steps, seed=seed, batch_size=batch_size,
+              lr=teacher_lr, progress=progress, desc="teacher (fork)")
+    report["teacher"] = {"style": "teacher_fork", "from": "testbed:teacher", "steps": res.steps, "lr": teacher_lr,
+                         "train_seconds": round(res.seconds, 1), "final_loss": round(res.final_loss, 4),
+                         "test_accuracy": accuracy(teacher, tok, test, max_new)}
+    _save(teacher, tok, out / "teacher")
+    for fork, style in FORK_STUDENTS.items():
+        student = make_model(tok, "student", seed=seed + 1)
+        trace: list[tuple[int, float]] = []
+
+        def stop_at_target(step: int, student=student, trace=trace) -> bool:
+            acc = accuracy(student, tok, val, max_new)
+            student.train()
+            trace.append((step, acc))
+            return acc >= student_target
+
+        # checked every 10 steps: accuracy climbs steeply near the target (0.16 -> 0.45 in 25 steps was seen)
+        res = sft(student, tok, task, get_style(style), student_steps, seed=seed + 1, batch_size=batch_size, lr=lr,
+                  progress=progress, desc=f"student ({fork})", callback=stop_at_target, callback_every=10)
+        report["students"][fork] = {"style": style, "steps": res.steps, "validation_trace": trace,
+                                    "train_seconds": round(res.seconds, 1), "test_accuracy":
+                                    accuracy(student, tok, test, max_new)} | fork_figures(student, teacher, tok,
+                                                                                          test[:100], max_new)
+        _save(student, tok, out / f"student-{fork}")
+    report.update(total_seconds=round(time.perf_counter() - t_start, 1), batch_size=batch_size, lr=lr,
+                  max_new_tokens=max_new, versions={"torch": torch.__version__,
+                                                    "transformers": transformers.__version__})
+    (out / "bootstrap.json").write_text(json.dumps(report, indent=2) + "\n")
+    torch.set_num_threads(threads)
+    return report
+
+
+#: Style tokens: the slot variants that are one token (separators, connectives).
+_STYLE_TOKENS = {" ;", " ,", " then", " and", " so", " thus", " hence", " therefore"}
+
+
+@torch.no_grad()
+def fork_figures(student, teacher, tok, problems, max_new: int, samples: int = 4) -> dict[str, Any]:
+    """On `samples` sampled completions (temperature 1) of each problem: the share that stop early, the sampled
+    accuracy, and the mean immediate k1 = log p_S - log p_T of fork, filler and style tokens (and of reasoning
+    and answer digits for scale), with their counts."""
+    from opd_tasks.backends.hf import generate, score_sequences
+    from opd_tasks.checkers import check_testbed
+    from opd_tasks.testbed.labeler import label_token_ids
+
+    prompts = [tok(p.prompt).input_ids for p in problems]
+    gens = generate(student, prompts, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, n=samples,
+                    temperature=1.0, max_new_tokens=max_new, seed=0, progress=False)
+    scored = score_sequences(teacher, [prompts[g.prompt_index] for g in gens], [g.token_ids for g in gens],
+                             pad_token_id=tok.pad_token_id, top_k=1, progress=False)
+    k1: dict[str, list[float]] = {k: [] for k in ("fork", "filler", "style", "reasoning", "answer")}
+    stops = correct = 0
+    for g, t in zip(gens, scored, strict=True):
+        roles = label_token_ids(tok, g.token_ids, prompts[g.prompt_index])
+        stops += "fork" in roles
+        correct += check_testbed(tok.decode(g.token_ids, skip_special_tokens=True), problems[g.prompt_index].answer)
+        for role, piece, s_lp, t_lp in zip(roles, tok.convert_ids_to_tokens(g.token_ids), g.logprobs, t.logprob,
+                                           strict=True):
+            group = "style" if role == "form" and piece in _STYLE_TOKENS else role
+            if group in k1:
+                k1[group].append(s_lp - t_lp)
+    return {"sampled_early_stop_rate": stops / len(gens), "sampled_accuracy": correct / len(gens),
+            "k1": {k: {"mean": round(sum(v) / len(v), 3), "tokens": len(v)} for k, v in k1.items() if v}}
+
+
 def _save(model: transformers.PreTrainedModel, tok: Any, path: Path) -> None:
     model.to(torch.float32).save_pretrained(str(path), safe_serialization=True)
     save_tokenizer(path)
@@ -174,8 +270,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher-style", default="teacher", help="style the teacher trains on (styles.py), e.g. "
                                                                 "teacher_broad")
     ap.add_argument("--student-style", default="student", help="style the student trains on (styles.py)")
+    ap.add_argument("--fork", action="store_true", help="build the mechanism switch's models instead (the committed "
+                                                        "teacher fine-tuned, one student per fork; docs/testbed.md)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.fork:
+        out = Path(args.out if args.out != str(ASSETS_DIR) else ASSETS_DIR / "fork")
+        report = bootstrap_fork(out, seed=args.seed, progress=not args.no_progress)
+        report["command"] = ("python -m opd_tasks.testbed.bootstrap "
+                             + " ".join(argv if argv is not None else sys.argv[1:]))
+        (out / "bootstrap.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps({k: report[k] for k in ("teacher", "students", "total_seconds")}, indent=2))
+        return 0
     task = TestbedTaskConfig(teacher_style=args.teacher_style, student_style=args.student_style)
     get_style(task.teacher_style), get_style(task.student_style)  # a bad name fails now, not after training
     kw = dict(QUICK if args.quick else DEFAULTS)

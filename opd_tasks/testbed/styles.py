@@ -8,6 +8,14 @@ student rollout holds tokens that the teacher finds unlikely although they are h
 
 Every variant word is a single token of the testbed tokenizer (see `tokenizer.py`), so a style choice is one
 token: ` then` vs ` ;`, ` hence` vs ` so`, ` the answer is` (three tokens, the first decides) vs nothing.
+
+A style also says how often, at each boundary between two steps, the writer takes one of the two forks of the
+mechanism switch (`data.testbed.fork`, docs/testbed.md):
+- `stop` (the `consequential` fork): it stops early and states the answer directly, `3+9+0=12 so 612.`; the
+  answer written is the right one, but a model that skips the steps rarely finds it, so a premature stop
+  usually makes the answer wrong two to four tokens later;
+- `filler` (the `harmless` twin): it writes the filler token ` :` there and goes on as usual.
+At each boundary the stop is drawn first, then the filler.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ SEPARATORS: tuple[str, ...] = (" ; ", " , ", " then ", " and ")
 CONNECTIVES: tuple[str, ...] = ("so", "thus", "hence", "therefore")
 #: How the answer itself is written after the connective; `{ans}` is the number.
 ANSWER_PHRASES: tuple[str, ...] = ("{ans}.", "answer: {ans}", "the answer is {ans}.", "= {ans}")
+#: The harmless filler a writer may put at a step boundary (one token of the testbed tokenizer).
+FILLER = " :"
 
 
 @dataclass(frozen=True)
@@ -33,8 +43,12 @@ class Style:
     separator: dict[str, float]
     connective: dict[str, float]
     answer: dict[str, float]
+    stop: float = 0.0  # probability, at each boundary between steps, of stopping early (the consequential fork)
+    filler: float = 0.0  # probability, at each boundary, of writing FILLER first (the harmless fork)
 
     def __post_init__(self) -> None:
+        if not (0.0 <= self.stop < 1.0 and 0.0 <= self.filler < 1.0):
+            raise ConfigError(f"style {self.name!r}: stop and filler rates must be in [0, 1)")
         for slot, allowed in (("separator", SEPARATORS), ("connective", CONNECTIVES), ("answer", ANSWER_PHRASES)):
             weights = getattr(self, slot)
             unknown = set(weights) - set(allowed)
@@ -73,6 +87,33 @@ STYLES: dict[str, Style] = {
         separator={" ; ": 0.7, " , ": 0.1, " then ": 0.1, " and ": 0.1},
         connective={"so": 0.7, "thus": 0.1, "hence": 0.1, "therefore": 0.1},
         answer={"{ans}.": 0.7, "answer: {ans}": 0.1, "the answer is {ans}.": 0.1, "= {ans}": 0.1},
+    ),
+    # The pair of the mechanism switch (docs/testbed.md). One teacher for both forks: broad (every variant of every
+    # slot at 0.05, so it reads any phrasing) and rarely taking either fork (0.05 per boundary); a student per fork
+    # with the student's phrasing and its fork at 0.4 per boundary. Immediate k1 = log(p_S / p_T) is then about
+    # log(0.5 / 0.05) = 2.3 on the student's favourite style tokens and log(0.4 / 0.05) = 2.1 on a fork or filler
+    # token: a loss threshold cannot tell them apart. 0.4 < 0.5, so greedy decoding never takes the fork and the
+    # students' greedy accuracies are comparable; the sampled early-stop rate is the mechanistic readout.
+    "teacher_fork": Style(
+        name="teacher_fork",
+        separator={" ; ": 0.85, " , ": 0.05, " then ": 0.05, " and ": 0.05},
+        connective={"so": 0.85, "thus": 0.05, "hence": 0.05, "therefore": 0.05},
+        answer={"{ans}.": 0.85, "answer: {ans}": 0.05, "the answer is {ans}.": 0.05, "= {ans}": 0.05},
+        stop=0.05, filler=0.05,
+    ),
+    "student_consequential": Style(
+        name="student_consequential",
+        separator={" then ": 0.5, " and ": 0.3, " , ": 0.15, " ; ": 0.05},
+        connective={"hence": 0.5, "therefore": 0.3, "thus": 0.15, "so": 0.05},
+        answer={"the answer is {ans}.": 0.5, "= {ans}": 0.3, "answer: {ans}": 0.15, "{ans}.": 0.05},
+        stop=0.4,
+    ),
+    "student_harmless": Style(
+        name="student_harmless",
+        separator={" then ": 0.5, " and ": 0.3, " , ": 0.15, " ; ": 0.05},
+        connective={"hence": 0.5, "therefore": 0.3, "thus": 0.15, "so": 0.05},
+        answer={"the answer is {ans}.": 0.5, "= {ans}": 0.3, "answer: {ans}": 0.15, "{ans}.": 0.05},
+        filler=0.4,
     ),
     "uniform": Style(
         name="uniform",

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass
 
 from opd_tasks.config import TestbedTaskConfig
 from opd_tasks.errors import ConfigError, DataError
-from opd_tasks.testbed.styles import ANSWER_PHRASES, CONNECTIVES, SEPARATORS, Style
+from opd_tasks.testbed.styles import ANSWER_PHRASES, CONNECTIVES, FILLER, SEPARATORS, Style
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 _SPLIT_BUCKETS = {"train": (0, 800), "validation": (800, 900), "test": (900, 1000)}  # of 1000
@@ -48,6 +49,20 @@ def prompt_text(operands: tuple[int, ...] | list[int]) -> str:
     return "Q: " + "+".join(str(x) for x in operands) + "=?\n"
 
 
+_PROMPT = re.compile(r"Q: (\d+(?:\+\d+)+)=\?\n?")
+
+
+def operands_of(prompt: str) -> tuple[int, ...] | None:
+    """The operands of a testbed prompt (`Q: 12+345=?`), or None when the text is not one."""
+    m = _PROMPT.search(prompt)
+    return tuple(int(x) for x in m.group(1).split("+")) if m else None
+
+
+def step_count(operands: tuple[int, ...] | list[int]) -> int:
+    """How many steps a complete chain of thought has: one per column of the longest operand."""
+    return max(len(str(x)) for x in operands)
+
+
 def cot_steps(operands: tuple[int, ...] | list[int]) -> list[str]:
     """The steps `d_1+...+d_k+carry=sum`, one per column, least significant digit first."""
     digits = [str(x)[::-1] for x in operands]
@@ -62,10 +77,15 @@ def cot_steps(operands: tuple[int, ...] | list[int]) -> list[str]:
 
 
 def render_completion(problem: Problem, style: Style, rng: random.Random) -> str:
-    """The chain of thought and the answer phrase, in `style` (without EOS)."""
+    """The chain of thought and the answer phrase, in `style` (without EOS); at each boundary between steps the
+    style's forks may stop the chain early or insert the filler (styles.py)."""
     steps = problem.steps()
     text = steps[0]
     for step in steps[1:]:
+        if style.stop and rng.random() < style.stop:
+            break
+        if style.filler and rng.random() < style.filler:
+            text += FILLER
         text += style.pick("separator", rng) + step
     connective = style.pick("connective", rng)
     phrase = style.pick("answer", rng).format(ans=problem.answer)

@@ -10,4 +10,6 @@ DETECTORS: dict[str, str] = {
     "probe": "the paper's: the teacher's and the student's K-token continuations from the flagged prefix, compared "
              "(xent or ot)",
     "swap": "ours: the teacher re-reads the student's next W tokens after its own top token in place of y_t",
+    "oracle": "the testbed's ground-truth roles (form, filler -> surface; reasoning, answer, fork -> divergent): "
+              "the positive control",
 }

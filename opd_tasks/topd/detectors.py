@@ -5,14 +5,19 @@ the positions it examined, plus, per probed position, the teacher's (and the stu
 distance. The analysis stage (opd_tasks/stages/analyze.py) turns D_t into regimes with the threshold delta.
 
 - `window`: D_t = mean loss signal over the student's own next W tokens; every high-loss token; no model pass.
-- `probe` (the paper's reading): from the prefix s_t, the teacher and the student each continue K tokens
-  greedily; D_t = `xent` (the two cross log-likelihood gaps, averaged per token) or `ot` (entropic OT between the
-  continuations' last-layer states).
+- `probe` (the paper's reading): from the prefix s_t, the teacher's greedy K-token continuation against the
+  student's side: what it actually wrote from there (`realised`, the faithful form) or its own greedy continuation
+  (`greedy`); D_t = `xent` (the two cross log-likelihood gaps, averaged per token) or `ot` (entropic OT between the
+  continuations' input token embeddings, or last-layer states with `ot_embedding: hidden`).
 - `swap` (ours): the teacher re-reads the student's next W tokens after its own most likely token a_t instead of
   y_t: D_t = mean_j [log pi_T(y_t+j | s_t, y_t, ..) - log pi_T(y_t+j | s_t, a_t, ..)]. D_t > 0: the rollout builds
   on the student's choice (a fork); D_t <= 0: it reads as well after the teacher's token (surface form).
-`probe` and `swap` examine the `analysis.probe_budget` highest-signal positions per rollout; with a bridge, the
-teacher's greedy K-token continuation from each divergent prefix is the bridge the update trains on.
+- `oracle` (testbed only, the positive control): the ground-truth role of the token decides, D_t = +1 for
+  `reasoning`, `answer`, `fork` and -1 for `form`, `filler`, with its own threshold 0 (`analysis.delta` does not
+  apply); an `unknown` token stays unprobed. What TOPD's training changes achieve with a perfect classifier.
+`probe` and `swap` examine the `analysis.probe_budget` highest-signal positions per rollout, `oracle` every
+high-loss token; with a bridge, the teacher's greedy K-token continuation from each divergent prefix is the bridge
+the update trains on.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from opd_tasks.config import AnalysisConfig
 from opd_tasks.errors import ConfigError, DataError
 from opd_tasks.models import ModelSpec
 from opd_tasks.topd import DETECTORS as DETECTOR_NAMES
-from opd_tasks.topd.signals import resolve_delta, window_divergence
+from opd_tasks.topd.signals import TRUE_REGIME, resolve_delta, window_divergence
 from opd_tasks.training.sequences import ScoredSequence
 
 
@@ -42,6 +47,7 @@ class Candidates:
     signal: list[list[float]]
     high: list[np.ndarray]
     probes: list[tuple[int, int]]
+    roles: list[list[str]] | None = None  # the testbed's ground-truth role of every token, where known
 
     @cached_property
     def full(self) -> list[list[int]]:
@@ -63,6 +69,7 @@ class Detection:
     teacher_continuations: list[list[int]] = field(default_factory=list)
     student_continuations: list[list[int]] = field(default_factory=list)
     distances: list[float] = field(default_factory=list)
+    threshold: float | None = None  # the detector's own threshold on D_t; None: analysis.delta decides
 
     @staticmethod
     def concat(parts: list[Detection], kind: str | None) -> Detection:
@@ -122,34 +129,85 @@ def window(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, bridge: b
 
 def probe(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, bridge: bool, progress: bool,
           rows: list[tuple[int, int]] | None = None, student_encoded=None) -> Detection:
-    """Greedy K-token continuations by the teacher and the student from each probed prefix s_t, and their distance
-    (`analysis.distance`). `rows`: a subset of the probes (default all); `student_encoded`: the student's forward
-    over those rows' sequences has already run (the analysis's statistics pass), so its probes continue from it.
-    The teacher's continuation is the bridge."""
-    from opd_tasks.topd.probes import probe_pair
-
+    """From each probed prefix s_t (before the flagged token y_t): the teacher's greedy K-token continuation c_T
+    (the bridge) against the student's side c_S, and their distance (`analysis.distance`). The student's side is
+    `analysis.probe_student`: `realised`, what it actually wrote, y_t..y_{t+K-1} (no generation; the faithful
+    form), or `greedy`, its own greedy continuation from s_t (which hides a sampled wrong token: its greedy choice
+    there is usually right). `rows`: a subset of the probes (default all); `student_encoded`: the student's
+    forward over those rows' sequences has already run (the analysis's statistics pass), so its side continues
+    from it."""
     rows = c.probes if rows is None else rows
     if not rows:
         return Detection({}, cfg.distance)
-    tok = models.tokenizer
-    prefixes = c.prefixes(rows)
-    r = probe_pair(models.teacher, models.student, c.full, prefixes, cfg.probe_tokens, eos_token_id=tok.eos_token_id,
-                   pad_token_id=tok.pad_token_id, batch_size=cfg.batch_size, cross=cfg.distance == "xent",
-                   progress=progress, student_encoded=student_encoded)
-    c_t, c_s = r["c_t"], r["c_s"]
-    if cfg.distance == "xent":
-        # each model's log-probs of its own greedy continuation come with it; the cross terms are teacher forcing
-        # of the other model's continuation after the same cached prefix
-        dist = [0.5 * (float(np.mean(np.asarray(a) - np.asarray(b))) + float(np.mean(np.asarray(x) - np.asarray(y))))
-                for a, b, x, y in zip(r["t_on_t"], r["s_on_t"], r["s_on_s"], r["t_on_s"], strict=True)]
+    if cfg.probe_student == "realised":
+        c_t, c_s, gaps = _realised_probes(c, models, cfg, rows, student_encoded, progress)
     else:
-        dist = _ot_distances(models.student, c.full, prefixes, c_t, c_s, tok.pad_token_id, cfg.batch_size)
+        c_t, c_s, gaps = _greedy_probes(c, models, cfg, rows, student_encoded, progress)
+    if cfg.distance == "xent":
+        # 0.5 * (mean_j [log T(c_T) - log S(c_T)] + mean_j [log S(c_S) - log T(c_S)]), every term teacher-forced
+        # (or generated) after the same cached prefix
+        dist = [0.5 * (float(np.mean(np.asarray(a) - np.asarray(b))) + float(np.mean(np.asarray(x) - np.asarray(y))))
+                for a, b, x, y in zip(*gaps, strict=True)]
+    elif cfg.ot_embedding == "input":
+        dist = [input_embedding_ot(models.student, a, b) for a, b in zip(c_t, c_s, strict=True)]
+    else:
+        dist = _ot_distances(models.student, c.full, c.prefixes(rows), c_t, c_s, models.tokenizer.pad_token_id,
+                             cfg.batch_size)
     return Detection(dict(zip(rows, dist, strict=True)), cfg.distance, c_t, c_s, dist)
+
+
+def input_embedding_ot(model, a: list[int], b: list[int]) -> float:
+    """Entropic OT (cosine cost, uniform weights) between two token sequences' input embeddings in `model`: close
+    for paraphrases (the style variants' embeddings are similar), far for other digits or another structure."""
+    from opd_tasks.topd.ot import ot_distance
+
+    table = model.get_input_embeddings().weight.detach()
+    return ot_distance(table[torch.tensor(a, device=table.device)].float().cpu(),
+                       table[torch.tensor(b, device=table.device)].float().cpu())
+
+
+def _greedy_probes(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, rows, student_encoded, progress):
+    """Both models' greedy continuations from each prefix, and (xent) their log-probs of their own and of the other's
+    continuation: (c_T, c_S, (T on c_T, S on c_T, S on c_S, T on c_S))."""
+    from opd_tasks.topd.probes import probe_pair
+
+    tok = models.tokenizer
+    r = probe_pair(models.teacher, models.student, c.full, c.prefixes(rows), cfg.probe_tokens,
+                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, batch_size=cfg.batch_size,
+                   cross=cfg.distance == "xent", progress=progress, student_encoded=student_encoded)
+    return r["c_t"], r["c_s"], (r["t_on_t"], r["s_on_t"], r["s_on_s"], r["t_on_s"])
+
+
+@torch.no_grad()
+def _realised_probes(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, rows, student_encoded, progress):
+    """The teacher's greedy continuation c_T from each prefix and the student's realised c_S = y_t..y_{t+K-1}, and
+    (xent) both models' teacher-forced log-probs of both after the same cached prefix: (c_T, c_S, (T on c_T, S on
+    c_T, S on c_S, T on c_S)). The student encodes nothing new for c_S: it was sampled."""
+    from opd_tasks.backends.prefix_cache import PrefixCache
+
+    tok, k = models.tokenizer, cfg.probe_tokens
+    prefixes = c.prefixes(rows)
+    c_s = [list(c.sequences[i].tokens[t : t + k]) for i, t in rows]
+    c_t: list[list[int]] = []
+    gaps: tuple[list, list, list, list] = ([], [], [], [])
+    batch = max(1, len(rows)) if student_encoded is not None else cfg.batch_size
+    for s0 in tqdm(range(0, len(rows), batch), desc="probes", unit="batch", disable=not progress, leave=False):
+        chunk, given = prefixes[s0 : s0 + batch], c_s[s0 : s0 + batch]
+        teacher = PrefixCache(models.teacher, c.full, chunk, tok.pad_token_id)
+        greedy, t_on_t = teacher.greedy(k, tok.eos_token_id)
+        c_t += greedy
+        if cfg.distance == "xent":
+            student = PrefixCache(models.student, c.full, chunk, tok.pad_token_id, student_encoded)
+            for out, part in zip(gaps, (t_on_t, student.score(greedy), student.score(given), teacher.score(given)),
+                                 strict=True):
+                out += part
+    return c_t, c_s, gaps
 
 
 def _ot_distances(student_lm, full: list[list[int]], prefixes: list[tuple[int, int]], c_t: list[list[int]],
                   c_s: list[list[int]], pad: int, batch: int) -> list[float]:
-    """Entropic OT between the student's last-layer states at the two continuations' tokens, per probe."""
+    """Entropic OT between the student's last-layer states at the two continuations' tokens, per probe
+    (`ot_embedding: hidden`)."""
     from opd_tasks.backends.hf import pack_right
     from opd_tasks.topd.ot import ot_distance
 
@@ -234,19 +292,37 @@ def _bridges(models: AnalysisModels, c: Candidates, divergent: list[int], cfg: A
     return out
 
 
+# ----------------------------------------------------------------------------------------- oracle
+
+def oracle(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, bridge: bool, progress: bool) -> Detection:
+    """D_t = +1 where the token's ground-truth role is a real fork, -1 where it is surface form (threshold 0); the
+    teacher's bridge continuation at each divergent position when there is a bridge."""
+    if c.roles is None:
+        raise ConfigError("analysis.detector 'oracle' reads the testbed's ground-truth token roles: it needs "
+                          "data.source: testbed")
+    sign = {role: 1.0 if regime == "divergent" else -1.0 for role, regime in TRUE_REGIME.items()}
+    rows = [(i, t) for i, t in c.probes if c.roles[i][t] in sign]
+    dists = [sign[c.roles[i][t]] for i, t in rows]
+    c = Candidates(c.sequences, c.signal, c.high, rows, c.roles)
+    conts = _bridges(models, c, [j for j, x in enumerate(dists) if x > 0], cfg) if bridge else [[] for _ in rows]
+    return Detection(dict(zip(rows, dists, strict=True)), "oracle", conts, [[] for _ in rows], dists, threshold=0.0)
+
+
 # ----------------------------------------------------------------------------------------- registry
 
 
 @dataclass(frozen=True)
 class Detector:
     run: Callable[..., Detection]
-    probes: bool  # examines the probe_budget highest-signal positions per rollout (else every high-loss token)
+    probes: bool  # writes a probes table: examines given positions (else every high-loss token, no probes)
+    budgeted: bool  # the positions are each rollout's analysis.probe_budget highest-signal ones (else all)
     skip_last: bool  # never a rollout's last token (it has no near future to read)
 
 
 DETECTORS: dict[str, Detector] = {
-    "window": Detector(window, probes=False, skip_last=False),
-    "probe": Detector(probe, probes=True, skip_last=False),
-    "swap": Detector(swap, probes=True, skip_last=True),
+    "window": Detector(window, probes=False, budgeted=False, skip_last=False),
+    "probe": Detector(probe, probes=True, budgeted=True, skip_last=False),
+    "swap": Detector(swap, probes=True, budgeted=True, skip_last=True),
+    "oracle": Detector(oracle, probes=True, budgeted=False, skip_last=False),
 }
 assert set(DETECTORS) == set(DETECTOR_NAMES), "opd_tasks/topd/__init__.py names the detectors this module implements"

@@ -1,7 +1,7 @@
 """Entropic optimal transport (Sinkhorn, log domain) between two point clouds with cosine cost.
 
-Used by the `ot` near-future distance: the two clouds are the hidden-state embeddings of the teacher's and
-the student's continuations of the same prefix, with uniform weights.
+Used by the `ot` near-future distance: the two clouds are the embeddings of the teacher's and the student's
+continuations of the same prefix (input token embeddings, or the student's last-layer states), uniform weights.
 """
 
 from __future__ import annotations

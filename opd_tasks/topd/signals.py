@@ -18,6 +18,11 @@ from opd_tasks.method import TokenWeighting
 
 REGIMES = ("normal", "surface", "divergent", "unprobed")
 
+#: The regime each ground-truth role of the testbed (opd_tasks/testbed/labeler.py) should get: the truth the
+#: classifier is scored against, and what the `oracle` detector assigns. `unknown` has none.
+TRUE_REGIME = {"form": "surface", "filler": "surface", "reasoning": "divergent", "answer": "divergent",
+               "fork": "divergent"}
+
 
 def high_loss_mask(signal: np.ndarray, quantile: float, threshold: float | None) -> np.ndarray:
     """Top-q fraction of the batch's tokens by `signal` (ties included), or signal >= threshold."""
@@ -29,16 +34,17 @@ def high_loss_mask(signal: np.ndarray, quantile: float, threshold: float | None)
     return signal >= cut
 
 
-def probe_positions(signal: Sequence[Sequence[float]], high: Sequence[np.ndarray], budget: int,
+def probe_positions(signal: Sequence[Sequence[float]], high: Sequence[np.ndarray], budget: int | str,
                     skip_last: bool) -> list[tuple[int, int]]:
     """(sequence, position) pairs to probe: per sequence, its `budget` high-loss positions with the highest signal
-    (in position order); with `skip_last`, never a sequence's last token (it has no near future)."""
+    (in position order), or every one with budget 'all'; with `skip_last`, never a sequence's last token (it has no
+    near future)."""
     rows: list[tuple[int, int]] = []
     for i, mask in enumerate(high):
         cand = np.flatnonzero(mask).tolist()
         if skip_last:
             cand = [t for t in cand if t < len(mask) - 1]
-        order = sorted(cand, key=lambda t: -signal[i][t])[:budget]
+        order = cand if budget == "all" else sorted(cand, key=lambda t: -signal[i][t])[:budget]
         rows += [(i, t) for t in sorted(order)]
     return rows
 
@@ -86,14 +92,15 @@ def resolve_delta(cfg: AnalysisConfig, distances: list[float]) -> float:
 
 
 def classifier_scores(roles: list[str | None], regimes: list[str]) -> dict:
-    """Precision/recall of `surface` vs ground-truth `form`, and of `divergent` vs `reasoning`/`answer`,
-    over classified high-loss tokens (regime surface or divergent)."""
+    """Precision/recall of `surface` and of `divergent` against the regime the ground-truth role should get
+    (TRUE_REGIME: form, filler -> surface; reasoning, answer, fork -> divergent), over classified high-loss tokens
+    (regime surface or divergent) whose role is known."""
     pairs = [(r, g) for r, g in zip(roles, regimes, strict=True) if r is not None and g in ("surface", "divergent")]
     out: dict = {"classified": len(pairs)}
-    for regime, truth in (("surface", {"form"}), ("divergent", {"reasoning", "answer"})):
-        tp = sum(1 for r, g in pairs if g == regime and r in truth)
+    for regime in ("surface", "divergent"):
+        tp = sum(1 for r, g in pairs if g == regime and TRUE_REGIME.get(r) == regime)
         pred = sum(1 for _, g in pairs if g == regime)
-        actual = sum(1 for r, _ in pairs if r in truth)
+        actual = sum(1 for r, _ in pairs if TRUE_REGIME.get(r) == regime)
         out[f"{regime}_precision"] = tp / pred if pred else None
         out[f"{regime}_recall"] = tp / actual if actual else None
     return out

@@ -11,6 +11,7 @@ change the result. `mask` is 1 on real completion tokens, 0 on padding.
   `sum_i p_S(i) (log p_S(i) - log q_T(i))`.
 - `full_rkl`: reverse KL over the full vocabulary, when the teacher's logits are at hand.
 - `bridge_nll`: TOPD's near-future guidance, `-sum_j gamma^j log pi_S(c_j | prefix, c_<j)`.
+- `discounted_return`: the `opd_return` baseline's advantage, `-sum_{j<=H} gamma^j k1_{t+j}` within a sequence.
 """
 
 from __future__ import annotations
@@ -31,14 +32,16 @@ def pg_loss(
     weight: torch.Tensor,
     mask: torch.Tensor,
     clip: float | None = None,
+    advantage: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sum over tokens of `-w * exp(logp - logp_old) * A`, A = -(logp_old - logp_teacher) detached.
+    """Sum over tokens of `-w * exp(logp - logp_old) * A`, A = -(logp_old - logp_teacher) detached (or the given
+    `advantage`, e.g. a discounted return).
 
     With `clip` (PPO's epsilon), the per-token term is `-w * min(r * A, clip(r, 1 - eps, 1 + eps) * A)`:
     once the policy has moved a token's probability by more than the clip range in the direction the
     advantage wants, that token stops pushing (what verl does; the plain form is tinker-cookbook's).
     """
-    adv = -(logp_old - logp_teacher).detach()
+    adv = (-(logp_old - logp_teacher) if advantage is None else advantage).detach()
     ratio = torch.exp(logp - logp_old.detach())
     term = ratio * adv
     if clip is not None:
@@ -81,3 +84,15 @@ def bridge_nll(logp: torch.Tensor, gamma: float, mask: torch.Tensor) -> torch.Te
     """Sum over bridges of `-sum_j gamma^j logp[b, j]` (logp of the teacher's continuation tokens)."""
     j = torch.arange(logp.shape[-1], device=logp.device, dtype=logp.dtype)
     return -(gamma**j * logp * mask).sum()
+
+
+def discounted_return(k1: torch.Tensor, mask: torch.Tensor, horizon: int, gamma: float) -> torch.Tensor:
+    """A [B, T]: `-sum_{j=0..horizon} gamma^j k1[:, t+j] mask[:, t+j]`: the negated per-token divergence of the
+    next `horizon` tokens of the same sequence, discounted (padding contributes nothing)."""
+    masked = k1 * mask
+    out = torch.zeros_like(masked)
+    for j in range(horizon + 1):
+        if j >= masked.shape[1]:
+            break
+        out[:, : masked.shape[1] - j] += gamma**j * masked[:, j:]
+    return -out

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from opd_tasks.config import UpdateConfig
-from opd_tasks.method import Bridge
-from opd_tasks.training.losses import bridge_nll, full_rkl, pg_loss, topk_rkl
+from opd_tasks.method import Bridge, Return
+from opd_tasks.training.losses import bridge_nll, discounted_return, full_rkl, pg_loss, topk_rkl
 from opd_tasks.training.sequences import ScoredSequence
 
 
@@ -27,8 +27,12 @@ def _pad3(rows: list[list[list]], t: int, k: int, dtype) -> torch.Tensor:
 
 
 def micro_batch_loss(model, batch: list[ScoredSequence], cfg: UpdateConfig, bridge: Bridge | None, pad_id: int,
-                     device: torch.device, teacher=None) -> tuple[torch.Tensor, dict[str, float]]:
+                     device: torch.device, teacher=None,
+                     advantage: Return | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Sum over the batch's tokens of the weighted per-token loss (not yet divided by the step's tokens).
+
+    With `advantage` (the `opd_return` baseline, `loss: pg` only) the policy gradient's advantage is the discounted
+    near-future return of k1 instead of -k1_t.
 
     Token weights are the sequences' `weights` (1 where None). With `bridge`, the bridge loss continues from the
     same forward: each divergent prefix's keys/values are gathered from it (`PrefixCache`), so only the teacher's
@@ -56,7 +60,9 @@ def micro_batch_loss(model, batch: list[ScoredSequence], cfg: UpdateConfig, brid
         logits = completion_logits(model, ids, attn, pred)
     logp = torch.log_softmax(logits, -1).gather(-1, targets[:, :, None]).squeeze(-1)
     if cfg.loss == "pg":
-        loss = pg_loss(logp, logp_old, logp_t, weight, mask, cfg.clip_ratio)
+        adv = None if advantage is None else discounted_return(logp_old - logp_t, mask, advantage.horizon,
+                                                               advantage.decay)
+        loss = pg_loss(logp, logp_old, logp_t, weight, mask, cfg.clip_ratio, adv)
     elif cfg.loss == "topk_rkl":
         k = len(batch[0].topk_ids[0])
         tid = _pad3([s.topk_ids for s in batch], t, k, torch.long).to(device)

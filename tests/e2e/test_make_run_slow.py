@@ -44,3 +44,21 @@ def test_opd_run_on_testbed_then_cached_rerun(tmp_path: Path) -> None:
     assert json.loads(acc.stdout) == [{"n": 20}]
     ver = _run(["verify", "e2e"], env)
     assert ver.returncode == 0 and "artifacts OK" in ver.stdout
+
+
+@pytest.mark.slow
+def test_the_consequential_fork_with_the_oracle_detector(tmp_path: Path) -> None:
+    """The mechanism switch end to end: the fork condition's models, the oracle detector, and `fork` tokens in the
+    tokens table, every one classified `divergent`; the evaluations report the early-stop rate."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "ph"), "OPD_HOME": str(tmp_path / "opd"), "COLUMNS": "200"}
+    env.pop("PREFECT_API_URL", None)
+    out = _run(["run", "--set", "data.testbed.fork=consequential", "--set", "analysis.detector=oracle", "-n", "1",
+                "--set", "data.prompts_per_iteration=8", "--set", "data.eval_size=20", "--name", "fork"], env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "student testbed:student-consequential" in out.stdout and "teacher testbed:teacher-fork" in out.stdout
+    q = "SELECT role, regime, count(*) AS n FROM tokens WHERE run='fork' GROUP BY ALL"
+    rows = json.loads(_run(["sql", q, "--format", "json"], env).stdout)
+    forks = {r["regime"]: r["n"] for r in rows if r["role"] == "fork"}
+    assert forks and set(forks) <= {"divergent", "normal"} and forks.get("divergent", 0) > 0, rows
+    shown = _run(["show", "fork", "-i", "0", "-s", "evaluate"], env)
+    assert shown.returncode == 0 and '"early_stop_rate"' in shown.stdout, shown.stdout[-2000:]

@@ -6,9 +6,11 @@ the stage produced, independent of the cache key it was stored under) and the ma
 `updates` table of every update (losses, KL, gradient norms); and the accuracies.
 
 `testbed.json` holds these figures. They were recorded before the one-loop refactor (issue 15), which reproduced
-them (commit f3dcb5e); they were regenerated once since, for checkpoints whose tokenizer files are the student's
-bytes (only the update artifacts' contents changed, and keys). Regenerate only for an intended change, and say
-what changed in the commit:
+them (commit f3dcb5e). Regenerated since, each time for an intended change named in its commit: checkpoints whose
+tokenizer files are the student's bytes (update contents and keys); then the testbed's fork/filler roles, the
+faithful probe as the probe's default and the early-stop rate in evaluations (issue 16: analysis contents, the
+probe cases' training, evaluation meta; every other loss and accuracy unchanged). Regenerate only for an intended
+change, and say what changed in the commit:
 
     python -m tests.golden --write
 """

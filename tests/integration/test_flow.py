@@ -378,3 +378,22 @@ def test_plain_driver_fault_refresh_and_resume(models, tmp_path: Path) -> None:
     assert [it.iteration for it in resumed.iterations] == [2]
     lin = RunLineage(tmp_path / "clean", "testbed")
     assert lin.get(2, "prompts").ref.sha256 not in {lin.get(i, "prompts").ref.sha256 for i in (0, 1)}
+
+
+def test_baseline_methods_run_through_the_loop(models, tmp_path: Path) -> None:
+    """opd_matched samples compute_factor x the rollouts per prompt (its own rollouts, no analysis); opd_return
+    shares OPD's rollouts and scores and trains with the discounted return (a different checkpoint)."""
+    from opd_tasks.pipeline import run_plain
+
+    quiet = dict(log=lambda m: None, progress=False)
+    cfg = ("iterations=1", "rollout.samples_per_prompt=2", "baselines.compute_factor=2")
+    opd = run_plain(_cfg(models, tmp_path, *cfg, "name=a", "method=opd"), **quiet)
+    matched = run_plain(_cfg(models, tmp_path, *cfg, "name=b", "method=opd_matched"), **quiet)
+    ret = run_plain(_cfg(models, tmp_path, *cfg, "name=c", "method=opd_return"), **quiet)
+    store = ArtifactStore(tmp_path)
+    rows = {name: store.read_table(run.iterations[0].stages["rollout"].ref, "rollouts").num_rows
+            for name, run in (("opd", opd), ("matched", matched), ("return", ret))}
+    assert rows == {"opd": 8, "matched": 16, "return": 8}  # 4 prompts
+    assert "analyze" not in matched.iterations[0].stages and "analyze" not in ret.iterations[0].stages
+    assert ret.iterations[0].stages["rollout"].cached and ret.iterations[0].stages["score"].cached
+    assert ret.iterations[0].checkpoint.sha256 != opd.iterations[0].checkpoint.sha256

@@ -126,15 +126,23 @@ def test_report_errors_and_replacement(root: Path, tmp_path: Path) -> None:
 
 
 def test_verdict_and_summary_on_known_numbers() -> None:
+    """Known per-seed accuracies: the summary's means and learning-curve areas, the paired comparison (its t-test
+    and Wilcoxon figures equal scipy's on the per-seed differences), the bootstrap CI over the shared problems,
+    and a verdict that reads the CI."""
+    from scipy import stats
+
     from opd_tasks.report import RunInfo
 
     runs = [RunInfo(f"{m}-s{s}", m, s) for m in ("opd", "topd") for s in (0, 1, 2)]
     final = {"opd": [0.80, 0.82, 0.84], "topd": [0.90, 0.91, 0.92]}
-    acc = []
+    acc, problems = [], []
     for r in runs:
         acc += [{"run": r.run, "method": r.method, "seed": r.seed, "step": 0, "accuracy": 0.4},
                 {"run": r.run, "method": r.method, "seed": r.seed, "step": 1, "accuracy": final[r.method][r.seed]}]
-    data = {"accuracy": acc, "regimes": [
+        right = round(100 * final[r.method][r.seed])  # 100 problems, the first `right` of them correct
+        problems += [{"run": r.run, "step": 1, "prompt_id": f"q{j:03d}", "correct": float(j < right)}
+                     for j in range(100)]
+    data = {"accuracy": acc, "problems": problems, "regimes": [
         {"method": "topd", "iteration": 0, "regime": "surface", "tokens": 3, "share": 0.3},
         {"method": "topd", "iteration": 0, "regime": "divergent", "tokens": 7, "share": 0.7}],
         "classifier": [], "costs": [{"method": "opd", "stage": "rollout", "seconds": 2.0},
@@ -142,16 +150,26 @@ def test_verdict_and_summary_on_known_numbers() -> None:
     s = summarize(runs, data)
     assert s["methods"]["topd"]["final_mean"] == pytest.approx(0.91)
     assert s["methods"]["opd"]["final_std"] == pytest.approx(0.02)
+    assert s["methods"]["topd"]["area_by_seed"] == pytest.approx({"0": 0.90, "1": 0.91, "2": 0.92})
     assert s["methods"]["topd"]["surface_share"] == pytest.approx(0.3)
     assert s["methods"]["opd"]["seconds_per_iteration"] == pytest.approx(3.0)
+    [c] = s["comparisons"]
+    assert (c["a"], c["b"]) == ("opd", "topd") and c["final"]["seeds"] == [0, 1, 2]
+    ref = stats.ttest_rel(final["topd"], final["opd"])
+    assert c["final"]["mean_diff"] == pytest.approx(0.09) and c["final"]["t_p"] == pytest.approx(ref.pvalue)
+    assert c["final"]["wilcoxon_p"] == pytest.approx(stats.wilcoxon(final["topd"], final["opd"]).pvalue)
+    lo, hi = c["final"]["bootstrap_ci95"]
+    assert 0 < lo < 0.09 < hi < 0.2  # every seed's difference is positive: the interval is above 0
     v = s["verdict"]
-    assert v["topd_wins"] and v["topd_minus_opd"] == pytest.approx(0.09) and v["spread"] == pytest.approx(0.04)
-    two = {"0": 0.0, "1": 0.0}
-    close = verdict({"opd": {"final_mean": 0.8, "final_min": 0.7, "final_max": 0.9, "final_by_seed": two},
-                     "topd": {"final_mean": 0.85, "final_min": 0.84, "final_max": 0.86, "final_by_seed": two}})
-    assert not close["topd_wins"] and "within the spread" in close["text"]
-    assert verdict({"opd": s["methods"]["opd"]}) is None
-    # one seed: no spread to compare with, so no verdict (a +1 point difference is not a win)
+    assert v["topd_wins"] and v["topd_minus_opd"] == pytest.approx(0.09) and v["ci95"] == pytest.approx([lo, hi])
+    assert "TOPD beats OPD" in v["text"] and "3 seeds" in v["text"]
+    # a difference whose sign flips over seeds: no difference resolved
+    mixed = {**data, "accuracy": [a | {"accuracy": {0: 0.85, 1: 0.80, 2: 0.86}[a["seed"]]}
+                                  if a["method"] == "topd" and a["step"] == 1 else a for a in acc], "problems": []}
+    v = summarize(runs, mixed)["verdict"]
+    assert not v["topd_wins"] and v["text"].startswith("No difference resolved") and "(paired t)" in v["text"]
+    assert verdict(None) is None
+    # one seed: no verdict (a +1 point difference is not a win)
     one = summarize(runs[:1] + runs[3:4], {**data, "accuracy": [a for a in acc if a["seed"] == 0]})
     assert one["verdict"]["topd_wins"] is False and "single seed" in one["verdict"]["text"]
     # runs of different lengths are compared at the last step every run reached, and the summary says so

@@ -28,6 +28,7 @@ from opd_tasks.stages import (
     ScoreInputs,
     UpdateInputs,
 )
+from opd_tasks.testbed.labeler import ROLES
 from opd_tasks.topd.ot import cosine_cost, ot_distance, sinkhorn
 from opd_tasks.topd.signals import classifier_scores, high_loss_mask, regime_of, token_weights, window_divergence
 from opd_tasks.training.sequences import group_tokens
@@ -155,7 +156,7 @@ def test_analyze_stage_tables_are_consistent(env, detector: str, distance: str) 
         s = sc[(r["prompt_id"], r["sample_id"], r["pos"])]
         assert r["k1"] == pytest.approx(r["student_logprob"] - s["teacher_logprob"], abs=1e-5)
         assert r["teacher_rank"] == (s["topk_ids"].index(r["token_id"]) if r["token_id"] in s["topk_ids"] else 4)
-        assert r["rkl_topk"] >= -1e-6 and r["role"] in ("form", "reasoning", "answer", "unknown")
+        assert r["rkl_topk"] >= -1e-6 and r["role"] in ROLES
         assert (r["regime"] == "normal") == (not r["high_loss"])
         assert (r["near_future_div"] is not None) == (r["regime"] in ("surface", "divergent"))
     high = [r for r in rows if r["high_loss"]]
@@ -202,7 +203,8 @@ def test_student_statistics_and_chunked_probes_match_independent_computations(en
     ref = score_sequences(s_lm, [roll[k]["prompt_token_ids"] for k in keys], [roll[k]["token_ids"] for k in keys],
                           pad_token_id=0, top_k=1, batch_size=64, progress=False)
     ent = {(*k, j): e for k, sc in zip(keys, ref, strict=True) for j, e in enumerate(sc.entropy)}
-    cfg = AnalysisConfig(detector="probe", distance="xent", probe_tokens=4, probe_budget=2, batch_size=batch_size)
+    cfg = AnalysisConfig(detector="probe", distance="xent", probe_tokens=4, probe_budget=2, batch_size=batch_size,
+                         probe_student="greedy")
     a = _analyze(env, cfg)
     rows = store.read_table(a, "tokens").to_pylist()
     for r in rows:
@@ -285,6 +287,66 @@ def test_swap_detector_matches_a_slow_loop_and_bridges_only_divergent_positions(
     # Without the bridge (opd_suppress) no continuation is generated at all.
     sup = _analyze(env, cfg, method="opd_suppress")
     assert all(p["teacher_continuation"] == [] for p in store.read_table(sup, "probes").to_pylist())
+
+
+@pytest.mark.parametrize("method", ["topd", "opd_suppress"])
+def test_oracle_regimes_are_the_roles_mapping_whatever_delta_says(env, method: str) -> None:
+    """The positive control: every high-loss token whose ground-truth role is known is classified by it (form,
+    filler -> surface; reasoning, answer, fork -> divergent; D_t = -1 / +1, threshold 0 even with delta 5), an
+    `unknown` one stays unprobed; each divergent position carries the teacher's greedy continuation (equal to
+    `generate` from the re-encoded prefix) when the method has a bridge, none otherwise."""
+    from opd_tasks.backends.hf import generate, load_causal_lm
+    from opd_tasks.topd.signals import TRUE_REGIME
+
+    store, roll_ref, scores = _written_rollouts(env)
+    cfg = AnalysisConfig(detector="oracle", probe_tokens=4, delta=5.0, high_loss_quantile=0.5)
+    ref = _analyze(env, cfg, method=method, label_roles=True, rollouts=roll_ref, scores=scores)
+    rows = store.read_table(ref, "tokens").to_pylist()
+    high = [r for r in rows if r["high_loss"]]
+    assert {r["role"] for r in high} >= {"form", "reasoning", "answer", "fork", "filler"}
+    for r in rows:
+        want = TRUE_REGIME.get(r["role"], "unprobed") if r["high_loss"] else "normal"
+        assert r["regime"] == want, r
+        if r["regime"] in ("surface", "divergent"):
+            assert r["near_future_div"] == (1.0 if want == "divergent" else -1.0)
+    probes = store.read_table(ref, "probes").to_pylist()
+    assert len(probes) == sum(r["regime"] in ("surface", "divergent") for r in rows)
+    assert {p["distance_kind"] for p in probes} == {"oracle"} and store.manifest(ref)["meta"]["delta"] == 0.0
+    roll = {(r["prompt_id"], r["sample_id"]): r for r in store.read_table(roll_ref).to_pylist()}
+    t_lm = load_causal_lm(env["teacher"].path, torch.device("cpu"), "float32")
+    for p in probes:
+        if p["distance"] > 0 and method == "topd":
+            r = roll[(p["prompt_id"], p["sample_id"])]
+            g = generate(t_lm, [r["prompt_token_ids"] + r["token_ids"][: p["pos"]]], eos_token_id=2, pad_token_id=0,
+                         n=1, temperature=0.0, max_new_tokens=4, progress=False)[0]
+            assert p["teacher_continuation"] == g.token_ids
+        else:
+            assert p["teacher_continuation"] == []
+    with pytest.raises(ConfigError, match="'oracle' reads the testbed's ground-truth token roles"):
+        _analyze(env, cfg, method=method, label_roles=False, rollouts=roll_ref, scores=scores)
+
+
+def _written_rollouts(env):
+    """Rollouts whose completions are testbed text in the fork students' styles (premature stops, fillers, every
+    role), as a `rollouts` artifact with made-up sampling log-probs, scored by the tiny teacher."""
+    import random
+
+    from opd_tasks.testbed.styles import get_style
+    from opd_tasks.testbed.task import Problem, render_completion
+    from opd_tasks.testbed.tokenizer import build_tokenizer
+
+    store, tok, rng = env["store"], build_tokenizer(), random.Random(0)
+    rows = []
+    for i in range(12):
+        p = Problem((100 + 37 * i, 205 + 11 * i))
+        style = get_style("student_consequential" if i % 2 else "student_harmless")
+        ids = tok(render_completion(p, style, rng), add_special_tokens=False).input_ids + [tok.eos_token_id]
+        rows.append({"prompt_id": f"p{i}", "sample_id": 0, "prompt_token_ids": tok(p.prompt).input_ids,
+                     "token_ids": ids, "logprobs": [-rng.random() for _ in ids], "text": tok.decode(ids),
+                     "finish_reason": "stop", "reward": 1.0})
+    table = pa.Table.from_pylist(rows)
+    roll = store.put_table("rollout", "0a" * 32, "rollouts", table)
+    return store, roll, _score(store, env["teacher"], env["student"], roll, top_k=4)
 
 
 def test_swap_never_probes_the_last_token_and_keys_on_the_bridge(env) -> None:
@@ -491,9 +553,68 @@ def test_xent_probe_distance_matches_a_slow_teacher_forced_loop(env) -> None:
         r = roll[(p["prompt_id"], p["sample_id"])]
         prefix = r["prompt_token_ids"] + r["token_ids"][: p["pos"]]
         ct, cs = p["teacher_continuation"], p["student_continuation"]
+        assert cs == r["token_ids"][p["pos"] : p["pos"] + 4]  # the faithful probe: what the student wrote
         gap_t = sum(a - b for a, b in zip(logp(t_lm, prefix, ct), logp(s_lm, prefix, ct), strict=True)) / len(ct)
         gap_s = sum(a - b for a, b in zip(logp(s_lm, prefix, cs), logp(t_lm, prefix, cs), strict=True)) / len(cs)
         assert p["distance"] == pytest.approx(0.5 * (gap_t + gap_s), abs=1e-4)
+
+
+@pytest.mark.parametrize("batch_size", [3, 256])
+def test_realised_probe_with_input_embedding_ot_matches_a_slow_reference(env, batch_size: int) -> None:
+    """The faithful probe with `ot`: the student's side is its realised y_t..y_{t+K-1}, the teacher's its greedy
+    continuation (equal to `generate` from the re-encoded prefix), and the distance equals Sinkhorn on a cosine
+    cost matrix built here with plain loops over the student's input embedding rows."""
+    import math
+
+    from opd_tasks.backends.hf import generate, load_causal_lm
+    from opd_tasks.topd.ot import sinkhorn
+
+    store: ArtifactStore = env["store"]
+    cfg = AnalysisConfig(detector="probe", distance="ot", probe_tokens=5, probe_budget=2, batch_size=batch_size)
+    ref = _analyze(env, cfg)
+    probes = store.read_table(ref, "probes").to_pylist()
+    assert probes and {p["distance_kind"] for p in probes} == {"ot"}
+    roll = {(r["prompt_id"], r["sample_id"]): r for r in store.read_table(env["roll"]).to_pylist()}
+    s_lm = load_causal_lm(env["student"].path, torch.device("cpu"), "float32")
+    t_lm = load_causal_lm(env["teacher"].path, torch.device("cpu"), "float32")
+    table = s_lm.get_input_embeddings().weight.detach().double().tolist()
+    for p in probes:
+        r = roll[(p["prompt_id"], p["sample_id"])]
+        prefix = r["prompt_token_ids"] + r["token_ids"][: p["pos"]]
+        assert p["student_continuation"] == r["token_ids"][p["pos"] : p["pos"] + 5]
+        g = generate(t_lm, [prefix], eos_token_id=2, pad_token_id=0, n=1, temperature=0.0, max_new_tokens=5,
+                     progress=False)[0]
+        assert p["teacher_continuation"] == g.token_ids
+
+        def cos(u, v):
+            norm = math.sqrt(sum(x * x for x in u) * sum(y * y for y in v))
+            return sum(x * y for x, y in zip(u, v, strict=True)) / norm
+
+        cost = torch.tensor([[1.0 - cos(table[a], table[b]) for b in p["student_continuation"]]
+                             for a in p["teacher_continuation"]], dtype=torch.float64)
+        assert p["distance"] == pytest.approx(float(sinkhorn(cost)[1]), abs=1e-5)
+
+
+def test_input_embedding_ot_ranks_a_separator_fork_below_a_wrong_digit_and_an_early_stop() -> None:
+    """Hand-built probes of `Q: 123+489=?` in the committed student's input embeddings, the teacher's greedy
+    continuation against what the student wrote from the same prefix: after `3+9+0=12`, another separator (a
+    surface fork) or a stop and a direct answer (the consequential fork); after `3+9+0=12 ; 2+8+1=1`, a wrong
+    digit that the answer then carries."""
+    from opd_tasks.config import ModelRef
+    from opd_tasks.models import load_model, load_tokenizer
+    from opd_tasks.topd.detectors import input_embedding_ot
+
+    tok, model = load_tokenizer(ModelRef(path="testbed:student")), load_model(ModelRef(path="testbed:student"))
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False).input_ids[:16]
+
+    teacher = ids(" ; 2+8+1=11 ; 1+4+1=6 so 612.")
+    separator = input_embedding_ot(model, teacher, ids(" then 2+8+1=11 ; 1+4+1=6 so 612."))
+    stop = input_embedding_ot(model, teacher, ids(" so 612."))
+    digit = input_embedding_ot(model, ids("1 ; 1+4+1=6 so 612."), ids("2 ; 1+4+1=6 so 622."))
+    assert separator < digit < stop, (separator, digit, stop)
+    assert input_embedding_ot(model, teacher, teacher) == pytest.approx(0.0, abs=2e-3)
 
 
 def test_probe_greedy_from_cached_prefixes_equals_generate_and_teacher_forcing(env) -> None:

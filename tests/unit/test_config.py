@@ -38,7 +38,7 @@ def test_overrides_are_typed() -> None:
         ("rollout.temperature=-1", r"rollout\.temperature: .*greater than or equal to 0 \(got -1\)"),
         ("rollout.max_new_tokens=0", r"rollout\.max_new_tokens: .*greater than or equal to 1 \(got 0\)"),
         ("analysis.high_loss_quantile=1.5", r"analysis\.high_loss_quantile: .*\(got 1\.5\)"),
-        ("method=ppo", r"method: .*'opd', 'opd_suppress' or 'topd' \(got 'ppo'\)"),
+        ("method=ppo", r"method: .*'opd', 'opd_suppress', 'topd', 'opd_return' or 'opd_matched' \(got 'ppo'\)"),
         ("name=../evil", r"name: run name '\.\./evil'"),
         ("name=a/b", r"name: run name 'a/b'"),
         ("data.testbed.min_digits=5", r"data\.testbed: .*min_digits \(5\) must be <= max_digits \(3\)"),
@@ -112,9 +112,30 @@ def test_method_and_fault_stage_come_from_their_registries() -> None:
 
     for m in METHODS:
         assert load_config(None, [f"method={m}"]).method == m
-    with pytest.raises(ConfigError, match=r"method: Input should be 'opd', 'opd_suppress' or 'topd'"):
+    with pytest.raises(ConfigError, match=r"method: Input should be 'opd', 'opd_suppress', 'topd', 'opd_return' or "
+                                          r"'opd_matched'"):
         load_config(None, ["method=grpo"])
     for s in STAGES:
         assert load_config(None, [f"fault.stage={s}"]).fault.stage == s
     with pytest.raises(ConfigError, match=r"fault\.stage: unknown stage 'scoring'; stages are prompts, rollout"):
         load_config(None, ["fault.stage=scoring"])
+
+
+def test_methods_turn_into_the_stages_switches() -> None:
+    """opd_tasks/method.py: each method's plan, with the topd and baselines sections."""
+    from opd_tasks.method import plan
+
+    cfg = load_config(None, ["topd.surface_weight=0.2", "topd.bridge_weight=0.3", "baselines.compute_factor=1.6",
+                             "rollout.samples_per_prompt=4"])
+    p = {m: plan(cfg.model_copy(update={"method": m})) for m in ("opd", "opd_suppress", "topd", "opd_return",
+                                                                     "opd_matched")}
+    assert [m for m, x in p.items() if x.analyze] == ["opd_suppress", "topd"]
+    assert p["opd"].weighting.surface_weight == 1.0 and p["opd_suppress"].weighting.surface_weight == 0.2
+    assert p["opd_suppress"].weighting.spread_weight == 0.0 and p["topd"].weighting.spread_weight == 0.5
+    assert p["topd"].bridge is not None and p["topd"].bridge.weight == 0.3
+    assert all(p[m].bridge is None for m in ("opd", "opd_suppress", "opd_return", "opd_matched"))
+    assert p["opd_return"].advantage is not None and p["opd_return"].advantage.horizon == 4
+    assert all(p[m].advantage is None for m in ("opd", "topd", "opd_matched"))
+    assert p["opd_matched"].samples_per_prompt == 6 and p["topd"].samples_per_prompt == 4
+    no_bridge = plan(load_config(None, ["topd.bridge_weight=0"]))
+    assert no_bridge.method.name == "topd" and no_bridge.bridge is None

@@ -12,7 +12,7 @@ from opd_tasks.testbed.styles import STYLES
 from opd_tasks.testbed.task import generate_problems, render_completion
 from opd_tasks.testbed.tokenizer import build_tokenizer
 
-F, R, A, U = "form", "reasoning", "answer", "unknown"
+F, R, A, U, K, L = "form", "reasoning", "answer", "unknown", "fork", "filler"
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,43 @@ def test_hand_labelled_student_phrases(tok):
     assert got[-5:] == [(" thus", F), (" answer", F), (":", F), (" ", F), ("2", A)]
 
 
+def test_hand_labelled_forks(tok):
+    """A premature stop's connective is `fork` when the prompt says more steps were due; the harmless filler is
+    `filler` wherever it stands; a complete chain's connective stays `form`."""
+    prompt = tok("Q: 123+489=?\n").input_ids  # three columns
+    text = "3+9+0=12 so 612."
+    ids = tok(text, add_special_tokens=False).input_ids
+    got = list(zip(tok.convert_ids_to_tokens(ids), label_token_ids(tok, ids, prompt), strict=True))
+    assert got == [("3", R), ("+", F), ("9", R), ("+", F), ("0", R), ("=", F), ("1", R), ("2", R),
+                   (" so", K), (" ", F), ("6", A), ("1", A), ("2", A), (".", F)]  # fmt: skip
+    assert K not in label_token_ids(tok, ids)  # without the prompt the stop reads as an ordinary answer
+    full = tok("3+9+0=12 ; 2+8+1=11 ; 1+4+1=6 hence the answer is 612.", add_special_tokens=False).input_ids
+    assert K not in label_token_ids(tok, full, prompt)
+    late = tok("3+9+0=12 ; 2+8+1=11 thus = 612", add_special_tokens=False).input_ids  # stops before the third
+    assert [t for t, lab in zip(tok.convert_ids_to_tokens(late), label_token_ids(tok, late, prompt), strict=True)
+            if lab == K] == [" thus"]
+    filled = tok("3+9+0=12 : then 2+8+1=11 : ; 1+4+1=6 so 612.", add_special_tokens=False).input_ids
+    labs = label_token_ids(tok, filled, prompt)
+    toks = tok.convert_ids_to_tokens(filled)
+    assert [t for t, lab in zip(toks, labs, strict=True) if lab == L] == [" :", " :"]
+    assert U not in labs and K not in labs and [t for t, lab in zip(toks, labs, strict=True) if lab == A] == list("612")
+    # `answer:` keeps its colon as form
+    got = _labels(tok, "1+1+0=2 thus answer: 2", eos=False)
+    assert (":", F) in got and L not in [lab for _, lab in got]
+
+
+def test_stopped_early():
+    from opd_tasks.testbed.labeler import stopped_early
+
+    prompt = "Q: 123+489=?\n"
+    assert stopped_early("3+9+0=12 so 612.", prompt)
+    assert stopped_early("3+9+0=12 ; 2+8+1=11 hence = 612", prompt)
+    assert not stopped_early("3+9+0=12 ; 2+8+1=11 ; 1+4+1=6 so 612.", prompt)
+    assert not stopped_early("3+9+0=12 : ; 2+8+1=11 : ; 1+4+1=6 so 612.", prompt)  # fillers are harmless
+    assert not stopped_early("3+9+0=12 ; 2+8", prompt)  # cut off, not stopped
+    assert not stopped_early("3+9+0=12 so 612.", "not a testbed prompt")
+
+
 def test_truncated_text(tok):
     # cut inside a step: the partial step is still reasoning
     assert [lab for _, lab in _labels(tok, "3+9+0=12 ; 2+8", eos=False)][-3:] == [R, F, R]
@@ -74,7 +111,7 @@ def test_every_styled_completion_is_fully_parsed(tok):
     task = TestbedTaskConfig(min_digits=1, max_digits=4, operands=3)
     rng = random.Random(0)
     for p in generate_problems(task, "train", 60, seed=0):
-        for style in STYLES.values():
+        for style in (s for s in STYLES.values() if not s.stop):  # a stop skips steps by design
             text = render_completion(p, style, rng)
             ids = tok(text, add_special_tokens=False).input_ids
             labs = label_token_ids(tok, ids)

@@ -173,3 +173,26 @@ def test_bridge_nll_matches_loop() -> None:
     got = bridge_nll(logp, 0.5, mask).item()
     ref = -sum(0.5**j * float(logp[b, j]) for b in range(2) for j in range(4) if mask[b, j])
     assert got == pytest.approx(ref, rel=1e-12)
+
+
+def test_discounted_return_matches_loop() -> None:
+    """opd_return's advantage: A_t = -sum_{j=0..H} gamma^j k1_{t+j} over the same sequence's real tokens."""
+    from opd_tasks.training.losses import discounted_return
+
+    g, _, mask, _ = _rand(3)
+    k1 = torch.randn(B, T, generator=g, dtype=torch.float64)
+    for horizon, gamma in ((0, 0.8), (2, 0.5), (10, 0.9)):
+        got = discounted_return(k1, mask, horizon, gamma)
+        for b in range(B):
+            for t in range(T):
+                ref = -sum(gamma**j * float(k1[b, t + j]) * float(mask[b, t + j])
+                           for j in range(horizon + 1) if t + j < T)
+                assert float(got[b, t]) == pytest.approx(ref, abs=1e-12)
+    # with H = 0 the policy gradient equals the plain one
+    targets = torch.randint(0, V, (B, T), generator=g)
+    logp = torch.log_softmax(torch.randn(B, T, V, generator=g, dtype=torch.float64), -1).gather(
+        -1, targets[..., None]).squeeze(-1)
+    old, teacher, w = logp + 0.1, logp - 0.3, torch.ones(B, T, dtype=torch.float64)
+    plain = pg_loss(logp, old, teacher, w, mask, 0.2)
+    assert float(pg_loss(logp, old, teacher, w, mask, 0.2, discounted_return(old - teacher, mask, 0, 0.8))) == \
+        pytest.approx(float(plain), abs=1e-12)

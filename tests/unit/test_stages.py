@@ -290,6 +290,10 @@ def test_evaluate_checks_the_trained_students_answers_against_arithmetic(tmp_pat
     assert 0 < sum(expected) < len(expected)
     assert accuracy(store, ref) == sum(expected) / len(expected)
     meta = store.manifest(ref)["meta"]
+    early = [bool(re.search(r"\b(?:so|thus|hence|therefore)\b", text))
+             and len(re.findall(r"\d+(?:\+\d+)+=\d+", text)) < max(map(len, re.findall(r"\d+", asked[pid])))
+             for pid, text in zip(t.column("prompt_id").to_pylist(), t.column("text").to_pylist(), strict=True)]
+    assert meta["early_stop_rate"] == sum(early) / len(early)
     if pass_k > 1:
         by_prompt: dict[str, bool] = {}
         for pid, ok in zip(t.column("prompt_id").to_pylist(), expected, strict=True):

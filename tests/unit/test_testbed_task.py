@@ -1,6 +1,7 @@
 """The testbed task generator: known cases, determinism, split disjointness, styles."""
 
 import random
+import re
 
 import pytest
 
@@ -115,7 +116,7 @@ def test_style_sampling_follows_weights():
 
 def test_completion_in_any_style_has_the_same_steps_and_answer():
     p = Problem((48, 977))
-    for name in STYLES:
+    for name in (n for n, style in STYLES.items() if not style.stop):  # a stop skips steps by design
         text = render_completion(p, get_style(name), random.Random(1))
         for step in p.steps():
             assert step in text
@@ -125,3 +126,36 @@ def test_completion_in_any_style_has_the_same_steps_and_answer():
 def test_longest_completion():
     text = longest_completion(TASK)
     assert text.startswith("9+9+0=18") and "1998" in text and "therefore" in text
+
+
+def test_fork_styles_stop_early_or_insert_the_filler_at_their_rates():
+    """Over 2,000 three-column problems, the consequential student stops at a boundary about 40% of the time and
+    then states the right answer directly; the harmless twin writes ` :` there instead and keeps every step; the
+    fork-free styles never do either, so their completions (and the committed models' data) are unchanged."""
+    rng = random.Random(0)
+    problems = [Problem((100 + i % 500, 300 + i // 4)) for i in range(2000)]  # three columns, two boundaries each
+    stops = fillers = 0
+    for p in problems:
+        text = render_completion(p, get_style("student_consequential"), rng)
+        done = re.findall(r"\d+(?:\+\d+)+=\d+", text)
+        assert done == p.steps()[: len(done)] and text.rstrip(".").endswith(str(p.answer)) and " :" not in text
+        stops += len(done) < 3
+        text = render_completion(p, get_style("student_harmless"), rng)
+        assert all(s in text for s in p.steps()) and str(p.answer) in text
+        fillers += text.count(" :")
+    assert abs(stops / 2000 - (1 - 0.6**2)) < 0.04  # one of the two boundaries stops (standard error 0.011)
+    assert abs(fillers / 4000 - 0.4) < 0.03  # per boundary (standard error 0.008)
+    assert render_completion(Problem((12, 34)), get_style("student"), random.Random(3)) == render_completion(
+        Problem((12, 34)), get_style("student"), random.Random(3))
+    for name, style in STYLES.items():
+        if name not in ("teacher_fork", "student_consequential", "student_harmless"):
+            assert style.stop == style.filler == 0.0, name
+    assert get_style("teacher_fork").stop == get_style("teacher_fork").filler == 0.05
+
+
+def test_operands_and_step_count_from_a_prompt():
+    from opd_tasks.testbed.task import operands_of, prompt_text, step_count
+
+    assert operands_of(prompt_text((48, 977))) == (48, 977) and step_count((48, 977)) == 3
+    assert operands_of("<bos>Q: 5+6+70=?\n") == (5, 6, 70) and step_count((5, 6, 70)) == 2
+    assert operands_of("no prompt here") is None

@@ -8,7 +8,11 @@ of every iteration (regime `surface` or `divergent`), against the testbed's grou
 - surface precision / recall at the run's own threshold, and the final accuracy;
 - against the `consequential` fork's ground truth (`--set data.testbed.fork=consequential`): how many probed
   tokens are `fork`, the AUC of a fork against a surface-form token (form, filler), and the share of forks called
-  `divergent` (fork recall).
+  `divergent` (fork recall);
+- the calibrated threshold: the absolute `analysis.delta` that best separates the ground truth on these (pilot)
+  seeds (largest Youden J = recall of divergent + recall of surface - 1), with the J it reaches. Run it on pilot
+  seeds and use that delta, absolute, on the seeds that are reported (DESIGN.md section 5: calibrated on held-out
+  pilot seeds, never a batch quantile).
 
     python -m bench detectors --seeds 0 1 2 --iterations 5
     python -m bench detectors --seeds 0 --iterations 2 --set data.testbed.fork=consequential --tag fork
@@ -61,14 +65,35 @@ SELECT (SELECT count(*) FROM t) AS probed,
 """
 
 
+def calibrate(d: list[float], divergent: list[bool]) -> tuple[float | None, float | None]:
+    """(delta, J): the threshold on D_t (divergent iff D_t >= delta) with the largest Youden J against the truth."""
+    import numpy as np
+
+    x, y = np.asarray(d, dtype=np.float64), np.asarray(divergent, dtype=bool)
+    if y.all() or not y.any():
+        return None, None
+    best = (None, -1.0)
+    for cut in np.unique(x):
+        call = x >= cut
+        j = call[y].mean() + (~call[~y]).mean() - 1.0
+        if j > best[1]:
+            best = (float(cut), float(j))
+    return best
+
+
 def measure(root: Path) -> dict:
     from opd_tasks.topd.signals import TRUE_REGIME
 
     files = sorted(str(p) for p in root.glob("artifacts/analyze/*/tokens/*.parquet"))
     surface = [role for role, regime in TRUE_REGIME.items() if regime == "surface"]  # form, filler
-    row = duckdb.connect().execute(QUERY, {"files": files, "surface_roles": surface}).fetchone()
+    con = duckdb.connect()
+    row = con.execute(QUERY, {"files": files, "surface_roles": surface}).fetchone()
+    truth = con.execute("SELECT near_future_div, role FROM read_parquet($files) WHERE regime IN ('surface', "
+                        "'divergent') AND role IS NOT NULL", {"files": files}).fetchall()
+    known = [(d, TRUE_REGIME[r] == "divergent") for d, r in truth if r in TRUE_REGIME]
+    delta, j = calibrate([d for d, _ in known], [y for _, y in known])
     return dict(zip(["probed", "form_share", "auc", "surface_precision", "surface_recall", "forks", "fork_auc",
-                     "fork_recall"], row, strict=True))
+                     "fork_recall"], row, strict=True)) | {"calibrated_delta": delta, "youden_j": j}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -98,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
                                          "overrides": SETTINGS[name]}
             console.print(f"{name}: {out[name]}")
     t = Table("detector", "probed", "form share (base rate)", "AUC", "surface P / R", "forks", "fork AUC",
-              "fork recall", "final accuracy", title="near-future detectors vs ground truth (topd runs)")
+              "fork recall", "calibrated delta (J)", "final accuracy",
+              title="near-future detectors vs ground truth (topd runs)")
 
     def num(v) -> str:
         return "-" if v is None else f"{v:.3f}"
@@ -106,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name, m in out.items():
         t.add_row(name, str(m["probed"]), num(m["form_share"]), num(m["auc"]),
                   f"{num(m['surface_precision'])} / {num(m['surface_recall'])}", str(m["forks"]), num(m["fork_auc"]),
-                  num(m["fork_recall"]), f"{sum(m['final_accuracy']) / len(m['final_accuracy']):.1%}")
+                  num(m["fork_recall"]), f"{num(m['calibrated_delta'])} ({num(m['youden_j'])})",
+                  f"{sum(m['final_accuracy']) / len(m['final_accuracy']):.1%}")
     console.print(t)
     path = save("detectors" + (f"-{args.tag}" if args.tag else ""), {"args": vars(args), "detectors": out})
     console.print(f"results: {path}")

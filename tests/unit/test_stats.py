@@ -69,3 +69,15 @@ def test_bootstrap_ci_known_cases() -> None:
     assert lo < 0 < hi and 2 * 1.96 * se * 0.7 < hi - lo < 2 * 1.96 * se * 1.8
     with pytest.raises(ValueError, match="same, non-empty set of problems"):
         bootstrap_ci([[1.0]], [[1.0, 0.0]])
+
+
+def test_threshold_calibration_on_known_cases() -> None:
+    """bench detectors' calibrated delta: the cut with the largest Youden J (divergent iff D_t >= delta)."""
+    from bench.detectors import calibrate
+
+    assert calibrate([0.1, 0.2, 0.8, 0.9], [False, False, True, True]) == (0.8, 1.0)
+    delta, j = calibrate([0.1, 0.5, 0.3, 0.9, 0.2], [False, True, True, True, False])  # one divergent at 0.3
+    assert delta == 0.3 and j == 1.0
+    delta, j = calibrate([0.1, 0.6, 0.4, 0.9], [False, False, True, True])  # overlap: best keeps 2 of 2, drops 1 of 2
+    assert delta == 0.4 and j == pytest.approx(0.5)
+    assert calibrate([0.1, 0.2], [True, True]) == (None, None)

@@ -21,7 +21,7 @@ At each boundary the stop is drawn first, then the filler.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from opd_tasks.errors import ConfigError
 
@@ -88,32 +88,14 @@ STYLES: dict[str, Style] = {
         connective={"so": 0.7, "thus": 0.1, "hence": 0.1, "therefore": 0.1},
         answer={"{ans}.": 0.7, "answer: {ans}": 0.1, "the answer is {ans}.": 0.1, "= {ans}": 0.1},
     ),
-    # The pair of the mechanism switch (docs/testbed.md). One teacher for both forks: broad (every variant of every
-    # slot at 0.05, so it reads any phrasing) and rarely taking either fork (0.05 per boundary); a student per fork
-    # with the student's phrasing and its fork at 0.4 per boundary. Immediate k1 = log(p_S / p_T) is then about
-    # log(0.5 / 0.05) = 2.3 on the student's favourite style tokens and log(0.4 / 0.05) = 2.1 on a fork or filler
-    # token: a loss threshold cannot tell them apart. 0.4 < 0.5, so greedy decoding never takes the fork and the
-    # students' greedy accuracies are comparable; the sampled early-stop rate is the mechanistic readout.
+    # The teacher of the mechanism switch (docs/testbed.md): broad (every variant of every slot at 0.05, so it reads
+    # any phrasing) and rarely taking either fork (0.05 per boundary). Its students are below.
     "teacher_fork": Style(
         name="teacher_fork",
         separator={" ; ": 0.85, " , ": 0.05, " then ": 0.05, " and ": 0.05},
         connective={"so": 0.85, "thus": 0.05, "hence": 0.05, "therefore": 0.05},
         answer={"{ans}.": 0.85, "answer: {ans}": 0.05, "the answer is {ans}.": 0.05, "= {ans}": 0.05},
         stop=0.05, filler=0.05,
-    ),
-    "student_consequential": Style(
-        name="student_consequential",
-        separator={" then ": 0.5, " and ": 0.3, " , ": 0.15, " ; ": 0.05},
-        connective={"hence": 0.5, "therefore": 0.3, "thus": 0.15, "so": 0.05},
-        answer={"the answer is {ans}.": 0.5, "= {ans}": 0.3, "answer: {ans}": 0.15, "{ans}.": 0.05},
-        stop=0.4,
-    ),
-    "student_harmless": Style(
-        name="student_harmless",
-        separator={" then ": 0.5, " and ": 0.3, " , ": 0.15, " ; ": 0.05},
-        connective={"hence": 0.5, "therefore": 0.3, "thus": 0.15, "so": 0.05},
-        answer={"the answer is {ans}.": 0.5, "= {ans}": 0.3, "answer: {ans}": 0.15, "{ans}.": 0.05},
-        filler=0.4,
     ),
     "uniform": Style(
         name="uniform",
@@ -124,6 +106,14 @@ STYLES: dict[str, Style] = {
     # One fixed variant per slot: handy in tests (the output is fully determined by the problem).
     "plain": Style(name="plain", separator={" ; ": 1.0}, connective={"so": 1.0}, answer={"{ans}.": 1.0}),
 }
+
+
+# A student per fork of the switch: the student's phrasing, and its fork at 0.4 per boundary. By design the immediate
+# k1 = log(p_S / p_T) of a fork or filler token (log(0.4 / 0.05) = 2.1) is like a style token's (log(0.5 / 0.05) =
+# 2.3); measured, a fork's is higher, since it is also a connective choice (docs/testbed.md). 0.4 < 0.5, so greedy
+# decoding never takes the fork; the sampled early-stop rate is the mechanistic readout.
+STYLES["student_consequential"] = replace(STYLES["student"], name="student_consequential", stop=0.4)
+STYLES["student_harmless"] = replace(STYLES["student"], name="student_harmless", filler=0.4)
 
 
 def get_style(name: str) -> Style:

@@ -310,49 +310,63 @@ def _csv(value: str, what: str, conv=str) -> list:
 def experiment_cmd(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    name: Annotated[str, typer.Option("--name", help="Experiment name; runs are NAME-METHOD-sSEED.")] = "experiment",
-    methods: Annotated[str, typer.Option(help=f"Comma-separated methods among {', '.join(METHODS)}.")] =
-        ",".join(METHODS),
+    name: Annotated[str, typer.Option("--name", help="Experiment name; runs are NAME[-CONDITION]-ARM-sSEED.")] =
+        "experiment",
+    methods: Annotated[str, typer.Option(help=f"Comma-separated methods among {', '.join(METHODS)}, each an arm "
+                                              "of its own name.")] = ",".join(METHODS),
+    arm: Annotated[list[str] | None, typer.Option("--arm", help="An arm: LABEL=METHOD[,key=value,...], e.g. "
+                                                                "topd-oracle=topd,analysis.detector=oracle "
+                                                                "(repeatable; replaces --methods).")] = None,
+    conditions: Annotated[str | None, typer.Option(help="Comma-separated testbed conditions (data.testbed.fork: "
+                                                        "none, harmless, consequential), each with every arm "
+                                                        "and its own report.")] = None,
+    primary: Annotated[str | None, typer.Option(help="The arm the verdict compares with opd (default: topd).")] =
+        None,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
     iterations: Annotated[int | None, typer.Option("--iterations", "-n", help="Iterations per run.")] = None,
     eval_size: Annotated[int, typer.Option("--eval-size", min=1, help="Problems in the eval set every run shares "
                                                                       "(data.eval_size; a --set wins).")] = 1000,
     report: Annotated[bool, typer.Option(help="Build the report at the end.")] = True,
-    out: Annotated[Path | None, typer.Option(help="Report directory (default: <root>/reports/NAME).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Report directory (default: <root>/reports/NAME; with "
+                                                  "--conditions, the parent of NAME-CONDITION).")] = None,
 ) -> None:
-    """Compare methods over seeds: one `distill` run per (seed, method) in one Prefect flow, sharing cached
-    rollouts and teacher scores where the inputs are the same, then `opd report` over those runs."""
+    """Compare arms over seeds (and conditions): one `distill` run per (condition, seed, arm) in one Prefect flow,
+    sharing cached rollouts and teacher scores where the inputs are the same and one eval set for all, then
+    `opd report` (paired comparisons) over each condition's runs."""
     from opd_tasks.config import load_config
 
     try:
-        ms = _csv(methods, "--methods")
+        arms = list(arm) if arm else _csv(methods, "--methods")
         ss = _csv(seeds, "--seeds", int)
+        conds = _csv(conditions, "--conditions") if conditions else None
         cfg = load_config(config, [f"data.eval_size={eval_size}", *(set_ or []),
                                    *([f"iterations={iterations}"] if iterations else [])])
         from storage.layout import check_name
 
         check_name("experiment", name)
-        from flows.experiment import check_plan, experiment, run_names
+        from flows.experiment import check_plan, experiment, parse_arm, run_plan
 
-        check_plan(ms, ss, cfg, name, str(out) if out else None)
-        plan = run_names(name, ms, ss)
-        console.rule(f"[bold]opd experiment[/] {name}: {len(plan)} runs ({', '.join(ms)} x seeds {ss}), "
-                     f"{cfg.iterations} iterations each, root {cfg.resolved_root().resolve()}")
+        check_plan(arms, ss, cfg, name, str(out) if out else None, conds)
+        plan = run_plan(name, [parse_arm(a) for a in arms], ss, conds)
+        console.rule(f"[bold]opd experiment[/] {name}: {len(plan)} runs ({', '.join(parse_arm(a).label for a in arms)}"
+                     f" x seeds {ss}{f' x conditions {conds}' if conds else ''}), {cfg.iterations} iterations each, "
+                     f"root {cfg.resolved_root().resolve()}")
         cmd = "opd experiment " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "opd experiment"
-        res = experiment(cfg.model_dump(mode="json"), ms, ss, name, report=report,
-                         report_out=str(out) if out else None, command=cmd)
+        res = experiment(cfg.model_dump(mode="json"), arms, ss, name, report=report,
+                         report_out=str(out) if out else None, command=cmd, conditions=conds, primary=primary)
     except OpdError as e:
         _fail(e)
-    t = Table("run", "method", "seed", "accuracy per iteration", "stages from cache", "seconds",
+    t = Table("run", "arm", "seed", "accuracy per iteration", "stages from cache", "seconds",
               title=f"experiment {name}")
     for r in res["runs"]:
-        t.add_row(r["run"], r["method"], str(r["seed"]),
+        t.add_row(r["run"], r["arm"], str(r["seed"]),
                   " -> ".join(f"{100 * a:.1f}%" for a in [r["baseline"], *r["accuracy"]]),
                   f"{r['stages_cached']} / {r['stages']}", f"{r['seconds']:.0f}")
     console.print(t)
-    if "report" in res:
-        _print_summary(res["report"]["summary"])
-        console.print(f"report: {res['report']['html']} (markdown: {res['report']['markdown']})", highlight=False)
+    for condition, rep in (res.get("reports") or {}).items():
+        console.rule(f"report {condition}")
+        _print_summary(rep["summary"])
+        console.print(f"report: {rep['html']} (markdown: {rep['markdown']})", highlight=False)
 
 
 def _print_summary(summary: dict) -> None:

@@ -330,6 +330,8 @@ class RunConfig(_Strict):
     )
     seed: int = Field(default=0, ge=0, description="Seed of prompt sampling, generation and training.")
     iterations: int = Field(default=3, ge=1, description="OPD iterations (rollout -> ... -> evaluate) to run.")
+    arm: str | None = Field(default=None, description="The label reports group this run under (an experiment's "
+                            "arm, e.g. topd-oracle); None: the method. A label only: in no cache key.")
     method: Literal[tuple(METHODS)] = Field(  # type: ignore[valid-type]
         default="topd", description="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + ".",
     )
@@ -397,7 +399,7 @@ class RunConfig(_Strict):
 # ----------------------------------------------------------------------------------------- loading
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
@@ -471,7 +473,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, str(source))) from None
+        raise ConfigError(format_validation_error(e, str(source))) from None
 
 
 def dump_config(cfg: RunConfig) -> str:

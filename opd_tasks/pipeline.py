@@ -279,7 +279,7 @@ def open_run(cfg: RunConfig) -> tuple[ArtifactStore, RunLineage]:
     """The run's store and lineage; records the run's method and config in its run.json."""
     store = ArtifactStore(cfg.resolved_root(), remote=cfg.resolved_remote())
     lineage = RunLineage(store.layout, cfg.name)
-    lineage.init(method=cfg.method, config=cfg.model_dump(mode="json"))
+    lineage.init(method=cfg.method, arm=cfg.arm or cfg.method, config=cfg.model_dump(mode="json"))
     return store, lineage
 
 

@@ -40,7 +40,7 @@ from typing import Any
 from opd_tasks.errors import ConfigError, DataError, OpdError
 
 SQL_DIR = Path(__file__).with_name("report_sql")
-QUERIES = ("accuracy", "problems", "regimes", "classifier", "costs", "examples")
+QUERIES = ("accuracy", "problems", "regimes", "classifier", "forks", "costs", "kept", "examples")
 METHOD_ORDER = ("opd", "opd_suppress", "topd")
 METHOD_COLORS = {"opd": "#1f77b4", "opd_suppress": "#ff7f0e", "topd": "#2ca02c"}
 REGIME_COLORS = {"surface": "#8ecae6", "divergent": "#e76f51", "unprobed": "#e9c46a"}
@@ -58,7 +58,7 @@ def sql(name: str) -> str:
 @dataclass(frozen=True)
 class RunInfo:
     run: str
-    method: str
+    method: str  # what the report groups by: the run's arm label (an experiment's), else its method
     seed: int
     config: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -82,7 +82,7 @@ def select_runs(root: str | Path, patterns: list[str]) -> list[RunInfo]:
     for name in chosen:
         info = runs[name].info()
         cfg = info.get("config") or {}
-        method = info.get("method") or cfg.get("method")
+        method = info.get("arm") or info.get("method") or cfg.get("method")  # an experiment's arm label
         if method is None or "seed" not in cfg:
             raise DataError(f"run {name!r}: its run.json records no method/config (was it made by `opd run`?)")
         out.append(RunInfo(name, str(method), int(cfg["seed"]), cfg))
@@ -114,14 +114,32 @@ def collect(root: str | Path, runs: list[RunInfo]) -> dict[str, list[dict]]:
 
     con.register("_role_regime", pa.table({"role": list(TRUE_REGIME), "regime": list(TRUE_REGIME.values())}))
     con.execute("CREATE TABLE role_regime AS SELECT * FROM _role_regime")
-    data = {q: _rows(con, q) for q in ("accuracy", "problems", "regimes", "classifier", "costs")}
+    data = {q: _rows(con, q) for q in ("accuracy", "problems", "regimes", "classifier", "forks", "costs", "kept")}
+    data["early_stops"] = _early_stops(root, runs)
     data["_con"] = con  # examples need the connection (and a tokenizer); see examples()
     return data
 
 
-def summarize(runs: list[RunInfo], data: dict[str, list[dict]]) -> dict[str, Any]:
-    """Per method: baseline and final accuracy over seeds, the learning-curve area, surface share, seconds per
-    iteration; the paired comparison of every pair of methods; the verdict (TOPD vs OPD)."""
+def _early_stops(root: str | Path, runs: list[RunInfo]) -> list[dict]:
+    """Per run and step: the evaluation's early-stop rate (the testbed's premature stops; its manifest's
+    `early_stop_rate`, opd_tasks/stages/evaluate.py), where the evaluation recorded one."""
+    from storage.lineage import RunLineage
+    from storage.store import ArtifactStore
+
+    store, out = ArtifactStore(root), []
+    for r in runs:
+        for e in RunLineage(store.layout, r.run).entries():
+            if e.stage in ("baseline", "evaluate"):
+                rate = store.manifest(e.ref)["meta"].get("early_stop_rate")
+                if rate is not None:
+                    out.append({"run": r.run, "method": r.method, "seed": r.seed, "rate": rate,
+                                "step": 0 if e.stage == "baseline" else e.iteration + 1})
+    return sorted(out, key=lambda x: (x["method"], x["seed"], x["step"]))
+
+
+def summarize(runs: list[RunInfo], data: dict[str, list[dict]], primary: str | None = None) -> dict[str, Any]:
+    """Per method (arm): baseline and final accuracy over seeds, the learning-curve area, surface share, seconds per
+    iteration; the paired comparison of every pair; the verdict (`primary`, default `topd`, against `opd`)."""
     out: dict[str, Any] = {"methods": {}}
     curves: dict[str, dict[int, float]] = {}
     for a in data["accuracy"]:
@@ -144,6 +162,8 @@ def summarize(runs: list[RunInfo], data: dict[str, list[dict]]) -> dict[str, Any
         classified = sum(r["tokens"] for r in reg if r["regime"] in ("surface", "divergent"))
         cost = {c["stage"]: c["seconds"] for c in data["costs"] if c["method"] == m}
         mine = [r for r in runs if r.method == m and r.run in per_run]
+        stops = {(e["run"], e["step"]): e["rate"] for e in data.get("early_stops", [])}
+        kept = [k["kept"] for k in data.get("kept", []) if k["method"] == m]
         area = {str(r.seed): _area(per_run[r.run], final_step) for r in mine}
         area = {k: v for k, v in area.items() if v is not None}
         out["methods"][m] = {
@@ -162,13 +182,18 @@ def summarize(runs: list[RunInfo], data: dict[str, list[dict]]) -> dict[str, Any
             "surface_share_classified": surface / classified if classified else None,
             "seconds_per_iteration": sum(cost.values()) if cost else None,
             "stage_seconds": cost,
+            "kept_tokens_per_iteration": statistics.mean(kept) if kept else None,
+            "seconds_per_kept_token": (sum(cost.values()) / statistics.mean(kept)) if cost and kept else None,
+            "early_stop_by_seed": {str(r.seed): stops[(r.run, final_step)] for r in mine
+                                   if (r.run, final_step) in stops},
         }
     methods = list(out["methods"])
     problems = _problem_scores(data.get("problems", []), runs, final_step)
     out["comparisons"] = [compare(a, b, out["methods"][a], out["methods"][b], problems)
                           for i, a in enumerate(methods) for b in methods[i + 1 :]]
-    out["verdict"] = verdict(next((c for c in out["comparisons"] if (c["a"], c["b"]) in (("opd", "topd"),
-                                                                                          ("topd", "opd"))), None))
+    primary = primary or "topd"
+    out["verdict"] = verdict(next((c for c in out["comparisons"] if {c["a"], c["b"]} == {"opd", primary}), None),
+                             primary)
     return out
 
 
@@ -191,13 +216,14 @@ def _problem_scores(rows: list[dict], runs: list[RunInfo], step: int | None) -> 
 
 
 def compare(a: str, b: str, ma: dict, mb: dict, problems: dict[tuple[str, int], dict]) -> dict[str, Any]:
-    """Method b against method a on the seeds both ran: per-seed paired differences of the final accuracy and of
-    the learning-curve area, each with a paired t-test and a Wilcoxon signed-rank test; for the final accuracy
-    also a seed-then-problem bootstrap 95% CI (both methods at the same problems). Differences are b - a."""
+    """Method b against method a on the seeds both ran: per-seed paired differences of the final accuracy, of the
+    learning-curve area and (on the testbed) of the final early-stop rate, each with a paired t-test and a Wilcoxon
+    signed-rank test; for the final accuracy also a seed-then-problem bootstrap 95% CI (both methods at the same
+    problems). Differences are b - a."""
     from opd_tasks.stats import bootstrap_ci, paired_t, wilcoxon
 
     out: dict[str, Any] = {"a": a, "b": b}
-    for metric in ("final", "area"):
+    for metric in ("final", "area", "early_stop"):
         xa, xb = ma[f"{metric}_by_seed"], mb[f"{metric}_by_seed"]
         seeds = sorted(set(xa) & set(xb), key=int)
         entry: dict[str, Any] = {"seeds": [int(s) for s in seeds],
@@ -221,31 +247,34 @@ def compare(a: str, b: str, ma: dict, mb: dict, problems: dict[tuple[str, int], 
     return out
 
 
-def verdict(comparison: dict | None) -> dict[str, Any] | None:
-    """TOPD vs OPD from their paired comparison: a win only when the 95% CI of the paired difference of the final
-    accuracy (the seed-then-problem bootstrap, else the t interval) lies above 0."""
+def verdict(comparison: dict | None, primary: str = "topd") -> dict[str, Any] | None:
+    """`primary` (TOPD by default) vs OPD from their paired comparison: a win only when the 95% CI of the paired
+    difference of the final accuracy (the seed-then-problem bootstrap, else the t interval) lies above 0."""
     if comparison is None:
         return None
     final = comparison["final"]
-    sign = 1.0 if comparison["b"] == "topd" else -1.0  # report TOPD - OPD
+    sign = 1.0 if comparison["b"] == primary else -1.0  # report primary - OPD
     if "mean_diff" not in final:
         return None
     diff = sign * final["mean_diff"]
+    name = "TOPD" if primary == "topd" else primary
+    key = {"topd_minus_opd": diff, "primary": primary}
     if len(final["seeds"]) < 2:
-        return {"topd_minus_opd": diff, "ci95": None, "topd_wins": False,
-                "text": f"TOPD - OPD = {diff * 100:+.1f} points with a single seed: no verdict (run 2 or more seeds)."}
+        return key | {"ci95": None, "topd_wins": False,
+                      "text": f"{name} - OPD = {diff * 100:+.1f} points with a single seed: no verdict (run 2 or more "
+                              "seeds)."}
     ci = final.get("bootstrap_ci95") or final["t_ci95"]
     lo, hi = sorted(sign * c for c in ci)
     how = "seed-then-problem bootstrap" if "bootstrap_ci95" in final else "paired t"
     stats_text = (f"95% CI [{lo * 100:+.1f}, {hi * 100:+.1f}] ({how}), paired t p = {final['t_p']:.3g}, Wilcoxon p = "
                   f"{final['wilcoxon_p']:.3g}, {len(final['seeds'])} seeds")
     if lo > 0:
-        text = f"TOPD beats OPD: final accuracy {diff * 100:+.1f} points, {stats_text}."
+        text = f"{name} beats OPD: final accuracy {diff * 100:+.1f} points, {stats_text}."
     elif hi < 0:
-        text = f"TOPD is worse than OPD: final accuracy {diff * 100:+.1f} points, {stats_text}."
+        text = f"{name} is worse than OPD: final accuracy {diff * 100:+.1f} points, {stats_text}."
     else:
-        text = f"No difference resolved between TOPD and OPD: final accuracy {diff * 100:+.1f} points, {stats_text}."
-    return {"topd_minus_opd": diff, "ci95": [lo, hi], "topd_wins": lo > 0, "text": text}
+        text = f"No difference resolved between {name} and OPD: final accuracy {diff * 100:+.1f} points, {stats_text}."
+    return key | {"ci95": [lo, hi], "topd_wins": lo > 0, "text": text}
 
 
 # ----------------------------------------------------------------------------------------------- examples
@@ -428,7 +457,8 @@ def summary_table(summary: dict) -> tuple[list[str], list[list[str]]]:
 PAIRED_NOTE = ("Per seed, the two methods share the eval set, the prompts and the sampling stream; the differences "
                "(in points) are per-seed paired, tested with a paired t-test and a Wilcoxon signed-rank test, and the "
                "final accuracy's 95% CI is also bootstrapped over seeds, then problems. The learning-curve area is "
-               "the mean accuracy over the iterations.")
+               "the mean accuracy over the iterations; the early-stop rate is the share of evaluated answers that "
+               "stop before the last step (the testbed's consequential fork; lower is better).")
 
 
 def comparison_table(summary: dict) -> tuple[list[str], list[list[str]]]:
@@ -436,16 +466,39 @@ def comparison_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     head = ["comparison", "metric", "seeds", "mean difference", "95% CI (t)", "95% CI (bootstrap)", "paired t p",
             "Wilcoxon p"]
     rows = []
+    names = {"final": "final accuracy", "area": "learning-curve area", "early_stop": "final early-stop rate"}
     for c in summary.get("comparisons", []):
-        for metric in ("final", "area"):
+        for metric, label in names.items():
             e = c[metric]
+            if not e["seeds"]:
+                continue
             ci = e.get("t_ci95")
             boot = e.get("bootstrap_ci95")
-            rows.append([f"{c['b']} - {c['a']}", "final accuracy" if metric == "final" else "learning-curve area",
+            rows.append([f"{c['b']} - {c['a']}", label,
                          str(len(e["seeds"])), _num(e.get("mean_diff") and 100 * e["mean_diff"], "{:+.1f}"),
                          f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "-",
                          f"[{100 * boot[0]:+.1f}, {100 * boot[1]:+.1f}]" if boot else "-",
                          _num(e.get("t_p"), "{:.3g}"), _num(e.get("wilcoxon_p"), "{:.3g}")])
+    return head, rows
+
+
+def _detail_rows(data: dict, summary: dict) -> tuple[list[str], list[list[str]]]:
+    """Per method: cost per iteration and per kept token, the early-stop rate per step (mean over seeds), and the
+    detector against the premature stops."""
+    head = ["method", "s / iteration", "kept tokens / iteration", "ms / kept token", "early-stop rate by step",
+            "forks examined", "fork AUC", "fork recall"]
+    forks = {f["method"]: f for f in data.get("forks", [])}
+    rows = []
+    for m, s in summary["methods"].items():
+        by_step: dict[int, list[float]] = {}
+        for e in data.get("early_stops", []):
+            if e["method"] == m:
+                by_step.setdefault(e["step"], []).append(e["rate"])
+        curve = " ".join(f"{100 * statistics.mean(v):.1f}" for _, v in sorted(by_step.items())) or "-"
+        f = forks.get(m, {})
+        rows.append([m, _num(s["seconds_per_iteration"], "{:.1f}"), _num(s["kept_tokens_per_iteration"], "{:.0f}"),
+                     _num(s["seconds_per_kept_token"] and 1000 * s["seconds_per_kept_token"], "{:.2f}"), curve,
+                     str(f.get("forks", "-")), _num(f.get("fork_auc"), "{:.3f}"), _num(f.get("fork_recall"))])
     return head, rows
 
 
@@ -545,6 +598,7 @@ def render(title: str, runs: list[RunInfo], data: dict, summary: dict, figs: lis
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     sh, sr = summary_table(summary)
     ph, pr = comparison_table(summary)
+    dh, dr = _detail_rows(data, summary)
     ch, cr = _classifier_rows(data)
     v = summary["verdict"]
     vtext = v["text"] if v else "No TOPD/OPD pair in these runs: no verdict."
@@ -559,6 +613,7 @@ def render(title: str, runs: list[RunInfo], data: dict, summary: dict, figs: lis
         h.append(f"<p><b>Note:</b> {html.escape(summary['note'])}.</p>")
     if pr:
         h += ["<h2>Paired comparisons</h2>", f"<p>{html.escape(PAIRED_NOTE)}</p>", _html_table(ph, pr)]
+    h += ["<h2>Cost, early stops, forks</h2>", _html_table(dh, dr)]
     for f in figs:
         b64 = base64.b64encode((out / f["file"]).read_bytes()).decode()
         h.append(f'<figure><img alt="{html.escape(f["file"])}" src="data:image/png;base64,{b64}">'
@@ -567,7 +622,8 @@ def render(title: str, runs: list[RunInfo], data: dict, summary: dict, figs: lis
         h += ["<h2>Regime classifier vs ground truth</h2>", _html_table(ch, cr)]
     h += ["<h2>Token examples</h2>", _examples_html(ex),
           "<h2>Queries</h2><p>Every figure comes from the SQL in <code>opd_tasks/report_sql/</code> "
-          "(accuracy, problems, regimes, classifier, costs, examples) over the storage views; rerun any of them with "
+          "(accuracy, problems, regimes, classifier, forks, costs, kept, examples) over the storage views, and the "
+          "early-stop rates from the evaluations' manifests; rerun any query with "
           "<code>opd sql</code>. The data behind this page is in <code>report.json</code>.</p></body></html>"]
     md = [f"# {title}", "", f"{stamp}. Runs: {runs_line}.", ""]
     if command:
@@ -577,6 +633,7 @@ def render(title: str, runs: list[RunInfo], data: dict, summary: dict, figs: lis
         md += [f"Note: {summary['note']}.", ""]
     if pr:
         md += ["## Paired comparisons", "", PAIRED_NOTE, "", _md_table(ph, pr), ""]
+    md += ["## Cost, early stops, forks", "", _md_table(dh, dr), ""]
     md += [f"![{f['file']}]({f['file']})\n\n{f['caption']}\n" for f in figs]
     if cr:
         md += ["## Regime classifier vs ground truth", "", _md_table(ch, cr), ""]
@@ -604,9 +661,9 @@ class Report:
 
 
 def build_report(root: str | Path, patterns: list[str], out: str | Path | None = None, title: str | None = None,
-                 n_examples: int = 3, command: str | None = None, log=print) -> Report:
+                 n_examples: int = 3, command: str | None = None, log=print, primary: str | None = None) -> Report:
     """Query, plot and render the report for the runs matching `patterns` into `out` (default
-    `<root>/reports/<first pattern>`)."""
+    `<root>/reports/<first pattern>`); the verdict compares arm `primary` (default `topd`) with `opd`."""
     from storage.layout import check_name
 
     root = Path(root)
@@ -620,7 +677,7 @@ def build_report(root: str | Path, patterns: list[str], out: str | Path | None =
     data = collect(root, runs)
     if not data["accuracy"]:
         raise DataError(f"opd report: runs {[r.run for r in runs]} have no evaluations yet")
-    summary = summarize(runs, data)
+    summary = summarize(runs, data, primary)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()

@@ -35,6 +35,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for m in METHODS:
             cfg = load_config(None, [f"method={m}", f"seed={seed}", "iterations=1", f"root={root}",
                                      f"name=exp-{m}-s{seed}", "data.eval_size=16", "data.prompts_per_iteration=6",
+                                     "data.testbed.fork=consequential",  # premature stops for the fork queries
                                      "rollout.samples_per_prompt=2", "rollout.max_new_tokens=40",
                                      "evaluation.max_new_tokens=40"])
             run_plain(cfg, log=lambda _m: None, progress=False)
@@ -240,7 +241,7 @@ def test_opd_report_command(root: Path, tmp_path: Path) -> None:
     r = runner.invoke(app, ["report", "missing-*", "--root", str(root), "--no-publish"])
     assert r.exit_code == 2 and "no run matches 'missing-*'" in r.output
     r = runner.invoke(app, ["experiment", "--methods", "opd,sft", "--seeds", "0", "--no-report"])
-    assert r.exit_code == 2 and "methods must be among opd, opd_suppress, topd" in r.output
+    assert r.exit_code == 2 and "arm 'sft': the method must be one of opd, opd_suppress, topd" in r.output
     r = runner.invoke(app, ["experiment", "--seeds", "0,x"])
     assert r.exit_code == 2 and "--seeds" in r.output
 
@@ -287,3 +288,87 @@ def test_experiment_refuses_a_shorter_rerun_of_a_longer_run(root: Path, tmp_path
     (tmp_path / "reports" / "x").mkdir(parents=True)
     with pytest.raises(ConfigError, match="is not a report directory"):
         check_plan(["opd"], [0], load_config(None, [f"root={tmp_path}", "iterations=3"]), "x")
+
+
+def test_experiment_arms_conditions_and_run_names(tmp_path: Path) -> None:
+    """An arm is a method with a label and overrides; the plan runs conditions, then seeds, then arms; each run's
+    config carries its condition, overrides, method, seed, name and arm label; bad arms fail before anything runs."""
+    from flows.experiment import check_plan, parse_arm, run_config, run_plan
+
+    oracle = parse_arm("topd-oracle=topd,analysis.detector=oracle, topd.bridge_weight=0")
+    assert oracle == parse_arm("topd-oracle=topd,analysis.detector=oracle,topd.bridge_weight=0")
+    assert (oracle.label, oracle.method, oracle.overrides) == ("topd-oracle", "topd", (
+        "analysis.detector=oracle", "topd.bridge_weight=0"))
+    assert parse_arm("opd") == parse_arm("opd=opd")
+    plan = run_plan("e", [parse_arm("opd"), oracle], [3, 4], ["harmless", "consequential"])
+    assert [p.run for p in plan][:3] == ["e-harmless-opd-s3", "e-harmless-topd-oracle-s3", "e-harmless-opd-s4"]
+    assert [p.run for p in run_plan("e", [parse_arm("opd")], [0])] == ["e-opd-s0"]
+    cfg = run_config(load_config(None, [f"root={tmp_path}"]), plan[1])
+    assert (cfg.name, cfg.arm, cfg.method, cfg.seed) == ("e-harmless-topd-oracle-s3", "topd-oracle", "topd", 3)
+    assert cfg.analysis.detector == "oracle" and cfg.topd.bridge_weight == 0 and cfg.data.testbed.fork == "harmless"
+    assert cfg.models.student.path == "testbed:student-harmless"
+    for bad, pattern in (("x=ppo", r"the method must be one of opd"), ("x=topd,analysis.detector", "key.path=value"),
+                         ("a b=opd", "arm")):
+        with pytest.raises(ConfigError, match=pattern):
+            parse_arm(bad)
+    with pytest.raises(ConfigError, match="distinct labels"):
+        check_plan(["opd", "opd=opd,seed=1"], [0])
+    with pytest.raises(ConfigError, match=r"run e-topd-x-s0 of arm topd-x\):\n  analysis.nope: unknown key"):
+        check_plan(["topd-x=topd,analysis.nope=1"], [0], load_config(None, [f"root={tmp_path}"]), "e")
+
+
+def test_kept_tokens_and_early_stops_match_the_artifacts(root: Path) -> None:
+    """The kept-token query against the rollouts and tokens tables, the early-stop rates against each evaluation's
+    manifest, and their place in the summary (cost per kept token) and the paired comparisons."""
+    runs = select_runs(root, ["exp-*"])
+    data = collect(root, runs)
+    store = ArtifactStore(root)
+    for m in METHODS:
+        want_gen, want_kept = [], []
+        for s in SEEDS:
+            lin = RunLineage(root, f"exp-{m}-s{s}")
+            gen = sum(len(t) for t in store.read_table(lin.get(0, "rollout").ref, "rollouts").column(
+                "token_ids").to_pylist())
+            want_gen.append(gen)
+            if m == "topd":
+                w = store.read_table(lin.get(0, "analyze").ref, "tokens").column("weight").to_pylist()
+                want_kept.append(sum(1 for x in w if x > 0))
+            else:
+                want_kept.append(gen)
+        row = next(k for k in data["kept"] if k["method"] == m and k["iteration"] == 0)
+        assert row["generated"] == pytest.approx(statistics.mean(want_gen))
+        assert row["kept"] == pytest.approx(statistics.mean(want_kept))
+    stops = {(e["run"], e["step"]): e["rate"] for e in data["early_stops"]}
+    for r in runs:
+        for e in RunLineage(root, r.run).entries():
+            if e.stage in ("baseline", "evaluate"):
+                step = 0 if e.stage == "baseline" else e.iteration + 1
+                assert stops[(r.run, step)] == store.manifest(e.ref)["meta"]["early_stop_rate"]
+    s = summarize(runs, data)
+    for m in METHODS:
+        ms = s["methods"][m]
+        assert ms["seconds_per_kept_token"] == pytest.approx(ms["seconds_per_iteration"]
+                                                             / ms["kept_tokens_per_iteration"])
+        assert set(ms["early_stop_by_seed"]) == {"0", "1"}
+    [c] = s["comparisons"]
+    assert c["early_stop"]["seeds"] == [0, 1] and "mean_diff" in c["early_stop"]
+
+
+def test_fork_query_matches_a_python_count(root: Path) -> None:
+    """report_sql/forks.sql against a direct computation over the topd runs' tokens tables: the examined fork
+    tokens, the AUC of a fork's D_t against a form/filler token's, the share of forks called divergent."""
+    from opd_tasks.topd.signals import TRUE_REGIME
+
+    runs = select_runs(root, ["exp-topd-*"])
+    rows = collect(root, runs)["forks"]
+    store = ArtifactStore(root)
+    toks = [t for r in runs for e in RunLineage(root, r.run).entries() if e.stage == "analyze"
+            for t in store.read_table(e.ref, "tokens").to_pylist() if t["regime"] in ("surface", "divergent")]
+    forks = [t for t in toks if t["role"] == "fork"]
+    assert forks, "the fixture's runs (the consequential condition) should examine some premature stops"
+    surface = [t["near_future_div"] for t in toks if TRUE_REGIME.get(t["role"]) == "surface"]
+    auc = sum((f["near_future_div"] > d) + 0.5 * (f["near_future_div"] == d) for f in forks for d in surface) / (
+        len(forks) * len(surface))
+    [row] = rows
+    assert row["forks"] == len(forks) and row["fork_auc"] == pytest.approx(auc)
+    assert row["fork_recall"] == pytest.approx(sum(f["regime"] == "divergent" for f in forks) / len(forks))

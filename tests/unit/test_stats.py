@@ -81,3 +81,46 @@ def test_threshold_calibration_on_known_cases() -> None:
     delta, j = calibrate([0.1, 0.6, 0.4, 0.9], [False, False, True, True])  # overlap: best keeps 2 of 2, drops 1 of 2
     assert delta == 0.4 and j == pytest.approx(0.5)
     assert calibrate([0.1, 0.2], [True, True]) == (None, None)
+
+
+def test_hypotheses_from_report_summaries(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench.hypotheses on made-up per-seed values: H1's one-sided p and H2's 90% CI equal scipy's, H3's share
+    is the ratio of mean gains, H4 reads the early-stop CI."""
+    import json
+
+    import bench.common
+    from bench.hypotheses import main
+
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path / "results")  # not the repository's bench/results
+    seeds = [str(s) for s in range(2, 8)]
+    opd = [0.20, 0.22, 0.25, 0.21, 0.24, 0.23]
+    oracle = [0.24, 0.25, 0.27, 0.26, 0.27, 0.25]
+    probe = [x + 0.02 for x in opd]  # 0.02 of a 0.032 gain: 63%
+
+    def method(final, stop):
+        return {"final_by_seed": dict(zip(seeds, final, strict=True)), "area_by_seed": dict(zip(seeds, final,
+                strict=True)), "early_stop_by_seed": dict(zip(seeds, stop, strict=True))}
+
+    def summary(**arms):
+        return {"summary": {"methods": arms, "comparisons": []}}
+
+    stop_opd, stop_oracle = [0.5] * 6, [0.46, 0.47, 0.45, 0.46, 0.44, 0.47]
+    files = {}
+    for name, content in (("h1", summary(opd=method(opd, stop_opd), **{"topd-oracle": method(oracle, stop_oracle),
+                                         "topd-probe": method(probe, stop_opd), "topd-swap": method(opd, stop_opd)})),
+                          ("h2", summary(opd=method(opd, stop_opd), **{"topd-oracle": method(
+                              [x + 0.001 * (-1) ** i for i, x in enumerate(opd)], stop_opd)})),
+                          ("abl", summary(opd=method(opd, stop_opd), **{"topd-oracle": method(oracle, stop_oracle)}))):
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps(content))
+    res = main(["--h1", str(files["h1"]), "--h2", str(files["h2"]), "--abl", str(files["abl"])])
+    ref = stats.ttest_rel(oracle, opd, alternative="greater")
+    assert res["H1"]["one_sided_p"] == pytest.approx(ref.pvalue, rel=1e-8) and res["H1"]["holds"]
+    ci90 = stats.ttest_rel([x + 0.001 * (-1) ** i for i, x in enumerate(opd)], opd).confidence_interval(0.90)
+    assert res["H2"]["final"]["ci90"] == pytest.approx([100 * ci90.low, 100 * ci90.high], rel=1e-7)
+    assert res["H2"]["holds"]
+    gain = 100 * np.mean(np.subtract(oracle, opd))
+    assert res["H3"]["topd-probe"]["recovered_share"] == pytest.approx(100 * np.mean(np.subtract(probe, opd)) / gain)
+    assert res["H3"]["topd-probe"]["holds"] and not res["H3"]["topd-swap"]["holds"]
+    assert res["H4"]["holds"] and res["H4"]["early_stop"]["mean"] == pytest.approx(-100 * (0.5 - np.mean(stop_oracle)))
+    assert (tmp_path / "results" / "experiment-17-hypotheses.json").is_file()

@@ -1,7 +1,8 @@
-"""The method as a value: the one place that says what `method: opd | opd_suppress | topd` switches on.
+"""The method as a value: the one place that says what `method:` (opd, opd_suppress, topd, and the baselines
+opd_return, opd_matched) switches on.
 
-A `Method` names the pieces of TOPD it uses. `plan(cfg)` turns it, with the `topd:` section, into the exact
-values the stages read, so no stage ever branches on the method's name:
+A `Method` names the pieces of TOPD it uses. `plan(cfg)` turns it, with the `topd:` and `baselines:` sections,
+into the exact values the stages read, so no stage ever branches on the method's name:
 
 - `analyze`: whether the analysis stage runs (regimes and token weights); without it every weight is 1;
 - `weighting`: the token weights the analysis writes (`TokenWeighting`): a surface token's weight, and the
@@ -111,7 +112,7 @@ class MethodPlan:
 
 
 def plan(cfg: RunConfig) -> MethodPlan:
-    """The switches of `cfg.method` with the values of `cfg.topd`."""
+    """The switches of `cfg.method` with the values of `cfg.topd` and `cfg.baselines`."""
     m, t = METHODS[cfg.method], cfg.topd
     weighting = TokenWeighting(
         surface_weight=t.surface_weight if m.suppress else 1.0,

@@ -393,6 +393,8 @@ def report_cmd(
     publish: Annotated[bool | None, typer.Option(
         "--publish/--no-publish", help="Publish the markdown as a Prefect artifact (default: when PREFECT_API_URL "
                                        "names a server).")] = None,
+    primary: Annotated[str | None, typer.Option(help="The method or arm the verdict compares with opd "
+                                                     "(default: topd).")] = None,
 ) -> None:
     """A self-contained HTML report (plus markdown and PNG plots) over runs: accuracy per iteration per method
     with a band over seeds, regimes, the classifier vs ground truth, token examples, stage costs."""
@@ -401,7 +403,7 @@ def report_cmd(
     cmd = "opd report " + " ".join(sys.argv[2:])
     try:
         rep = build_report(_root(root), runs, out=out, title=title, n_examples=examples, command=cmd,
-                           log=lambda m: err_console.print(m, highlight=False))
+                           log=lambda m: err_console.print(m, highlight=False), primary=primary)
     except OpdError as e:
         _fail(e)
     _print_summary(rep.summary)

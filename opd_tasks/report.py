@@ -43,6 +43,14 @@ SQL_DIR = Path(__file__).with_name("report_sql")
 QUERIES = ("accuracy", "problems", "regimes", "classifier", "forks", "costs", "kept", "examples")
 METHOD_ORDER = ("opd", "opd_suppress", "topd")
 METHOD_COLORS = {"opd": "#1f77b4", "opd_suppress": "#ff7f0e", "topd": "#2ca02c"}
+#: Colours for the other arms (an experiment's labels), in order: distinct from each other and from the above.
+EXTRA_COLORS = ("#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#000000")
+
+
+def _colors(methods: list[str]) -> dict[str, str]:
+    """One colour per method or arm: the known methods keep theirs, the others take the next free one."""
+    free = iter(EXTRA_COLORS * (1 + len(methods) // len(EXTRA_COLORS)))
+    return {m: METHOD_COLORS.get(m) or next(free) for m in methods}
 REGIME_COLORS = {"surface": "#8ecae6", "divergent": "#e76f51", "unprobed": "#e9c46a"}
 STAGE_ORDER = ("prompts", "rollout", "score", "gates", "analyze", "update", "evaluate")
 REPORT_MARKER = "report.json"
@@ -331,6 +339,7 @@ def _plots(data: dict, summary: dict, out: Path) -> list[dict]:
 
     figs: list[dict] = []
     methods = list(summary["methods"])
+    colors = _colors(methods)
 
     # accuracy per iteration: mean line, min-max band, each seed thin
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
@@ -338,7 +347,7 @@ def _plots(data: dict, summary: dict, out: Path) -> list[dict]:
         rows = [a for a in data["accuracy"] if a["method"] == m]
         steps = sorted({a["step"] for a in rows})
         by_step = {s: [a["accuracy"] for a in rows if a["step"] == s] for s in steps}
-        c = METHOD_COLORS.get(m)
+        c = colors[m]
         for run in sorted({a["run"] for a in rows}):
             pts = sorted((a["step"], a["accuracy"]) for a in rows if a["run"] == run)
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], color=c, alpha=0.25, lw=0.8)
@@ -385,7 +394,7 @@ def _plots(data: dict, summary: dict, out: Path) -> list[dict]:
         for m in reg_methods:
             rows = sorted((c for c in cls if c["method"] == m), key=lambda c: c["iteration"])
             its = [c["iteration"] for c in rows]
-            col = METHOD_COLORS.get(m)
+            col = colors[m]
             for key, style in (("surface_precision", "-"), ("surface_recall", "--")):
                 ax.plot(its, [c[key] if c[key] is not None else float("nan") for c in rows], style, color=col,
                         marker="o", ms=3, label=f"{m}: {key.replace('_', ' ')}")

@@ -3,25 +3,35 @@
 `load_prompts(data, tokenizer, split, n, seed, offset, max_context)` returns `PromptRecord`s. `split` is a
 role or a split name:
 
+`EVAL_SPLIT` (`test`, alias `eval`) is the held-out evaluation split of either source, the one the flow asks for
+when `data.eval_split` is None:
+
 - testbed (`data.source == "testbed"`): `train`, `validation`, `test` (disjoint by construction, see
-  testbed/task.py); `eval` is an alias of `test`. Prompts `offset .. offset+n-1` of the split's deterministic
-  stream for `seed`; `n` is required (the stream is unbounded).
+  testbed/task.py). Prompts `offset .. offset+n-1` of the split's deterministic stream for `seed`; `n` is
+  required (the stream is unbounded).
 - dataset: `train` = the rows of split `data.split`, minus the held-out evaluation rows when
   `data.eval_split` is None, in a seeded shuffled order, windows wrapping around (so iteration i can ask for
-  offset = i * n forever). `eval` = the rows of `data.eval_split`, or when it is None the `data.eval_size`
+  offset = i * n forever). `test` = the rows of `data.eval_split`, or when it is None the `data.eval_size`
   rows of `data.split` held out by hash of their prompt (seed-independent, never in `train`). Any other
-  name is that split of the dataset. `eval` and named splits keep file order; `n=None` means all rows.
+  name is that split of the dataset. `test` and named splits keep file order; `n=None` means all rows.
   A local file is one split called `train`.
 
 The answer stored is the final answer (GSM8K's text after `####`, or a `\\boxed{}`), ready for the checker.
-Errors: DataError for a missing file, a missing column (with the columns present), an empty selection, a
-prompt longer than `max_context` (default: the tokenizer's `model_max_length`); ModelError for a tokenizer
-without EOS or PAD, or without a chat template when `data.chat_template` is set.
+Rows whose answer is missing, null or empty are excluded with a warning that counts them (never trained or
+scored against an empty answer); a split where every row lacks one is refused.
+`datasets` caches what it builds under `cache_dir` (the prompts stage passes `<root>/cache/datasets`).
+Errors: DataError for a missing file, a local text file that is not UTF-8 or has a line longer than
+MAX_LINE_BYTES (found by streaming it before `datasets` loads it), a missing column (with the columns present),
+an empty selection, a prompt longer than `max_context` (default: the tokenizer's `model_max_length`);
+ModelError for a tokenizer without EOS or PAD, or without a chat template when `data.chat_template` is set.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import logging
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -33,7 +43,17 @@ from opd_tasks.config import DataConfig
 from opd_tasks.errors import DataError, ModelError
 from opd_tasks.testbed.task import generate_problems
 
+log = logging.getLogger(__name__)
+
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+#: The longest line of a local .jsonl or .csv file (one row per line); a .json file is one document.
+MAX_LINE_BYTES = 1 << 20
+_LINE_LIMITS = {".jsonl": MAX_LINE_BYTES, ".csv": MAX_LINE_BYTES, ".json": None}
+
+#: The held-out evaluation split (module docstring); `eval` is accepted as its alias.
+EVAL_SPLIT = "test"
+_EVAL_NAMES = (EVAL_SPLIT, "eval")
 
 
 class PromptRecord(BaseModel):
@@ -67,15 +87,17 @@ def load_prompts(
     seed: int,
     offset: int = 0,
     max_context: int | None = None,
+    cache_dir: Path | None = None,
 ) -> list[PromptRecord]:
-    """The prompts of `split` (see the module docstring), tokenized, checked against `max_context`."""
+    """The prompts of `split` (see the module docstring), tokenized, checked against `max_context`.
+    `cache_dir`: where `datasets` caches (`datasets_cache_dir`); None: its default (~/.cache/huggingface)."""
     check_tokenizer(tokenizer)
     if (n is not None and n < 0) or offset < 0:
         raise DataError(f"n ({n}) and offset ({offset}) must be >= 0")
     if data.source == "testbed":
         pairs, source = _testbed_pairs(data, split, n, seed, offset), "testbed"
     else:
-        pairs, source = _dataset_pairs(data, split, n, seed, offset)
+        pairs, source = _dataset_pairs(data, split, n, seed, offset, cache_dir)
     if max_context is None:
         limit = getattr(tokenizer, "model_max_length", None)
         max_context = limit if isinstance(limit, int) and limit < 10**7 else None
@@ -106,16 +128,49 @@ def _encode(tokenizer: Any, question: str, chat_template: bool) -> tuple[str, li
 def _testbed_pairs(data: DataConfig, split: str, n: int | None, seed: int, offset: int) -> list[tuple[str, str]]:
     if n is None:
         raise DataError("testbed prompts are an unbounded stream: pass n")
-    problems = generate_problems(data.testbed, "test" if split == "eval" else split, n, seed=seed, offset=offset)
+    problems = generate_problems(data.testbed, EVAL_SPLIT if split in _EVAL_NAMES else split, n, seed=seed,
+                                 offset=offset)
     return [(p.prompt, str(p.answer)) for p in problems]
 
 
-def _load_split(data: DataConfig, split: str) -> tuple[Any, str, str]:
+def datasets_cache_dir(root: Path) -> Path | None:
+    """`<root>/cache/datasets`, or None (the datasets default) when the user set HF_DATASETS_CACHE or HF_HOME."""
+    if os.environ.get("HF_DATASETS_CACHE") or os.environ.get("HF_HOME"):
+        return None
+    return Path(root) / "cache" / "datasets"
+
+
+def check_text_file(path: Path, max_line_bytes: int | None) -> None:
+    """DataError naming the file, byte offset and line: bytes that are not UTF-8, or a line longer than
+    `max_line_bytes`. Streams the file in pieces of at most 1 MiB, so a huge line is never read whole."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line, length = 0, 1, 0
+    with path.open("rb") as f:
+        while True:
+            piece = f.readline(1 << 20)
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous piece
+            try:
+                decoder.decode(piece, final=not piece)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} is not UTF-8: byte offset {offset - pending + e.start} (line {line}): "
+                                f"{e.reason}; re-encode it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+            if not piece:
+                return
+            offset, length = offset + len(piece), length + len(piece)
+            if max_line_bytes is not None and length > max_line_bytes:
+                raise DataError(f"{path}: line {line} is longer than {max_line_bytes} bytes (one row per line); "
+                                "refused before loading it: shorten or drop that row")
+            if piece.endswith(b"\n"):
+                line, length = line + 1, 0
+
+
+def _load_split(data: DataConfig, split: str, cache_dir: Path | None) -> tuple[Any, str, str]:
     """(a datasets.Dataset, what to call it in errors, the source name for prompt ids)."""
     import datasets
 
     assert data.path is not None
     path = Path(data.path).expanduser()
+    cache = {"cache_dir": str(cache_dir)} if cache_dir is not None else {}
     try:
         if path.is_file():
             builder = _FILE_BUILDERS.get(path.suffix.lower())
@@ -123,12 +178,17 @@ def _load_split(data: DataConfig, split: str) -> tuple[Any, str, str]:
                 raise DataError(f"{path}: unsupported file type {path.suffix!r}; use {sorted(_FILE_BUILDERS)}")
             if split != "train":
                 raise DataError(f"{path} is a single file: its only split is 'train', not {split!r}")
-            return datasets.load_dataset(builder, data_files=str(path), split="train"), str(path), path.name
+            if path.suffix.lower() in _LINE_LIMITS:
+                check_text_file(path, _LINE_LIMITS[path.suffix.lower()])
+            return datasets.load_dataset(builder, data_files=str(path), split="train", **cache), str(path), path.name
         if path.is_dir():
-            return datasets.load_dataset(str(path), split=split), f"{path} (split {split!r})", path.name
+            for f in sorted(path.rglob("*")):
+                if f.suffix.lower() in _LINE_LIMITS and f.is_file():
+                    check_text_file(f, _LINE_LIMITS[f.suffix.lower()])
+            return datasets.load_dataset(str(path), split=split, **cache), f"{path} (split {split!r})", path.name
         if data.path.startswith(("/", ".", "~")) or path.suffix.lower() in _FILE_BUILDERS:
             raise DataError(f"dataset file {path} does not exist (data.path)")
-        return datasets.load_dataset(data.path, split=split), f"{data.path} (split {split!r})", data.path
+        return datasets.load_dataset(data.path, split=split, **cache), f"{data.path} (split {split!r})", data.path
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - malformed file, unknown split, no network...
@@ -142,8 +202,8 @@ def _answer_text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _rows(data: DataConfig, split: str) -> tuple[list[tuple[str, str]], str, str]:
-    ds, where, source = _load_split(data, split)
+def _rows(data: DataConfig, split: str, cache_dir: Path | None) -> tuple[list[tuple[str, str]], str, str]:
+    ds, where, source = _load_split(data, split, cache_dir)
     missing = [c for c in (data.prompt_column, data.answer_column) if c not in ds.column_names]
     if missing:
         raise DataError(f"{where}: column(s) {missing} not found; columns present: {ds.column_names}")
@@ -154,19 +214,28 @@ def _rows(data: DataConfig, split: str) -> tuple[list[tuple[str, str]], str, str
     ]
     if not rows:
         raise DataError(f"{where}: the dataset is empty (no non-empty {data.prompt_column!r} values)")
-    return rows, where, source
+    answered = [r for r in rows if r[1]]
+    if not answered:
+        raise DataError(f"{where}: no row has a reference answer in column {data.answer_column!r} (all "
+                        f"{len(rows)} missing, null or empty); refused: fix data.answer_column or the data")
+    if len(answered) < len(rows):
+        log.warning("%s: %d of %d rows have no reference answer in column %r (missing, null or empty); they are "
+                    "excluded, neither trained nor scored", where, len(rows) - len(answered), len(rows),
+                    data.answer_column)
+    return answered, where, source
 
 
 def _dataset_pairs(
-    data: DataConfig, split: str, n: int | None, seed: int, offset: int
+    data: DataConfig, split: str, n: int | None, seed: int, offset: int, cache_dir: Path | None
 ) -> tuple[list[tuple[str, str]], str]:
-    if split not in ("train", "eval"):
-        rows, _, source = _rows(data, split)
+    heldout_split = split in _EVAL_NAMES
+    if split != "train" and not heldout_split:
+        rows, _, source = _rows(data, split, cache_dir)
         return rows[offset : None if n is None else offset + n], source
-    if split == "eval" and data.eval_split is not None:
-        rows, _, source = _rows(data, data.eval_split)
+    if heldout_split and data.eval_split is not None:
+        rows, _, source = _rows(data, data.eval_split, cache_dir)
         return rows[offset : None if n is None else offset + n], source
-    rows, where, source = _rows(data, data.split)
+    rows, where, source = _rows(data, data.split, cache_dir)
     heldout: set[int] = set()
     if data.eval_split is None:
         if len(rows) <= data.eval_size:
@@ -176,7 +245,7 @@ def _dataset_pairs(
             )
         by_hash = sorted(range(len(rows)), key=lambda i: hashlib.sha256(rows[i][0].encode()).hexdigest())
         heldout = set(by_hash[: data.eval_size])
-    if split == "eval":
+    if heldout_split:
         picked = [rows[i] for i in sorted(heldout)]
         return picked[offset : None if n is None else offset + n], source
     train = [rows[i] for i in range(len(rows)) if i not in heldout]

@@ -2,14 +2,20 @@
 stages take (a local directory plus that hash), and loading through the Auto classes.
 
 `testbed:teacher`, `testbed:student` and `testbed:tokenizer` name the committed testbed assets
-(opd_tasks/testbed/assets/). Any other path is a local directory, or else a hub id that is fetched with
-`huggingface_hub.snapshot_download` (at `revision`) when the machine has internet. `trust_remote_code` is
-taken from the ref and is off by default. The hash is `storage.hashing.sha256_tree` of the local files (it
-is what goes into cache keys, never the path).
+(opd_tasks/testbed/assets/). Any other path is a local directory; only a path of the shape `org/name` with no
+such local directory is a hub id, fetched with `huggingface_hub.snapshot_download` (at `revision`) when the
+machine has internet. `trust_remote_code` is taken from the ref and is off by default. The hash is
+`storage.hashing.sha256_tree` of the local files (it is what goes into cache keys, never the path).
+
+Before a model is hashed or loaded, `check_model_dir` reads what is cheap to check (config.json present, the
+JSON and vocab files UTF-8 JSON/text, each safetensors header and size) so that a damaged directory is a
+`ModelError` naming the file, not a traceback from deep in transformers (ModelError is never retried).
 """
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,9 @@ TESTBED_REFS = {"testbed:teacher": "teacher", "testbed:student": "student", "tes
 CHECKPOINT_MODEL_DIR = "model"
 CHECKPOINT_STATE_DIR = "state"
 
+#: A hub model id: `org/name` exactly (a path of any other shape is only ever a local directory).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]$")
+
 
 class ModelSpec(BaseModel):
     """A model as stages see it: a local directory plus the hash of its content (what cache keys hold).
@@ -50,9 +59,12 @@ class ModelSpec(BaseModel):
     checkpoint: ArtifactRef | None = None  # set when the model is a checkpoint artifact (has optimizer state)
 
     @classmethod
-    def from_checkpoint(cls, store: ArtifactStore, ref: ArtifactRef, dtype: str = "auto") -> ModelSpec:
+    def from_checkpoint(cls, store: ArtifactStore, ref: ArtifactRef, parent: ModelSpec | None = None) -> ModelSpec:
+        """The model of checkpoint `ref`; `parent`, the spec it was trained from, passes on its trust_remote_code
+        and dtype (a custom-code student stays loadable after its first update)."""
         base = store.checkpoint_dir(ref)  # verifies every file's hash
-        return cls(path=str(base / CHECKPOINT_MODEL_DIR), sha256=ref.sha256, dtype=dtype, checkpoint=ref)
+        carried = {"trust_remote_code": parent.trust_remote_code, "dtype": parent.dtype} if parent else {}
+        return cls(path=str(base / CHECKPOINT_MODEL_DIR), sha256=ref.sha256, checkpoint=ref, **carried)
 
     @property
     def dir(self) -> Path:
@@ -83,35 +95,81 @@ def _local_dir(ref: ModelRef) -> Path:
     local = Path(ref.path).expanduser()
     if local.is_dir():
         return local
-    looks_local = ref.path.startswith(("/", ".", "~")) or ref.path.count("/") > 1 or local.exists()
-    if looks_local:
-        raise ModelError(f"model directory {local} does not exist (model path {ref.path!r})")
+    where = local.absolute()
+    if local.exists():
+        raise ModelError(f"model path {ref.path!r} is a file ({where}); models.*.path must be a model directory")
+    if not _HUB_ID.match(ref.path):
+        raise ModelError(f"model directory {where} does not exist (model path {ref.path!r}); fix models.*.path "
+                         "(a hub model is named 'org/name')")
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(ref.path, revision=ref.revision))
     except Exception as e:  # noqa: BLE001 - any hub failure is a model error with its cause
         raise ModelError(
-            f"model {ref.path!r} is not a local directory and could not be fetched from the hub "
-            f"(revision {ref.revision!r}): {type(e).__name__}: {e}"
+            f"model {ref.path!r} is not a local directory (looked at {where}) and not fetchable from the hub: it "
+            f"could not be fetched at revision {ref.revision!r} ({type(e).__name__}: {e}); fix models.*.path, or "
+            "check the hub id, the revision and the network (HF_HUB_OFFLINE)"
         ) from e
 
 
-def resolve_model(ref: ModelRef) -> ResolvedModel:
-    """The local directory, revision and content hash of a model ref. ModelError names a missing path."""
+#: Text files of a model directory besides its *.json files (tokenizer vocabularies).
+_TEXT_FILES = ("merges.txt", "vocab.txt")
+
+
+def check_model_dir(local: Path, need_config: bool = True) -> None:
+    """ModelError naming the file and what to do: config.json missing (when `need_config`), a JSON or vocab file
+    that is not UTF-8 or not JSON, a safetensors file whose header is corrupt or whose data is cut short, a shard
+    that a `*.safetensors.index.json` names but that is missing. Reads the headers only, not the weights."""
+    if need_config and not (local / "config.json").is_file():
+        raise ModelError(f"model directory {local} has no config.json, so it is not a transformers model; point "
+                         "models.*.path at the directory save_pretrained wrote, or re-download the model")
+    redo = "re-download or re-save the model"
+    for f in sorted(p for p in local.iterdir() if p.is_file()):
+        if f.suffix == ".json" or f.name in _TEXT_FILES:
+            try:
+                text = f.read_text(encoding="utf-8")
+                content = json.loads(text) if f.suffix == ".json" else None
+            except UnicodeDecodeError as e:
+                raise ModelError(f"{f} is not UTF-8 (byte {e.start}: {e.reason}); {redo}") from None
+            except json.JSONDecodeError as e:
+                raise ModelError(f"{f} is not valid JSON ({e}); {redo}") from None
+            if f.name.endswith(".safetensors.index.json") and isinstance(content, dict):
+                missing = sorted({s for s in content.get("weight_map", {}).values() if not (local / s).is_file()})
+                if missing:
+                    raise ModelError(f"{f} names weight shards missing from {local}: {missing}; {redo}")
+        elif f.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(f), framework="numpy"):
+                    pass
+            except Exception as e:  # noqa: BLE001 - SafetensorError (truncated, bad header) or OSError
+                raise ModelError(f"{f} is not a valid safetensors file ({e}): truncated or corrupt; {redo}") from None
+
+
+def resolve_model(ref: ModelRef, need_config: bool = False) -> ResolvedModel:
+    """The local directory, revision and content hash of a model ref, its files checked (`check_model_dir`;
+    config.json required when `need_config`). ModelError names a missing path or a damaged file."""
     local = _local_dir(ref)
+    check_model_dir(local, need_config)
+    try:
+        digest = sha256_tree(local)
+    except OSError as e:  # e.g. a hub cache symlink whose blob is gone, a file we may not read
+        raise ModelError(f"cannot read {e.filename} of model {ref.path!r} ({e.strerror}); re-download the model "
+                         "or fix the file's permissions") from e
     return ResolvedModel(
         path=ref.path,
         local_dir=str(local),
         revision=ref.revision,
-        sha256=sha256_tree(local),
+        sha256=digest,
         trust_remote_code=ref.trust_remote_code,
     )
 
 
 def spec_of(ref: ModelRef) -> ModelSpec:
-    """The `ModelSpec` of a config model ref (resolved to local files and hashed)."""
-    r = resolve_model(ref)
+    """The `ModelSpec` of a config model ref (resolved to local files, checked and hashed)."""
+    r = resolve_model(ref, need_config=True)
     return ModelSpec(path=r.local_dir, sha256=r.sha256, trust_remote_code=r.trust_remote_code, dtype=ref.dtype)
 
 
@@ -119,7 +177,9 @@ def load_tokenizer(ref: ModelRef) -> Any:
     """AutoTokenizer of the ref (`opd_tasks.backends.hf.load_tokenizer`: EOS required, PAD = EOS when missing)."""
     from opd_tasks.backends.hf import load_tokenizer as load_tokenizer_dir
 
-    return load_tokenizer_dir(_local_dir(ref), ref.trust_remote_code)
+    local = _local_dir(ref)
+    check_model_dir(local, need_config=False)
+    return load_tokenizer_dir(local, ref.trust_remote_code)
 
 
 def load_model(ref: ModelRef, device: str = "cpu", dtype: str | None = None) -> Any:
@@ -131,7 +191,9 @@ def load_model(ref: ModelRef, device: str = "cpu", dtype: str | None = None) -> 
 
     from opd_tasks.backends.hf import load_causal_lm
 
-    return load_causal_lm(_local_dir(ref), torch.device(device), dtype or ref.dtype, ref.trust_remote_code)
+    local = _local_dir(ref)
+    check_model_dir(local)
+    return load_causal_lm(local, torch.device(device), dtype or ref.dtype, ref.trust_remote_code)
 
 
 def check_tokenizers_match(teacher_tok: Any, student_tok: Any) -> None:

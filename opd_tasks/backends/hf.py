@@ -36,6 +36,7 @@ def resolve_device(device: str) -> torch.device:
 
 def load_causal_lm(path: str | Path, device: torch.device, dtype: str = "auto", trust_remote_code: bool = False):
     """AutoModelForCausalLM from a local dir, in eval mode, on `device`. bf16 on CUDA when dtype='auto'."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -48,7 +49,7 @@ def load_causal_lm(path: str | Path, device: torch.device, dtype: str = "auto", 
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # truncated weights: permanent, not retried
         raise ModelError(f"cannot load model from {path}: {e}") from e
     return model.to(device).eval()
 

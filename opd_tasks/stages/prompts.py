@@ -1,4 +1,6 @@
-"""Stage 0, `prompts`: the prompts of one iteration (or the eval set) as a `prompts` table."""
+"""Stage 0, `prompts`: the prompts of one iteration (or the eval set) as a `prompts` table.
+
+`datasets` caches under `<root>/cache/datasets` unless HF_DATASETS_CACHE or HF_HOME is set (nothing in ~)."""
 
 from __future__ import annotations
 
@@ -45,11 +47,11 @@ class PromptsInputs(StageInputs):
 def prompts(ctx: StageContext, x: PromptsInputs) -> ArtifactRef:
     """The prompts of one iteration's slice (or of the eval set), tokenized."""
     from opd_tasks.backends.hf import load_tokenizer
-    from opd_tasks.data import load_prompts
+    from opd_tasks.data import datasets_cache_dir, load_prompts
 
     tok = load_tokenizer(x.tokenizer.path, x.tokenizer.trust_remote_code)
     records = load_prompts(x.data, tok, split=x.split, n=x.n, seed=x.seed, offset=x.offset,
-                           max_context=x.max_context)
+                           max_context=x.max_context, cache_dir=datasets_cache_dir(ctx.store.root))
     if not records:
         raise DataError(f"no prompts in split {x.split!r} of {x.data.path or 'the testbed'}")
     table = pa.table(

@@ -8,7 +8,9 @@ alternating store and raw within each repetition:
   `pyarrow.parquet.read_table`, after `os.sync()` so that neither side's reads race the other's write-back,
   and after an untimed read that warms the allocator.
 Reports rows/s (median over repetitions) and the store/raw time ratio. Then DuckDB over the views: the N
-token rows spread over 2 runs x 5 iterations, `GROUP BY run, iteration, regime`.
+token rows spread over 2 runs x 5 iterations; the time to open the views with sizes checked only (`opd sql
+--no-verify`), with every file hashed (a cold ledger) and with the ledger warm (a repeated query), side by side
+in each repetition; and `GROUP BY run, iteration, regime`.
 
     python -m bench storage --rows 1000000 10000000 --reps 3
 """
@@ -30,6 +32,7 @@ from rich.table import Table
 
 from bench.common import median, peak_rss_mb, save
 from storage.hashing import sha256_json
+from storage.ledger import LEDGER_FILE
 from storage.lineage import RunLineage
 from storage.schemas import SCHEMAS, conform
 from storage.store import ArtifactStore
@@ -121,7 +124,7 @@ def bench_table(name: str, table: pa.Table, reps: int, work: Path) -> dict:
                 r_raw.append(time.perf_counter() - t0)
             assert back.num_rows == table.num_rows
             del back
-        shutil.rmtree(ref.uri)
+        shutil.rmtree(store.path_of(ref))
         raw_path.unlink()
     n = table.num_rows
     return {
@@ -161,17 +164,26 @@ def bench_duckdb(n: int, reps: int, work: Path) -> dict:
         "FROM tokens GROUP BY run, iteration, regime"
     )
     times, connect_times = [], []
+    # Opening the views, side by side: sizes only (--no-verify), every file hashed (a cold ledger: first query
+    # after the files were written or changed), and the ledger warm (a repeated query).
+    connect_s: dict[str, list[float]] = {"no_verify": [], "verify_cold": [], "verify_warm": []}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        con = connect(root)
-        connect_times.append(time.perf_counter() - t0)
+        for mode in connect_s:
+            if mode == "verify_cold":
+                (root / LEDGER_FILE).unlink(missing_ok=True)
+            t0 = time.perf_counter()
+            con = connect(root, verify=mode != "no_verify")
+            connect_s[mode].append(time.perf_counter() - t0)
+        connect_times.append(connect_s["verify_warm"][-1])
         t0 = time.perf_counter()
         rows = con.sql(query).fetchall()
         times.append(time.perf_counter() - t0)
         assert len(rows) == 30 and sum(r[3] for r in rows) == per * 10
+    data_bytes = sum(r.bytes for r in store.iter_artifacts())
     shutil.rmtree(root)
     return {"rows": per * 10, "query": query, "query_s": median(times), "connect_s": median(connect_times),
-            "rows_per_s": per * 10 / median(times)}
+            "rows_per_s": per * 10 / median(times), "data_mb": data_bytes / 1e6,
+            **{f"connect_{mode}_s": median(v) for mode, v in connect_s.items()}}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -200,9 +212,12 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{r['write_raw_rows_s']:,.0f}", f"{r['read_store_rows_s']:,.0f}", f"{r['read_raw_rows_s']:,.0f}",
                   f"{r['write_ratio']:.2f}", f"{r['read_ratio']:.2f}", f"{r['total_ratio']:.2f}")
     console.print(t)
-    d = Table("token rows", "views connect s", "GROUP BY run, iteration, regime s", "rows/s", title="DuckDB")
+    d = Table("token rows", "MB", "open views: --no-verify s", "verify, cold ledger s", "verify, warm ledger s",
+              "GROUP BY run, iteration, regime s", "rows/s", title="DuckDB (median)")
     for r in results["duckdb"]:
-        d.add_row(f"{r['rows']:,}", f"{r['connect_s']:.3f}", f"{r['query_s']:.3f}", f"{r['rows_per_s']:,.0f}")
+        d.add_row(f"{r['rows']:,}", f"{r['data_mb']:.0f}", f"{r['connect_no_verify_s']:.3f}",
+                  f"{r['connect_verify_cold_s']:.3f}", f"{r['connect_verify_warm_s']:.3f}", f"{r['query_s']:.3f}",
+                  f"{r['rows_per_s']:,.0f}")
     console.print(d)
     out = save("storage", results)
     console.print(f"results: {out}  (peak RSS {results['peak_rss_mb']:.0f} MB)")

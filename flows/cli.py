@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from opd_tasks.errors import OpdError
+from opd_tasks.errors import ConfigError, OpdError
 from opd_tasks.method import METHODS
 from opd_tasks.stages import STAGES, gpu_stages
 
@@ -112,21 +112,25 @@ def sql_cmd(
     fmt: Annotated[str, typer.Option("--format", "-f", help="table | csv | json | parquet")] = "table",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file.")] = None,
     run: Annotated[list[str] | None, typer.Option("--run", help="Only these runs (repeatable).")] = None,
-    verify: Annotated[bool, typer.Option("--verify", help="Re-hash every file before querying.")] = False,
-    limit: Annotated[int, typer.Option(help="Rows shown in table format.")] = 50,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check every file the views read against its "
+                                         "manifest's sha256 (files hashed before and unchanged since are taken from "
+                                         "the root's ledger); --no-verify checks sizes only.")] = True,
+    limit: Annotated[int, typer.Option(min=0, help="Rows shown in table format.")] = 50,
 ) -> None:
-    """Run DuckDB SQL over every run's artifacts. Example: opd sql "SELECT run, count(*) FROM tokens GROUP BY 1"."""
+    """Run one read-only DuckDB query over every run's artifacts. Example:
+    opd sql "SELECT run, count(*) FROM tokens GROUP BY 1". It cannot write or reach outside the root's artifacts
+    (COPY, ATTACH, INSTALL, reading other files are refused); save a result with --output."""
     import duckdb
 
-    from storage.views import connect
+    from storage.views import connect, read_only_query
 
     if fmt not in ("table", "csv", "json", "parquet"):
         _fail(ValueError(f"--format must be table, csv, json or parquet, got {fmt!r}"))
     if fmt == "parquet" and output is None:
         _fail(ValueError("--format parquet needs --output FILE"))
     try:
-        con = connect(_root(root), runs=run, verify_files=verify)
-        rel = con.sql(query)
+        con = connect(_root(root), runs=run, verify=verify)
+        rel = read_only_query(con, query)
     except OpdError as e:
         _fail(e)
     except duckdb.Error as e:
@@ -171,32 +175,38 @@ def verify_cmd(
     run: Annotated[str | None, typer.Argument(help="Only the artifacts this run points at.")] = None,
     root: RootOpt = None,
 ) -> None:
-    """Re-hash every artifact (or a run's); name each bad file; exit 1 if any is bad."""
-    from storage.lineage import RunLineage
+    """Re-hash every artifact (or a run's); name each bad file; exit 1 if any is bad. Without a run it also
+    names the artifacts that the store recorded publishing, or a run points at, whose directory is gone."""
+    from storage.lineage import RunLineage, list_runs
     from storage.store import ArtifactStore
 
     store = ArtifactStore(_root(root))
+    problems: list[str] = []
     try:
         if run:
             lin = RunLineage(store.layout, run)
             if not lin.exists():
                 _fail(ValueError(f"no run named {run!r} under {store.root}"))
-            refs = {e.ref.sha256: e.ref for e in lin.entries()}.values()
+            refs = list({e.ref.sha256: e.ref for e in lin.entries()}.values())
         else:
-            refs = list(store.iter_artifacts())
+            refs = list(store.iter_artifacts(on_bad=problems.append))
+            gone = set(store.missing_artifacts())
+            gone |= {(e.ref.stage, e.ref.key) for r in list_runs(store.layout) for e in r.entries()
+                     if not (store.layout.artifact_dir(e.ref.stage, e.ref.key) / "_manifest.json").is_file()}
+            problems += [f"artifact {stage}/{key} is missing: its directory "
+                         f"{store.layout.artifact_dir(stage, key)} is gone" for stage, key in sorted(gone)]
     except OpdError as e:
         _fail(e)
-    bad = 0
-    n = 0
+    n = len(refs) + len(problems)  # the problems so far are artifacts outside `refs`
     for ref in refs:
-        n += 1
         try:
             store.verify(ref)
         except OpdError as e:
-            bad += 1
-            err_console.print(f"[red]BAD[/] {e}", highlight=False)
-    console.print(f"{n - bad} of {n} artifacts OK")
-    if bad:
+            problems.append(str(e))
+    for msg in problems:
+        err_console.print(f"[red]BAD[/] {msg}", highlight=False)
+    console.print(f"{n - len(problems)} of {n} artifacts OK")
+    if problems:
         raise typer.Exit(1)
 
 
@@ -205,7 +215,7 @@ def show_cmd(
     run: Annotated[str, typer.Argument(help="Run name.")],
     iteration: Annotated[int | None, typer.Option("--iteration", "-i", help="Only this iteration.")] = None,
     stage: Annotated[str | None, typer.Option("--stage", "-s", help="Only this stage (with -i: its rows).")] = None,
-    rows: Annotated[int, typer.Option(help="Rows of each table shown for one stage.")] = 5,
+    rows: Annotated[int, typer.Option(min=0, help="Rows of each table shown for one stage.")] = 5,
     root: RootOpt = None,
 ) -> None:
     """What each stage of a run produced: artifact, rows, cache hit, seconds; for one stage, its summary and
@@ -220,8 +230,16 @@ def show_cmd(
         _fail(e)
     if not lin.exists():
         _fail(ValueError(f"no run named {run!r} under {store.root}"))
-    entries = [e for e in lin.entries() if (iteration is None or e.iteration == iteration)
-               and (stage is None or e.stage == stage)]
+    recorded = lin.entries()
+    its = sorted({e.iteration for e in recorded})
+    if iteration is not None and iteration not in its:
+        _fail(ConfigError(f"run {run!r} has no iteration {iteration}; its iterations: "
+                          f"{f'{its[0]}..{its[-1]} ({len(its)})' if its else 'none recorded'}"))
+    recorded = [e for e in recorded if iteration is None or e.iteration == iteration]
+    if stage is not None and stage not in (stages := sorted({e.stage for e in recorded})):
+        where = "" if iteration is None else f" at iteration {iteration}"
+        _fail(ConfigError(f"run {run!r} has no stage {stage!r}{where}; stages recorded: {', '.join(stages) or 'none'}"))
+    entries = [e for e in recorded if stage is None or e.stage == stage]
     t = Table("iteration", "stage", "state", "seconds", "tables", "rows", "artifact", title=f"run {run}")
     for e in entries:
         t.add_row(str(e.iteration), e.stage, "cached" if e.cached else "computed",
@@ -267,30 +285,47 @@ def bootstrap_cmd(
     raise typer.Exit(rc or 0)
 
 
+def _check_resumable(root: Path, run: str) -> None:
+    """`--resume` continues a run: ConfigError naming the root and the runs it holds when `run` is not one."""
+    from storage.layout import Layout
+    from storage.lineage import list_runs
+
+    known = [r.run for r in list_runs(root)]
+    if run not in known:
+        there = ", ".join(known[:10]) + (f" and {len(known) - 10} more (opd runs)" if len(known) > 10 else "")
+        raise ConfigError(f"--resume: no run named {run!r} under {Layout(root).root} (runs there: {there or 'none'});"
+                          " drop --resume to start it, or name a run there")
+
+
 @app.command("run")
 def run_cmd(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     name: Annotated[str | None, typer.Option("--name", help="Run name (overrides the config's).")] = None,
     method: Annotated[str | None, typer.Option("--method", help=" | ".join(METHODS))] = None,
-    iterations: Annotated[int | None, typer.Option("--iterations", "-n", help="Iterations to run.")] = None,
+    iterations: Annotated[int | None, typer.Option("--iterations", "-n", min=1, help="Iterations to run.")] = None,
     refresh: Annotated[list[str] | None, typer.Option("--refresh", help="Recompute this stage (repeatable): "
                                                       f"{', '.join(STAGES)}.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run after its latest checkpoint, on new "
                                                           "prompts, for N more iterations.")] = False,
 ) -> None:
     """Run a distillation as a Prefect flow: baseline eval, then N iterations of rollout -> score -> update ->
-    evaluate. Rerunning computes only what is missing."""
+    evaluate. Rerunning computes only what is missing. A refused flag writes nothing; a run of the same name
+    already running elsewhere is refused."""
     from opd_tasks.config import load_config
 
     overrides = list(set_ or [])
-    overrides += [f"name={name}"] if name else []
-    overrides += [f"method={method}"] if method else []
-    overrides += [f"iterations={iterations}"] if iterations else []
+    overrides += [f"name={name}"] if name is not None else []
+    overrides += [f"method={method}"] if method is not None else []
+    overrides += [f"iterations={iterations}"] if iterations is not None else []
     try:
         cfg = load_config(config, overrides)
         from flows.run import run_and_report
+        from opd_tasks.pipeline import check_refresh
 
+        check_refresh(refresh or [])
+        if resume:
+            _check_resumable(cfg.resolved_root(), cfg.name)
         run_and_report(cfg, console, refresh or [], resume)
     except OpdError as e:
         _fail(e)
@@ -323,7 +358,8 @@ def experiment_cmd(
     primary: Annotated[str | None, typer.Option(help="The arm the verdict compares with opd (default: topd).")] =
         None,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
-    iterations: Annotated[int | None, typer.Option("--iterations", "-n", help="Iterations per run.")] = None,
+    iterations: Annotated[int | None, typer.Option("--iterations", "-n", min=1, help="Iterations per run.")] =
+        None,
     eval_size: Annotated[int, typer.Option("--eval-size", min=1, help="Problems in the eval set every run shares "
                                                                       "(data.eval_size; a --set wins).")] = 1000,
     report: Annotated[bool, typer.Option(help="Build the report at the end.")] = True,
@@ -340,7 +376,7 @@ def experiment_cmd(
         ss = _csv(seeds, "--seeds", int)
         conds = _csv(conditions, "--conditions") if conditions else None
         cfg = load_config(config, [f"data.eval_size={eval_size}", *(set_ or []),
-                                   *([f"iterations={iterations}"] if iterations else [])])
+                                   *([f"iterations={iterations}"] if iterations is not None else [])])
         from storage.layout import check_name
 
         check_name("experiment", name)
@@ -352,8 +388,11 @@ def experiment_cmd(
                      f" x seeds {ss}{f' x conditions {conds}' if conds else ''}), {cfg.iterations} iterations each, "
                      f"root {cfg.resolved_root().resolve()}")
         cmd = "opd experiment " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "opd experiment"
-        res = experiment(cfg.model_dump(mode="json"), arms, ss, name, report=report,
-                         report_out=str(out) if out else None, command=cmd, conditions=conds, primary=primary)
+        from flows.run import run_lock
+
+        with run_lock(cfg.resolved_root(), [p.run for p in plan]):
+            res = experiment(cfg.model_dump(mode="json"), arms, ss, name, report=report,
+                             report_out=str(out) if out else None, command=cmd, conditions=conds, primary=primary)
     except OpdError as e:
         _fail(e)
     t = Table("run", "arm", "seed", "accuracy per iteration", "stages from cache", "seconds",
@@ -389,7 +428,7 @@ def report_cmd(
     root: RootOpt = None,
     out: Annotated[Path | None, typer.Option(help="Report directory (default: <root>/reports/<first run>).")] = None,
     title: Annotated[str | None, typer.Option(help="Report title.")] = None,
-    examples: Annotated[int, typer.Option(help="Rollouts shown token by token.")] = 3,
+    examples: Annotated[int, typer.Option(min=0, help="Rollouts shown token by token.")] = 3,
     publish: Annotated[bool | None, typer.Option(
         "--publish/--no-publish", help="Publish the markdown as a Prefect artifact (default: when PREFECT_API_URL "
                                        "names a server).")] = None,
@@ -423,7 +462,8 @@ def serve_cmd(
     set_: SetOpt = None,
     cron: Annotated[str | None, typer.Option(help='Cron schedule, e.g. "0 2 * * *" (nightly at 02:00).')] = None,
     name: Annotated[str, typer.Option("--name", help="Deployment name; also the run it continues.")] = "nightly",
-    iterations: Annotated[int, typer.Option("--iterations", "-n", help="Iterations per scheduled run.")] = 1,
+    iterations: Annotated[int, typer.Option("--iterations", "-n", min=1, help="Iterations per scheduled run.")] =
+        1,
 ) -> None:
     """Serve the distill flow as a deployment (needs a Prefect server: `prefect server start`). Each run,
     scheduled or triggered with `prefect deployment run distill/NAME`, continues run NAME from its latest
@@ -450,7 +490,7 @@ def deploy_cmd(
     set_: SetOpt = None,
     cron: Annotated[str | None, typer.Option(help='Cron schedule, e.g. "0 2 * * *".')] = None,
     name: Annotated[str, typer.Option("--name", help="Deployment name; also the run it continues.")] = "nightly",
-    iterations: Annotated[int, typer.Option("--iterations", "-n", help="Iterations per run.")] = 1,
+    iterations: Annotated[int, typer.Option("--iterations", "-n", min=1, help="Iterations per run.")] = 1,
 ) -> None:
     """Register the distill flow as a deployment on a work pool (its workers run it from this checkout's
     source; a `process` pool runs it locally). Like `opd serve`, each run continues run NAME."""

@@ -8,6 +8,7 @@ still shows them.
 
 Retries: exponential backoff with jitter; errors marked non-retryable (config, data, model, artifact, training)
 are not retried (flows/stage_task.py). Cache records are Prefect results (JSON) under `<root>/prefect/results`.
+A run is locked while the flow writes it (`flows.run.run_lock`): a second flow of the same run name is refused.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.run import run_lock
 from flows.runners import PrefectStageRunner
 from opd_tasks.config import RunConfig
-from opd_tasks.pipeline import Distillation, IterationResult, open_run, run_distillation
+from opd_tasks.pipeline import Distillation, IterationResult, check_refresh, open_run, run_distillation
 
 
 def publish_iteration(result: IterationResult, run: Distillation) -> None:
@@ -46,6 +48,8 @@ def distill(config: dict, refresh: list[str] | None = None, resume: bool = False
     are cache hits where they already ran).
     """
     cfg = RunConfig.model_validate(config)
-    store, lineage = open_run(cfg)
-    runner = PrefectStageRunner(store, lineage, cfg, refresh=refresh or [], log=get_run_logger().info)
-    return run_distillation(runner, cfg, resume=resume, on_iteration=publish_iteration).summary()
+    check_refresh(refresh or [])  # before open_run records the run: a refused flag writes nothing
+    with run_lock(cfg.resolved_root(), [cfg.name]):
+        store, lineage = open_run(cfg)
+        runner = PrefectStageRunner(store, lineage, cfg, refresh=refresh or [], log=get_run_logger().info)
+        return run_distillation(runner, cfg, resume=resume, on_iteration=publish_iteration).summary()

@@ -142,6 +142,8 @@ class StageRunner:
         label = label or stage.name
         key = stage.key(inputs)  # the one computation of this call's key: the store and Prefect both use it
         existing = self.store.lookup(stage.name, key)
+        while self.store.quarantined:  # a corrupted artifact under the key: moved aside, recomputed below
+            self.log(f"warning: {self.store.quarantined.pop(0)}; recomputing")
         if existing is not None and stage.name in self.refresh:
             moved = self.store.retire(existing)
             self.log(f"--refresh {stage.name}: retired {existing.short()} to {moved}")
@@ -194,9 +196,12 @@ def max_prompt_tokens(model: ModelSpec, max_new_tokens: int) -> int | None:
 
 
 def eval_prompts_inputs(cfg: RunConfig, models: Models) -> PromptsInputs:
-    """The held-out eval set: `data.eval_size` prompts of the eval split drawn with `data.eval_seed`, the same for
-    every iteration, and for every run seed and method (so comparisons are paired)."""
-    return PromptsInputs(data=cfg.data, tokenizer=models.initial_student, split=cfg.data.eval_split or "test",
+    """The held-out eval set: `data.eval_size` prompts of `data.eval_split` (default: the loader's held-out split,
+    `opd_tasks.data.EVAL_SPLIT`) drawn with `data.eval_seed`, the same for every iteration, and for every run seed
+    and method (so comparisons are paired)."""
+    from opd_tasks.data import EVAL_SPLIT
+
+    return PromptsInputs(data=cfg.data, tokenizer=models.initial_student, split=cfg.data.eval_split or EVAL_SPLIT,
                          n=cfg.data.eval_size, offset=0,
                          max_context=max_prompt_tokens(models.initial_student, cfg.evaluation.max_new_tokens),
                          seed=cfg.data.eval_seed)
@@ -233,7 +238,7 @@ def run_iteration(runner: StageRunner, cfg: RunConfig, method: MethodPlan, itera
     checkpoint = run(UPDATE, UpdateInputs(student=student, rollouts=rollouts, scores=scores, analysis=analysis,
                                           teacher=models.teacher, update=cfg.update, bridge=method.bridge,
                                           advantage=method.advantage, seed=seed))
-    new_student = ModelSpec.from_checkpoint(store, checkpoint)
+    new_student = ModelSpec.from_checkpoint(store, checkpoint, student)
     evals = run(EVALUATE, EvaluateInputs(model=new_student, prompts=eval_prompts, evaluation=cfg.evaluation,
                                          checker=checker, seed=seed))
     return IterationResult(iteration, done, checkpoint, accuracy(store, evals),
@@ -262,7 +267,7 @@ def run_distillation(runner: StageRunner, cfg: RunConfig, resume: bool = False,
     student, first = models.initial_student, 0
     latest = runner.lineage.latest("update") if resume else None
     if latest is not None:
-        student, first = ModelSpec.from_checkpoint(store, latest.ref), latest.iteration + 1
+        student, first = ModelSpec.from_checkpoint(store, latest.ref, models.initial_student), latest.iteration + 1
         runner.log(f"resuming run {cfg.name} after iteration {latest.iteration} from checkpoint {latest.ref.short()}")
     for iteration in range(first, first + cfg.iterations):
         result = run_iteration(runner, cfg, method, iteration, student, models, eval_prompts)
@@ -271,7 +276,7 @@ def run_distillation(runner: StageRunner, cfg: RunConfig, resume: bool = False,
                    f"mean loss {result.mean_loss:.4f}")
         if on_iteration is not None:
             on_iteration(result, out)
-        student = ModelSpec.from_checkpoint(store, result.checkpoint)
+        student = ModelSpec.from_checkpoint(store, result.checkpoint, student)
     return out
 
 
@@ -286,6 +291,7 @@ def open_run(cfg: RunConfig) -> tuple[ArtifactStore, RunLineage]:
 def run_plain(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool = True,
               refresh: Iterable[str] = (), resume: bool = False) -> Distillation:
     """A whole run in this process, without Prefect (tests, benchmarks, debugging)."""
+    refresh = check_refresh(refresh)  # before open_run records the run: a refused flag writes nothing
     store, lineage = open_run(cfg)
     return run_distillation(StageRunner(store, lineage, cfg, refresh=refresh, progress=progress, log=log), cfg,
                             resume=resume)

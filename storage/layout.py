@@ -3,8 +3,12 @@
 ```
 <root>/artifacts/<stage>/<cache_key>/   part files + _manifest.json (immutable, content-addressed)
 <root>/artifacts/<stage>/.tmp-*         in-flight writes; never read; a dead writer's go at the key's next publish
+<root>/published/<stage>/<cache_key>    the sha256 of the manifest the store published under the key (its record)
+<root>/retired/<stage>/<key>-<time>     artifacts moved out of the cache (--refresh, or found corrupted)
 <root>/runs/<name>/                     run.json + lineage/<iteration>-<stage>.json pointers
 <root>/prefect/results/                 Prefect's result store (same lifetime as the artifacts)
+<root>/cache/datasets/                  the `datasets` library's cache (unless HF_DATASETS_CACHE or HF_HOME is set)
+<root>/verified.sqlite                  the ledger of verified files (storage/ledger.py)
 ```
 """
 
@@ -14,7 +18,7 @@ import os
 import re
 from pathlib import Path
 
-from storage.errors import ConfigError
+from storage.errors import ConfigError, DiskFullError
 
 MANIFEST = "_manifest.json"
 TMP_PREFIX = ".tmp-"
@@ -63,6 +67,18 @@ class Layout:
     def prefect_results(self) -> Path:
         return self.root / "prefect" / "results"
 
+    @property
+    def published(self) -> Path:
+        return self.root / "published"
+
+    def published_record(self, stage: str, key: str) -> Path:
+        """Where the store records the manifest sha256 it published under (stage, key)."""
+        return self.published / check_name("stage", stage) / check_key(key)
+
+    def relative(self, path: Path) -> str:
+        """`path` under the root, as the POSIX path relative to it (what refs and records hold)."""
+        return path.relative_to(self.root).as_posix()
+
     def stage_dir(self, stage: str) -> Path:
         return self.artifacts / check_name("stage", stage)
 
@@ -71,3 +87,20 @@ class Layout:
 
     def run_dir(self, run: str) -> Path:
         return self.runs / check_name("run", run)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temp file, fsync and rename: a reader sees the old bytes or the new."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if full := DiskFullError.wrap(e, f"writing {path}"):
+            raise full from e
+        raise

@@ -13,7 +13,6 @@ used the same inputs point at the same artifact directory.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,18 +20,8 @@ from typing import Any
 
 from storage.errors import ArtifactError
 from storage.hashing import canonical_json
-from storage.layout import Layout, check_name
+from storage.layout import Layout, atomic_write, check_name
 from storage.refs import ArtifactRef
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -88,7 +77,7 @@ class RunLineage:
         """Create the run (or update its info). `created_at` is kept from the first call."""
         current = self.info()
         merged = {**current, **info, "name": self.run, "created_at": current.get("created_at", time.time())}
-        _atomic_write(self.dir / "run.json", canonical_json(merged))
+        atomic_write(self.dir / "run.json", canonical_json(merged))
 
     def _entry_path(self, iteration: int, stage: str) -> Path:
         check_name("stage", stage)
@@ -113,8 +102,8 @@ class RunLineage:
             old = LineageEntry.from_json(json.loads(path.read_text()))
             if old.ref.sha256 != ref.sha256:
                 stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(old.recorded_at))
-                _atomic_write(self.dir / "history" / f"{stamp}-{path.name}", path.read_bytes())
-        _atomic_write(path, canonical_json(entry.to_json()))
+                atomic_write(self.dir / "history" / f"{stamp}-{path.name}", path.read_bytes())
+        atomic_write(path, canonical_json(entry.to_json()))
         return entry
 
     def entries(self) -> list[LineageEntry]:

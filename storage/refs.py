@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -17,7 +15,9 @@ class ArtifactRef(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    uri: str = Field(description="Absolute location of the artifact directory (a local path for now).")
+    uri: str = Field(description="The artifact directory relative to the storage root (`artifacts/<stage>/<key>`); "
+                     "informative: a store finds an artifact by stage and key under its own root "
+                     "(`ArtifactStore.path_of`).")
     stage: str
     key: str = Field(description="The cache key the artifact was published under.")
     sha256: str = Field(description="sha256 of the artifact's _manifest.json.")
@@ -26,10 +26,6 @@ class ArtifactRef(BaseModel):
     schema_name: str = Field(description="The table's schema name; with several tables their names joined by '+' "
                              "(e.g. 'probes+tokens'), with none 'files'.")
     schema_version: int = Field(ge=0)
-
-    @property
-    def path(self) -> Path:
-        return Path(self.uri)
 
     def short(self) -> str:
         return f"{self.stage}/{self.key[:12]} ({self.rows} rows, {self.bytes} B, sha256 {self.sha256[:12]})"

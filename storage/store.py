@@ -13,6 +13,17 @@ stored is ever overwritten.
 Reading: `read_table` / `checkpoint_dir` verify the manifest hash against the ref and every file's hash
 against the manifest, and raise `ArtifactError` naming the bad file before any byte is consumed.
 
+The store's record: when it publishes an artifact, the store also writes the manifest's sha256 to
+`<root>/published/<stage>/<key>`. A lookup (a cache hit) checks the manifest against that record: a manifest
+that differs from it (edited, or a part file replaced and its hash "fixed"), or that cannot be parsed, is
+corrupted: it is moved to `<root>/retired/` with a warning naming it, and the lookup misses, so the stage
+recomputes; it is never adopted. An artifact without a record (published before records existed, or a crash
+between the rename and the record) is adopted only after every file checked out against its manifest.
+
+Paths: refs, records and lineage hold locations relative to the root (`artifacts/<stage>/<key>`), and the store
+finds an artifact by its stage and key under its own root, so a moved root keeps working and a copied one never
+reads the original.
+
 An artifact may hold several tables (e.g. the analysis stage writes `tokens` and `probes`) and free-form
 files (a checkpoint's `save_pretrained` directory). Table parts live at `<table>/part-NNNNN.parquet`.
 
@@ -33,7 +44,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -41,9 +52,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.errors import ArtifactError, TransientError
+from storage.errors import ArtifactError, DiskFullError, TransientError
 from storage.hashing import canonical_json, sha256_bytes, sha256_file
-from storage.layout import MANIFEST, TMP_PREFIX, Layout, check_key, check_name
+from storage.layout import MANIFEST, TMP_PREFIX, Layout, atomic_write, check_key, check_name
+from storage.ledger import VerifiedLedger
 from storage.refs import ArtifactRef
 from storage.remote import RemoteMirror, check_rel_path
 from storage.schemas import TableSchema, check_file_schema, conform, get_schema
@@ -145,8 +157,8 @@ class ArtifactWriter:
         self._tables.setdefault(name, {"schema_version": schema.version, "rows": 0, "parts": 0})
 
     def _os_error(self, e: OSError, where: Path) -> ArtifactError:
-        if e.errno == errno.ENOSPC:
-            return ArtifactError(f"disk full while writing {where} (artifact {self.stage}/{self.key} discarded)")
+        if full := DiskFullError.wrap(e, f"writing {where} (artifact {self.stage}/{self.key} discarded)"):
+            return full
         return ArtifactError(f"cannot write {where}: {e}")
 
     # -- publish ------------------------------------------------------------------------------------
@@ -216,11 +228,13 @@ class ArtifactWriter:
             self.abort()
             ref = self.store._lookup_local(self.stage, self.key)
             if ref is None:
-                raise ArtifactError(f"{self.final} exists but has no {MANIFEST}") from None
+                raise TransientError(f"{self.final}: another writer's artifact was there but is not usable "
+                                     "(see the warning above); retry the stage") from None
             self.store.verify(ref)
             return ref, False
         self._done = True
         _fsync_dir(self.final.parent)
+        self.store._record(self.stage, self.key, data)
         return self.store._ref_from_manifest(self.final, data), True
 
     def abort(self) -> None:
@@ -252,6 +266,8 @@ class ArtifactStore:
         self.remote: RemoteMirror | None = RemoteMirror(remote, storage_options) if remote else None
         #: Artifacts this instance published (not found in the cache): lets a driver tell computed from cached.
         self.published: list[ArtifactRef] = []
+        #: What this instance found corrupted and moved out of the cache (one message each), for the driver's log.
+        self.quarantined: list[str] = []
 
     @property
     def remote_uri(self) -> str | None:
@@ -277,6 +293,8 @@ class ArtifactStore:
     def _ref_from_manifest(self, adir: Path, data: bytes) -> ArtifactRef:
         try:
             m = json.loads(data)
+            if (m["stage"], m["key"]) != (adir.parent.name, adir.name):
+                raise ValueError(f"it names artifact {m['stage']}/{m['key']}")
             tables = m["tables"]
             rows = sum(int(t["rows"]) for t in tables.values())
             if len(tables) == 1:
@@ -286,7 +304,7 @@ class ArtifactStore:
                 schema_name = "+".join(sorted(tables)) if tables else "files"
                 version = 0
             return ArtifactRef(
-                uri=str(adir),
+                uri=self.layout.relative(adir),
                 stage=m["stage"],
                 key=m["key"],
                 sha256=sha256_bytes(data),
@@ -318,11 +336,47 @@ class ArtifactStore:
         return self._pull(stage, key)
 
     def _lookup_local(self, stage: str, key: str) -> ArtifactRef | None:
+        """The local artifact under (stage, key) if its manifest is the one the store published; a corrupted one
+        is moved to `<root>/retired/` (see the module docstring) and the lookup misses."""
         adir = self.layout.artifact_dir(stage, key)
         mpath = adir / MANIFEST
         if not mpath.is_file():
             return None
-        return self._ref_from_manifest(adir, mpath.read_bytes())
+        data = mpath.read_bytes()
+        try:
+            ref = self._checked_ref(adir, data)
+            if self.recorded_sha256(stage, key) is None:
+                self.verify(ref)  # no record: adopt only if every file is as the manifest says
+                self._record(stage, key, data)
+        except ArtifactError as e:
+            moved = self._retire_local(stage, key, reason="corrupted")
+            msg = f"artifact {stage}/{key} is corrupted and was moved out of the cache to {moved}: {e}"
+            log.warning("%s; the stage recomputes", msg)
+            self.quarantined.append(msg)
+            return None
+        return ref
+
+    def _checked_ref(self, adir: Path, data: bytes) -> ArtifactRef:
+        """The ref of manifest `data` in `adir`; ArtifactError if it does not parse or is not the manifest the store
+        recorded when it published the artifact (no record: not checked here)."""
+        ref = self._ref_from_manifest(adir, data)
+        recorded = self.recorded_sha256(ref.stage, ref.key)
+        if recorded is not None and ref.sha256 != recorded:
+            raise ArtifactError(f"{adir / MANIFEST}: sha256 {ref.sha256[:16]}... is not the {recorded[:16]}... "
+                                "recorded when the artifact was published (the manifest was edited or corrupted)")
+        return ref
+
+    def _record(self, stage: str, key: str, manifest: bytes) -> None:
+        """Record the sha256 of the manifest published under (stage, key)."""
+        atomic_write(self.layout.published_record(stage, key), (sha256_bytes(manifest) + "\n").encode())
+
+    def recorded_sha256(self, stage: str, key: str) -> str | None:
+        """The sha256 of the manifest the store published under (stage, key), or None if it has no record."""
+        try:
+            text = self.layout.published_record(stage, key).read_text().strip()
+        except (FileNotFoundError, UnicodeDecodeError):
+            return None
+        return text if len(text) == 64 else None
 
     # -- remote mirror ------------------------------------------------------------------------------
     def _push(self, ref: ArtifactRef, verified: bool = False) -> ArtifactRef:
@@ -334,7 +388,7 @@ class ArtifactStore:
         remote = self.remote
         if remote is None:
             return ref
-        adir = Path(ref.uri)
+        adir = self.layout.artifact_dir(ref.stage, ref.key)
         data = (adir / MANIFEST).read_bytes()
         theirs = remote.manifest_bytes(ref.stage, ref.key)
         if theirs is None:
@@ -345,7 +399,7 @@ class ArtifactStore:
             theirs = remote.manifest_bytes(ref.stage, ref.key)
         if theirs is None or theirs == data:
             return ref
-        moved = self._retire_local(ref)
+        moved = self._retire_local(ref.stage, ref.key)
         log.warning(
             "artifact %s/%s: %s holds a different manifest (sha256 %s..., ours %s...); two writers computed "
             "different bytes for one cache key. The remote one was first and is used; ours was moved to %s",
@@ -399,18 +453,18 @@ class ArtifactStore:
         ref, _ = w._publish(data, paths)
         return ref
 
-    def _dir(self, ref: ArtifactRef) -> Path:
-        """The local directory of `ref`: its uri, else (with a remote) this root's copy, pulled if needed."""
-        p = Path(ref.uri)
-        if self.remote is None or (p / MANIFEST).is_file():
-            return p
+    def path_of(self, ref: ArtifactRef) -> Path:
+        """The directory of `ref` under this root (found by stage and key, never by a path the ref carries); with
+        a remote, pulled from it if only the remote has the artifact."""
         own = self.layout.artifact_dir(ref.stage, ref.key)
-        if (own / MANIFEST).is_file() or self._pull(ref.stage, ref.key) is not None:
-            return own
-        return p
+        if self.remote is not None and not (own / MANIFEST).is_file():
+            self._pull(ref.stage, ref.key)
+        return own
 
-    def iter_artifacts(self) -> Iterator[ArtifactRef]:
-        """Every published artifact under the root (temp dirs are skipped)."""
+    def iter_artifacts(self, on_bad: Callable[[str], None] | None = None) -> Iterator[ArtifactRef]:
+        """Every published artifact under the root (temp dirs are skipped). One whose manifest does not parse or
+        is not the one the store recorded raises ArtifactError, or, with `on_bad`, is passed to it (the message)
+        and skipped. Read-only: unlike a lookup, this never moves anything."""
         if not self.layout.artifacts.is_dir():
             return
         for sdir in sorted(self.layout.artifacts.iterdir()):
@@ -419,12 +473,27 @@ class ArtifactStore:
             for adir in sorted(sdir.iterdir()):
                 if adir.name.startswith(TMP_PREFIX) or not (adir / MANIFEST).is_file():
                     continue
-                yield self._ref_from_manifest(adir, (adir / MANIFEST).read_bytes())
+                try:
+                    ref = self._checked_ref(adir, (adir / MANIFEST).read_bytes())
+                except ArtifactError as e:
+                    if on_bad is None:
+                        raise
+                    on_bad(str(e))
+                    continue
+                yield ref
+
+    def missing_artifacts(self) -> list[tuple[str, str]]:
+        """(stage, key) of every artifact the store recorded publishing whose directory is gone."""
+        if not self.layout.published.is_dir():
+            return []
+        return [(rec.parent.name, rec.name) for rec in sorted(self.layout.published.glob("*/*"))
+                if not rec.name.startswith(".") and not (self.layout.artifact_dir(rec.parent.name, rec.name)
+                                                         / MANIFEST).is_file()]
 
     # -- verification -------------------------------------------------------------------------------
     def manifest(self, ref: ArtifactRef) -> dict[str, Any]:
         """The artifact's manifest, checked against `ref.sha256`."""
-        mpath = self._dir(ref) / MANIFEST
+        mpath = self.path_of(ref) / MANIFEST
         try:
             data = mpath.read_bytes()
         except FileNotFoundError:
@@ -435,21 +504,31 @@ class ArtifactStore:
             raise ArtifactError(f"{mpath}: sha256 {got[:16]}... does not match the ref's {ref.sha256[:16]}...")
         return json.loads(data)
 
-    def verify(self, ref: ArtifactRef, files: list[str] | None = None) -> dict[str, Any]:
-        """Check the manifest and every listed file (or only `files`); raise ArtifactError naming the bad one."""
+    def verify(self, ref: ArtifactRef, files: list[str] | None = None,
+               ledger: VerifiedLedger | None = None) -> dict[str, Any]:
+        """Check the manifest and every listed file (or only `files`); raise ArtifactError naming the bad one.
+
+        With a `ledger` (storage/ledger.py), a file it saw hashed to the expected sha256, unchanged since by size,
+        mtime and inode, is not hashed again, and each file hashed here is added to it."""
         m = self.manifest(ref)
-        base = self._dir(ref)
+        base = self.path_of(ref)
         entries = [e for e in m["files"] if files is None or e["path"] in files]
         paths = [base / e["path"] for e in entries]
         for p in paths:
             if not p.is_file():
                 raise ArtifactError(f"artifact {ref.stage}/{ref.key}: file {p} is missing")
-        for e, p, h in zip(entries, paths, _hash_files(paths), strict=True):
+        if ledger is not None:
+            todo = [(e, p) for e, p in zip(entries, paths, strict=True) if not ledger.known(p, e["sha256"])]
+            entries, paths = [e for e, _ in todo], [p for _, p in todo]
+        before = [p.stat() for p in paths]
+        for e, p, h, st in zip(entries, paths, _hash_files(paths), before, strict=True):
             if h != e["sha256"]:
                 raise ArtifactError(
                     f"artifact {ref.stage}/{ref.key}: file {p} is corrupted "
                     f"(sha256 {h[:16]}..., manifest says {e['sha256'][:16]}...)"
                 )
+            if ledger is not None and p.stat() == st:  # unchanged while it was hashed
+                ledger.add(p, h, st)
         return m
 
     # -- reading ------------------------------------------------------------------------------------
@@ -470,7 +549,7 @@ class ArtifactStore:
         rels = sorted(e["path"] for e in m["files"] if e["path"].startswith(f"{name}/"))
         if verify:
             self.verify(ref, files=rels)
-        base = self._dir(ref)
+        base = self.path_of(ref)
         return [base / r for r in rels]
 
     def read_table(self, ref: ArtifactRef, name: str | None = None, columns: list[str] | None = None) -> pa.Table:
@@ -485,7 +564,7 @@ class ArtifactStore:
         if not files:
             empty = schema.arrow.empty_table()
             return empty.select(columns) if columns else empty
-        rels = [f.relative_to(self._dir(ref)).as_posix() for f in files]
+        rels = [f.relative_to(self.path_of(ref)).as_posix() for f in files]
         with ThreadPoolExecutor(max_workers=1) as pool:
             check = pool.submit(self.verify, ref, rels)
             parts = []
@@ -508,7 +587,7 @@ class ArtifactStore:
     def checkpoint_dir(self, ref: ArtifactRef) -> Path:
         """The verified directory of a free-form artifact (e.g. a checkpoint). Treat it as read-only."""
         self.verify(ref)
-        return self._dir(ref)
+        return self.path_of(ref)
 
     def find(self, sha256: str) -> ArtifactRef:
         """The artifact whose manifest hash starts with `sha256` (a prefix of >= 8 hex digits)."""
@@ -527,14 +606,15 @@ class ArtifactStore:
         stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
         if self.remote is not None:
             self.remote.retire(ref.stage, ref.key, stamp)
-        return self._retire_local(ref, stamp)
+        return self._retire_local(ref.stage, ref.key, stamp=stamp)
 
-    def _retire_local(self, ref: ArtifactRef, stamp: str | None = None) -> Path:
+    def _retire_local(self, stage: str, key: str, stamp: str | None = None, reason: str = "") -> Path:
+        """Move the local artifact (stage, key) to `<root>/retired/` and drop the store's record of it."""
         stamp = stamp or f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        src = Path(ref.uri)
-        dest = self.root / "retired" / ref.stage / f"{ref.key}-{stamp}"
+        dest = self.root / "retired" / stage / f"{key}-{stamp}{'-' + reason if reason else ''}"
         dest.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(src, dest)
+        os.rename(self.layout.artifact_dir(stage, key), dest)
+        self.layout.published_record(stage, key).unlink(missing_ok=True)
         return dest
 
     def clean_tmp(self) -> int:

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict
 
 from opd_tasks.errors import ConfigError
 from opd_tasks.models import ModelSpec
+from storage.errors import DiskFullError
 from storage.keys import cache_key
 from storage.refs import ArtifactRef
 from storage.store import ArtifactStore
@@ -138,7 +139,12 @@ def execute(stage: Stage, ctx: StageContext, inputs: StageInputs,
 
 def compute(stage: Stage, ctx: StageContext, inputs: StageInputs) -> ArtifactRef:
     """Run the stage's compute function; its artifact must be published under the stage's name and key."""
-    ref = stage.compute(ctx, inputs)
+    try:
+        ref = stage.compute(ctx, inputs)
+    except Exception as e:  # e.g. a checkpoint's save_pretrained (safetensors) into the writer's temp dir, disk full
+        if full := DiskFullError.wrap(e, f"stage {stage.name!r} was writing its artifact"):
+            raise full from e
+        raise
     if ref.key != ctx.key or ref.stage != stage.name:
         raise ConfigError(f"stage {stage.name!r} published {ref.stage}/{ref.key}, not under its key {ctx.key}")
     return ref

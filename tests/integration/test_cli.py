@@ -105,3 +105,29 @@ def test_show_lists_stages_and_one_stage_rows(root: Path) -> None:
     assert "updates: first 2 of 3 rows" in r.output
     r = runner.invoke(app, ["show", "nope", "--root", str(root)])
     assert r.exit_code == 2 and "no run named 'nope'" in r.output
+
+
+def test_verify_without_a_run_names_artifacts_whose_directory_is_gone(root: Path) -> None:
+    import shutil
+
+    shutil.rmtree(root / "artifacts" / "analyze" / ("a1" * 32))
+    r = runner.invoke(app, ["verify", "--root", str(root)])
+    assert r.exit_code == 1
+    assert f"artifact analyze/{'a1' * 32} is missing: its directory" in r.output and "1 of 2 artifacts OK" in r.output
+
+
+def test_sql_refuses_writes_and_reads_outside_the_artifacts(root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "stolen.csv"
+    r = runner.invoke(app, ["sql", f"COPY (SELECT * FROM tokens) TO '{out}'", "--root", str(root)])
+    assert r.exit_code == 2 and "COPY statement" in r.output and "--output" in r.output and not out.exists()
+    r = runner.invoke(app, ["sql", "SELECT * FROM read_text('/etc/hostname')", "--root", str(root)])
+    assert r.exit_code == 2 and "disabled by configuration" in r.output
+
+
+def test_sql_verifies_by_default(root: Path) -> None:
+    part = root / "artifacts" / "update" / ("b2" * 32) / "updates" / "part-00000.parquet"
+    data = bytearray(part.read_bytes())
+    data[50] ^= 1
+    part.write_bytes(bytes(data))  # same size
+    r = runner.invoke(app, ["sql", "SELECT sum(loss) FROM updates", "--root", str(root)])
+    assert r.exit_code == 2 and "part-00000.parquet is corrupted" in r.output

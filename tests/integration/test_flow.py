@@ -250,12 +250,43 @@ def test_deleted_artifact_is_recomputed_not_served_from_a_stale_cache_record(har
     cfg = _cfg(models, tmp_path, "iterations=1")
     first = distill(cfg.model_dump(mode="json"))
     score_ref = RunLineage(tmp_path, "testbed").get(0, "score").ref
-    shutil.rmtree(score_ref.uri)  # the Prefect cache record for this key still exists
+    shutil.rmtree(ArtifactStore(tmp_path).path_of(score_ref))  # the Prefect cache record for this key still exists
     out = distill(cfg.model_dump(mode="json"))
     st = {s: v for _, s, v in _states(out)}
     assert st["score"] == "Completed" and st["rollout"] == "Cached" and st["update"] == "Cached"
     assert _shas(out) == _shas(first)
     ArtifactStore(tmp_path).verify(score_ref)  # the same bytes are back under the same key
+
+
+@pytest.mark.parametrize("tamper", ["edit", "unparseable"])
+def test_tampered_manifest_is_recomputed_not_adopted(harness, models, tmp_path: Path, tamper: str) -> None:
+    """A checkpoint manifest edited to show another loss (its Prefect cache record and the lineage still hold the
+    published sha256), or made unparseable: the rerun retires it, recomputes the update, reports the true loss,
+    and `opd verify` agrees."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from flows.distill import distill
+    from storage.hashing import canonical_json
+
+    cfg = _cfg(models, tmp_path, "iterations=1")
+    first = distill(cfg.model_dump(mode="json"))
+    store = ArtifactStore(tmp_path)
+    mpath = store.path_of(RunLineage(tmp_path, "testbed").get(0, "update").ref) / "_manifest.json"
+    m = json.loads(mpath.read_bytes())
+    m["meta"]["mean_loss"] = -99.0
+    mpath.write_bytes(canonical_json(m) if tamper == "edit" else b"{")
+    out = distill(cfg.model_dump(mode="json"))
+    st = {s: v for _, s, v in _states(out)}
+    assert st["update"] == "Completed" and st["rollout"] == "Cached"
+    assert out["iterations"][0]["mean_loss"] == first["iterations"][0]["mean_loss"] != -99.0
+    assert _shas(out) == _shas(first)
+    [moved] = (tmp_path / "retired" / "update").iterdir()
+    assert moved.name.endswith("-corrupted")
+    r = CliRunner().invoke(app, ["verify", "testbed", "--root", str(tmp_path)])
+    assert r.exit_code == 0, r.output
 
 
 @pytest.mark.slow

@@ -72,14 +72,14 @@ def test_push_then_pull_into_fresh_root_gives_identical_tables_and_checkpoint(tm
         rdir = f"{base.rstrip('/')}/artifacts/{ref.stage}/{ref.key}"
         assert sha256_bytes(fs.cat_file(f"{rdir}/{MANIFEST}")) == ref.sha256
         for e in json.loads(fs.cat_file(f"{rdir}/{MANIFEST}"))["files"]:
-            assert fs.cat_file(f"{rdir}/{ref.sha256}/{e['path']}") == (Path(ref.uri) / e["path"]).read_bytes()
+            assert fs.cat_file(f"{rdir}/{ref.sha256}/{e['path']}") == (a.path_of(ref) / e["path"]).read_bytes()
 
     b = ArtifactStore(tmp_path / "b", remote=remote)
     t2 = b.lookup("analyze", KEY)
     c2 = b.lookup("update", CKPT_KEY)
     assert t2 is not None and c2 is not None
     assert (t2.sha256, c2.sha256) == (t_ref.sha256, c_ref.sha256)
-    assert Path(t2.uri) == b.root / "artifacts" / "analyze" / KEY  # published into b's own root
+    assert b.path_of(t2) == b.root / "artifacts" / "analyze" / KEY  # published into b's own root
     assert b.read_table(t2).equals(a.read_table(t_ref))
     assert b.read_table(c2, "updates").equals(a.read_table(c_ref, "updates"))
     cdir = b.checkpoint_dir(c2)
@@ -112,14 +112,14 @@ def test_remote_artifact_without_manifest_is_ignored_then_completed(tmp_path: Pa
     # An upload cut off before its manifest: the files are on the remote, the commit marker is not.
     a_local = ArtifactStore(tmp_path / "a")
     ref = a_local.put_table("score", KEY, "updates", updates_table(3))
-    files = json.loads((Path(ref.uri) / MANIFEST).read_bytes())["files"]
+    files = json.loads((a_local.path_of(ref) / MANIFEST).read_bytes())["files"]
     fs, _ = _fs(remote)
     mirror = ArtifactStore(tmp_path / "scratch", remote=remote).remote
     assert mirror is not None
     for e in files:
         dest = mirror.file_path("score", KEY, ref.sha256, e["path"])
         fs.makedirs(fs._parent(dest), exist_ok=True)
-        fs.put_file(str(Path(ref.uri) / e["path"]), dest)
+        fs.put_file(str(a_local.path_of(ref) / e["path"]), dest)
     assert fs.exists(mirror.file_path("score", KEY, ref.sha256, files[0]["path"]))
 
     b = ArtifactStore(tmp_path / "b", remote=remote)

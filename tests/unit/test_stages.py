@@ -204,7 +204,7 @@ def test_checkpoint_round_trip_identical_logits(env, tmp_path: Path) -> None:
     x = torch.tensor([[1, 9, 8, 7, 6, 5]])
     with torch.no_grad():
         assert torch.equal(model(x).logits, loaded(x).logits)
-    state = json.loads((Path(ref.uri) / "state" / "trainer.json").read_text())
+    state = json.loads((store.path_of(ref) / "state" / "trainer.json").read_text())
     assert state["global_step"] == 1 and len(state["rng_cpu"]) > 100
 
 

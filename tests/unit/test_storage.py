@@ -40,7 +40,7 @@ def test_round_trip_layout_and_ref(store: ArtifactStore) -> None:
     t = tokens_table(1000)
     ref = store.put_table("analyze", KEY, "tokens", t, meta={"note": "x"})
     adir = store.root / "artifacts" / "analyze" / KEY
-    assert Path(ref.uri) == adir
+    assert store.path_of(ref) == adir and ref.uri == f"artifacts/analyze/{KEY}"  # relative to the root
     assert (ref.rows, ref.schema_name, ref.schema_version) == (1000, "tokens", 1)
     manifest_bytes = (adir / MANIFEST).read_bytes()
     assert ref.sha256 == sha256_bytes(manifest_bytes)
@@ -81,7 +81,7 @@ def test_empty_declared_table_reads_empty(store: ArtifactStore) -> None:
 @pytest.mark.parametrize("target", ["part", "manifest"])
 def test_flipped_byte_is_detected_and_names_the_file(store: ArtifactStore, target: str) -> None:
     ref = store.put_table("analyze", KEY, "tokens", tokens_table(500))
-    path = Path(ref.uri) / ("tokens/part-00000.parquet" if target == "part" else MANIFEST)
+    path = store.path_of(ref) / ("tokens/part-00000.parquet" if target == "part" else MANIFEST)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
@@ -93,7 +93,7 @@ def test_flipped_byte_is_detected_and_names_the_file(store: ArtifactStore, targe
 
 def test_deleted_part_is_detected(store: ArtifactStore) -> None:
     ref = store.put_table("analyze", KEY, "tokens", tokens_table(10))
-    (Path(ref.uri) / "tokens/part-00000.parquet").unlink()
+    (store.path_of(ref) / "tokens/part-00000.parquet").unlink()
     with pytest.raises(ArtifactError, match="part-00000.parquet is missing"):
         store.read_table(ref)
 
@@ -102,7 +102,7 @@ def test_missing_artifact_is_detected(store: ArtifactStore) -> None:
     ref = store.put_table("analyze", KEY, "tokens", tokens_table(10))
     import shutil
 
-    shutil.rmtree(ref.uri)
+    shutil.rmtree(store.path_of(ref))
     with pytest.raises(ArtifactError, match="is missing"):
         store.read_table(ref)
 
@@ -239,7 +239,7 @@ def test_concurrent_publish_same_key_leaves_one_valid_artifact(tmp_path: Path) -
 
 def test_parquet_readable_without_project_code(store: ArtifactStore) -> None:
     ref = store.put_table("analyze", KEY, "tokens", tokens_table(100))
-    part = Path(ref.uri) / "tokens" / "part-00000.parquet"
+    part = store.path_of(ref) / "tokens" / "part-00000.parquet"
     code = textwrap.dedent(
         f"""
         import duckdb, pyarrow.parquet as pq

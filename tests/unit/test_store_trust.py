@@ -1,0 +1,283 @@
+"""The store never adopts a tampered or corrupted artifact, reads verify through the ledger, roots are portable,
+and `opd sql`'s connection cannot write or reach outside the root's artifacts (issue 18, items 1-4)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import storage.store
+from storage.errors import ArtifactError, ConfigError, DiskFullError
+from storage.hashing import canonical_json, sha256_file
+from storage.layout import MANIFEST
+from storage.lineage import RunLineage
+from storage.store import ArtifactStore
+from storage.views import connect, read_only_query
+from tests.helpers import tokens_table
+
+KEY = "ab" * 32
+
+
+def _publish(store: ArtifactStore, rows: int = 200, seed: int = 0):
+    ref = store.put_table("analyze", KEY, "tokens", tokens_table(rows, seed=seed))
+    RunLineage(store.root, "r").record(0, "analyze", ref)
+    return ref
+
+
+def _manifest(store: ArtifactStore, ref) -> Path:
+    return store.path_of(ref) / MANIFEST
+
+
+# ------------------------------------------------------------------ item 1: a cache hit is checked
+
+
+def test_edited_manifest_is_retired_and_recomputed_not_adopted(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    ref = _publish(store)
+    mpath = _manifest(store, ref)
+    m = json.loads(mpath.read_bytes())
+    m["meta"]["mean_loss"] = 123.0  # a tampered figure, in a manifest that still parses
+    mpath.write_bytes(canonical_json(m))
+
+    assert store.lookup("analyze", KEY) is None
+    [msg] = store.quarantined
+    assert f"analyze/{KEY} is corrupted" in msg and str(mpath) in msg and "recorded when the artifact" in msg
+    retired = list((tmp_path / "retired" / "analyze").iterdir())
+    assert len(retired) == 1 and retired[0].name.endswith("-corrupted")
+    assert json.loads((retired[0] / MANIFEST).read_bytes())["meta"]["mean_loss"] == 123.0  # kept, not deleted
+    assert store.recorded_sha256("analyze", KEY) is None
+    again = store.put_table("analyze", KEY, "tokens", tokens_table(200, seed=0))  # the stage recomputes
+    assert again.sha256 == ref.sha256 and store.lookup("analyze", KEY) == again
+
+
+def test_replaced_part_with_its_hash_fixed_in_the_manifest_is_caught(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    ref = _publish(store)
+    part = store.path_of(ref) / "tokens" / "part-00000.parquet"
+    pq.write_table(tokens_table(200, seed=9), part)  # other numbers, a consistent file
+    mpath = _manifest(store, ref)
+    m = json.loads(mpath.read_bytes())
+    m["files"][0].update(sha256=sha256_file(part), bytes=part.stat().st_size)
+    mpath.write_bytes(canonical_json(m))
+    assert store.verify(store._ref_from_manifest(store.path_of(ref), mpath.read_bytes()))  # self-consistent...
+    assert store.lookup("analyze", KEY) is None  # ...but not what was published
+    assert "corrupted" in store.quarantined[0]
+
+
+@pytest.mark.parametrize("garbage", [b"{not json", b"", json.dumps({"stage": "analyze"}).encode()])
+def test_unparseable_manifest_is_retired(tmp_path: Path, garbage: bytes) -> None:
+    store = ArtifactStore(tmp_path)
+    ref = _publish(store)
+    _manifest(store, ref).write_bytes(garbage)
+    assert store.lookup("analyze", KEY) is None
+    assert "is not a valid manifest" in store.quarantined[0]
+    assert not store.path_of(ref).exists()
+
+
+def test_manifest_of_another_artifact_is_refused(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    ref = _publish(store)
+    other = store.put_table("analyze", "cd" * 32, "tokens", tokens_table(10))
+    store.layout.published_record("analyze", KEY).unlink()  # even without the record
+    shutil.copy(_manifest(store, other), _manifest(store, ref))
+    assert store.lookup("analyze", KEY) is None
+    assert f"names artifact analyze/{'cd' * 32}" in store.quarantined[0]
+
+
+def test_artifact_without_record_is_adopted_only_after_its_files_check_out(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    ref = _publish(store)
+    record = store.layout.published_record("analyze", KEY)
+    record.unlink()  # e.g. a root written before records existed
+    assert store.lookup("analyze", KEY) == ref and record.read_text().strip() == ref.sha256
+    record.unlink()
+    part = store.path_of(ref) / "tokens" / "part-00000.parquet"
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 1
+    part.write_bytes(bytes(data))
+    assert store.lookup("analyze", KEY) is None and "part-00000.parquet is corrupted" in store.quarantined[0]
+
+
+def test_iter_artifacts_and_missing_artifacts_report_without_moving(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    ref = _publish(store)
+    gone = store.put_table("analyze", "cd" * 32, "tokens", tokens_table(10))
+    shutil.rmtree(store.path_of(gone))
+    _manifest(store, ref).write_bytes(b"{")
+    bad: list[str] = []
+    assert list(store.iter_artifacts(on_bad=bad.append)) == [] and len(bad) == 1
+    assert _manifest(store, ref).exists()  # listing is read-only
+    with pytest.raises(ArtifactError, match="not a valid manifest"):
+        list(store.iter_artifacts())
+    assert store.missing_artifacts() == [("analyze", "cd" * 32)]
+
+
+# ------------------------------------------------------------------ item 4: portable roots
+
+
+def test_moved_root_keeps_working(tmp_path: Path) -> None:
+    ref = _publish(ArtifactStore(tmp_path / "a"))
+    assert ref.uri == f"artifacts/analyze/{KEY}"
+    (tmp_path / "a").rename(tmp_path / "b")
+    store = ArtifactStore(tmp_path / "b")
+    [entry] = RunLineage(store.root, "r").entries()
+    assert json.loads(next((store.root / "runs" / "r" / "lineage").iterdir()).read_text())["ref"]["uri"] == ref.uri
+    assert store.read_table(entry.ref).num_rows == 200
+    assert store.lookup("analyze", KEY) == ref
+    assert connect(store.root).sql("SELECT count(*) FROM tokens").fetchall() == [(200,)]
+
+
+def test_copied_root_never_reads_the_original(tmp_path: Path) -> None:
+    original = ArtifactStore(tmp_path / "a")
+    ref = _publish(original)
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    copy = ArtifactStore(tmp_path / "c")
+    shutil.rmtree(copy.path_of(ref))
+    with pytest.raises(ArtifactError, match=str(tmp_path / "c")):
+        copy.read_table(ref)  # missing in the copy, although the original still has it
+    with pytest.raises(ArtifactError, match="missing"):
+        connect(copy.root)
+    assert original.read_table(ref).num_rows == 200
+
+
+# ------------------------------------------------------------------ item 2: verified reads, with a ledger
+
+
+def test_views_verify_by_default_and_the_ledger_avoids_rehashing(tmp_path: Path, monkeypatch) -> None:
+    store = ArtifactStore(tmp_path)
+    ref = _publish(store)
+    hashed: list[Path] = []
+    real = storage.store.sha256_file
+    monkeypatch.setattr(storage.store, "sha256_file", lambda p: hashed.append(Path(p)) or real(p))
+    connect(tmp_path)
+    part = store.path_of(ref) / "tokens" / "part-00000.parquet"
+    assert hashed == [part]
+    connect(tmp_path)
+    assert hashed == [part]  # unchanged since: not hashed again
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 1
+    part.write_bytes(bytes(data))  # same size; the write changes the mtime
+    with pytest.raises(ArtifactError, match="part-00000.parquet is corrupted"):
+        connect(tmp_path)
+    connect(tmp_path, verify=False)  # the fast path checks sizes only
+
+
+# ------------------------------------------------------------------ item 3: `opd sql` cannot write or reach out
+
+
+@pytest.fixture
+def con(tmp_path: Path):
+    store = ArtifactStore(tmp_path / "root")
+    _publish(store)
+    (tmp_path / "secret.csv").write_text("a,b\n1,2\n")
+    return connect(store.root)
+
+
+def test_reads_the_views(con) -> None:
+    assert read_only_query(con, "SELECT count(*) FROM tokens").fetchall() == [(200,)]
+    assert read_only_query(con, "WITH t AS (SELECT 1 AS x) SELECT x FROM t").fetchall() == [(1,)]
+    assert read_only_query(con, "DESCRIBE tokens").fetchall()
+
+
+@pytest.mark.parametrize("sql, kind", [
+    ("COPY (SELECT 1) TO '{tmp}/out.csv'", "COPY"),
+    ("ATTACH '{tmp}/x.db'", "ATTACH"),
+    ("INSTALL httpfs", "LOAD"),
+    ("LOAD httpfs", "LOAD"),
+    ("SET enable_external_access = true", "SET"),
+    ("CREATE TABLE z AS SELECT 1", "CREATE"),
+    ("PRAGMA version", "PRAGMA"),
+    ("EXPORT DATABASE '{tmp}/exp'", "EXPORT"),
+    ("SELECT 1; SELECT 2", None),
+])
+def test_statements_that_are_not_reads_are_refused(con, tmp_path: Path, sql: str, kind: str | None) -> None:
+    with pytest.raises(ConfigError, match=kind or "one statement"):
+        read_only_query(con, sql.format(tmp=tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["root", "secret.csv"]  # nothing written
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT * FROM read_csv('{tmp}/secret.csv')",
+    "SELECT * FROM read_text('/etc/passwd')",
+    "SELECT * FROM '{tmp}/secret.csv'",
+    "SELECT * FROM read_parquet('{tmp}/root/artifacts/*/*/*/*.parquet')",  # a glob, not the listed files
+    "SELECT * FROM 'https://example.com/x.parquet'",
+])
+def test_reads_outside_the_views_are_refused(con, tmp_path: Path, sql: str) -> None:
+    with pytest.raises(duckdb.PermissionException):
+        read_only_query(con, sql.format(tmp=tmp_path))
+
+
+def test_configuration_is_locked_even_without_the_statement_check(con) -> None:
+    with pytest.raises(duckdb.Error, match="locked"):
+        con.execute("SET enable_external_access = true")
+    with pytest.raises(duckdb.Error):
+        con.execute("SET allowed_directories = ['/']")
+    assert con.execute("SELECT current_setting('autoinstall_known_extensions')").fetchall() == [(False,)]
+
+
+def test_unknown_run_is_named(tmp_path: Path) -> None:
+    _publish(ArtifactStore(tmp_path))
+    with pytest.raises(ArtifactError, match="no run named 'nope'.*runs there: r"):
+        connect(tmp_path, runs=["nope"])
+
+
+def test_arrow_tables_can_still_be_registered(con) -> None:
+    con.register("_extra", pa.table({"x": [1, 2]}))  # what the report does after connect
+    con.execute("CREATE TABLE extra AS SELECT * FROM _extra")
+    assert con.sql("SELECT sum(x) FROM extra").fetchall() == [(3,)]
+
+
+# ------------------------------------------------------------------ disk full anywhere: one clear, permanent error
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EFBIG])
+def test_disk_full_in_a_pointer_write_names_the_file_and_leaves_nothing(tmp_path: Path, monkeypatch, code) -> None:
+    lin = RunLineage(tmp_path, "r")
+    lin.init(method="opd")
+    before = (lin.dir / "run.json").read_bytes()
+
+    def full(fd):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(DiskFullError, match=r"disk full while writing .*run\.json") as info:
+        lin.init(method="topd")
+    assert not info.value.retryable
+    assert (lin.dir / "run.json").read_bytes() == before and sorted(p.name for p in lin.dir.iterdir()) == ["run.json"]
+
+
+def test_disk_full_inside_a_stage_is_a_disk_full_error(tmp_path: Path) -> None:
+    from opd_tasks.stages import PROMPTS, StageContext
+    from opd_tasks.stages.registry import Stage, compute
+
+    def writes_a_checkpoint(ctx, inputs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "model.safetensors"))
+
+    stage = Stage("update", 1, PROMPTS.inputs, ("checkpoint",), False, writes_a_checkpoint, "")
+    with pytest.raises(DiskFullError, match="stage 'update' was writing its artifact.*model.safetensors"):
+        compute(stage, StageContext(ArtifactStore(tmp_path), "update", KEY), None)
+
+    from safetensors import SafetensorError
+
+    def safetensors_full(ctx, inputs):  # what safetensors raises: the OS error only in its message
+        raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+
+    stage = Stage("update", 1, PROMPTS.inputs, ("checkpoint",), False, safetensors_full, "")
+    with pytest.raises(DiskFullError, match="File too large"):
+        compute(stage, StageContext(ArtifactStore(tmp_path), "update", KEY), None)
+
+    def other(ctx, inputs):
+        raise SafetensorError("Error while deserializing header: HeaderTooLarge")
+
+    stage = Stage("update", 1, PROMPTS.inputs, ("checkpoint",), False, other, "")
+    with pytest.raises(SafetensorError):  # anything else passes through unchanged
+        compute(stage, StageContext(ArtifactStore(tmp_path), "update", KEY), None)

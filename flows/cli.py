@@ -263,25 +263,38 @@ def show_cmd(
 
 @app.command("bootstrap")
 def bootstrap_cmd(
-    out: Annotated[Path | None, typer.Option(help="Output dir (default: the committed testbed assets dir).")] = None,
+    out: Annotated[Path, typer.Option(help="A new (or empty) directory for the models; an existing one with files "
+                                           "is refused.")] = Path("testbed-models"),
+    replace_shipped: Annotated[bool, typer.Option("--replace-shipped", help="Write over the committed testbed models "
+                                                  "(opd_tasks/testbed/assets) instead of --out.")] = False,
     quick: Annotated[bool, typer.Option(help="A few steps only: checks the script, not the accuracies.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of data and initialisation.")] = 0,
     teacher_style: Annotated[str, typer.Option(help="Style the teacher trains on (e.g. teacher_broad: reads every "
                                                     "phrasing, prefers its own; docs/testbed.md).")] = "teacher",
     fork: Annotated[bool, typer.Option("--fork", help="Build the mechanism switch's models instead: the committed "
                                                       "teacher fine-tuned, one student per fork (data.testbed.fork; "
-                                                      "default --out: the assets' fork/ dir).")] = False,
+                                                      "with --replace-shipped: the assets' fork/ dir).")] = False,
 ) -> None:
-    """Train the testbed tokenizer, teacher and student from scratch (about 10 minutes on 2 cores)."""
+    """Train the testbed tokenizer, teacher and student from scratch (about 10 minutes on 2 cores) into a new
+    directory; the committed models change only with --replace-shipped."""
     from opd_tasks.testbed import bootstrap as bs
 
-    argv = ["--out", str(out or bs.ASSETS_DIR), "--seed", str(seed), "--teacher-style", teacher_style]
+    if replace_shipped:
+        out = bs.ASSETS_DIR / "fork" if fork else bs.ASSETS_DIR
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        _fail(ConfigError(f"--out {out} exists and is not an empty directory: nothing was written. Give a new "
+                          "directory, or --replace-shipped to overwrite the committed testbed models"))
+    argv = ["--out", str(out), "--seed", str(seed), "--teacher-style", teacher_style]
     argv += ["--quick"] if quick else []
     argv += ["--fork"] if fork else []
     try:
         rc = bs.main(argv)
     except OpdError as e:
         _fail(e)
+    if not rc and not replace_shipped:
+        models = ("teacher", "student-consequential") if fork else ("teacher", "student")
+        console.print(f"models in {out}; use them with --set models.teacher.path={out / models[0]} "
+                      f"--set models.student.path={out / models[1]}", highlight=False)
     raise typer.Exit(rc or 0)
 
 
@@ -388,9 +401,10 @@ def experiment_cmd(
                      f" x seeds {ss}{f' x conditions {conds}' if conds else ''}), {cfg.iterations} iterations each, "
                      f"root {cfg.resolved_root().resolve()}")
         cmd = "opd experiment " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "opd experiment"
-        from flows.run import run_lock
+        from flows.server import prefect_api
+        from storage.lineage import run_lock
 
-        with run_lock(cfg.resolved_root(), [p.run for p in plan]):
+        with run_lock(cfg.resolved_root(), [p.run for p in plan]), prefect_api():
             res = experiment(cfg.model_dump(mode="json"), arms, ss, name, report=report,
                              report_out=str(out) if out else None, command=cmd, conditions=conds, primary=primary)
     except OpdError as e:

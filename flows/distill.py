@@ -8,7 +8,7 @@ still shows them.
 
 Retries: exponential backoff with jitter; errors marked non-retryable (config, data, model, artifact, training)
 are not retried (flows/stage_task.py). Cache records are Prefect results (JSON) under `<root>/prefect/results`.
-A run is locked while the flow writes it (`flows.run.run_lock`): a second flow of the same run name is refused.
+A run is locked while the flow writes it (`storage.lineage.run_lock`): a second flow of the same run name is refused.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.run import run_lock
 from flows.runners import PrefectStageRunner
 from opd_tasks.config import RunConfig
 from opd_tasks.pipeline import Distillation, IterationResult, check_refresh, open_run, run_distillation
+from storage.lineage import run_lock
 
 
 def publish_iteration(result: IterationResult, run: Distillation) -> None:
@@ -38,7 +38,7 @@ def publish_iteration(result: IterationResult, run: Distillation) -> None:
                              description=f"run {run.run}, iteration {i}")
 
 
-@flow(name="distill", log_prints=True, validate_parameters=False)
+@flow(name="distill", log_prints=True, validate_parameters=False, result_serializer="json")
 def distill(config: dict, refresh: list[str] | None = None, resume: bool = False) -> dict:
     """Run `config["iterations"]` OPD iterations of run `config["name"]`; returns a JSON summary.
 

@@ -146,7 +146,7 @@ def report_task(root: str, runs: list[str], out: str | None, title: str, command
     return {"out": str(rep.out), "html": str(rep.html), "markdown": str(rep.markdown), "summary": rep.summary}
 
 
-@flow(name="experiment", log_prints=True, validate_parameters=False)
+@flow(name="experiment", log_prints=True, validate_parameters=False, result_serializer="json")
 def experiment(config: dict, methods: list[str], seeds: list[int], name: str, report: bool = True,
                report_out: str | None = None, command: str | None = None, conditions: list[str] | None = None,
                primary: str | None = None) -> dict[str, Any]:

@@ -89,7 +89,8 @@ def _local_dir(ref: ModelRef) -> Path:
         if not (local / "config.json").is_file() and not (local / "tokenizer.json").is_file():
             raise ModelError(
                 f"testbed model {ref.path!r}: {local} is missing; build it with "
-                + ("`opd bootstrap --fork`" if "/" in TESTBED_REFS[ref.path] else "`opd bootstrap`")
+                + ("`opd bootstrap --fork --replace-shipped`" if "/" in TESTBED_REFS[ref.path]
+                   else "`opd bootstrap --replace-shipped`")
             )
         return local
     local = Path(ref.path).expanduser()

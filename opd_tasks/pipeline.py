@@ -52,7 +52,7 @@ from opd_tasks.stages import (
     compute,
 )
 from opd_tasks.stages.evaluate import accuracy
-from storage.lineage import RunLineage
+from storage.lineage import RunLineage, run_lock
 from storage.refs import ArtifactRef
 from storage.store import ArtifactStore
 
@@ -292,6 +292,7 @@ def run_plain(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool
               refresh: Iterable[str] = (), resume: bool = False) -> Distillation:
     """A whole run in this process, without Prefect (tests, benchmarks, debugging)."""
     refresh = check_refresh(refresh)  # before open_run records the run: a refused flag writes nothing
-    store, lineage = open_run(cfg)
-    return run_distillation(StageRunner(store, lineage, cfg, refresh=refresh, progress=progress, log=log), cfg,
-                            resume=resume)
+    with run_lock(cfg.resolved_root(), [cfg.name]):
+        store, lineage = open_run(cfg)
+        return run_distillation(StageRunner(store, lineage, cfg, refresh=refresh, progress=progress, log=log), cfg,
+                                resume=resume)

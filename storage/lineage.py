@@ -5,6 +5,7 @@ A run is a set of pointers under `<root>/runs/<name>/`:
 run.json                          name, created_at, anything the caller records (config hash, method)
 lineage/it0003.rollout.json       {run, iteration, stage, ref, recorded_at, cached, seconds}
 history/<time>-it0003.rollout.json  a pointer that was replaced (e.g. after --refresh), kept, never lost
+.lock                             while a process writes the run (`run_lock`: an fcntl.flock, the holder's pid)
 ```
 Each pointer file is written to a temp file and renamed into place. Artifacts are shared: two runs that
 used the same inputs point at the same artifact directory.
@@ -12,13 +13,17 @@ used the same inputs point at the same artifact directory.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from storage.errors import ArtifactError
+from storage.errors import ArtifactError, ConfigError
 from storage.hashing import canonical_json
 from storage.layout import Layout, atomic_write, check_name
 from storage.refs import ArtifactRef
@@ -128,3 +133,71 @@ def list_runs(root: str | Path | Layout | None) -> list[RunLineage]:
     if not layout.runs.is_dir():
         return []
     return [RunLineage(layout, p.name) for p in sorted(layout.runs.iterdir()) if (p / "run.json").is_file()]
+
+
+# ----------------------------------------------------------------------------------------- the run lock
+
+LOCK_FILE = ".lock"
+_held: dict[Path, list[int]] = {}  # lock file -> [fd, depth] of the locks this process holds
+
+
+def _acquire(path: Path) -> int | None:
+    """The fd holding `path`'s flock, or None when another process holds it."""
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # a holder releasing removed the directory in between
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # a holder releasing removed the file we opened: take a new one
+
+
+def _release(path: Path, fd: int) -> None:
+    path.unlink(missing_ok=True)  # while still held: a process that opened this file sees it gone and retries
+    for d in (path.parent, path.parent.parent):  # the run's dir and runs/, when the run wrote nothing in them
+        try:
+            d.rmdir()
+        except OSError:
+            break
+    os.close(fd)
+
+
+@contextmanager
+def run_lock(root: str | Path | None, runs: Iterable[str]) -> Iterator[None]:
+    """Hold `<root>/runs/<run>/.lock` of each run (an `fcntl.flock`; the file holds the pid) while they run.
+
+    A run held by another process is a ConfigError naming it and the holder; what this call took is given back.
+    The kernel drops a flock when its process dies, so the file of a killed run never blocks. Re-entrant in one
+    process (the CLI takes the lock before the Prefect server starts, the distill flow again). Released and removed
+    at the end."""
+    layout, taken = Layout(root), []
+    try:
+        for run in runs:
+            path = layout.run_dir(run) / LOCK_FILE
+            if path not in _held:
+                fd = _acquire(path)
+                if fd is None:
+                    holder = path.read_text().strip() if path.is_file() else "?"
+                    raise ConfigError(f"run {run!r} is being written by another opd process (pid {holder}; lock "
+                                      f"{path}): wait for it to finish, or use another --name")
+                _held[path] = [fd, 0]
+            _held[path][1] += 1
+            taken.append(path)
+        yield
+    finally:
+        for path in reversed(taken):
+            _held[path][1] -= 1
+            if not _held[path][1]:
+                _release(path, _held.pop(path)[0])

@@ -16,3 +16,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+# Prefect binds its console log handler to whatever sys.stderr is when it first sets up logging (lazily, on first
+# use). Set it up now, so that a CLI test cannot be that first use: typer's CliRunner swaps sys.stderr for a buffer
+# it closes afterwards, and every later Prefect log line would then fail with "I/O operation on closed file".
+from prefect.logging.configuration import setup_logging  # noqa: E402
+
+setup_logging()

@@ -100,3 +100,19 @@ def scored_env(base, prompts: int, samples: int, max_new_tokens: int, top_k: int
                                       scoring=ScoringConfig(top_k=top_k, batch_size=score_batch)), progress=False)
     return {"base": base, "store": store, "student": student, "teacher": teacher, "prompts": prompt_ref,
             "roll": roll, "scores": scores, "roll_cfg": roll_cfg}
+
+
+def assert_no_pickle_persisted(root) -> None:
+    """Security default: nothing Prefect persisted is a pickle: the cache records under `root` and what this
+    process's Prefect home holds (a failed flow's exception is persisted there); every file is JSON."""
+    import json
+    import os
+    from pathlib import Path
+
+    places = [Path(root) / "prefect" / "results", Path(os.environ["PREFECT_HOME"]) / "storage"]
+    files = [f for d in places if d.is_dir() for f in d.rglob("*") if f.is_file()]
+    assert files, f"nothing persisted under {places}"
+    for f in files:
+        data = f.read_bytes()
+        assert not data.startswith((b"\x80", b"gAS", b"gAW")), f"{f} holds a pickle"
+        json.loads(data)

@@ -262,7 +262,8 @@ def _save(model: transformers.PreTrainedModel, tok: Any, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m opd_tasks.testbed.bootstrap", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(ASSETS_DIR), help="output dir (default: the committed assets dir)")
+    ap.add_argument("--out", required=True, help=f"output dir (the committed models are in {ASSETS_DIR}; --fork: "
+                                                 "its fork/ dir)")
     ap.add_argument("--quick", action="store_true", help="a few steps only (smoke test; weak models)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--teacher-steps", type=int)
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.fork:
-        out = Path(args.out if args.out != str(ASSETS_DIR) else ASSETS_DIR / "fork")
+        out = Path(args.out)
         report = bootstrap_fork(out, seed=args.seed, progress=not args.no_progress)
         report["command"] = ("python -m opd_tasks.testbed.bootstrap "
                              + " ".join(argv if argv is not None else sys.argv[1:]))

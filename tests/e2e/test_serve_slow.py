@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from storage.lineage import RunLineage
-from tests.helpers import tiny_model_dir
+from tests.helpers import assert_no_pickle_persisted, tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -265,6 +265,7 @@ def test_one_deployment_per_gpu_stage_on_process_work_pool(server, tiny, tmp_pat
                                                  r"its flow run 'faulty-it0-rollout' \([0-9a-f-]{36}\) ended Failed: "
                                                  r".*injected fault"):
             distill(faulty.model_dump(mode="json"), refresh=["rollout"])
+        assert_no_pickle_persisted(root)  # the failed flow's exception is persisted as JSON, not pickled
         baseline = RunLineage(root, "faulty").get(0, "baseline")
         assert baseline.cached is True
         assert baseline.ref.sha256 == RunLineage(root, "testbed").get(0, "baseline").ref.sha256

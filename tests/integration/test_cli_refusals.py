@@ -13,8 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.run import run_lock
-from storage.lineage import RunLineage
+from storage.lineage import RunLineage, run_lock
 from storage.store import ArtifactStore
 from tests.helpers import updates_table
 
@@ -76,8 +75,8 @@ def test_resume_of_an_unknown_run(root: Path) -> None:
 
 
 def test_a_second_run_of_the_same_name_is_refused_until_the_first_ends(root: Path) -> None:
-    code = ("import sys, time\nfrom flows.run import run_lock\nwith run_lock(sys.argv[1], ['busy', 'exp-opd-s0']):\n"
-            "    print('held', flush=True)\n    time.sleep(600)\n")
+    code = ("import sys, time\nfrom storage.lineage import run_lock\n"
+            "with run_lock(sys.argv[1], ['busy', 'exp-opd-s0']):\n    print('held', flush=True)\n    time.sleep(600)\n")
     holder = subprocess.Popen([sys.executable, "-c", code, str(root)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -110,3 +109,19 @@ def test_show_names_what_exists(root: Path) -> None:
 def test_sql_of_an_unknown_run(root: Path) -> None:
     refused(root, ["sql", "SELECT 1", "--root", str(root), "--run", "nosuchrun"], "no run named 'nosuchrun'",
             "runs there: demo")
+
+
+def test_bootstrap_refuses_a_non_empty_out_and_never_defaults_to_the_shipped_models(tmp_path: Path) -> None:
+    from opd_tasks.testbed.bootstrap import ASSETS_DIR
+
+    shipped = {p: p.stat().st_mtime_ns for p in ASSETS_DIR.rglob("*") if p.is_file()}
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("keep")
+    r = runner.invoke(app, ["bootstrap", "--out", str(tmp_path / "taken"), "--quick"])
+    assert r.exit_code == 2 and "exists and is not an empty directory" in r.output and "--replace-shipped" in r.output
+    assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["x"]
+    from opd_tasks.testbed import bootstrap as bs
+
+    with pytest.raises(SystemExit):  # the module entry point has no default --out (argparse: required)
+        bs.main(["--quick"])
+    assert {p: p.stat().st_mtime_ns for p in ASSETS_DIR.rglob("*") if p.is_file()} == shipped

@@ -12,7 +12,7 @@ from opd_tasks.config import RunConfig, load_config
 from opd_tasks.errors import ConfigError, DataError, TransientError
 from storage.lineage import RunLineage
 from storage.store import ArtifactStore
-from tests.helpers import tiny_model_dir
+from tests.helpers import assert_no_pickle_persisted, tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +103,7 @@ def test_failure_then_rerun_recomputes_only_failed_and_downstream(harness, model
     faulty = _cfg(models, tmp_path / "f", "fault.stage=update", "fault.iteration=1", "orchestration.retries=0")
     with pytest.raises(TransientError, match="injected fault"):
         distill(faulty.model_dump(mode="json"))
+    assert_no_pickle_persisted(tmp_path / "f")
     rerun = distill(faulty.model_dump(mode="json"))  # the fault fires once
     states = {(i, s): st for i, s, st in _states(rerun)}
     assert [k for k, v in states.items() if v != "Cached"] == [(1, "update"), (1, "evaluate")]

@@ -1,0 +1,79 @@
+"""The Prefect API a command talks to: the server `PREFECT_API_URL` names, or a temporary one tied to this process.
+
+Without `PREFECT_API_URL`, Prefect itself would start a temporary server on the first flow call and stop it at
+interpreter exit. Two things go wrong with that: a killed `opd run` (SIGKILL, OOM killer) leaves the server
+running, holding its port and SQLite database, and at a normal exit the server is stopped while this process's
+event and log workers still hold unsent items (about 150 lines of "Error flushing ... CancelledError").
+
+`prefect_api()` starts that temporary server itself (Prefect's own `SubprocessASGIServer`: same command, same
+127.0.0.1 binding, SQLite under PREFECT_HOME) with the Linux parent-death signal set in the child, so the kernel
+sends it SIGTERM when this process dies, however it dies; at the end it sends this process's queued logs and
+events, then stops the server.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the server's child process, before exec: SIGTERM when the parent dies (Linux; a no-op elsewhere)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _tied_server():
+    """Prefect's temporary-server class, whose uvicorn child dies with this process."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class TiedServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+            parent, real = os.getpid(), subprocess.Popen
+
+            def popen(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
+                return real(*args, preexec_fn=lambda: _die_with_parent(parent), **kwargs)
+
+            subprocess.Popen = popen  # only for the one Popen call inside Prefect's method
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                subprocess.Popen = real
+
+    return TiedServer(port=None)
+
+
+@contextmanager
+def prefect_api() -> Iterator[str | None]:
+    """Run the body against PREFECT_API_URL's server if set (yields it), else against a temporary server tied to
+    this process (yields its URL; stopped at the end, after this process's logs and events were sent)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield PREFECT_API_URL.value()
+        return
+    server = _tied_server()
+    server.start()
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            try:
+                yield server.api_url
+            finally:
+                from prefect.events.worker import EventsWorker
+                from prefect.logging.handlers import APILogWorker
+
+                APILogWorker.drain_all(timeout=10)
+                EventsWorker.drain_all(timeout=10)
+    finally:
+        server.stop()

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from opd_tasks.errors import TransientError
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -64,7 +66,15 @@ def prefect_api() -> Iterator[str | None]:
         yield PREFECT_API_URL.value()
         return
     server = _tied_server()
-    server.start()
+    try:
+        server.start()
+    except Exception as e:  # noqa: BLE001 - a timeout, a full disk under PREFECT_HOME, a port race: say what to do
+        server.stop()
+        from prefect.settings import PREFECT_HOME
+
+        raise TransientError(f"the temporary Prefect server did not start ({type(e).__name__}: {e}); check that "
+                             f"PREFECT_HOME ({PREFECT_HOME.value()}) is writable and has free space, or set "
+                             "PREFECT_API_URL to a running server (docs/operations.md)") from e
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
             try:

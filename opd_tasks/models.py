@@ -15,7 +15,9 @@ JSON and vocab files UTF-8 JSON/text, each safetensors header and size) so that 
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +215,13 @@ def check_tokenizers_match(teacher_tok: Any, student_tok: Any) -> None:
             problems.append(f"{name}: teacher {t} vs student {s}")
     if problems:
         raise ModelError("teacher and student tokenizers differ: " + "; ".join(problems))
+
+
+def cache_remote_code_under(root: str | Path) -> None:
+    """Keep the modules of `trust_remote_code` models under `<root>/cache/modules`, not ~/.cache/huggingface, unless
+    the user set HF_MODULES_CACHE or HF_HOME. transformers reads the variable once, when it is imported, so this
+    takes effect only in a process that has not imported it yet (a run calls it before any stage: `open_run`); in
+    one that has, nothing changes."""
+    if os.environ.get("HF_MODULES_CACHE") or os.environ.get("HF_HOME") or "transformers" in sys.modules:
+        return
+    os.environ["HF_MODULES_CACHE"] = str(Path(root).resolve() / "cache" / "modules")

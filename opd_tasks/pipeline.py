@@ -28,7 +28,7 @@ from typing import Any
 from opd_tasks.config import FaultConfig, RunConfig
 from opd_tasks.errors import ConfigError, TransientError
 from opd_tasks.method import MethodPlan, plan
-from opd_tasks.models import ModelSpec, spec_of
+from opd_tasks.models import ModelSpec, cache_remote_code_under, spec_of
 from opd_tasks.stages import (
     ANALYZE,
     EVALUATE,
@@ -282,6 +282,7 @@ def run_distillation(runner: StageRunner, cfg: RunConfig, resume: bool = False,
 
 def open_run(cfg: RunConfig) -> tuple[ArtifactStore, RunLineage]:
     """The run's store and lineage; records the run's method and config in its run.json."""
+    cache_remote_code_under(cfg.resolved_root())  # before any stage imports transformers
     store = ArtifactStore(cfg.resolved_root(), remote=cfg.resolved_remote())
     lineage = RunLineage(store.layout, cfg.name)
     lineage.init(method=cfg.method, arm=cfg.arm or cfg.method, config=cfg.model_dump(mode="json"))

@@ -270,3 +270,24 @@ def test_prompts_stage_caches_datasets_under_the_root_not_home(tmp_path: Path) -
     assert out.stdout.split()[-1] == "2"
     assert sorted(p.relative_to(home).as_posix() for p in home.rglob("*")) == []
     assert any((root / "cache" / "datasets").rglob("*.arrow"))
+
+
+def test_remote_code_modules_are_cached_under_the_root(tmp_path: Path) -> None:
+    """A fresh process: a run's open_run points transformers' module cache (custom model code) into the root, and
+    transformers, imported afterwards, uses it; a user's HF_MODULES_CACHE wins."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom opd_tasks.config import load_config\nfrom opd_tasks.pipeline import open_run\n"
+            "open_run(load_config(None, [f'root={sys.argv[1]}']))\n"
+            "from transformers.utils import hub\nprint(hub.HF_MODULES_CACHE)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_MODULES_CACHE", "HF_HOME")}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "root")], env=env, capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == str((tmp_path / "root" / "cache" / "modules").resolve())
+    env["HF_MODULES_CACHE"] = str(tmp_path / "mine")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "root")], env=env, capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip().splitlines()[-1] == str(tmp_path / "mine")

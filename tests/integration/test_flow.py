@@ -429,3 +429,37 @@ def test_baseline_methods_run_through_the_loop(models, tmp_path: Path) -> None:
     assert "analyze" not in matched.iterations[0].stages and "analyze" not in ret.iterations[0].stages
     assert ret.iterations[0].stages["rollout"].cached and ret.iterations[0].stages["score"].cached
     assert ret.iterations[0].checkpoint.sha256 != opd.iterations[0].checkpoint.sha256
+
+
+@pytest.mark.parametrize("stage", ["prompts", "rollout", "score", "gates", "analyze", "update", "evaluate"])
+def test_disk_full_in_any_stage_stops_cleanly_and_a_rerun_recovers(models, tmp_path: Path, monkeypatch,
+                                                                    stage: str) -> None:
+    """The disk fills while `stage` publishes (the fsync of its files fails with ENOSPC): the run stops with a
+    DiskFullError naming the file, not retried; nothing of that stage is published, the lineage of what finished
+    stays; with room again, a rerun computes the rest and `verify` is clean."""
+    import errno
+    import os
+
+    from opd_tasks.pipeline import run_plain
+    from storage.errors import DiskFullError
+
+    cfg = _cfg(models, tmp_path, "iterations=1", "method=topd", "analysis.probe_tokens=3")
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if f"/artifacts/{stage}/" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(DiskFullError, match=f"disk full while writing .*/artifacts/{stage}/") as info:
+        run_plain(cfg, log=lambda m: None, progress=False)
+    assert not info.value.retryable
+    store = ArtifactStore(tmp_path)
+    assert not [r for r in store.iter_artifacts() if r.stage == stage]
+    assert not list((tmp_path / "artifacts" / stage).glob(".tmp-*"))  # the temp dir went with the error
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    out = run_plain(cfg, log=lambda m: None, progress=False)
+    assert stage in {s for s, r in out.iterations[0].stages.items() if not r.cached}
+    for e in RunLineage(tmp_path, "testbed").entries():
+        store.verify(e.ref)

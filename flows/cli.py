@@ -210,6 +210,58 @@ def verify_cmd(
         raise typer.Exit(1)
 
 
+@app.command("gc")
+def gc_cmd(
+    keep_last: Annotated[int, typer.Option(min=1, help="Checkpoints kept per run (its latest ones).")] = 2,
+    keep: Annotated[list[str] | None, typer.Option(help="Also keep this checkpoint, RUN:ITERATION (repeatable; "
+                                                        "recorded in the run's run.json).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would go and the bytes freed; change "
+                                                            "nothing.")] = False,
+    root: RootOpt = None,
+) -> None:
+    """Reclaim disk: weights of old checkpoints (their training logs stay), optimizer state of kept checkpoints
+    that are no run's latest, artifacts no run points at, retired artifacts. Never under a live run; a rerun
+    recomputes what it needs. Details: docs/operations.md, "Disk"."""
+    from opd_tasks.models import CHECKPOINT_STATE_DIR
+    from opd_tasks.stages import UPDATE
+    from opd_tasks.training.checkpoint import OPTIMIZER_FILE
+    from storage import gc
+    from storage.lineage import RunLineage
+    from storage.store import ArtifactStore
+
+    store = ArtifactStore(_root(root))
+    marks = set()
+    for item in keep or []:
+        run_name, _, it = item.rpartition(":")
+        if not run_name or not it.isdigit() or not RunLineage(store.layout, run_name).exists():
+            _fail(ConfigError(f"--keep {item!r}: expected RUN:ITERATION naming a run under {store.root}"))
+        marks.add((run_name, int(it)))
+    try:
+        def removals() -> list:
+            return gc.plan(store, keep_last, UPDATE.name, (f"{CHECKPOINT_STATE_DIR}/{OPTIMIZER_FILE}",),
+                           frozenset(marks))
+
+        if dry_run:
+            todo, freed = removals(), None
+        else:
+            with gc.exclusive(store.root):
+                for run_name, it in sorted(marks):
+                    lin = RunLineage(store.layout, run_name)
+                    lin.init(keep_checkpoints=sorted({*(lin.info().get("keep_checkpoints") or []), it}))
+                todo = removals()
+                freed = gc.execute(store, todo)
+    except OpdError as e:
+        _fail(e)
+    t = Table("what", "artifact or directory", "MB", "why", title=f"opd gc {'(dry run) ' if dry_run else ''}"
+                                                                  f"under {store.root}")
+    for r in todo:
+        t.add_row(r.what, r.target, f"{r.bytes / 1e6:.1f}", r.why)
+    console.print(t)
+    total = sum(r.bytes for r in todo)
+    console.print(f"would free {total / 1e6:.1f} MB in {len(todo)} removals" if dry_run else
+                  f"freed {freed / 1e6:.1f} MB in {len(todo)} removals", highlight=False)
+
+
 @app.command("show")
 def show_cmd(
     run: Annotated[str, typer.Argument(help="Run name.")],

@@ -64,7 +64,7 @@ class ModelSpec(BaseModel):
     def from_checkpoint(cls, store: ArtifactStore, ref: ArtifactRef, parent: ModelSpec | None = None) -> ModelSpec:
         """The model of checkpoint `ref`; `parent`, the spec it was trained from, passes on its trust_remote_code
         and dtype (a custom-code student stays loadable after its first update)."""
-        base = store.checkpoint_dir(ref)  # verifies every file's hash
+        base = store.checkpoint_dir(ref, needs=(f"{CHECKPOINT_MODEL_DIR}/",))  # verifies every file's hash
         carried = {"trust_remote_code": parent.trust_remote_code, "dtype": parent.dtype} if parent else {}
         return cls(path=str(base / CHECKPOINT_MODEL_DIR), sha256=ref.sha256, checkpoint=ref, **carried)
 

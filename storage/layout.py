@@ -5,6 +5,8 @@
 <root>/artifacts/<stage>/.tmp-*         in-flight writes; never read; a dead writer's go at the key's next publish
 <root>/published/<stage>/<cache_key>    the sha256 of the manifest the store published under the key (its record)
 <root>/retired/<stage>/<key>-<time>     artifacts moved out of the cache (--refresh, or found corrupted)
+<root>/pruned/<stage>/<cache_key>       the files `opd gc` removed from an artifact, and why (JSON)
+<root>/gc.lock                          runs hold it shared, `opd gc` exclusive (storage/gc.py)
 <root>/runs/<name>/                     run.json + lineage/<iteration>-<stage>.json pointers
 <root>/prefect/results/                 Prefect's result store (same lifetime as the artifacts)
 <root>/cache/datasets/                  the `datasets` library's cache (unless HF_DATASETS_CACHE or HF_HOME is set)
@@ -74,6 +76,10 @@ class Layout:
     def published_record(self, stage: str, key: str) -> Path:
         """Where the store records the manifest sha256 it published under (stage, key)."""
         return self.published / check_name("stage", stage) / check_key(key)
+
+    def pruned_record(self, stage: str, key: str) -> Path:
+        """Where `opd gc` records the files it removed from artifact (stage, key) (storage/gc.py)."""
+        return self.root / "pruned" / check_name("stage", stage) / check_key(key)
 
     def relative(self, path: Path) -> str:
         """`path` under the root, as the POSIX path relative to it (what refs and records hold)."""

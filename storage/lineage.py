@@ -3,7 +3,7 @@
 A run is a set of pointers under `<root>/runs/<name>/`:
 ```
 run.json                          name, created_at, anything the caller records (config hash, method)
-lineage/it0003.rollout.json       {run, iteration, stage, ref, recorded_at, cached, seconds}
+lineage/it0003.rollout.json       {run, iteration, stage, ref, recorded_at, cached, seconds, compute_seconds}
 history/<time>-it0003.rollout.json  a pointer that was replaced (e.g. after --refresh), kept, never lost
 .lock                             while a process writes the run (`run_lock`: an fcntl.flock, the holder's pid)
 ```
@@ -38,6 +38,9 @@ class LineageEntry:
     recorded_at: float
     cached: bool | None = None
     seconds: float | None = None
+    #: What computing the artifact cost: `seconds` when this call computed it; for a cache hit, carried over from the
+    #: pointer it replaces when that one pointed at the same artifact (so a cached rerun keeps the real cost).
+    compute_seconds: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -48,6 +51,7 @@ class LineageEntry:
             "recorded_at": self.recorded_at,
             "cached": self.cached,
             "seconds": self.seconds,
+            "compute_seconds": self.compute_seconds,
         }
 
     @classmethod
@@ -60,6 +64,7 @@ class LineageEntry:
             recorded_at=float(d["recorded_at"]),
             cached=d.get("cached"),
             seconds=d.get("seconds"),
+            compute_seconds=d.get("compute_seconds", d.get("seconds") if d.get("cached") is False else None),
         )
 
 
@@ -102,12 +107,13 @@ class RunLineage:
         if not self.exists():
             self.init()
         path = self._entry_path(iteration, stage)
-        entry = LineageEntry(self.run, iteration, stage, ref, time.time(), cached, seconds)
-        if path.is_file():
-            old = LineageEntry.from_json(json.loads(path.read_text()))
-            if old.ref.sha256 != ref.sha256:
-                stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(old.recorded_at))
-                atomic_write(self.dir / "history" / f"{stamp}-{path.name}", path.read_bytes())
+        old = LineageEntry.from_json(json.loads(path.read_text())) if path.is_file() else None
+        same = old is not None and old.ref.sha256 == ref.sha256
+        compute = seconds if not cached else (old.compute_seconds if same else None)
+        entry = LineageEntry(self.run, iteration, stage, ref, time.time(), cached, seconds, compute)
+        if old is not None and not same:
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(old.recorded_at))
+            atomic_write(self.dir / "history" / f"{stamp}-{path.name}", path.read_bytes())
         atomic_write(path, canonical_json(entry.to_json()))
         return entry
 
@@ -176,7 +182,8 @@ def _release(path: Path, fd: int) -> None:
 
 @contextmanager
 def run_lock(root: str | Path | None, runs: Iterable[str]) -> Iterator[None]:
-    """Hold `<root>/runs/<run>/.lock` of each run (an `fcntl.flock`; the file holds the pid) while they run.
+    """Hold `<root>/runs/<run>/.lock` of each run (an `fcntl.flock`; the file holds the pid) while they run, and
+    `<root>/gc.lock` shared (so that `opd gc` never deletes under a live run, and a run never starts during gc).
 
     A run held by another process is a ConfigError naming it and the holder; what this call took is given back.
     The kernel drops a flock when its process dies, so the file of a killed run never blocks. Re-entrant in one
@@ -184,6 +191,18 @@ def run_lock(root: str | Path | None, runs: Iterable[str]) -> Iterator[None]:
     at the end."""
     layout, taken = Layout(root), []
     try:
+        gc = layout.root / "gc.lock"  # shared by runs, exclusive for `opd gc` (storage/gc.py)
+        if gc not in _held:
+            layout.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(gc, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise ConfigError(f"opd gc is running on {layout.root}; start the run when it has finished") from None
+            _held[gc] = [fd, 0]
+        _held[gc][1] += 1
+        taken.append(gc)
         for run in runs:
             path = layout.run_dir(run) / LOCK_FILE
             if path not in _held:
@@ -200,4 +219,8 @@ def run_lock(root: str | Path | None, runs: Iterable[str]) -> Iterator[None]:
         for path in reversed(taken):
             _held[path][1] -= 1
             if not _held[path][1]:
-                _release(path, _held.pop(path)[0])
+                fd = _held.pop(path)[0]
+                if path.name == LOCK_FILE:
+                    _release(path, fd)
+                else:
+                    os.close(fd)  # the gc lock file stays: other runs may hold it shared

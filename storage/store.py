@@ -367,8 +367,35 @@ class ArtifactStore:
         return ref
 
     def _record(self, stage: str, key: str, manifest: bytes) -> None:
-        """Record the sha256 of the manifest published under (stage, key)."""
+        """Record the sha256 of the manifest published under (stage, key) (a complete artifact: nothing pruned)."""
         atomic_write(self.layout.published_record(stage, key), (sha256_bytes(manifest) + "\n").encode())
+        self.layout.pruned_record(stage, key).unlink(missing_ok=True)
+
+    # -- pruning (opd gc, storage/gc.py) ---------------------------------------------------------------
+    def pruned(self, ref: ArtifactRef) -> dict[str, str]:
+        """The files `opd gc` removed from `ref` ({path in the artifact: why}); empty for a complete artifact."""
+        try:
+            return dict(json.loads(self.layout.pruned_record(ref.stage, ref.key).read_bytes()))
+        except FileNotFoundError:
+            return {}
+
+    def prune(self, ref: ArtifactRef, paths: list[str], why: str) -> int:
+        """Remove files `paths` of artifact `ref` (e.g. a checkpoint's weights), recording them first, so that a
+        crash halfway leaves a consistent store: `verify` skips what is recorded as pruned, a read of a pruned file
+        names the pruning, and the stage runner recomputes an artifact whose files it needs. Returns bytes freed."""
+        listed = {e["path"]: e["bytes"] for e in self.manifest(ref)["files"]}
+        if unknown := sorted(set(paths) - set(listed)):
+            raise ArtifactError(f"artifact {ref.stage}/{ref.key} has no file(s) {unknown}")
+        atomic_write(self.layout.pruned_record(ref.stage, ref.key),
+                     canonical_json({**self.pruned(ref), **{p: why for p in paths}}))
+        base = self.path_of(ref)
+        for rel in paths:
+            (base / rel).unlink(missing_ok=True)
+        for d in sorted({(base / rel).parent for rel in paths}, key=lambda d: -len(d.parts)):
+            while d != base and d.is_dir() and not any(d.iterdir()):  # drop directories left empty
+                d.rmdir()
+                d = d.parent
+        return sum(listed[p] for p in paths)
 
     def recorded_sha256(self, stage: str, key: str) -> str | None:
         """The sha256 of the manifest the store published under (stage, key), or None if it has no record."""
@@ -512,7 +539,11 @@ class ArtifactStore:
         mtime and inode, is not hashed again, and each file hashed here is added to it."""
         m = self.manifest(ref)
         base = self.path_of(ref)
-        entries = [e for e in m["files"] if files is None or e["path"] in files]
+        pruned = self.pruned(ref)
+        if files is not None and (gone := sorted(set(files) & set(pruned))):
+            raise ArtifactError(f"artifact {ref.stage}/{ref.key}: file(s) {gone} were removed by opd gc "
+                                f"({pruned[gone[0]]}); a rerun of its stage recomputes them")
+        entries = [e for e in m["files"] if (files is None or e["path"] in files) and e["path"] not in pruned]
         paths = [base / e["path"] for e in entries]
         for p in paths:
             if not p.is_file():
@@ -584,8 +615,13 @@ class ArtifactStore:
             raise ArtifactError(f"artifact {ref.stage}/{ref.key} holds tables {tables}; name one")
         return tables[0]
 
-    def checkpoint_dir(self, ref: ArtifactRef) -> Path:
-        """The verified directory of a free-form artifact (e.g. a checkpoint). Treat it as read-only."""
+    def checkpoint_dir(self, ref: ArtifactRef, needs: tuple[str, ...] = ("",)) -> Path:
+        """The verified directory of a free-form artifact (e.g. a checkpoint). Treat it as read-only. `needs`: path
+        prefixes the caller reads (default: everything); one that `opd gc` pruned is an ArtifactError."""
+        if gone := sorted(p for p in self.pruned(ref) if p.startswith(needs)):
+            raise ArtifactError(f"artifact {ref.stage}/{ref.key}: opd gc removed {gone[0]}"
+                                f"{f' and {len(gone) - 1} more files' if len(gone) > 1 else ''} "
+                                f"({self.pruned(ref)[gone[0]]}); a rerun of its stage recomputes it")
         self.verify(ref)
         return self.path_of(ref)
 

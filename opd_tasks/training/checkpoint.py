@@ -19,7 +19,11 @@ from pathlib import Path
 import torch
 
 from opd_tasks.config import UpdateConfig
+from opd_tasks.errors import ArtifactError
 from opd_tasks.models import CHECKPOINT_MODEL_DIR, CHECKPOINT_STATE_DIR, ModelSpec
+
+#: The AdamW state inside CHECKPOINT_STATE_DIR; `opd gc` may drop it from checkpoints that are no run's latest.
+OPTIMIZER_FILE = "optimizer.safetensors"
 
 
 def _save_optimizer(opt: torch.optim.Optimizer, path) -> dict:
@@ -67,7 +71,7 @@ def save_checkpoint(out: Path, model, tokenizer, tokenizer_source: Path, opt: to
     save_tokenizer(tokenizer, Path(tokenizer_source), mdir)
     sdir = out / CHECKPOINT_STATE_DIR
     sdir.mkdir()
-    groups = _save_optimizer(opt, sdir / "optimizer.safetensors")
+    groups = _save_optimizer(opt, sdir / OPTIMIZER_FILE)
     (sdir / "trainer.json").write_text(json.dumps(
         {**trainer, "optimizer": groups, "rng_cpu": torch.get_rng_state().tolist(), "seed": seed}))
 
@@ -77,7 +81,11 @@ def load_training_state(student: ModelSpec, opt: torch.optim.Optimizer, cfg: Upd
     if student.checkpoint is None:
         return {"global_step": 0, "global_epoch": 0}
     sdir = student.dir.parent / CHECKPOINT_STATE_DIR
+    if not (sdir / OPTIMIZER_FILE).is_file():
+        raise ArtifactError(f"checkpoint {student.checkpoint.short()}: its optimizer state {sdir / OPTIMIZER_FILE} "
+                            "is gone (opd gc drops it from checkpoints that are no run's latest), so the update after "
+                            "it cannot continue it exactly: recompute the checkpoints with `opd run --refresh update`")
     saved = json.loads((sdir / "trainer.json").read_text())
-    _load_optimizer(opt, sdir / "optimizer.safetensors", saved["optimizer"]["param_groups"], cfg)
+    _load_optimizer(opt, sdir / OPTIMIZER_FILE, saved["optimizer"]["param_groups"], cfg)
     torch.set_rng_state(torch.tensor(saved["rng_cpu"], dtype=torch.uint8))
     return {"global_step": saved["global_step"], "global_epoch": saved["global_epoch"]}

@@ -1,7 +1,8 @@
 """DuckDB views over every artifact, joined with run lineage (DESIGN.md sections 1.4 and 3).
 
 `connect(root)` returns a DuckDB connection with:
-- `lineage(run, iteration, stage, sha256, uri, cached, seconds, recorded_at)`: one row per pointer;
+- `lineage(run, iteration, stage, sha256, uri, cached, seconds, recorded_at, compute_seconds)`: one row per
+  pointer (`compute_seconds`: what computing the artifact cost, kept across cached reruns);
 - `artifacts(stage, key, sha256, schema_name, rows, bytes, uri)`: every published artifact;
 - one view per table in storage/schemas.py (`prompts`, `rollouts`, `teacher_scores`, `tokens`, `probes`,
   `updates`, `evals`), with the columns `run`, `iteration`, `stage` first and then the table's own columns,
@@ -57,7 +58,7 @@ def connect(root: str | Path | None = None, runs: list[str] | None = None,
                                              "autoload_known_extensions": False})
     con.execute(
         "CREATE TABLE lineage(run VARCHAR, iteration INTEGER, stage VARCHAR, sha256 VARCHAR, uri VARCHAR, "
-        "cached BOOLEAN, seconds DOUBLE, recorded_at DOUBLE)"
+        "cached BOOLEAN, seconds DOUBLE, recorded_at DOUBLE, compute_seconds DOUBLE)"
     )
     con.execute(
         "CREATE TABLE artifacts(stage VARCHAR, key VARCHAR, sha256 VARCHAR, schema_name VARCHAR, "
@@ -76,7 +77,8 @@ def connect(root: str | Path | None = None, runs: list[str] | None = None,
         if runs is not None and run.run not in runs:
             continue
         for e in run.entries():
-            rows.append((e.run, e.iteration, e.stage, e.ref.sha256, e.ref.uri, e.cached, e.seconds, e.recorded_at))
+            rows.append((e.run, e.iteration, e.stage, e.ref.sha256, e.ref.uri, e.cached, e.seconds, e.recorded_at,
+                         e.compute_seconds))
             base = store.path_of(e.ref)
             m = manifests.get(e.ref.sha256)
             if m is None:
@@ -99,7 +101,7 @@ def connect(root: str | Path | None = None, runs: list[str] | None = None,
                         f"FROM read_parquet({flist})"
                     )
     if rows:
-        con.executemany("INSERT INTO lineage VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        con.executemany("INSERT INTO lineage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     for name, schema in SCHEMAS.items():
         if parts[name]:

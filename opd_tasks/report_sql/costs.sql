@@ -1,11 +1,12 @@
 -- Wall seconds of each stage per method: the median over the stage runs of these runs. A cache hit is charged
--- what computing its artifact cost (the computed lineage entry with the same sha256, in any selected run), so a
--- rollout shared by two methods costs both the same; a hit whose computing run is not selected keeps its own
--- (small) seconds. The eval prompts and the baseline are one-off and left out.
+-- what computing its artifact cost (`compute_seconds`: kept in a run's own pointer across cached reruns, and taken
+-- from any selected run that computed the same sha256), so a rollout shared by two methods costs both the same
+-- and a fully cached rerun costs what the first run did; a hit whose computation no selected run recorded keeps
+-- its own (small) seconds. The eval prompts and the baseline are one-off and left out.
 WITH computed AS (
-  SELECT sha256, median(seconds) AS seconds
+  SELECT sha256, median(compute_seconds) AS seconds
   FROM lineage
-  WHERE NOT coalesce(cached, false) AND seconds IS NOT NULL
+  WHERE compute_seconds IS NOT NULL
   GROUP BY sha256
 )
 SELECT i.method, l.stage,

@@ -372,3 +372,23 @@ def test_fork_query_matches_a_python_count(root: Path) -> None:
     [row] = rows
     assert row["forks"] == len(forks) and row["fork_auc"] == pytest.approx(auc)
     assert row["fork_recall"] == pytest.approx(sum(f["regime"] == "divergent" for f in forks) / len(forks))
+
+
+def test_costs_after_a_fully_cached_rerun_are_what_computing_cost(root: Path, tmp_path: Path) -> None:
+    """A rerun of every run (all cache hits; in a copy of the root, which works as it is) leaves each stage's cost
+    what the first runs measured, not the hits' fraction of a second."""
+    import shutil
+
+    from opd_tasks.config import RunConfig
+    from opd_tasks.pipeline import run_plain
+
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    runs = select_runs(copy, ["exp-*"])
+    before = {(c["method"], c["stage"]): c["seconds"] for c in collect(copy, runs)["costs"]}
+    for r in runs:
+        cfg = RunConfig.model_validate(RunLineage(copy, r.run).info()["config"])
+        out = run_plain(cfg.model_copy(update={"root": str(copy)}), log=lambda _m: None, progress=False)
+        assert all(s.cached for it in out.iterations for s in it.stages.values())
+    after = {(c["method"], c["stage"]): c["seconds"] for c in collect(copy, runs)["costs"]}
+    assert after == pytest.approx(before) and min(after.values()) > 0.005

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from storage.errors import ArtifactError, ConfigError
-from storage.lineage import RunLineage, list_runs
+from storage.lineage import LineageEntry, RunLineage, list_runs
 from storage.store import ArtifactStore
 from storage.views import connect
 from tests.helpers import tokens_table, updates_table
@@ -100,3 +100,21 @@ def test_views_detect_truncated_and_corrupted_files(populated: ArtifactStore) ->
 def test_empty_root_has_views(tmp_path: Path) -> None:
     con = connect(tmp_path / "nothing")
     assert con.sql("SELECT count(*) FROM tokens").fetchall() == [(0,)]
+
+
+def test_a_cached_rerun_keeps_what_computing_cost(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    a = store.put_table("update", "a1" * 32, "updates", updates_table(2))
+    b = store.put_table("update", "b2" * 32, "updates", updates_table(3))
+    lin = RunLineage(tmp_path, "r")
+    assert lin.record(0, "update", a, cached=False, seconds=5.0).compute_seconds == 5.0
+    assert lin.record(0, "update", a, cached=True, seconds=0.1).compute_seconds == 5.0  # a rerun: a cache hit
+    assert lin.get(0, "update").compute_seconds == 5.0 and lin.get(0, "update").seconds == 0.1
+    assert lin.record(0, "update", b, cached=True, seconds=0.2).compute_seconds is None  # another artifact
+    con = connect(tmp_path)
+    assert con.sql("SELECT seconds, compute_seconds FROM lineage").fetchall() == [(0.2, None)]
+    # A pointer written before compute_seconds existed: a computed one's seconds are its cost.
+    old = {"run": "r", "iteration": 1, "stage": "update", "ref": a.model_dump(mode="json"), "recorded_at": 0.0,
+           "cached": False, "seconds": 3.0}
+    assert LineageEntry.from_json(old).compute_seconds == 3.0
+    assert LineageEntry.from_json({**old, "cached": True}).compute_seconds is None

@@ -19,6 +19,7 @@ BENCHES = {
     "economics": "bench.economics",
     "detectors": "bench.detectors",
     "pilot": "bench.pilot",
+    "rerun": "bench.rerun",
 }
 
 

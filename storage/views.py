@@ -10,7 +10,8 @@
   per run. Tables that no run has yet are empty views with the right columns.
 
 The views read exactly the part files each manifest lists (never a glob), after checking each manifest
-against the lineage's sha256 and, by default, each file's sha256 against its manifest: files already hashed and
+against the lineage's sha256 and, by default, each of those files' sha256 against its manifest (only the table
+files: a checkpoint's weights beside them are not read, so not hashed): files already hashed and
 unchanged since (size, mtime, inode) are taken from the root's ledger (storage/ledger.py) instead of hashed
 again; `verify=False` checks sizes only (`opd sql --no-verify`). An artifact whose manifest is not the one the
 store recorded is left out of `artifacts` (with a warning); a run that points at it fails with its name.
@@ -81,13 +82,17 @@ def connect(root: str | Path | None = None, runs: list[str] | None = None,
                          e.compute_seconds))
             base = store.path_of(e.ref)
             m = manifests.get(e.ref.sha256)
-            if m is None:
-                m = store.verify(e.ref, ledger=ledger) if verify else store.manifest(e.ref)
-                if not verify:
-                    for f in m["files"]:
+            if m is None:  # check the table files the views read (not a checkpoint's weights beside them)
+                m = store.manifest(e.ref)
+                read = [f for f in m["files"] if f["path"].split("/", 1)[0] in SCHEMAS.keys() & m["tables"].keys()]
+                if verify:
+                    store.verify(e.ref, files=[f["path"] for f in read], ledger=ledger)
+                else:
+                    for f in read:
                         p = base / f["path"]
                         if not p.is_file() or p.stat().st_size != f["bytes"]:
-                            raise ArtifactError(f"artifact {e.ref.stage}/{e.ref.key}: file {p} is missing or truncated")
+                            raise ArtifactError(f"artifact {e.ref.stage}/{e.ref.key}: file {p} is missing or "
+                                                "truncated")
                 manifests[e.ref.sha256] = m
             for table in m["tables"]:
                 if table not in SCHEMAS:

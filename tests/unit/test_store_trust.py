@@ -21,7 +21,7 @@ from storage.layout import MANIFEST
 from storage.lineage import RunLineage
 from storage.store import ArtifactStore
 from storage.views import connect, read_only_query
-from tests.helpers import tokens_table
+from tests.helpers import tokens_table, updates_table
 
 KEY = "ab" * 32
 
@@ -168,6 +168,26 @@ def test_views_verify_by_default_and_the_ledger_avoids_rehashing(tmp_path: Path,
     with pytest.raises(ArtifactError, match="part-00000.parquet is corrupted"):
         connect(tmp_path)
     connect(tmp_path, verify=False)  # the fast path checks sizes only
+
+
+def test_views_hash_the_tables_they_read_not_a_checkpoint_beside_them(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    with store.writer("update", KEY) as w:
+        w.write_table("updates", updates_table(3))
+        (w.path / "model").mkdir()
+        (w.path / "model" / "weights.bin").write_bytes(b"\x00" * 4096)
+        ref = w.commit()
+    RunLineage(tmp_path, "r").record(0, "update", ref)
+    _flip_file(store.path_of(ref) / "model" / "weights.bin")
+    assert connect(tmp_path).sql("SELECT count(*) FROM updates").fetchall() == [(3,)]  # weights not read
+    with pytest.raises(ArtifactError, match="weights.bin is corrupted"):
+        store.verify(ref)  # `opd verify` reads everything
+
+
+def _flip_file(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
 
 
 # ------------------------------------------------------------------ item 3: `opd sql` cannot write or reach out

@@ -19,6 +19,7 @@ the plain driver stops at the first failure, and a rerun recomputes only what is
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -133,10 +134,11 @@ class StageRunner:
     task or a deployment run, flows/runners.py); everything else is the same for both."""
 
     def __init__(self, store: ArtifactStore, lineage: RunLineage, cfg: RunConfig, *, refresh: Iterable[str] = (),
-                 progress: bool = True, log: Callable[[str], None] = print):
+                 progress: bool | None = None, log: Callable[[str], None] = print):
         self.store, self.lineage, self.cfg = store, lineage, cfg
         self.refresh = check_refresh(refresh)
-        self.progress, self.log = progress, log
+        self.progress = sys.stderr.isatty() if progress is None else progress  # None: bars only on a terminal
+        self.log = log
 
     def __call__(self, stage: Stage, inputs: StageInputs, iteration: int, label: str | None = None) -> StageRecord:
         label = label or stage.name
@@ -294,7 +296,7 @@ def open_run(cfg: RunConfig) -> tuple[ArtifactStore, RunLineage]:
     return store, lineage
 
 
-def run_plain(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool = True,
+def run_plain(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool | None = None,
               refresh: Iterable[str] = (), resume: bool = False) -> Distillation:
     """A whole run in this process, without Prefect (tests, benchmarks, debugging)."""
     refresh = check_refresh(refresh)  # before open_run records the run: a refused flag writes nothing

@@ -20,8 +20,9 @@ deployment runner sends them to a stage's own flow run.
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -90,7 +91,8 @@ class StageContext:
     stage: str
     key: str
     device: str = "auto"
-    progress: bool = True
+    #: Progress bars: by default only when stderr is a terminal; in a log file each stage is the runner's one line.
+    progress: bool = field(default_factory=lambda: sys.stderr.isatty())
 
     def writer(self):
         """A writer of this stage's artifact under its key (storage/store.py, `ArtifactWriter`)."""
@@ -121,9 +123,12 @@ class Stage:
         return cache_key(self.name, self.version, artifacts, config, seed)
 
     def __call__(self, store: ArtifactStore, inputs: StageInputs, *, device: str = "auto",
-                 progress: bool = True) -> ArtifactRef:
-        """Run the stage as a plain function: the artifact under its key if it exists, else computed."""
-        return execute(self, StageContext(store, self.name, self.key(inputs), device, progress), inputs)[0]
+                 progress: bool | None = None) -> ArtifactRef:
+        """Run the stage as a plain function: the artifact under its key if it exists, else computed. `progress`:
+        bars (default: when stderr is a terminal)."""
+        ctx = StageContext(store, self.name, self.key(inputs), device)
+        ctx.progress = ctx.progress if progress is None else progress
+        return execute(self, ctx, inputs)[0]
 
 
 def execute(stage: Stage, ctx: StageContext, inputs: StageInputs,

@@ -177,22 +177,21 @@ def verify_cmd(
 ) -> None:
     """Re-hash every artifact (or a run's); name each bad file; exit 1 if any is bad. Without a run it also
     names the artifacts that the store recorded publishing, or a run points at, whose directory is gone."""
-    from storage.lineage import RunLineage, list_runs
+    from storage.layout import MANIFEST
+    from storage.lineage import RunLineage, check_runs, list_runs
     from storage.store import ArtifactStore
 
     store = ArtifactStore(_root(root))
     problems: list[str] = []
     try:
         if run:
-            lin = RunLineage(store.layout, run)
-            if not lin.exists():
-                _fail(ValueError(f"no run named {run!r} under {store.root}"))
-            refs = list({e.ref.sha256: e.ref for e in lin.entries()}.values())
+            check_runs(store.layout, [run])
+            refs = list({e.ref.sha256: e.ref for e in RunLineage(store.layout, run).entries()}.values())
         else:
             refs = list(store.iter_artifacts(on_bad=problems.append))
             gone = set(store.missing_artifacts())
             gone |= {(e.ref.stage, e.ref.key) for r in list_runs(store.layout) for e in r.entries()
-                     if not (store.layout.artifact_dir(e.ref.stage, e.ref.key) / "_manifest.json").is_file()}
+                     if not (store.layout.artifact_dir(e.ref.stage, e.ref.key) / MANIFEST).is_file()}
             problems += [f"artifact {stage}/{key} is missing: its directory "
                          f"{store.layout.artifact_dir(stage, key)} is gone" for stage, key in sorted(gone)]
     except OpdError as e:
@@ -272,16 +271,15 @@ def show_cmd(
 ) -> None:
     """What each stage of a run produced: artifact, rows, cache hit, seconds; for one stage, its summary and
     first rows."""
-    from storage.lineage import RunLineage
+    from storage.lineage import RunLineage, check_runs
     from storage.store import ArtifactStore
 
     store = ArtifactStore(_root(root))
     try:
-        lin = RunLineage(store.layout, run)
+        check_runs(store.layout, [run])
     except OpdError as e:
         _fail(e)
-    if not lin.exists():
-        _fail(ValueError(f"no run named {run!r} under {store.root}"))
+    lin = RunLineage(store.layout, run)
     recorded = lin.entries()
     its = sorted({e.iteration for e in recorded})
     if iteration is not None and iteration not in its:
@@ -350,18 +348,6 @@ def bootstrap_cmd(
     raise typer.Exit(rc or 0)
 
 
-def _check_resumable(root: Path, run: str) -> None:
-    """`--resume` continues a run: ConfigError naming the root and the runs it holds when `run` is not one."""
-    from storage.layout import Layout
-    from storage.lineage import list_runs
-
-    known = [r.run for r in list_runs(root)]
-    if run not in known:
-        there = ", ".join(known[:10]) + (f" and {len(known) - 10} more (opd runs)" if len(known) > 10 else "")
-        raise ConfigError(f"--resume: no run named {run!r} under {Layout(root).root} (runs there: {there or 'none'});"
-                          " drop --resume to start it, or name a run there")
-
-
 @app.command("run")
 def run_cmd(
     config: ConfigOpt = None,
@@ -387,10 +373,14 @@ def run_cmd(
         cfg = load_config(config, overrides)
         from flows.run import run_and_report
         from opd_tasks.pipeline import check_refresh
+        from storage.lineage import check_runs
 
         check_refresh(refresh or [])
         if resume:
-            _check_resumable(cfg.resolved_root(), cfg.name)
+            try:
+                check_runs(cfg.resolved_root(), [cfg.name])
+            except ConfigError as e:
+                raise ConfigError(f"--resume: {e}; drop --resume to start it, or name a run there") from None
         run_and_report(cfg, console, refresh or [], resume)
     except OpdError as e:
         _fail(e)

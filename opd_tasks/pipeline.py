@@ -29,7 +29,7 @@ from typing import Any
 from opd_tasks.config import FaultConfig, RunConfig
 from opd_tasks.errors import ConfigError, TransientError
 from opd_tasks.method import MethodPlan, plan
-from opd_tasks.models import CHECKPOINT_MODEL_DIR, ModelSpec, cache_remote_code_under, spec_of
+from opd_tasks.models import ModelSpec, cache_remote_code_under, spec_of
 from opd_tasks.stages import (
     ANALYZE,
     EVALUATE,
@@ -144,13 +144,8 @@ class StageRunner:
         label = label or stage.name
         key = stage.key(inputs)  # the one computation of this call's key: the store and Prefect both use it
         existing = self.store.lookup(stage.name, key)
-        while self.store.quarantined:  # a corrupted artifact under the key: moved aside, recomputed below
-            self.log(f"warning: {self.store.quarantined.pop(0)}; recomputing")
-        if existing is not None and any(p.startswith(f"{CHECKPOINT_MODEL_DIR}/") for p in self.store.pruned(existing)):
-            moved = self.store.retire(existing)  # opd gc removed its weights: the loop needs them, recompute
-            self.log(f"it{iteration} {label}: the weights of {existing.short()} were removed by opd gc; recomputing "
-                     f"(the pruned copy went to {moved})")
-            existing = None
+        while self.store.quarantined:  # corrupted, or emptied by opd gc: moved aside, recomputed below
+            self.log(f"it{iteration} {label}: {self.store.quarantined.pop(0)}; recomputing")
         if existing is not None and stage.name in self.refresh:
             moved = self.store.retire(existing)
             self.log(f"--refresh {stage.name}: retired {existing.short()} to {moved}")

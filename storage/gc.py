@@ -16,9 +16,9 @@ How it stays safe:
 - Removing files from an artifact is recorded first (`ArtifactStore.prune`), so a crash halfway leaves a consistent
   store (`opd verify` clean); an artifact is deleted by removing its record, then renaming its directory into
   `<root>/trash/` (atomic), then deleting the trash.
-- A checkpoint whose weights were removed is recomputed when a rerun needs it (the stage runner retires it first;
-  on the CPU the bytes are identical), and a deleted unreferenced artifact is recomputed like any missing one.
-- `dry_run` reports the same plan and the bytes it would free, and changes nothing.
+- A checkpoint whose weights were removed is recomputed when a rerun looks it up (the lookup moves it to
+  `retired/`; on the CPU the bytes are identical), and a deleted unreferenced artifact like any missing one.
+- `plan` changes nothing (`opd gc --dry-run` prints it with the bytes it would free); `execute` carries it out.
 """
 
 from __future__ import annotations
@@ -33,12 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storage.errors import ConfigError
-from storage.layout import MANIFEST
-from storage.lineage import list_runs
+from storage.layout import MANIFEST, Layout
+from storage.lineage import LOCK_FILE, list_runs
 from storage.refs import ArtifactRef
 from storage.store import ArtifactStore
-
-GC_LOCK = "gc.lock"
 
 
 @dataclass(frozen=True)
@@ -56,13 +54,14 @@ class Removal:
 @contextmanager
 def exclusive(root: Path) -> Iterator[None]:
     """Hold `<root>/gc.lock` exclusively; ConfigError naming the live runs when a run holds it."""
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / GC_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    layout = Layout(root)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(layout.gc_lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            live = [r.run for r in list_runs(root) if (r.dir / ".lock").is_file()]
+            live = [r.run for r in list_runs(layout) if (r.dir / LOCK_FILE).is_file()]
             raise ConfigError(f"opd gc: run(s) {', '.join(live) or '(starting)'} are running under {root}; gc runs "
                               "when no run is live (use --dry-run to see the plan now)") from None
         yield
@@ -97,7 +96,8 @@ def plan(store: ArtifactStore, keep_last: int, checkpoint_stage: str = "update",
     out: list[Removal] = []
     for ref in store.iter_artifacts(on_bad=lambda msg: None):  # corrupted ones: `opd verify` / the next lookup
         ident, target = (ref.stage, ref.key), f"{ref.stage}/{ref.key}"
-        files = {e["path"]: e["bytes"] for e in store.manifest(ref)["files"]}
+        manifest = store.manifest(ref)
+        files = {e["path"]: e["bytes"] for e in manifest["files"]}
         pruned = store.pruned(ref)
         if ident not in referenced:
             out.append(Removal("unreferenced artifact", target, _du(store.path_of(ref)),
@@ -105,7 +105,7 @@ def plan(store: ArtifactStore, keep_last: int, checkpoint_stage: str = "update",
             continue
         if ref.stage != checkpoint_stage:
             continue
-        tables = tuple(f"{t}/" for t in store.manifest(ref)["tables"])
+        tables = tuple(f"{t}/" for t in manifest["tables"])
         if ident not in kept:
             doomed = sorted(p for p in files if not p.startswith(tables) and p not in pruned)
             why = f"a checkpoint older than the last {keep_last} of every run that uses it"

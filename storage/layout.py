@@ -77,6 +77,11 @@ class Layout:
         """Where the store records the manifest sha256 it published under (stage, key)."""
         return self.published / check_name("stage", stage) / check_key(key)
 
+    @property
+    def gc_lock(self) -> Path:
+        """Held shared by every running run and exclusively by `opd gc` (storage/gc.py)."""
+        return self.root / "gc.lock"
+
     def pruned_record(self, stage: str, key: str) -> Path:
         """Where `opd gc` records the files it removed from artifact (stage, key) (storage/gc.py)."""
         return self.root / "pruned" / check_name("stage", stage) / check_key(key)

@@ -141,6 +141,16 @@ def list_runs(root: str | Path | Layout | None) -> list[RunLineage]:
     return [RunLineage(layout, p.name) for p in sorted(layout.runs.iterdir()) if (p / "run.json").is_file()]
 
 
+def check_runs(root: str | Path | Layout | None, names: Iterable[str]) -> None:
+    """ConfigError naming each of `names` that is no run under the root, and the runs that are (up to 10)."""
+    layout = root if isinstance(root, Layout) else Layout(root)
+    known = [r.run for r in list_runs(layout)]
+    if unknown := [n for n in names if n not in known]:
+        there = ", ".join(known[:10]) + (f" and {len(known) - 10} more (opd runs)" if len(known) > 10 else "")
+        raise ConfigError(f"no run named {', '.join(map(repr, unknown))} under {layout.root} (runs there: "
+                          f"{there or 'none'})")
+
+
 # ----------------------------------------------------------------------------------------- the run lock
 
 LOCK_FILE = ".lock"
@@ -191,7 +201,7 @@ def run_lock(root: str | Path | None, runs: Iterable[str]) -> Iterator[None]:
     at the end."""
     layout, taken = Layout(root), []
     try:
-        gc = layout.root / "gc.lock"  # shared by runs, exclusive for `opd gc` (storage/gc.py)
+        gc = layout.gc_lock
         if gc not in _held:
             layout.root.mkdir(parents=True, exist_ok=True)
             fd = os.open(gc, os.O_RDWR | os.O_CREAT, 0o644)

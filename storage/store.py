@@ -266,7 +266,8 @@ class ArtifactStore:
         self.remote: RemoteMirror | None = RemoteMirror(remote, storage_options) if remote else None
         #: Artifacts this instance published (not found in the cache): lets a driver tell computed from cached.
         self.published: list[ArtifactRef] = []
-        #: What this instance found corrupted and moved out of the cache (one message each), for the driver's log.
+        #: What this instance's lookups moved out of the cache (corrupted, or emptied by opd gc), one message each,
+        #: for the driver's log.
         self.quarantined: list[str] = []
 
     @property
@@ -350,11 +351,25 @@ class ArtifactStore:
                 self._record(stage, key, data)
         except ArtifactError as e:
             moved = self._retire_local(stage, key, reason="corrupted")
-            msg = f"artifact {stage}/{key} is corrupted and was moved out of the cache to {moved}: {e}"
+            msg = f"warning: artifact {stage}/{key} is corrupted and was moved out of the cache to {moved}: {e}"
             log.warning("%s; the stage recomputes", msg)
             self.quarantined.append(msg)
             return None
+        if self._emptied(ref):  # opd gc removed all its non-table files (a checkpoint's weights): not usable
+            moved = self._retire_local(stage, key, reason="pruned")
+            self.quarantined.append(f"artifact {stage}/{key}: opd gc had removed its files; moved to {moved}")
+            return None
         return ref
+
+    def _emptied(self, ref: ArtifactRef) -> bool:
+        """Whether `opd gc` pruned every file of `ref` that is not part of a table (what a checkpoint is for)."""
+        pruned = self.pruned(ref)
+        if not pruned:
+            return False
+        m = self.manifest(ref)
+        tables = tuple(f"{t}/" for t in m["tables"])
+        free = [e["path"] for e in m["files"] if not e["path"].startswith(tables)]
+        return bool(free) and all(p in pruned for p in free)
 
     def _checked_ref(self, adir: Path, data: bytes) -> ArtifactRef:
         """The ref of manifest `data` in `adir`; ArtifactError if it does not parse or is not the manifest the store
@@ -382,7 +397,8 @@ class ArtifactStore:
     def prune(self, ref: ArtifactRef, paths: list[str], why: str) -> int:
         """Remove files `paths` of artifact `ref` (e.g. a checkpoint's weights), recording them first, so that a
         crash halfway leaves a consistent store: `verify` skips what is recorded as pruned, a read of a pruned file
-        names the pruning, and the stage runner recomputes an artifact whose files it needs. Returns bytes freed."""
+        names the pruning, and a lookup retires an artifact whose non-table files are all pruned (`_emptied`), so
+        its stage recomputes it. Returns bytes freed."""
         listed = {e["path"]: e["bytes"] for e in self.manifest(ref)["files"]}
         if unknown := sorted(set(paths) - set(listed)):
             raise ArtifactError(f"artifact {ref.stage}/{ref.key} has no file(s) {unknown}")

@@ -31,7 +31,7 @@ import duckdb
 
 from storage.errors import ArtifactError, ConfigError
 from storage.ledger import VerifiedLedger
-from storage.lineage import list_runs
+from storage.lineage import check_runs, list_runs
 from storage.schemas import SCHEMAS
 from storage.store import ArtifactStore
 
@@ -50,10 +50,7 @@ def connect(root: str | Path | None = None, runs: list[str] | None = None,
     """An in-memory DuckDB connection with the views over the root's runs (all, or `runs`); see the module
     docstring for what is verified and what the connection may not do."""
     store = ArtifactStore(root)
-    known = list_runs(store.layout)
-    if runs is not None and (unknown := sorted(set(runs) - {r.run for r in known})):
-        raise ArtifactError(f"no run named {', '.join(map(repr, unknown))} under {store.root}; runs there: "
-                            f"{', '.join(r.run for r in known) or 'none'}")
+    check_runs(store.layout, runs or [])
     ledger = VerifiedLedger(store.root) if verify else None
     con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
                                              "autoload_known_extensions": False})
@@ -74,7 +71,7 @@ def connect(root: str | Path | None = None, runs: list[str] | None = None,
     manifests: dict[str, dict] = {}
     allowed: set[str] = set()
     rows = []
-    for run in known:
+    for run in list_runs(store.layout):
         if runs is not None and run.run not in runs:
             continue
         for e in run.entries():

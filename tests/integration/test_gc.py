@@ -3,7 +3,6 @@ live runs, and a rerun that recomputes what gc removed (issue 20, item 5)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from opd_tasks.config import load_config
+from opd_tasks.errors import ConfigError
 from opd_tasks.pipeline import run_plain
 from storage import gc
 from storage.lineage import RunLineage
@@ -152,6 +152,7 @@ def test_gc_waits_for_live_runs_and_runs_wait_for_gc(models, tmp_path: Path) -> 
         holder.kill()
         holder.wait()
     with gc.exclusive(tmp_path):
-        with pytest.raises(Exception, match="opd gc is running"):
+        before = _tree(tmp_path)
+        with pytest.raises(ConfigError, match="opd gc is running"):
             _run(models, tmp_path, iterations=2)
-    assert json.loads((tmp_path / "runs" / "a" / "run.json").read_text())["name"] == "a"
+        assert _tree(tmp_path) == before  # the refused run wrote nothing

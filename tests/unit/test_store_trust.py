@@ -246,7 +246,7 @@ def test_configuration_is_locked_even_without_the_statement_check(con) -> None:
 
 def test_unknown_run_is_named(tmp_path: Path) -> None:
     _publish(ArtifactStore(tmp_path))
-    with pytest.raises(ArtifactError, match="no run named 'nope'.*runs there: r"):
+    with pytest.raises(ConfigError, match=r"no run named .nope. under .* \(runs there: r\)"):
         connect(tmp_path, runs=["nope"])
 
 

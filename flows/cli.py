@@ -40,6 +40,9 @@ def _environment() -> None:
         Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
 config_app = typer.Typer(help="Inspect the run configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+server_app = typer.Typer(help="The local Prefect server that opd commands share (flows/server.py).",
+                         no_args_is_help=True)
+app.add_typer(server_app, name="server")
 
 # Wide enough for the run summary and SQL results when stdout is a pipe or a file (e.g. `make run | tee`).
 console = Console() if sys.stdout.isatty() else Console(width=160)
@@ -54,6 +57,11 @@ SetOpt = Annotated[
 RootOpt = Annotated[
     Path | None, typer.Option("--root", help="Storage root (default: $OPD_HOME or ./.opd).")
 ]
+
+
+def _announce(line: str) -> None:
+    """Which Prefect server a command uses (flows/server.py), in the command's output."""
+    console.print(line, style="dim", highlight=False, markup=False)
 
 
 def _fail(e: Exception) -> None:
@@ -77,6 +85,30 @@ def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     except OpdError as e:
         _fail(e)
     sys.stdout.write(dump_config(cfg))
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """Whether the shared local Prefect server runs, where, and when it stops by itself."""
+    from flows.server import IDLE_ENV, idle_minutes, read_state, server_answers
+
+    state = read_state()
+    if state is None or not server_answers(state["url"]):
+        console.print(f"no local Prefect server runs for this PREFECT_HOME; the next opd run starts one "
+                      f"({IDLE_ENV}={idle_minutes():g})", highlight=False)
+        raise typer.Exit(1)
+    console.print(f"local Prefect server on {state['url']} (pid {state['pid']}, Prefect {state['prefect']}); it "
+                  f"stops after {state['idle_minutes']:g} min unused", highlight=False)
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the shared local Prefect server now (a command still using it loses its connection)."""
+    from flows.server import stop_shared_server
+
+    state = stop_shared_server()
+    console.print(f"stopped the local Prefect server on {state['url']} (pid {state['pid']})" if state else
+                  "no local Prefect server was running", highlight=False)
 
 
 @app.command("runs")
@@ -446,7 +478,7 @@ def experiment_cmd(
         from flows.server import prefect_api
         from storage.lineage import run_lock
 
-        with run_lock(cfg.resolved_root(), [p.run for p in plan]), prefect_api():
+        with run_lock(cfg.resolved_root(), [p.run for p in plan]), prefect_api(_announce):
             res = experiment(cfg.model_dump(mode="json"), arms, ss, name, report=report,
                              report_out=str(out) if out else None, command=cmd, conditions=conds, primary=primary)
     except OpdError as e:

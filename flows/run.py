@@ -1,8 +1,8 @@
 """`opd run`: run the `distill` Prefect flow and print what happened and where to look next.
 
-Without `PREFECT_API_URL`, a temporary local server runs for the command (a few seconds to start; it dies with the
-command, flows/server.py); with a running `prefect server start` (see docs/operations.md), runs and artifacts show
-in its UI.
+Without `PREFECT_API_URL`, the command uses the local server opd commands share, starting it when none runs (a few
+seconds; it stops after some idle minutes, flows/server.py); with a running `prefect server start` (see
+docs/operations.md), runs and artifacts show in its UI.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def run_and_report(cfg: RunConfig, console: Console, refresh: list[str] | None =
     from flows.server import prefect_api
 
     root = cfg.resolved_root().resolve()
-    with run_lock(root, [cfg.name]), prefect_api():
+    with run_lock(root, [cfg.name]), prefect_api(lambda line: console.print(line, style="dim", highlight=False,
+                                                                            markup=False)):
         console.rule(f"[bold]opd run[/] {cfg.name}: method {cfg.method}, {cfg.iterations} iterations, root {root}")
         console.print(
             f"teacher {cfg.models.teacher.path} | student {cfg.models.student.path} | data {cfg.data.source} | "

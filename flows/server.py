@@ -1,35 +1,110 @@
-"""The Prefect API a command talks to: the server `PREFECT_API_URL` names, or a temporary one tied to this process.
+"""The Prefect API a command talks to: the server `PREFECT_API_URL` names, else a local server that this user's
+commands share, else (`OPD_SERVER_IDLE_MINUTES=0`) a temporary server tied to the one command.
 
-Without `PREFECT_API_URL`, Prefect itself would start a temporary server on the first flow call and stop it at
-interpreter exit. Two things go wrong with that: a killed `opd run` (SIGKILL, OOM killer) leaves the server
-running, holding its port and SQLite database, and at a normal exit the server is stopped while this process's
-event and log workers still hold unsent items (about 150 lines of "Error flushing ... CancelledError").
+Three ways, in this order:
+1. `PREFECT_API_URL` is set: that server (e.g. `prefect server start`, with its UI; docs/operations.md).
+2. The shared local server (the default). The first command without a running one starts it, detached, as
+   `python -m flows.server --idle-minutes N`: a small supervisor that runs Prefect's own server (the one Prefect's
+   temporary mode runs: same command, 127.0.0.1, SQLite under `$PREFECT_HOME`) and writes where it listens to
+   `$PREFECT_HOME/opd-server.json`. Later commands find it there and skip the start (about 5 s of a cached
+   rerun's 8). It stops itself after `OPD_SERVER_IDLE_MINUTES` (default 15) without a command using it;
+   `opd server stop` stops it now. Commands hold a shared lock on `$PREFECT_HOME/opd-server.users` while they use
+   it, and the supervisor stops only when it can take that lock exclusively, so it never stops under a command.
+   If the supervisor is killed, the kernel stops its server (parent-death signal).
+3. `OPD_SERVER_IDLE_MINUTES=0`: a temporary server for this command alone, tied to it (parent-death signal, so a
+   killed command does not leave it running), stopped at the end after this process's logs and events were sent
+   and recorded (no "Error flushing ... CancelledError").
 
-`prefect_api()` starts that temporary server itself (Prefect's own `SubprocessASGIServer`: same command, same
-127.0.0.1 binding, SQLite under PREFECT_HOME) with the Linux parent-death signal set in the child, so the kernel
-sends it SIGTERM when this process dies, however it dies; at the end it sends this process's queued logs and
-events, gives the server a moment to record them, then stops it. The server's own output goes to
-`$PREFECT_HOME/opd-temporary-server.log`, not into the command's output.
+Servers write their own output to `$PREFECT_HOME/opd-server.log` (shared) or `opd-temporary-server.log`.
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
+import fcntl
+import json
 import os
 import signal
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from opd_tasks.errors import TransientError
+from opd_tasks.errors import ConfigError, TransientError
 
+IDLE_ENV = "OPD_SERVER_IDLE_MINUTES"
+DEFAULT_IDLE_MINUTES = 15.0
 _PR_SET_PDEATHSIG = 1
 #: After this process's events are sent, the server's task-run recorder writes each in its own transaction; stopping
 #: it in the middle cancels that write (the event is lost and the server logs "Error flushing ... CancelledError").
 SETTLE_SECONDS = 0.5
+
+
+# ------------------------------------------------------------------------------------------------ shared facts
+
+
+def idle_minutes() -> float:
+    """`OPD_SERVER_IDLE_MINUTES`: how long the shared server waits unused before it stops; 0 = temporary servers."""
+    raw = os.environ.get(IDLE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_IDLE_MINUTES
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not (0 <= value < float("inf")):
+        raise ConfigError(f"{IDLE_ENV}={raw!r}: expected a number of minutes >= 0 (0: a temporary Prefect server per "
+                          f"command; default {DEFAULT_IDLE_MINUTES:g})")
+    return value
+
+
+def _home() -> Path:
+    from prefect.settings import PREFECT_HOME
+
+    return Path(PREFECT_HOME.value())
+
+
+class SharedServerFiles:
+    """The shared server's files under `$PREFECT_HOME`, named once."""
+
+    def __init__(self, home: Path | None = None):
+        home = home or _home()
+        self.state = home / "opd-server.json"  # {url, pid, prefect, idle_minutes, started}: written by the supervisor
+        self.users = home / "opd-server.users"  # shared lock: a command uses the server; mtime: its last use
+        self.starting = home / "opd-server.start.lock"  # exclusive lock: one command at a time finds or starts it
+        self.log = home / "opd-server.log"
+
+
+def server_log() -> Path:
+    """Where the temporary server writes its own output (its services' errors at shutdown included)."""
+    return _home() / "opd-temporary-server.log"
+
+
+def server_answers(url: str, timeout: float = 2.0) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def read_state(files: SharedServerFiles | None = None) -> dict | None:
+    """The shared server's state file, or None when there is none (or it is unreadable: a stale half-write)."""
+    files = files or SharedServerFiles()
+    try:
+        state = json.loads(files.state.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and {"url", "pid", "prefect"} <= set(state) else None
+
+
+# ------------------------------------------------------------------------------ Prefect's server, tied to us
 
 
 def _die_with_parent(parent: int) -> None:
@@ -42,21 +117,15 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def server_log() -> Path:
-    """Where the temporary server writes its own output (its services' errors at shutdown included)."""
-    from prefect.settings import PREFECT_HOME
-
-    return Path(PREFECT_HOME.value()) / "opd-temporary-server.log"
-
-
-def _tied_server():
-    """Prefect's temporary-server class, whose uvicorn child dies with this process and writes to `server_log()`."""
+def _tied_server(log: Path | None = None):
+    """Prefect's temporary-server class, whose uvicorn child dies with this process and writes to `log`."""
     from prefect.server.api.server import SubprocessASGIServer
+
+    log = log or server_log()
 
     class TiedServer(SubprocessASGIServer):
         def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
             parent, real = os.getpid(), subprocess.Popen
-            log = server_log()
             log.parent.mkdir(parents=True, exist_ok=True)
 
             def popen(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
@@ -73,35 +142,185 @@ def _tied_server():
     return TiedServer(port=None)
 
 
+def _did_not_start(e: BaseException, log: Path) -> TransientError:
+    return TransientError(f"the local Prefect server did not start ({type(e).__name__}: {e}; its output: {log}); "
+                          f"check that PREFECT_HOME ({_home()}) is writable and has free space, or set "
+                          "PREFECT_API_URL to a running server (docs/operations.md)")
+
+
+# ------------------------------------------------------------------------------------------------- the API
+
+
 @contextmanager
-def prefect_api() -> Iterator[str | None]:
-    """Run the body against PREFECT_API_URL's server if set (yields it), else against a temporary server tied to
-    this process (yields its URL; stopped at the end, after this process's logs and events were sent)."""
+def prefect_api(announce: Callable[[str], None] | None = None) -> Iterator[str]:
+    """Run the body against a Prefect API (see the module docstring for which); yields its URL. At the end, this
+    process's queued logs and events are sent. `announce` gets one line saying which server is used."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    say = announce or (lambda line: None)
     if PREFECT_API_URL.value():
         yield PREFECT_API_URL.value()
         return
+    idle = idle_minutes()
+    server = _shared_server(idle, say) if idle > 0 else _temporary_server(say)
+    with server as url, temporary_settings({PREFECT_API_URL: url}):
+        try:
+            yield url
+        finally:
+            _drain()
+            if idle == 0:
+                time.sleep(SETTLE_SECONDS)  # the server records the last events it received (one write each)
+
+
+def _drain() -> None:
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    EventsWorker.drain_all(timeout=10)
+
+
+@contextmanager
+def _temporary_server(say: Callable[[str], None]) -> Iterator[str]:
     server = _tied_server()
     try:
         server.start()
     except Exception as e:  # noqa: BLE001 - a timeout, a full disk under PREFECT_HOME, a port race: say what to do
         server.stop()
-        from prefect.settings import PREFECT_HOME
-
-        raise TransientError(f"the temporary Prefect server did not start ({type(e).__name__}: {e}; its output: "
-                             f"{server_log()}); check that PREFECT_HOME ({PREFECT_HOME.value()}) is writable and has "
-                             "free space, or set PREFECT_API_URL to a running server (docs/operations.md)") from e
+        raise _did_not_start(e, server_log()) from e
+    say(f"Prefect: a temporary server on {server.api_url} for this command ({IDLE_ENV}=0)")
     try:
-        with temporary_settings({PREFECT_API_URL: server.api_url}):
-            try:
-                yield server.api_url
-            finally:
-                from prefect.events.worker import EventsWorker
-                from prefect.logging.handlers import APILogWorker
-
-                APILogWorker.drain_all(timeout=10)
-                EventsWorker.drain_all(timeout=10)
-                time.sleep(SETTLE_SECONDS)  # the server records the last events it received (one write each)
+        yield server.api_url
     finally:
         server.stop()
+
+
+@contextmanager
+def _flock(path: Path, how: int) -> Iterator[Any]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, how)
+        yield f
+
+
+@contextmanager
+def _shared_server(idle: float, say: Callable[[str], None]) -> Iterator[str]:
+    """Use the shared local server, starting it first when none answers; hold the users lock while in use."""
+    from prefect import __version__
+
+    files = SharedServerFiles()
+    with ExitStack() as in_use:
+        try:
+            with _flock(files.starting, fcntl.LOCK_EX):  # one command at a time finds or starts it
+                users = in_use.enter_context(_flock(files.users, fcntl.LOCK_SH))  # waits while one is stopping
+                state = read_state(files)
+                if state and state["prefect"] == __version__ and server_answers(state["url"]):
+                    url = state["url"]
+                    say(f"Prefect: the local server on {url} (pid {state['pid']}; `opd server stop` stops it)")
+                else:
+                    url = _start_supervisor(files, idle, stale=state, version=__version__)
+                    say(f"Prefect: started a local server on {url}; it stops after {idle:g} min unused "
+                        f"({IDLE_ENV}; `opd server stop` stops it now)")
+        except OSError as e:  # PREFECT_HOME not writable, or full
+            raise _did_not_start(e, files.log) from e
+        os.utime(users.fileno())  # the last use, which the supervisor's idle clock counts from
+        try:
+            yield url
+        finally:
+            os.utime(users.fileno())
+
+
+def _start_supervisor(files: SharedServerFiles, idle: float, stale: dict | None, version: str) -> str:
+    """Start `python -m flows.server` detached (its own session: a Ctrl-C of this command does not reach it) and
+    wait until its state file names a server that answers."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    if stale and stale.get("prefect") != version:
+        _stop_pid(stale)  # a server of another Prefect version on this home (an upgraded venv): replace it
+    files.state.unlink(missing_ok=True)
+    with open(files.log, "ab") as out:
+        child = subprocess.Popen([sys.executable, "-m", "flows.server", "--idle-minutes", f"{idle:g}"],
+                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()) + 30
+    while time.monotonic() < deadline:
+        state = read_state(files)
+        if state and state["pid"] == child.pid and server_answers(state["url"]):
+            child.returncode = 0  # detached on purpose: no "subprocess still running" warning when this process ends
+            return state["url"]
+        if child.poll() is not None:
+            raise _did_not_start(RuntimeError(f"its supervisor exited with code {child.returncode}"), files.log)
+        time.sleep(0.1)
+    child.terminate()
+    raise _did_not_start(TimeoutError("no answer in time"), files.log)
+
+
+def _stop_pid(state: dict) -> bool:
+    try:
+        os.kill(int(state["pid"]), signal.SIGTERM)
+        return True
+    except (ProcessLookupError, PermissionError, ValueError):
+        return False
+
+
+def stop_shared_server(timeout: float = 30.0) -> dict | None:
+    """`opd server stop`: SIGTERM the shared server's supervisor and wait until it is gone; its state, or None."""
+    files = SharedServerFiles()
+    state = read_state(files)
+    if state is None or not _stop_pid(state):
+        files.state.unlink(missing_ok=True)
+        return None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (files.state.exists() or server_answers(state["url"], timeout=0.5)):
+        time.sleep(0.1)
+    return state
+
+
+# ----------------------------------------------------------------------------------------- the supervisor
+
+
+def supervise(idle: float, poll_seconds: float = 2.0) -> int:
+    """The shared server's process: start Prefect's server, publish where it listens, stop it after `idle` minutes
+    in which no command used it (or on SIGTERM / SIGINT, or when the server itself exits)."""
+    from prefect import __version__
+
+    files = SharedServerFiles()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop.set())
+    server = _tied_server(files.log)
+    try:
+        server.start()
+        tmp = files.state.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"url": server.api_url, "pid": os.getpid(), "prefect": __version__,
+                                   "idle_minutes": idle, "started": time.time()}), encoding="utf-8")
+        os.replace(tmp, files.state)
+        files.users.touch()
+        with open(files.users, "a+") as users:
+            while not stop.wait(poll_seconds):
+                if server.server_process is None or server.server_process.poll() is not None:
+                    break  # the server died: nothing to supervise (the next command starts a new one)
+                if time.time() - files.users.stat().st_mtime < idle * 60:
+                    continue
+                try:  # unused for `idle` minutes, and no command holds the lock: stop, holding it, so that no
+                    fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)  # command adopts a server that is stopping
+                except BlockingIOError:
+                    continue
+                break
+            if (read_state(files) or {}).get("pid") == os.getpid():
+                files.state.unlink(missing_ok=True)
+            server.stop()
+    finally:
+        server.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flows.server", description="The shared local Prefect server "
+                                 "(started by opd commands; see flows/server.py). Stops after IDLE minutes unused.")
+    ap.add_argument("--idle-minutes", type=float, default=DEFAULT_IDLE_MINUTES)
+    return supervise(ap.parse_args(argv).idle_minutes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,6 +16,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Each test's command gets a temporary Prefect server of its own (flows/server.py), not the shared one that would
+# outlive it; tests of the shared server set the variable themselves.
+os.environ["OPD_SERVER_IDLE_MINUTES"] = "0"
 
 # Prefect binds its console log handler to whatever sys.stderr is when it first sets up logging (lazily, on first
 # use). Set it up now, so that a CLI test cannot be that first use: typer's CliRunner swaps sys.stderr for a buffer

@@ -24,16 +24,21 @@ def _run(args: list[str], env: dict, timeout: int = 900) -> subprocess.Completed
 @pytest.mark.slow
 def test_opd_run_on_testbed_then_cached_rerun(tmp_path: Path) -> None:
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "ph"), "OPD_HOME": str(tmp_path / "opd"),
-           "COLUMNS": "200"}
+           "COLUMNS": "200", "OPD_SERVER_IDLE_MINUTES": "5"}  # as `make run` runs: the shared local server
     env.pop("PREFECT_API_URL", None)
     small = ["--set", "data.prompts_per_iteration=8", "--set", "data.eval_size=20", "-n", "1", "--name", "e2e"]
-    first = _run(["run", "--config", "configs/testbed.yaml", *small], env)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "accuracy on 20 held-out prompts per iteration (baseline" in first.stdout and "opd sql" in first.stdout
-    # Security default: the temporary Prefect server binds to the loopback address only.
-    assert "Starting temporary server on http://127.0.0.1:" in first.stdout + first.stderr
-    second = _run(["run", "--config", "configs/testbed.yaml", *small], env)
-    assert second.returncode == 0, second.stderr[-3000:]
+    try:
+        first = _run(["run", "--config", "configs/testbed.yaml", *small], env)
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        assert "accuracy on 20 held-out prompts per iteration (baseline" in first.stdout and "opd sql" in first.stdout
+        # Security default: the local Prefect server binds to the loopback address only.
+        url = re.search(r"Prefect: started a local server on (http://127\.0\.0\.1:\d+/api)", first.stdout)
+        assert url, first.stdout[:3000]
+        second = _run(["run", "--config", "configs/testbed.yaml", *small], env)
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert f"Prefect: the local server on {url.group(1)}" in second.stdout  # reused, not started again
+    finally:
+        _run(["server", "stop"], env)
     for out in (first, second):  # clean output: no server shutdown noise (flows/server.py), and in a file (not a
         text = out.stdout + out.stderr  # terminal) no progress bars: each stage is the runner's one log line
         assert "Traceback" not in text and "Error flushing" not in text

@@ -8,7 +8,7 @@ import errno
 import pytest
 
 import flows.server
-from opd_tasks.errors import TransientError
+from opd_tasks.errors import ConfigError, TransientError
 
 
 class _Unstartable:
@@ -39,3 +39,28 @@ def test_a_configured_api_is_used_and_nothing_is_started(monkeypatch) -> None:
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:1/api"}):
         with flows.server.prefect_api() as url:
             assert url == "http://127.0.0.1:1/api"
+
+
+@pytest.mark.parametrize("raw", ["soon", "-1", "inf", "nan"])
+def test_a_bad_idle_time_names_the_variable(monkeypatch, raw: str) -> None:
+    monkeypatch.setenv("OPD_SERVER_IDLE_MINUTES", raw)
+    with pytest.raises(ConfigError, match=rf"OPD_SERVER_IDLE_MINUTES='{raw}': expected a number of minutes >= 0"):
+        flows.server.idle_minutes()
+
+
+def test_the_idle_time_defaults_and_parses(monkeypatch) -> None:
+    monkeypatch.delenv("OPD_SERVER_IDLE_MINUTES", raising=False)
+    assert flows.server.idle_minutes() == flows.server.DEFAULT_IDLE_MINUTES
+    monkeypatch.setenv("OPD_SERVER_IDLE_MINUTES", " 2.5 ")
+    assert flows.server.idle_minutes() == 2.5
+
+
+def test_an_unreadable_or_partial_state_file_is_no_server(tmp_path) -> None:
+    files = flows.server.SharedServerFiles(tmp_path)
+    assert flows.server.read_state(files) is None
+    files.state.write_text('{"url": "http://127.0.0.1:1/api"')  # cut short
+    assert flows.server.read_state(files) is None
+    files.state.write_text('{"url": "http://127.0.0.1:1/api", "pid": 1}')  # no Prefect version
+    assert flows.server.read_state(files) is None
+    files.state.write_text('{"url": "http://127.0.0.1:1/api", "pid": 1, "prefect": "3.9.1"}')
+    assert flows.server.read_state(files)["pid"] == 1

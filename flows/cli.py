@@ -33,6 +33,8 @@ def _environment() -> None:
     # The temporary server's telemetry heartbeat has nowhere to go on an offline machine, and on a fresh SQLite
     # database it races the migrations and logs "database is locked" tracebacks. Opt in with =true.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The same for the client's telemetry (Prefect >= 3.9), which also prints a notice on a terminal's first run.
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     # Spinning OpenMP threads make torch several times slower on a shared 2-core CPU (docs/testbed.md).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # Prefect does not create a missing parent of PREFECT_HOME, and its temporary server then fails to start.

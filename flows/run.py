@@ -21,6 +21,8 @@ def run_and_report(cfg: RunConfig, console: Console, refresh: list[str] | None =
     the caller has checked the flags (flows/cli.py, `run_cmd`), so a refused command writes nothing."""
     from flows.distill import distill
     from flows.server import prefect_api
+    from opd_tasks.pipeline import stage_calls
+    from opd_tasks.progress import run_display
 
     root = cfg.resolved_root().resolve()
     with run_lock(root, [cfg.name]), prefect_api(lambda line: console.print(line, style="dim", highlight=False,
@@ -32,7 +34,8 @@ def run_and_report(cfg: RunConfig, console: Console, refresh: list[str] | None =
             f"device {cfg.device}", highlight=False,
         )
         t0 = time.perf_counter()
-        out = distill(cfg.model_dump(mode="json"), refresh=refresh or [], resume=resume)
+        with run_display(Console(stderr=True), total=stage_calls(cfg), title=f"run {cfg.name}"):
+            out = distill(cfg.model_dump(mode="json"), refresh=refresh or [], resume=resume)
     t = Table("iteration", "accuracy (per sample)", "mean loss", "high-loss tokens: surface / divergent / unprobed",
               "stages computed / cached", "seconds",
               title=f"run {cfg.name}: accuracy on {cfg.data.eval_size} held-out prompts per iteration "

@@ -30,6 +30,7 @@ from opd_tasks.config import FaultConfig, RunConfig
 from opd_tasks.errors import ConfigError, TransientError
 from opd_tasks.method import MethodPlan, plan
 from opd_tasks.models import ModelSpec, cache_remote_code_under, spec_of
+from opd_tasks.progress import stage_running
 from opd_tasks.stages import (
     ANALYZE,
     EVALUATE,
@@ -151,7 +152,8 @@ class StageRunner:
             self.log(f"--refresh {stage.name}: retired {existing.short()} to {moved}")
             existing = None
         t0 = time.perf_counter()
-        ref, cached = self.call(stage, inputs, key, iteration, label, existing)
+        with stage_running(f"it{iteration} {label}"):  # the run display's row, on a terminal (opd_tasks/progress.py)
+            ref, cached = self.call(stage, inputs, key, iteration, label, existing)
         record = StageRecord(iteration, stage.name, label, ref, cached, time.perf_counter() - t0)
         self.lineage.record(iteration, label, ref, cached=cached, seconds=record.seconds)
         self.log(f"it{iteration} {label:<12} {'cached' if cached else 'computed'} in {record.seconds:6.1f}s "
@@ -252,6 +254,11 @@ def stages_used(cfg: RunConfig) -> list[str]:
     """The stages an iteration of `cfg` runs (what `run_iteration` calls), in order."""
     skipped = ({GATES.name} if not cfg.gates.enabled else set()) | ({ANALYZE.name} if not plan(cfg).analyze else set())
     return [name for name in STAGES if name not in skipped]
+
+
+def stage_calls(cfg: RunConfig) -> int:
+    """How many stage calls a run of `cfg` makes: the eval set and the baseline, then each iteration's stages."""
+    return 2 + cfg.iterations * len(stages_used(cfg))
 
 
 def run_distillation(runner: StageRunner, cfg: RunConfig, resume: bool = False,

@@ -20,6 +20,7 @@ BENCHES = {
     "detectors": "bench.detectors",
     "pilot": "bench.pilot",
     "rerun": "bench.rerun",
+    "real_shape": "bench.real_shape",
 }
 
 

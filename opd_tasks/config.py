@@ -197,6 +197,11 @@ class UpdateConfig(_Strict):
     loss: Literal["pg", "topk_rkl", "full_rkl"] = Field(
         default="pg", description="pg: policy gradient on -k1; topk_rkl / full_rkl: supervised reverse KL.")
     clip_ratio: float | None = Field(default=0.2, gt=0.0, description="PPO clip of the IS ratio (pg); None = off.")
+    old_logprobs: Literal["recompute", "sampler"] = Field(
+        default="recompute", description="The old log-probs of the pg ratio and advantage. recompute: the trainer's "
+        "own, its model and dtype before the first step (what TRL and verl do); sampler: the rollout's sampling "
+        "log-probs (vLLM, bf16 generate), an explicit importance-sampling correction for the sampler/trainer "
+        "mismatch. The update's old_logprobs table records both.")
     learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
     max_grad_norm: float = Field(default=1.0, gt=0.0)
@@ -260,8 +265,13 @@ class GatesConfig(_Strict):
     max_logprob_drift: float | None = Field(default=0.05, ge=0.0,
                                             description="Most mean |sampling - recomputed| student log-prob.")
     max_teacher_repeat_diff: float | None = Field(default=1e-3, ge=0.0,
-                                                  description="Most |diff| of teacher log-probs on a rescore.")
+                                                  description="Most |diff| of teacher log-probs on a rescore, with "
+                                                  "the teacher in float32.")
+    max_teacher_repeat_diff_16bit: float | None = Field(
+        default=0.5, ge=0.0, description="The same limit with the teacher in bfloat16 or float16, where kernels that "
+        "depend on the batch's shape differ by more than float32's (opd_tasks/stages/gates.py says why 0.5).")
     sample_sequences: int = Field(default=32, ge=1, description="Rollouts re-scored for the last two gates.")
+    batch_size: int = Field(default=16, ge=1, description="Sequences per forward batch of the two re-scores.")
 
 
 class FaultConfig(_Strict):

@@ -68,6 +68,18 @@ class ModelSpec(BaseModel):
         carried = {"trust_remote_code": parent.trust_remote_code, "dtype": parent.dtype} if parent else {}
         return cls(path=str(base / CHECKPOINT_MODEL_DIR), sha256=ref.sha256, checkpoint=ref, **carried)
 
+    def in_store(self, store: ArtifactStore) -> ModelSpec:
+        """This spec with its files in `store`'s root. A checkpoint spec's path is where the process that made it
+        found the checkpoint; a stage in another process or pod, with a root of its own, re-resolves it here,
+        which pulls the checkpoint from the store's remote when only the remote has it (and verifies it). A spec
+        already pointing into `store`'s copy, or a config model (`spec_of`), is returned as it is."""
+        if self.checkpoint is None:
+            return self
+        here = store.layout.artifact_dir(self.checkpoint.stage, self.checkpoint.key) / CHECKPOINT_MODEL_DIR
+        if Path(self.path) == here and here.is_dir():
+            return self
+        return ModelSpec.from_checkpoint(store, self.checkpoint, parent=self)
+
     @property
     def dir(self) -> Path:
         return Path(self.path)

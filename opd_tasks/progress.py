@@ -28,7 +28,8 @@ _run_row: TaskID | None = None
 
 def _progress(console: Console, transient: bool) -> Progress:
     return Progress(TextColumn("{task.description:<28}"), BarColumn(bar_width=30), MofNCompleteColumn(),
-                    TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), console=console, transient=transient)
+                    TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), TextColumn("{task.fields[note]}"),
+                    console=console, transient=transient)
 
 
 def _console_handlers() -> list[logging.Handler]:
@@ -52,7 +53,7 @@ def run_display(console: Console, total: int | None, title: str = "run") -> Iter
     handlers = _console_handlers()
     saved = [h.console for h in handlers]
     with progress:
-        _display, _run_row = progress, progress.add_task(title, total=total, unit="stages")
+        _display, _run_row = progress, progress.add_task(title, total=total, unit="stages", note="")
         for h in handlers:
             h.console = progress.console  # log lines print above the display
         try:
@@ -89,11 +90,16 @@ class Bar:
             if console.is_terminal:
                 self._own = self._progress = _progress(console, transient=True)
                 self._own.start()
-        self._task = self._progress.add_task(f"  {desc}", total=total, unit=unit) if self._progress else None
+        self._task = self._progress.add_task(f"  {desc}", total=total, unit=unit, note="") if self._progress else None
 
     def update(self, n: int = 1) -> None:
         if self._progress is not None and self._task is not None:
             self._progress.advance(self._task, n)
+
+    def note(self, **figures: str) -> None:
+        """Figures shown after the bar, e.g. `note(loss="0.41")`."""
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, note=" ".join(f"{k} {v}" for k, v in figures.items()))
 
     def close(self) -> None:
         if self._progress is not None and self._task is not None:

@@ -56,7 +56,7 @@ echo "== hf backend on CUDA (plain driver): OPD and TOPD, parity, stage throughp
 
 echo "== vLLM"
 parity=0
-if "$py" -c "import vllm" 2>/dev/null; then
+if "$py" -c "from vllm import LLM" 2>/dev/null; then  # "import vllm" alone is lazy: it proves nothing
   echo "vLLM $("$py" -c 'import vllm; print(vllm.__version__)') is importable: backend parity tests, then throughput"
   if "$py" -c "import pytest" 2>/dev/null; then
     "$py" -m pytest -ra -q -p no:cacheprovider tests/gpu >"$out/vllm_parity.txt" 2>&1 || parity=$?
@@ -67,6 +67,16 @@ if "$py" -c "import vllm" 2>/dev/null; then
     parity=2
   fi
   "$py" -m bench.vllm_check --out "$out/vllm_check.json"
+  # every engine call kills its child's process group (opd_tasks/backends/vllm.py): nothing of ours may be left
+  if command -v nvidia-smi >/dev/null; then
+    left=$(nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader || true)
+    if [ -n "$left" ]; then
+      echo "processes still hold the GPU after the vLLM checks (an orphaned engine?):" >&2
+      echo "$left" >&2
+    else
+      echo "no process holds the GPU after the vLLM checks"
+    fi
+  fi
 else
   echo "vLLM is not importable: vLLM parity tests and vllm-vs-hf throughput skipped (pip install" \
        "'opd-pipeline[vllm]')"

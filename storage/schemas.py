@@ -76,6 +76,10 @@ SCHEMAS: dict[str, TableSchema] = {
             _f("kl", f32), _f("grad_norm", f32), _f("lr", f32), _f("tokens_trained", i64),
             _f("weighted_tokens", f32),
         )),
+        TableSchema("old_logprobs", 1, "token", (
+            _f("prompt_id", s), _f("sample_id", i32), _f("pos", i32), _f("sampling_logprob", f32),
+            _f("trainer_logprob", f32),
+        )),
         TableSchema("evals", 1, "eval sample", (
             _f("prompt_id", s), _f("sample_id", i32), _f("text", s), _f("answer", s, True),
             _f("reference", s, True), _f("correct", b), _f("num_tokens", i32),

@@ -5,8 +5,8 @@
   pointer (`compute_seconds`: what computing the artifact cost, kept across cached reruns);
 - `artifacts(stage, key, sha256, schema_name, rows, bytes, uri)`: every published artifact;
 - one view per table in storage/schemas.py (`prompts`, `rollouts`, `teacher_scores`, `tokens`, `probes`,
-  `updates`, `evals`), with the columns `run`, `iteration`, `stage` first and then the table's own columns,
-  so that queries can say `WHERE run = 'x' AND iteration = 3`. An artifact shared by two runs appears once
+  `updates`, `old_logprobs`, `evals`), with the columns `run`, `iteration`, `stage` first and then the table's
+  own columns, so that queries can say `WHERE run = 'x' AND iteration = 3`. An artifact shared by two runs appears once
   per run. Tables that no run has yet are empty views with the right columns.
 
 The views read exactly the part files each manifest lists (never a glob), after checking each manifest

@@ -43,16 +43,26 @@ class TokenScores:
     topk_logprobs: list[list[float]]
 
 
+def as_token_ids(eos_token_id: int | Sequence[int]) -> list[int]:
+    """The stop ids a backend was given, one id or several (as transformers' `generate` takes them), as a list.
+    Which ids end a model's completions is decided by `opd_tasks.backends.hf.stop_token_ids`."""
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise ValueError(f"eos_token_id must be a token id or a non-empty list of token ids, got {eos_token_id!r}")
+    return [int(t) for t in ids]
+
+
 class Backend(Protocol):
     """Generation and teacher forcing over token ids; log-probs of the model's raw (temperature 1) distribution."""
 
     name: str
     full_entropy: bool  # `score` returns each distribution's full-vocabulary entropy
 
-    def generate(self, model: ModelSpec, prompts: Sequence[Sequence[int]], *, eos_token_id: int, pad_token_id: int,
-                 n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int,
+    def generate(self, model: ModelSpec, prompts: Sequence[Sequence[int]], *, eos_token_id: int | Sequence[int],
+                 pad_token_id: int, n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int,
                  want_logprobs: bool = True, desc: str = "generate", progress: bool = True) -> list[Generated]:
-        """`n` completions per prompt (greedy when temperature is 0), ordered by (prompt, sample)."""
+        """`n` completions per prompt (greedy when temperature is 0), ordered by (prompt, sample); each ends at
+        the first of the ids `eos_token_id` (`hf.stop_token_ids`: every EOS the model declares)."""
         ...
 
     def score(self, model: ModelSpec, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
@@ -71,9 +81,10 @@ class HfBackend:
         self.device, self.batch_size = device, batch_size
 
     def _load(self, model: ModelSpec):
-        from opd_tasks.backends.hf import load_causal_lm, resolve_device
+        from opd_tasks.backends.hf import resolve_device
+        from opd_tasks.backends.loaded import LOADED
 
-        return load_causal_lm(model.path, resolve_device(self.device), model.dtype, model.trust_remote_code)
+        return LOADED.model(model, resolve_device(self.device))  # loaded once per process (backends/loaded.py)
 
     def generate(self, model, prompts, *, eos_token_id, pad_token_id, n, temperature, top_p, max_new_tokens, seed,
                  want_logprobs=True, desc="generate", progress=True):

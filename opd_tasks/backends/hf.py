@@ -13,15 +13,16 @@ Conventions used by every stage:
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from opd_tasks.backends import Generated, TokenScores
+from opd_tasks.backends import Generated, TokenScores, as_token_ids
 from opd_tasks.errors import ConfigError, ModelError
+from opd_tasks.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """A config dtype on `device`: "auto" is bfloat16 on CUDA and float32 elsewhere."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
 def load_causal_lm(path: str | Path, device: torch.device, dtype: str = "auto", trust_remote_code: bool = False):
     """AutoModelForCausalLM from a local dir, in eval mode, on `device`. bf16 on CUDA when dtype='auto'."""
     from safetensors import SafetensorError
@@ -41,10 +49,7 @@ def load_causal_lm(path: str | Path, device: torch.device, dtype: str = "auto", 
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars show stage progress; per-load bars are noise
-    if dtype == "auto":
-        torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        torch_dtype = getattr(torch, dtype)
+    torch_dtype = resolve_dtype(dtype, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code
@@ -69,6 +74,28 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return tok
 
 
+def stop_token_ids(tokenizer, model_dir: str | Path) -> list[int]:
+    """Every token id that ends a completion of the model in `model_dir`: the tokenizer's EOS first, then each
+    `eos_token_id` that the model's generation_config.json declares (one id or a list: Qwen3 lists two), without
+    repeats. The one place this is decided: both backends stop at any of them and report `finish_reason` "stop"
+    when a completion ends on one, and the probes' greedy continuations stop there too."""
+    ids = [int(tokenizer.eos_token_id)]
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        declared = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except FileNotFoundError:
+        declared = None
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelError(f"{path} is not a readable JSON object ({e}); re-save the model") from None
+    declared = [] if declared is None else declared if isinstance(declared, list) else [declared]
+    for t in declared:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise ModelError(f"{path}: eos_token_id holds {t!r}; expected a token id or a list of token ids")
+        if t not in ids:
+            ids.append(t)
+    return ids
+
+
 # ----------------------------------------------------------------------------------- generation
 
 
@@ -77,7 +104,7 @@ def generate(
     model,
     prompts: Sequence[Sequence[int]],
     *,
-    eos_token_id: int,
+    eos_token_id: int | Sequence[int],
     pad_token_id: int,
     n: int = 1,
     temperature: float = 1.0,
@@ -91,16 +118,19 @@ def generate(
 ) -> list[Generated]:
     """Sample `n` completions per prompt (greedy when temperature == 0), batched with left padding.
 
+    `eos_token_id`: the id, or the ids (`stop_token_ids`), that end a completion: it is cut after the first one
+    it generates (finish_reason "stop"), else it is `max_new_tokens` long ("length").
     Each batch is seeded with `seed + batch index` inside a forked RNG, so results do not depend on the
     caller's RNG state, and are reproducible on the CPU.
     """
     if max_new_tokens <= 0:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = next(model.parameters()).device
+    stops = as_token_ids(eos_token_id)
     per_batch = max(1, batch_size // n)
     out: list[Generated] = []
     batches = range(0, len(prompts), per_batch)
-    for bi, start in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False)):
+    for bi, start in enumerate(bar(batches, desc, "batches", progress)):
         chunk = prompts[start : start + per_batch]
         width = max(len(p) for p in chunk)
         ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
@@ -115,7 +145,7 @@ def generate(
             max_new_tokens=max_new_tokens,
             do_sample=sample,
             num_return_sequences=n if sample else 1,
-            eos_token_id=eos_token_id,
+            eos_token_id=stops,
             pad_token_id=pad_token_id,
             return_dict_in_generate=True,
             output_logits=want_logprobs,
@@ -129,18 +159,13 @@ def generate(
             torch.manual_seed(seed * 1_000_003 + bi)
             res = model.generate(**kwargs)
         new = res.sequences[:, width:].cpu()
-        lp = None
-        if want_logprobs:
-            logits = torch.stack(res.logits, dim=1).float()  # [rows, steps, V], raw (unprocessed) logits
-            lp = torch.log_softmax(logits, dim=-1).gather(-1, new[:, : logits.shape[1], None].to(logits.device))
-            lp = lp.squeeze(-1).cpu()
+        lp = chosen_logprobs(res.logits, new) if want_logprobs else None
+        del res
         reps = n if sample else 1
         for r in range(new.shape[0]):
             row = new[r].tolist()
-            if eos_token_id in row:
-                length, reason = row.index(eos_token_id) + 1, "stop"
-            else:
-                length, reason = len(row), "length"
+            stop = next((j for j, t in enumerate(row) if t in stops), None)
+            length, reason = (stop + 1, "stop") if stop is not None else (len(row), "length")
             for s_id in range(n if not sample else 1):
                 out.append(
                     Generated(
@@ -152,6 +177,20 @@ def generate(
                     )
                 )
     return out
+
+
+def chosen_logprobs(step_logits: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """Log-prob [rows, steps] (on the CPU) of each generated token under its step's raw logits: `step_logits` is
+    transformers' `output_logits` (one [rows, V] tensor per step), `tokens` [rows, >= steps] the generated ids.
+    One step at a time, so no [rows, steps, V] copy is ever made: the memory beyond the logits transformers keeps
+    is one step's log-softmax."""
+    if not step_logits:
+        return torch.empty(tokens.shape[0], 0)
+    out = torch.empty(tokens.shape[0], len(step_logits), dtype=torch.float32, device=step_logits[0].device)
+    for j, logits in enumerate(step_logits):
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        out[:, j] = lp.gather(-1, tokens[:, j, None].to(lp.device)).squeeze(-1)
+    return out.cpu()
 
 
 # ------------------------------------------------------------------------------ teacher forcing
@@ -213,7 +252,7 @@ def score_sequences(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(completions[i]))
     results: dict[int, TokenScores] = {}
     steps = range(0, len(order), batch_size)
-    for start in tqdm(steps, desc=desc, unit="batch", disable=not progress, leave=False):
+    for start in bar(steps, desc, "batches", progress):
         idx = order[start : start + batch_size]
         ids, attn, pred, cmask = pack_right([prompts[i] for i in idx], [completions[i] for i in idx], pad_token_id)
         logits = completion_logits(model, ids.to(device), attn.to(device), pred)

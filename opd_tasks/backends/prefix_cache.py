@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from opd_tasks.backends import as_token_ids
 from opd_tasks.errors import ConfigError, ModelError
 
 
@@ -138,13 +139,14 @@ class PrefixCache:
                           cache_position=torch.arange(self.w + start, self.w + start + t, device=self.device),
                           use_cache=True)
 
-    def greedy(self, k: int, eos: int, only: Sequence[int] | None = None) -> tuple[list[list[int]], list[list[float]]]:
-        """Greedy continuation of each prefix (at most k tokens, up to and including EOS), raw-logit log-probs;
-        with `only`, of those probes alone (in that order).
+    def greedy(self, k: int, eos: int | Sequence[int],
+               only: Sequence[int] | None = None) -> tuple[list[list[int]], list[list[float]]]:
+        """Greedy continuation of each prefix (at most k tokens, up to and including the first of the stop ids
+        `eos`: `hf.stop_token_ids`), raw-logit log-probs; with `only`, of those probes alone (in that order).
 
         Probes that have emitted EOS leave the batch: once a quarter of the rows in it are finished, the cache,
         mask and positions keep only the running ones (rows never interact, so this changes no result)."""
-        p_n = len(self.lengths)
+        p_n, stops = len(self.lengths), set(as_token_ids(eos))
         tokens: list[list[int]] = [[] for _ in range(p_n)]
         logps: list[list[float]] = [[] for _ in range(p_n)]
         saved = [(layer.keys, layer.values) for layer in self.cache.layers]
@@ -167,7 +169,7 @@ class PrefixCache:
                     if running[r]:
                         tokens[rows[r]].append(tok)
                         logps[rows[r]].append(chosen[r])
-                        running[r] = tok != eos
+                        running[r] = tok not in stops
                 if not any(running) or j == k - 1:
                     break
                 if 4 * (len(rows) - sum(running)) >= len(rows):  # compact: keep the running rows only

@@ -10,22 +10,31 @@ Design:
   runs, writes its results and exits, so that all GPU memory is returned between stages and the new student
   weights of every iteration are what the engine loads. Only JSON goes in (`job.json`: token ids, sampling
   settings) and an Arrow IPC file plus JSON come back; nothing is pickled from disk.
+- No engine process outlives a call: the engine core runs inside the child (`VLLM_ENABLE_V1_MULTIPROCESSING=0`),
+  the child leads its own process group, shuts the engine down after writing its result, and the parent kills
+  the whole group (tensor-parallel workers included) before it reaps the child, however the child ended. The
+  parent waits at most JOB_TIMEOUT_S for the call, and EXIT_GRACE_S after the result or error is written.
 - Prompts go in as token ids (`TokensPrompt`), never re-tokenized; vLLM's tokenizer is not even loaded
-  (`skip_tokenizer_init=True`, `detokenize=False`): EOS is passed as a stop token id, and text is decoded by
-  the caller with the model's own tokenizer, exactly as for `hf`.
+  (`skip_tokenizer_init=True`, `detokenize=False`): every EOS id the model declares (`hf.stop_token_ids`) is
+  passed as a stop token id, and text is decoded by the caller with the model's own tokenizer, as for `hf`.
+- Memory: the KV cache is capped at what the job can use when that is small (`kv_cache_cap`; a tiny model would
+  otherwise get millions of blocks), `max_model_len` defaults to the job's longest sequence, and scoring runs
+  at most SCORE_MAX_BATCHED_TOKENS tokens per step (its `prompt_logprobs` are outside vLLM's profiling).
 - Log-probs are of the model's raw distribution (`logprobs_mode="raw_logprobs"`, vLLM V1's default, set
   explicitly): log-softmax of the unmodified logits, before temperature / top-p. That is what `hf.generate`
   records (`output_logits`, raw) and what the update recomputes.
-- `generation_config="vllm"`: the model's generation_config.json is ignored, as `hf` ignores it (its
-  `max_new_tokens` would otherwise cap every request, and its extra EOS ids would stop where `hf` does not).
+- `generation_config="vllm"`: the model's generation_config.json sampling defaults are ignored, as `hf`
+  ignores them (its `max_new_tokens` would otherwise cap every request). Its EOS ids are among the stop ids
+  anyway, so whatever vLLM adds from it stops nowhere that `hf` does not.
 - dtype: ModelSpec.dtype, with "auto" = bfloat16, which is what `hf.load_causal_lm` uses on CUDA.
 - Teacher scoring uses `prompt_logprobs=k` over prompt + completion (one generated token, discarded). vLLM
   gives no full-vocabulary entropy, so `teacher_entropy` is written as null (the column is nullable; nothing
   downstream computes with it; docs/scaling.md).
 
 The pure functions (`rollout_records`, `score_record`, `topk_at`, the Arrow (de)serialisers, `request_seed`,
-`engine_kwargs`) take plain values or duck-typed objects with vLLM's attribute names and are unit-tested
-(tests/unit/test_vllm_backend.py). vLLM itself is imported only inside the child process.
+`engine_kwargs`, `kv_cache_need`, `kv_cache_cap`) take plain values or duck-typed objects with vLLM's attribute
+names and are unit-tested (tests/unit/test_vllm_backend.py, tests/unit/test_vllm_backend_process.py). vLLM itself
+is imported only inside the child process.
 """
 
 from __future__ import annotations
@@ -33,7 +42,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -52,11 +63,28 @@ CHECKED_VLLM = "0.11.0"
 MIN_VLLM = (0, 11)
 #: vLLM's own default cap on returned log-probs per token (`max_logprobs`); raised to top_k when larger.
 VLLM_DEFAULT_MAX_LOGPROBS = 20
-#: Seconds a child may take to exit after it has written its result before it is terminated (engine shutdown
-#: has been known to hang; the result is complete by then).
+#: Seconds a child may take to exit after it has written its result (or its error) before its process group is
+#: killed: engine shutdown has been known to hang, and the result is complete by then.
 EXIT_GRACE_S = 60.0
+#: Seconds a whole engine call (start, requests, result) may take before the child's process group is killed and
+#: the call fails with a TransientError.
+JOB_TIMEOUT_S = 6 * 3600.0
+#: Tokens per engine step when scoring (`max_num_batched_tokens`; chunked prefill splits longer sequences).
+#: `prompt_logprobs` turn every scheduled token's logits into fp32 log-probs outside vLLM's memory profiling,
+#: about 8 bytes x vocabulary per token: 2.5 GB per 2,048 tokens at Qwen3's vocabulary of 151,936.
+SCORE_MAX_BATCHED_TOKENS = 2048
+#: The most sequences vLLM V1 runs at once by default (`max_num_seqs`, on the largest GPUs): the KV cache that a
+#: job needs is sized for at most this many.
+VLLM_MAX_NUM_SEQS = 1024
+#: Tokens per KV-cache block (vLLM's default on CUDA).
+KV_BLOCK_TOKENS = 16
+#: The KV cache is capped at what the job needs only where that need is at most this share of what vLLM could
+#: give it (gpu_memory_utilization x GPU memory - weights); elsewhere vLLM sizes it (a cap above the real budget
+#: would fail at allocation, since `num_gpu_blocks_override` replaces vLLM's own figure).
+KV_CAP_SHARE = 0.5
 
 _DTYPES = {"auto": "bfloat16", "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 # ----------------------------------------------------------------------------------- availability
@@ -127,6 +155,7 @@ def engine_kwargs(
     enforce_eager: bool = False,
     seed: int = 0,
     max_logprobs: int = 0,
+    max_num_batched_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments of `vllm.LLM(...)` (JSON-able). See the module docstring for why each is set."""
     if dtype not in _DTYPES:
@@ -146,7 +175,52 @@ def engine_kwargs(
     }
     if max_model_len is not None:
         kw["max_model_len"] = int(max_model_len)
+    if max_num_batched_tokens is not None:
+        kw["max_num_batched_tokens"] = int(max_num_batched_tokens)
     return kw
+
+
+def kv_bytes_per_token(config: Mapping[str, Any], dtype: str) -> int | None:
+    """Bytes of keys and values one token takes in the KV cache over all layers, from a config.json (standard
+    decoder fields; `text_config` for multimodal ones), in the engine's dtype. None for a config without them."""
+    cfg = config.get("text_config") or config
+    try:
+        heads = int(cfg["num_attention_heads"])
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+        layers = int(cfg["num_hidden_layers"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    return 2 * layers * kv_heads * head_dim * _DTYPE_BYTES[_DTYPES[dtype]]
+
+
+def kv_cache_need(bytes_per_token: int | None, *, sequences: int, max_len: int) -> dict[str, int] | None:
+    """The most KV cache a job can use: `sequences` sequences (at most VLLM_MAX_NUM_SEQS at once) of up to
+    `max_len` tokens, in whole blocks: {"blocks", "bytes"}. None when the bytes per token are unknown."""
+    if bytes_per_token is None or sequences < 1:
+        return None
+    blocks = min(sequences, VLLM_MAX_NUM_SEQS) * -(-max_len // KV_BLOCK_TOKENS)
+    return {"blocks": blocks, "bytes": blocks * KV_BLOCK_TOKENS * bytes_per_token}
+
+
+def kv_cache_cap(need: Mapping[str, int] | None, budget_bytes: float) -> dict[str, int]:
+    """Engine keywords that cap the KV cache at the job's `need` (`kv_cache_need`) when it is small: at most
+    KV_CAP_SHARE of `budget_bytes`, what vLLM could give the cache. Without a cap vLLM fills its whole
+    `gpu_memory_utilization` share with KV blocks: millions for a tiny model, and FlexAttention (vLLM's fallback
+    for head sizes below 32, like the testbed's 16) then builds a [requests, blocks] int64 table every step."""
+    if need is None or need["bytes"] > KV_CAP_SHARE * budget_bytes:
+        return {}
+    return {"num_gpu_blocks_override": int(need["blocks"])}
+
+
+def _job_engine(model_dir: str, dtype: str, sequences: int, max_len: int, max_model_len: int | None,
+                **engine: Any) -> tuple[dict[str, Any], dict[str, int] | None]:
+    """The engine keywords of a job over `sequences` sequences of at most `max_len` tokens, and its KV need:
+    `max_model_len` is the configured one, else `max_len` (the engine then sizes nothing for longer ones)."""
+    kw = engine_kwargs(model_dir, dtype=dtype, max_model_len=max_model_len or max_len, **engine)
+    need = kv_cache_need(kv_bytes_per_token(_model_config(model_dir), dtype), sequences=sequences,
+                         max_len=kw["max_model_len"])
+    return kw, need
 
 
 def request_seed(seed: int, prompt_index: int, n: int) -> int:
@@ -156,11 +230,12 @@ def request_seed(seed: int, prompt_index: int, n: int) -> int:
 
 
 def rollout_params(*, n: int, temperature: float, top_p: float, max_new_tokens: int,
-                   eos_token_id: int) -> dict[str, Any]:
+                   stop_ids: Sequence[int]) -> dict[str, Any]:
     """`SamplingParams` keywords shared by a rollout's requests (the seed is set per request).
 
     Greedy (temperature 0): vLLM requires n == 1, and the one completion is repeated as samples 0..n-1 like
-    `hf.generate` does. `logprobs=0` returns the sampled token's log-prob only."""
+    `hf.generate` does. `logprobs=0` returns the sampled token's log-prob only. `stop_ids`: every id that ends
+    a completion (`hf.stop_token_ids`), so a completion stops on the same ids in both backends."""
     greedy = temperature == 0
     return {
         "n": 1 if greedy else int(n),
@@ -169,7 +244,7 @@ def rollout_params(*, n: int, temperature: float, top_p: float, max_new_tokens: 
         "top_k": 0,
         "max_tokens": int(max_new_tokens),
         "logprobs": 0,
-        "stop_token_ids": [int(eos_token_id)],
+        "stop_token_ids": [int(t) for t in stop_ids],
         "detokenize": False,
         "skip_special_tokens": False,
     }
@@ -199,18 +274,20 @@ def sampled_logprobs(token_ids: Sequence[int], step_logprobs: Sequence[Mapping[i
     return out
 
 
-def finish_reason(token_ids: Sequence[int], vllm_reason: str | None, eos_token_id: int) -> str:
-    """"stop" (EOS generated, the last token) or "length", as `hf.generate` reports them."""
-    if eos_token_id in token_ids[:-1]:
-        raise ModelError(f"unexpected vLLM output: EOS ({eos_token_id}) inside a completion, not at its end")
-    if token_ids and token_ids[-1] == eos_token_id:
+def finish_reason(token_ids: Sequence[int], vllm_reason: str | None, stop_ids: Sequence[int]) -> str:
+    """"stop" (one of the stop ids generated, the last token) or "length", as `hf.generate` reports them."""
+    if inside := sorted({t for t in token_ids[:-1] if t in stop_ids}):
+        raise ModelError(f"unexpected vLLM output: stop token(s) {inside} inside a completion, not at its end")
+    if token_ids and token_ids[-1] in stop_ids:
         return "stop"
     if vllm_reason == "length":
         return "length"
-    raise ModelError(f"unexpected vLLM output: finish_reason {vllm_reason!r} without EOS at the end")
+    raise ModelError(f"unexpected vLLM output: finish_reason {vllm_reason!r} without a stop token "
+                     f"({list(stop_ids)}) at the end")
 
 
-def rollout_records(outputs: Sequence[Any], *, n: int, greedy: bool, eos_token_id: int) -> list[dict[str, Any]]:
+def rollout_records(outputs: Sequence[Any], *, n: int, greedy: bool,
+                    stop_ids: Sequence[int]) -> list[dict[str, Any]]:
     """vLLM `RequestOutput`s (one per prompt, in prompt order) -> one record per (prompt, sample):
     {prompt_index, sample_id, token_ids, logprobs, finish_reason}, ordered by (prompt_index, sample_id)."""
     recs = []
@@ -224,7 +301,7 @@ def rollout_records(outputs: Sequence[Any], *, n: int, greedy: bool, eos_token_i
             if not toks:
                 raise ModelError(f"unexpected vLLM output: prompt {i} has an empty completion")
             lps = sampled_logprobs(toks, c.logprobs)
-            reason = finish_reason(toks, c.finish_reason, eos_token_id)
+            reason = finish_reason(toks, c.finish_reason, stop_ids)
             for sid in (range(n) if greedy else [int(c.index)]):
                 recs.append({"prompt_index": i, "sample_id": sid, "token_ids": toks, "logprobs": lps,
                              "finish_reason": reason})
@@ -305,15 +382,36 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _run_job(job: dict[str, Any]) -> tuple[pa.Table, dict[str, Any]]:
-    """In the child: build the engine, run the requests, map the outputs. The only place vLLM is imported."""
-    import vllm
-    from vllm import LLM, SamplingParams
+def _model_config(model_dir: str) -> dict[str, Any]:
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _weight_bytes(model_dir: str) -> int:
+    """Bytes of the weight files: an upper bound on the weights in memory (bf16 from fp32 files is half)."""
+    return sum(f.stat().st_size for f in Path(model_dir).iterdir() if f.suffix in (".safetensors", ".bin"))
+
+
+def _engine_for(job: dict[str, Any]) -> dict[str, Any]:
+    """In the child: the job's engine keywords plus the KV-cache cap (`kv_cache_cap`), which needs the GPU's size."""
+    import torch
+
+    engine = dict(job["engine"])
+    if job.get("kv_need") and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        budget = total * engine["gpu_memory_utilization"] - _weight_bytes(engine["model"])
+        engine |= kv_cache_cap(job["kv_need"], budget)
+    return engine
+
+
+def _run_job(llm: Any, job: dict[str, Any]) -> pa.Table:
+    """In the child: run the job's requests on the engine and map the outputs."""
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    t0 = time.perf_counter()
-    llm = LLM(**job["engine"])
-    t1 = time.perf_counter()
     use_tqdm = bool(job.get("progress", False))
 
     def run(start: int, stop: int, params: Any) -> list:
@@ -329,34 +427,48 @@ def _run_job(job: dict[str, Any]) -> tuple[pa.Table, dict[str, Any]]:
     total = len(job["prompts"])
     if job["kind"] == "rollout":
         outputs = run(0, total, [SamplingParams(**job["params"], seed=int(s)) for s in job["seeds"]])
-        table = rollout_table(rollout_records(outputs, n=job["n"], greedy=job["greedy"],
-                                              eos_token_id=job["eos_token_id"]))
-    else:
-        # In chunks: vLLM's prompt log-probs are Python objects (k + 1 per token); each chunk is mapped to
-        # plain lists and dropped before the next one runs.
-        params, recs, step = SamplingParams(**job["params"]), [], int(job.get("chunk", 1024))
-        for start in range(0, total, step):
-            outputs = run(start, min(total, start + step), params)
-            recs += [score_record(o.prompt_logprobs, plen, p[plen:], job["top_k"]) for o, p, plen in
-                     zip(outputs, job["prompts"][start:start + step], job["prompt_lens"][start:start + step],
-                         strict=True)]
-            del outputs
-        table = score_table(recs)
-    t2 = time.perf_counter()
-    meta = {"vllm": vllm.__version__, "engine_seconds": t1 - t0, "run_seconds": t2 - t1}
-    try:  # best effort: release the engine's processes now rather than at interpreter exit
+        return rollout_table(rollout_records(outputs, n=job["n"], greedy=job["greedy"], stop_ids=job["stop_ids"]))
+    # In chunks: vLLM's prompt log-probs are Python objects (k + 1 per token); each chunk is mapped to plain lists
+    # and dropped before the next one runs.
+    params, recs, step = SamplingParams(**job["params"]), [], int(job.get("chunk", 1024))
+    for start in range(0, total, step):
+        outputs = run(start, min(total, start + step), params)
+        recs += [score_record(o.prompt_logprobs, plen, p[plen:], job["top_k"]) for o, p, plen in
+                 zip(outputs, job["prompts"][start:start + step], job["prompt_lens"][start:start + step],
+                     strict=True)]
+        del outputs
+    return score_table(recs)
+
+
+def _shutdown(llm: Any) -> None:
+    """Best effort: stop the engine's own processes now. Whatever survives is killed with the child's process
+    group by the parent."""
+    try:
         llm.llm_engine.engine_core.shutdown()
-    except Exception:  # noqa: BLE001 - the process exits next anyway
+    except Exception:  # noqa: BLE001 - the parent kills the process group next anyway
         pass
-    return table, meta
 
 
 def _child_main(workdir: str) -> None:
-    """Entry point of the spawned child: job.json in, result.arrow + meta.json (or error.json) out."""
-    d = Path(workdir)
+    """Entry point of the spawned child: job.json in, result.arrow + meta.json (or error.json) out.
+
+    The child leads its own process group, so that the parent can kill it together with every process vLLM
+    started (the engine core, tensor-parallel workers) whatever way the child ends. The engine is shut down only
+    after the result (or the error) is written: a hang there costs at most the parent's EXIT_GRACE_S."""
+    os.setpgrp()
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core runs in this process, not in another
+    d, llm, code = Path(workdir), None, 0
     try:
         job = json.loads((d / "job.json").read_text())
-        table, meta = _run_job(job)
+        import vllm
+
+        t0 = time.perf_counter()
+        engine = _engine_for(job)
+        llm = vllm.LLM(**engine)
+        t1 = time.perf_counter()
+        table = _run_job(llm, job)
+        meta = {"vllm": vllm.__version__, "engine_seconds": t1 - t0, "run_seconds": time.perf_counter() - t1,
+                "num_gpu_blocks_override": engine.get("num_gpu_blocks_override")}
         with pa.OSFile(str(d / "result.arrow.tmp"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
             w.write_table(table)
         os.replace(d / "result.arrow.tmp", d / "result.arrow")
@@ -364,9 +476,13 @@ def _child_main(workdir: str) -> None:
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises
         _write_json(d / "error.json", {"type": type(e).__name__, "message": str(e),
                                        "traceback": traceback.format_exc()[-4000:]})
+        code = 1
+    finally:
+        if llm is not None:
+            _shutdown(llm)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(1)
+    os._exit(code)  # no interpreter teardown: vLLM's exit handlers have hung; the parent cleans up the group
 
 
 #: Child exception types that retrying cannot fix (a model vLLM cannot load, a bad argument); any other
@@ -385,8 +501,35 @@ def _free_parent_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
+def _kill_group(pgid: int) -> None:
+    """SIGKILL every process left in the child's process group. Called while the child is not yet reaped (a
+    zombie at worst), so that its pid, which names the group, cannot have been reused."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # nothing left, or the child died before making its group
+        pass
+
+
+def _wait(proc: Any, d: Path) -> str | None:
+    """Wait for the child to exit, without reaping it. Returns None when it exited by itself, or why it is to be
+    killed: it outlived EXIT_GRACE_S after writing its result or error, or the job outlived JOB_TIMEOUT_S."""
+    deadline, done_at = time.monotonic() + JOB_TIMEOUT_S, None
+    while not mp_connection.wait([proc.sentinel], timeout=1.0):
+        now = time.monotonic()
+        if done_at is None and ((d / "meta.json").exists() or (d / "error.json").exists()):
+            done_at = now
+        if done_at is not None and now - done_at > EXIT_GRACE_S:
+            return f"did not exit within {EXIT_GRACE_S:g} s of writing its result"
+        if now > deadline:
+            return f"timed out after {JOB_TIMEOUT_S:g} s"
+    return None
+
+
 def run_job(job: dict[str, Any], what: str) -> tuple[pa.Table, dict[str, Any]]:
-    """Run `job` in a fresh spawned child; return its result table and meta (timings, vLLM version)."""
+    """Run `job` in a fresh spawned child; return its result table and meta (timings, vLLM version).
+
+    However the call ends (result, error, crash, timeout, an exception in this process), the child's process
+    group is killed before the child is reaped: no engine process outlives the call and keeps the GPU."""
     _free_parent_cuda_cache()
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix=f"opd-vllm-{what}-") as tmp:
@@ -394,20 +537,12 @@ def run_job(job: dict[str, Any], what: str) -> tuple[pa.Table, dict[str, Any]]:
         _write_json(d / "job.json", job)
         proc = ctx.Process(target=_child_main, args=(tmp,), name=f"opd-vllm-{what}", daemon=False)
         proc.start()
-        done_at = None
-        while True:
-            proc.join(timeout=1.0)
-            if proc.exitcode is not None:
-                break
-            if (d / "meta.json").exists():
-                done_at = done_at or time.monotonic()
-                if time.monotonic() - done_at > EXIT_GRACE_S:
-                    proc.terminate()
-                    proc.join(30)
-                    if proc.exitcode is None:
-                        proc.kill()
-                        proc.join()
-                    break
+        killed = None
+        try:
+            killed = _wait(proc, d)
+        finally:
+            _kill_group(proc.pid)
+            proc.join()
         if (d / "error.json").exists():
             err = json.loads((d / "error.json").read_text())
             msg = (f"vLLM {what} failed in its child process: {err['type']}: {err['message']}\n"
@@ -416,8 +551,9 @@ def run_job(job: dict[str, Any], what: str) -> tuple[pa.Table, dict[str, Any]]:
                 raise ModelError(msg)
             raise TransientError(msg)
         if not (d / "meta.json").exists():
-            raise TransientError(f"vLLM {what}: the child process exited with code {proc.exitcode} without a "
-                                 "result (killed? out of host memory?)")
+            why = (f"was killed because it {killed}" if killed else
+                   f"exited with code {proc.exitcode} (killed from outside? out of host memory?)")
+            raise TransientError(f"vLLM {what}: the child process {why}, without a result")
         with pa.OSFile(str(d / "result.arrow"), "rb") as src:  # read into memory: the directory goes next
             table = pa.ipc.open_file(src).read_all()
         return table, json.loads((d / "meta.json").read_text())
@@ -427,10 +563,7 @@ def run_job(job: dict[str, Any], what: str) -> tuple[pa.Table, dict[str, Any]]:
 
 
 def _vocab_size(model_dir: str) -> int | None:
-    try:
-        cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
+    cfg = _model_config(model_dir)
     v = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
     return int(v) if v else None
 
@@ -439,7 +572,7 @@ def generate(
     model_dir: str,
     prompts: Sequence[Sequence[int]],
     *,
-    eos_token_id: int,
+    eos_token_id: int | Sequence[int],
     n: int,
     temperature: float,
     top_p: float,
@@ -453,26 +586,30 @@ def generate(
     enforce_eager: bool = False,
     progress: bool = True,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """`n` sampled completions per prompt with the sampled tokens' raw log-probs, like `hf.generate`.
+    """`n` sampled completions per prompt with the sampled tokens' raw log-probs, like `hf.generate`; each ends at
+    the first of the ids `eos_token_id` (`hf.stop_token_ids`).
 
     Returns (records ordered by (prompt_index, sample_id) with keys prompt_index, sample_id, token_ids,
     logprobs, finish_reason; meta with the child's timings)."""
+    from opd_tasks.backends import as_token_ids
+
     if any(len(p) == 0 for p in prompts):
         raise ConfigError("a prompt is empty: vLLM needs at least one prompt token")
     if not prompts:
         return [], {}
+    stop_ids = as_token_ids(eos_token_id)
     params = rollout_params(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                            eos_token_id=eos_token_id)
+                            stop_ids=stop_ids)
+    engine, need = _job_engine(model_dir, dtype, sequences=len(prompts) * params["n"],
+                               max_len=max(len(p) for p in prompts) + max_new_tokens, max_model_len=max_model_len,
+                               trust_remote_code=trust_remote_code, tensor_parallel_size=tensor_parallel_size,
+                               gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, seed=seed)
     job = {
-        "kind": "rollout",
-        "engine": engine_kwargs(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
-                                tensor_parallel_size=tensor_parallel_size,
-                                gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                                enforce_eager=enforce_eager, seed=seed),
+        "kind": "rollout", "engine": engine, "kv_need": need,
         "prompts": [[int(t) for t in p] for p in prompts],
         "params": params,
         "seeds": [request_seed(seed, i, n) for i in range(len(prompts))],
-        "n": int(n), "greedy": temperature == 0, "eos_token_id": int(eos_token_id), "progress": progress,
+        "n": int(n), "greedy": temperature == 0, "stop_ids": stop_ids, "progress": progress,
     }
     table, meta = run_job(job, "rollout")
     table = _check_schema(table, _ROLLOUT_SCHEMA, "rollout")
@@ -514,13 +651,15 @@ def score(
             out[i] = {"logprob": [], "topk_ids": [], "topk_logprobs": []}
     meta: dict[str, Any] = {}
     if todo:
+        seqs = [[int(t) for t in prompts[i]] + [int(t) for t in completions[i]] for i in todo]
+        engine, need = _job_engine(model_dir, dtype, sequences=len(seqs), max_len=max(map(len, seqs)) + 1,
+                                   max_model_len=max_model_len, trust_remote_code=trust_remote_code,
+                                   tensor_parallel_size=tensor_parallel_size,
+                                   gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+                                   seed=0, max_logprobs=k, max_num_batched_tokens=SCORE_MAX_BATCHED_TOKENS)
         job = {
-            "kind": "score",
-            "engine": engine_kwargs(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
-                                    tensor_parallel_size=tensor_parallel_size,
-                                    gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                                    enforce_eager=enforce_eager, seed=0, max_logprobs=k),
-            "prompts": [[int(t) for t in prompts[i]] + [int(t) for t in completions[i]] for i in todo],
+            "kind": "score", "engine": engine, "kv_need": need,
+            "prompts": seqs,
             "prompt_lens": [len(prompts[i]) for i in todo],
             "params": score_params(k),
             "top_k": k,

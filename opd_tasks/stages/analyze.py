@@ -48,8 +48,7 @@ class AnalyzeInputs(StageInputs):
 @stage("analyze", version=7, inputs=AnalyzeInputs, outputs=("tokens", "probes"))
 def analyze(ctx: StageContext, x: AnalyzeInputs) -> ArtifactRef:
     """Per-token losses, high-loss tokens, near-future detection, regimes and token weights."""
-    from tqdm.auto import tqdm
-
+    from opd_tasks.progress import Bar
     from opd_tasks.topd.detectors import DETECTORS, AnalysisModels, Candidates, Detection, probe
     from opd_tasks.topd.signals import high_loss_mask, probe_positions
     from opd_tasks.topd.statistics import student_statistics
@@ -83,7 +82,7 @@ def analyze(ctx: StageContext, x: AnalyzeInputs) -> ArtifactRef:
         # student's probes continue from that pass's keys/values (each sequence is encoded once by each model).
         high_flat, cand = candidates(k1)
         parts: list[Detection] = []
-        bar = tqdm(total=len(cand.probes), desc="probes", unit="probe", disable=not ctx.progress, leave=False)
+        bar = Bar(len(cand.probes), "probes", "probes", ctx.progress)
 
         def on_chunk(first: int, chunk: list, encoded) -> None:
             rows = [(i, t) for i, t in cand.probes if first <= i < first + len(chunk)]

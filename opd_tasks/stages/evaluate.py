@@ -36,19 +36,20 @@ class EvaluateInputs(StageInputs):
 def evaluate(ctx: StageContext, x: EvaluateInputs) -> ArtifactRef:
     """The model's answers to the eval prompts, each checked; accuracy per sample."""
     from opd_tasks.backends import HfBackend
-    from opd_tasks.backends.hf import load_tokenizer
+    from opd_tasks.backends.hf import stop_token_ids
+    from opd_tasks.backends.loaded import LOADED
 
     cfg = x.evaluation
     prompts = ctx.store.read_table(x.prompts, "prompts")
     toks = prompts.column("prompt_token_ids").to_pylist()
     refs = prompts.column("answer").to_pylist()
     pids = prompts.column("prompt_id").to_pylist()
-    tok = load_tokenizer(x.model.path, x.model.trust_remote_code)
+    tok = LOADED.tokenizer(x.model)
     sampled = cfg.pass_k > 1 or not cfg.greedy
     gens = HfBackend(ctx.device, cfg.batch_size).generate(
-        x.model, toks, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, n=cfg.pass_k if sampled else 1,
-        temperature=1.0 if sampled else 0.0, top_p=1.0, max_new_tokens=cfg.max_new_tokens, seed=x.seed,
-        want_logprobs=False, desc="evaluate", progress=ctx.progress)
+        x.model, toks, eos_token_id=stop_token_ids(tok, x.model.path), pad_token_id=tok.pad_token_id,
+        n=cfg.pass_k if sampled else 1, temperature=1.0 if sampled else 0.0, top_p=1.0,
+        max_new_tokens=cfg.max_new_tokens, seed=x.seed, want_logprobs=False, desc="evaluate", progress=ctx.progress)
     check, extract = CHECKERS[x.checker], EXTRACTORS[x.checker]
     texts = [tok.decode(g.token_ids, skip_special_tokens=True) for g in gens]
     correct = [bool(refs[g.prompt_index] is not None and check(t, refs[g.prompt_index]))

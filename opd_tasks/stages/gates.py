@@ -4,10 +4,20 @@ configured threshold (None disables it); the stage publishes every figure in its
 
 - truncated: share of rollouts that hit max_new_tokens (an EOS the student never emits, a length explosion);
 - topk_coverage: share of sampled tokens inside the teacher's top-k (teacher and student disagree on format);
-- logprob_drift: mean |sampling log-prob - a teacher-forced recomputation by the same student| over a sample
-  (sampler/trainer mismatch: dtype, kernels, a wrong checkpoint);
-- teacher_repeat_diff: max |difference| when the teacher scores the same sample again (non-determinism); with
-  `scoring.backend: vllm` the re-score is `hf`, so the figure is the backend difference: reported, not enforced.
+- logprob_drift: mean |sampling log-prob - the same token's log-prob recomputed by the student in float32, the
+  trainer's weights| over a sample (sampler/trainer mismatch: dtype, kernels, a wrong checkpoint). The update
+  records the same pair for every token it trains on (its `old_logprobs` table, with the trainer's autocast);
+- teacher_repeat_diff: max |difference| when the teacher scores the same sample again, in the dtype it scored in
+  (non-determinism, a wrong teacher). The limit depends on that dtype (`repeat_limit`): float32 kernels that see
+  another batch shape differ in the last bits (1e-6 on the CPU testbed; limit `max_teacher_repeat_diff`, 1e-3),
+  bfloat16 and float16 ones by far more (`max_teacher_repeat_diff_16bit`, 0.5: a logit of magnitude 20 rounded
+  to bfloat16's 8-bit mantissa moves by up to 0.04, and the rounding of every layer compounds; a wrong teacher
+  or scrambled positions differ by whole nats). With `scoring.backend: vllm` the re-score is `hf`, so the figure
+  is the backend difference: reported, not enforced.
+
+Both re-scores run on `hf` whatever the stages' backends, `gates.batch_size` sequences per forward, computing
+only the sampled tokens' log-probs (opd_tasks/training/logprobs.py); the student is freed before the teacher
+is loaded.
 """
 
 from __future__ import annotations
@@ -34,11 +44,20 @@ class GatesInputs(StageInputs):
     gates: GatesConfig
 
 
-def evaluate_gates(figures: dict[str, float], cfg: GatesConfig) -> dict[str, dict]:
-    """{gate: {value, threshold, passed}} for the configured gates."""
+#: The dtypes whose passes may differ by more than float32's: their own teacher_repeat_diff limit.
+SIXTEEN_BIT = ("bfloat16", "float16")
+
+
+def repeat_limit(cfg: GatesConfig, dtype: str) -> float | None:
+    """The teacher_repeat_diff limit for a teacher that scores in `dtype` (torch's name: float32, bfloat16, ...)."""
+    return cfg.max_teacher_repeat_diff_16bit if dtype in SIXTEEN_BIT else cfg.max_teacher_repeat_diff
+
+
+def evaluate_gates(figures: dict[str, float], cfg: GatesConfig, teacher_dtype: str = "float32") -> dict[str, dict]:
+    """{gate: {value, threshold, passed}} for the configured gates; `teacher_dtype` picks the repeat limit."""
     rules = {"truncated": (cfg.max_truncated, "max"), "topk_coverage": (cfg.min_topk_coverage, "min"),
              "logprob_drift": (cfg.max_logprob_drift, "max"),
-             "teacher_repeat_diff": (cfg.max_teacher_repeat_diff, "max")}
+             "teacher_repeat_diff": (repeat_limit(cfg, teacher_dtype), "max")}
     out = {}
     for name, (limit, kind) in rules.items():
         v = figures[name]
@@ -47,10 +66,20 @@ def evaluate_gates(figures: dict[str, float], cfg: GatesConfig) -> dict[str, dic
     return out
 
 
-@stage("gates", version=1, inputs=GatesInputs, outputs=())
+def _abs_diffs(stored: list[list[float]], again: list[list[float]]) -> np.ndarray:
+    """Every token's |stored - recomputed| log-prob, flat."""
+    if not stored:
+        return np.zeros(0)
+    return np.concatenate([np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+                           for a, b in zip(stored, again, strict=True)])
+
+
+@stage("gates", version=2, inputs=GatesInputs, outputs=())
 def gates(ctx: StageContext, x: GatesInputs) -> ArtifactRef:
     """Quality figures of the rollouts and scores, each against its threshold (manifest meta only)."""
-    from opd_tasks.backends import HfBackend
+    from opd_tasks.backends.hf import resolve_device
+    from opd_tasks.backends.loaded import LOADED
+    from opd_tasks.training.logprobs import completion_logprobs
 
     store, rollouts, scores, cfg = ctx.store, x.rollouts, x.scores, x.gates
     roll = store.read_table(rollouts, "rollouts", columns=["finish_reason"])
@@ -61,14 +90,21 @@ def gates(ctx: StageContext, x: GatesInputs) -> ArtifactRef:
     step = max(1, len(seqs) // cfg.sample_sequences)
     sample = seqs[::step][: cfg.sample_sequences]
     prompts, comps = [s.prompt for s in sample], [s.tokens for s in sample]
-    # The re-scores run on hf whatever the stages' backends; right padding, so the pad id never reaches a value.
-    hf = HfBackend(ctx.device)
-    rec = hf.score(x.student, prompts, comps, pad_token_id=0, top_k=1, progress=False)
-    drift = np.concatenate([np.abs(np.asarray(s.sampling_logprobs) - np.asarray(r.logprob))
-                            for s, r in zip(sample, rec, strict=True)])
-    again = hf.score(x.teacher, prompts, comps, pad_token_id=0, top_k=1, progress=False)
-    rep = np.concatenate([np.abs(np.asarray(s.teacher_logprobs) - np.asarray(r.logprob))
-                          for s, r in zip(sample, again, strict=True)])
+    dev = resolve_device(ctx.device)
+
+    def rescore(spec: ModelSpec) -> tuple[list[list[float]], str]:
+        """The sample's log-probs under `spec` (the process's loaded model, backends/loaded.py), and the dtype it
+        ran in."""
+        model = LOADED.model(spec, dev)
+        ran_in = str(next(model.parameters()).dtype).removeprefix("torch.")
+        # right padding, so the pad id never reaches a value
+        return completion_logprobs(model, prompts, comps, pad_token_id=0, batch_size=cfg.batch_size), ran_in
+
+    # the trainer's weights (opd_tasks/stages/update.py), then the teacher in the dtype the score stage ran it in
+    recomputed, _ = rescore(x.student.model_copy(update={"dtype": "float32"}))
+    again, teacher_dtype = rescore(x.teacher)
+    drift = _abs_diffs([s.sampling_logprobs for s in sample], recomputed)
+    rep = _abs_diffs([s.teacher_logprobs for s in sample], again)
     figures = {
         "truncated": sum(r == "length" for r in reasons) / max(1, len(reasons)),
         "topk_coverage": sum(inside) / max(1, len(inside)),
@@ -78,11 +114,11 @@ def gates(ctx: StageContext, x: GatesInputs) -> ArtifactRef:
     if store.manifest(scores)["meta"].get("backend") == "vllm":
         # The re-score runs on `hf`, so for vLLM scores this figure is the backend difference (bf16 kernels), not
         # the scorer's non-determinism: it is reported, never enforced (the parity tests bound it; tests/gpu).
-        cfg = cfg.model_copy(update={"max_teacher_repeat_diff": None})
-    result = evaluate_gates(figures, cfg)
+        cfg = cfg.model_copy(update={"max_teacher_repeat_diff": None, "max_teacher_repeat_diff_16bit": None})
+    result = evaluate_gates(figures, cfg, teacher_dtype)
     with ctx.writer() as w:
         w.meta.update({"gates": result, "passed": all(g["passed"] for g in result.values()),
-                       "sampled_sequences": len(sample)})
+                       "sampled_sequences": len(sample), "teacher_dtype": teacher_dtype})
         return w.commit()
 
 

@@ -46,10 +46,10 @@ class PromptsInputs(StageInputs):
 @stage("prompts", version=1, inputs=PromptsInputs, outputs=("prompts",), gpu=False)
 def prompts(ctx: StageContext, x: PromptsInputs) -> ArtifactRef:
     """The prompts of one iteration's slice (or of the eval set), tokenized."""
-    from opd_tasks.backends.hf import load_tokenizer
+    from opd_tasks.backends.loaded import LOADED
     from opd_tasks.data import datasets_cache_dir, load_prompts
 
-    tok = load_tokenizer(x.tokenizer.path, x.tokenizer.trust_remote_code)
+    tok = LOADED.tokenizer(x.tokenizer)
     records = load_prompts(x.data, tok, split=x.split, n=x.n, seed=x.seed, offset=x.offset,
                            max_context=x.max_context, cache_dir=datasets_cache_dir(ctx.store.root))
     if not records:

@@ -143,7 +143,10 @@ def execute(stage: Stage, ctx: StageContext, inputs: StageInputs,
 
 
 def compute(stage: Stage, ctx: StageContext, inputs: StageInputs) -> ArtifactRef:
-    """Run the stage's compute function; its artifact must be published under the stage's name and key."""
+    """Run the stage's compute function; its artifact must be published under the stage's name and key. Its input
+    models are first found in this store (`ModelSpec.in_store`: a checkpoint made in another pod is pulled)."""
+    models = {name: value.in_store(ctx.store) for name, value in inputs if isinstance(value, ModelSpec)}
+    inputs = inputs.model_copy(update=models)
     try:
         ref = stage.compute(ctx, inputs)
     except Exception as e:  # e.g. a checkpoint's save_pretrained (safetensors) into the writer's temp dir, disk full

@@ -30,7 +30,8 @@ class RolloutInputs(StageInputs):
 def rollout(ctx: StageContext, x: RolloutInputs) -> ArtifactRef:
     """The student's sampled completions with per-token log-probs and rewards."""
     from opd_tasks.backends import backend_for
-    from opd_tasks.backends.hf import load_tokenizer
+    from opd_tasks.backends.hf import stop_token_ids
+    from opd_tasks.backends.loaded import LOADED
 
     backend = backend_for(x.rollout, ctx.device, "rollout.backend")  # refuses before any work if it cannot run
     check = CHECKERS[x.checker]
@@ -38,9 +39,9 @@ def rollout(ctx: StageContext, x: RolloutInputs) -> ArtifactRef:
     prompt_ids = prompts.column("prompt_id").to_pylist()
     prompt_tokens = prompts.column("prompt_token_ids").to_pylist()
     answers = prompts.column("answer").to_pylist()
-    tok = load_tokenizer(x.student.path, x.student.trust_remote_code)
+    tok = LOADED.tokenizer(x.student)
     s = x.rollout
-    completions = backend.generate(x.student, prompt_tokens, eos_token_id=tok.eos_token_id,
+    completions = backend.generate(x.student, prompt_tokens, eos_token_id=stop_token_ids(tok, x.student.path),
                                    pad_token_id=tok.pad_token_id, n=s.samples_per_prompt, temperature=s.temperature,
                                    top_p=s.top_p, max_new_tokens=s.max_new_tokens, seed=x.seed, desc="rollout",
                                    progress=ctx.progress)

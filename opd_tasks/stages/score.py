@@ -33,11 +33,11 @@ class ScoreInputs(StageInputs):
 def score(ctx: StageContext, x: ScoreInputs) -> ArtifactRef:
     """The teacher's log-prob, top-k and entropy at every sampled token."""
     from opd_tasks.backends import backend_for
-    from opd_tasks.backends.hf import load_tokenizer
+    from opd_tasks.backends.loaded import LOADED
 
     backend = backend_for(x.scoring, ctx.device, "scoring.backend")  # refuses before any work if it cannot run
-    t_tok = load_tokenizer(x.teacher.path, x.teacher.trust_remote_code)
-    s_tok = load_tokenizer(x.student.path, x.student.trust_remote_code)
+    t_tok = LOADED.tokenizer(x.teacher)
+    s_tok = LOADED.tokenizer(x.student)
     try:
         check_tokenizers_match(t_tok, s_tok)
     except ModelError as e:

@@ -5,6 +5,13 @@ opd_tasks/training/checkpoint.py) and the `updates` table, one row per optimizer
 wall time (stage seconds live in the run lineage), so the same inputs give the same bytes: a recovered run is
 byte-identical to one that never failed.
 
+Old log-probs (the PPO ratio's denominator and the k1 of the advantage): before the first step the trainer
+recomputes every sampled token's log-prob with its own model and dtype (float32 weights, the bf16 autocast of
+training on CUDA, eval mode), as TRL and verl do, so that the sampler's kernels and dtype (vLLM, bf16 generate)
+never enter the ratio. `update.old_logprobs: sampler` uses the sampler's log-probs instead: an explicit
+importance-sampling correction for that mismatch. The artifact's `old_logprobs` table records both per token
+(`meta.logprob_drift` is their mean |difference|, the gates' drift figure over every trained token).
+
 Per-token weights come from the analysis's `tokens` table when there is an analysis, else 1; with the method's
 bridge, the teacher's continuations at divergent positions come from its `probes` table. The loss of an
 optimizer step is the token-mean over all completion tokens in that step (micro-batches and gradient
@@ -13,6 +20,8 @@ nothing is published, so the previous checkpoint stays the latest.
 """
 
 from __future__ import annotations
+
+import pyarrow as pa
 
 from opd_tasks.config import UpdateConfig
 from opd_tasks.errors import ConfigError, DataError, TrainingError
@@ -45,7 +54,7 @@ class UpdateInputs(StageInputs):
         return artifacts, config, seed
 
 
-@stage("update", version=3, inputs=UpdateInputs, outputs=("updates", "checkpoint"))
+@stage("update", version=4, inputs=UpdateInputs, outputs=("updates", "old_logprobs", "checkpoint"))
 def update(ctx: StageContext, x: UpdateInputs) -> ArtifactRef:
     """One distillation update of the student: a checkpoint and the per-step losses.
 
@@ -59,12 +68,14 @@ def update(ctx: StageContext, x: UpdateInputs) -> ArtifactRef:
 
 
 def _train(ctx: StageContext, x: UpdateInputs) -> ArtifactRef:
-    import pyarrow as pa
+    import pyarrow.compute as pc
     import torch
-    from tqdm.auto import tqdm
 
-    from opd_tasks.backends.hf import load_causal_lm, load_tokenizer, resolve_device
+    from opd_tasks.backends.hf import load_causal_lm, resolve_device
+    from opd_tasks.backends.loaded import LOADED
+    from opd_tasks.progress import Bar
     from opd_tasks.training.checkpoint import load_training_state, save_checkpoint
+    from opd_tasks.training.logprobs import completion_logprobs
     from opd_tasks.training.objective import micro_batch_loss
     from opd_tasks.training.sequences import attach_analysis, scored_sequences
 
@@ -80,19 +91,26 @@ def _train(ctx: StageContext, x: UpdateInputs) -> ArtifactRef:
         raise DataError(f"rollouts {x.rollouts.short()} have no completion tokens to train on")
     if x.analysis is not None:
         attach_analysis(ctx.store, seqs, x.analysis, bridges=bridge is not None)
-    tok = load_tokenizer(student.path, student.trust_remote_code)
-    model = load_causal_lm(student.path, dev, "float32", student.trust_remote_code).train()
-    t_model = load_causal_lm(teacher.path, dev, teacher.dtype, teacher.trust_remote_code) if (
-        cfg.loss == "full_rkl") else None
+    tok = LOADED.tokenizer(student)
+    if dev.type == "cuda":  # room for the model this stage trains, its gradients and optimizer state
+        LOADED.release()
+    model = load_causal_lm(student.path, dev, "float32", student.trust_remote_code)  # its own copy: it is trained
+    autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cuda")
+    per_step = cfg.micro_batch_size * cfg.grad_accumulation
+    # batches of one step's size (no gradients): how a step is split into micro-batches changes no value
+    recomputed = completion_logprobs(model.eval(), [s.prompt for s in seqs], [s.tokens for s in seqs],
+                                     pad_token_id=tok.pad_token_id, batch_size=per_step, autocast=autocast)
+    for s, lps in zip(seqs, recomputed, strict=True):
+        s.trainer_logprobs = lps
+    model.train()
+    t_model = LOADED.model(teacher, dev) if cfg.loss == "full_rkl" else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     trainer = load_training_state(student, opt, cfg)
 
-    per_step = cfg.micro_batch_size * cfg.grad_accumulation
     n_steps = cfg.epochs * ((len(seqs) + per_step - 1) // per_step)
-    autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cuda")
     rows = []
-    bar = tqdm(total=n_steps, desc="update", unit="step", disable=not ctx.progress, leave=False)
+    bar = Bar(n_steps, "update", "steps", ctx.progress)
     for _ in range(cfg.epochs):
         order = seed if cfg.order_seed is None else cfg.order_seed
         g = torch.Generator().manual_seed(int(sha256_json([order, trainer["global_epoch"]])[:15], 16))
@@ -129,14 +147,29 @@ def _train(ctx: StageContext, x: UpdateInputs) -> ArtifactRef:
                          "weighted_tokens": weighted})
             trainer["global_step"] += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{total:.4f}", kl=f"{kl / n_tok:.3f}")
+            bar.note(loss=f"{total:.4f}", kl=f"{kl / n_tok:.3f}")
         trainer["global_epoch"] += 1
     bar.close()
 
     model.eval()
+    old = old_logprobs_table(seqs)
+    drift = pc.abs(pc.subtract(old.column("sampling_logprob"), old.column("trainer_logprob")))
     with ctx.writer() as w:
         save_checkpoint(w.path, model, tok, student.dir, opt, trainer, seed)
         w.write_table("updates", pa.Table.from_pylist(rows))
+        w.write_table("old_logprobs", old)
         w.meta.update({"steps": len(rows), "sequences": len(seqs), "parent": student.sha256,
-                       "mean_loss": sum(r["loss"] for r in rows) / len(rows)})
+                       "mean_loss": sum(r["loss"] for r in rows) / len(rows), "old_logprobs": cfg.old_logprobs,
+                       "logprob_drift": pc.mean(drift).as_py()})
         return w.commit()
+
+
+def old_logprobs_table(seqs) -> pa.Table:
+    """The `old_logprobs` table: per trained token, the sampler's and the trainer's log-prob."""
+    return pa.table({
+        "prompt_id": [s.prompt_id for s in seqs for _ in s.tokens],
+        "sample_id": pa.array([s.sample_id for s in seqs for _ in s.tokens], pa.int32()),
+        "pos": pa.array([p for s in seqs for p in range(len(s.tokens))], pa.int32()),
+        "sampling_logprob": pa.array([v for s in seqs for v in s.sampling_logprobs], pa.float32()),
+        "trainer_logprob": pa.array([v for s in seqs for v in s.trainer_logprobs], pa.float32()),
+    })

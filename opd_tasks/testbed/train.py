@@ -14,11 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opd_tasks.checkers import check_testbed
 from opd_tasks.config import TestbedTaskConfig
+from opd_tasks.progress import Bar
 from opd_tasks.testbed.styles import Style
 from opd_tasks.testbed.task import Problem, render_completion, sample_train_problems, seeded_rng
 
@@ -73,20 +73,21 @@ def sft(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     t0, loss_ema, step = time.perf_counter(), float("nan"), 0
-    bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, mininterval=1.0)
-    for step in bar:
-        batch = make_batch(tokenizer, sample_train_problems(task, batch_size, rng), style, rng)
-        loss = model(**batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        loss_ema = loss.item() if step == 1 else 0.95 * loss_ema + 0.05 * loss.item()
-        bar.set_postfix(loss=f"{loss_ema:.3f}", refresh=False)
-        if callback is not None and step % callback_every == 0 and callback(step):
-            model.eval()
-            return TrainResult(step, time.perf_counter() - t0, loss_ema, stopped_early=True)
+    with Bar(steps, desc, "steps", progress) as bar:
+        for step in range(1, steps + 1):
+            batch = make_batch(tokenizer, sample_train_problems(task, batch_size, rng), style, rng)
+            loss = model(**batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            loss_ema = loss.item() if step == 1 else 0.95 * loss_ema + 0.05 * loss.item()
+            bar.update()
+            bar.note(loss=f"{loss_ema:.3f}")
+            if callback is not None and step % callback_every == 0 and callback(step):
+                model.eval()
+                return TrainResult(step, time.perf_counter() - t0, loss_ema, stopped_early=True)
     model.eval()
     return TrainResult(step, time.perf_counter() - t0, loss_ema)
 

@@ -28,11 +28,11 @@ from functools import cached_property
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from opd_tasks.config import AnalysisConfig
 from opd_tasks.errors import ConfigError, DataError
 from opd_tasks.models import ModelSpec
+from opd_tasks.progress import bar
 from opd_tasks.topd import DETECTORS as DETECTOR_NAMES
 from opd_tasks.topd.signals import TRUE_REGIME, resolve_delta, window_divergence
 from opd_tasks.training.sequences import ScoredSequence
@@ -92,23 +92,28 @@ class AnalysisModels:
 
     @cached_property
     def tokenizer(self):
-        from opd_tasks.backends.hf import load_tokenizer
+        from opd_tasks.backends.loaded import LOADED
 
-        return load_tokenizer(self.student_spec.path, self.student_spec.trust_remote_code)
+        return LOADED.tokenizer(self.student_spec)
+
+    @cached_property
+    def stop_ids(self) -> list[int]:
+        """The ids that end a continuation (`hf.stop_token_ids` of the student)."""
+        from opd_tasks.backends.hf import stop_token_ids
+
+        return stop_token_ids(self.tokenizer, self.student_spec.path)
 
     @cached_property
     def student(self):
-        from opd_tasks.backends.hf import load_causal_lm
+        from opd_tasks.backends.loaded import LOADED
 
-        s = self.student_spec
-        return load_causal_lm(s.path, self.device, s.dtype, s.trust_remote_code)
+        return LOADED.model(self.student_spec, self.device)
 
     @cached_property
     def teacher(self):
-        from opd_tasks.backends.hf import load_causal_lm
+        from opd_tasks.backends.loaded import LOADED
 
-        t = self.teacher_spec
-        return load_causal_lm(t.path, self.device, t.dtype, t.trust_remote_code)
+        return LOADED.model(self.teacher_spec, self.device)
 
 
 # ----------------------------------------------------------------------------------------- window
@@ -173,7 +178,7 @@ def _greedy_probes(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, r
 
     tok = models.tokenizer
     r = probe_pair(models.teacher, models.student, c.full, c.prefixes(rows), cfg.probe_tokens,
-                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, batch_size=cfg.batch_size,
+                   eos_token_id=models.stop_ids, pad_token_id=tok.pad_token_id, batch_size=cfg.batch_size,
                    cross=cfg.distance == "xent", progress=progress, student_encoded=student_encoded)
     return r["c_t"], r["c_s"], (r["t_on_t"], r["s_on_t"], r["s_on_s"], r["t_on_s"])
 
@@ -191,10 +196,10 @@ def _realised_probes(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig,
     c_t: list[list[int]] = []
     gaps: tuple[list, list, list, list] = ([], [], [], [])
     batch = max(1, len(rows)) if student_encoded is not None else cfg.batch_size
-    for s0 in tqdm(range(0, len(rows), batch), desc="probes", unit="batch", disable=not progress, leave=False):
+    for s0 in bar(range(0, len(rows), batch), "probes", "batches", progress):
         chunk, given = prefixes[s0 : s0 + batch], c_s[s0 : s0 + batch]
         teacher = PrefixCache(models.teacher, c.full, chunk, tok.pad_token_id)
-        greedy, t_on_t = teacher.greedy(k, tok.eos_token_id)
+        greedy, t_on_t = teacher.greedy(k, models.stop_ids)
         c_t += greedy
         if cfg.distance == "xent":
             student = PrefixCache(models.student, c.full, chunk, tok.pad_token_id, student_encoded)
@@ -250,7 +255,7 @@ def swap(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, bridge: boo
     absolute = cfg.delta if cfg.delta_mode == "absolute" else None
     dists: list[float] = []
     conts: list[list[int]] = [[] for _ in rows]
-    for s0 in tqdm(range(0, len(rows), batch), desc="swap", unit="batch", disable=not progress, leave=False):
+    for s0 in bar(range(0, len(rows), batch), "swap", "batches", progress):
         chunk = rows[s0 : s0 + batch]
         if any(t + 1 >= len(seqs[i].tokens) for i, t in chunk):
             raise DataError("swap: a probed position has no following token")
@@ -268,7 +273,7 @@ def swap(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, bridge: boo
                                        - np.asarray(lp[n + j][1:], dtype=np.float64))))
         if bridge and absolute is not None:
             divergent = [j for j in range(n) if dists[s0 + j] >= absolute]
-            for j, cont in zip(divergent, pre.greedy(cfg.probe_tokens, tok.eos_token_id, only=divergent)[0],
+            for j, cont in zip(divergent, pre.greedy(cfg.probe_tokens, models.stop_ids, only=divergent)[0],
                                strict=True):
                 conts[s0 + j] = cont
     if bridge and absolute is None:
@@ -286,7 +291,7 @@ def _bridges(models: AnalysisModels, c: Candidates, divergent: list[int], cfg: A
     if divergent:
         tok = models.tokenizer
         got, _ = probe_greedy(models.teacher, c.full, c.prefixes([c.probes[j] for j in divergent]), cfg.probe_tokens,
-                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, batch_size=cfg.batch_size)
+                              eos_token_id=models.stop_ids, pad_token_id=tok.pad_token_id, batch_size=cfg.batch_size)
         for j, cont in zip(divergent, got, strict=True):
             out[j] = cont
     return out

@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from opd_tasks.backends.prefix_cache import Encoded, PrefixCache
+from opd_tasks.progress import bar
 
 
 @torch.no_grad()
@@ -19,7 +19,7 @@ def probe_pair(
     probes: Sequence[tuple[int, int]],
     k: int,
     *,
-    eos_token_id: int,
+    eos_token_id: int | Sequence[int],
     pad_token_id: int,
     batch_size: int = 64,
     cross: bool = True,
@@ -27,16 +27,16 @@ def probe_pair(
     student_encoded: Encoded | None = None,
 ) -> dict[str, list]:
     """Near-future probes from each prefix `sequences[i][:n]` of `probes`: the teacher's and the student's greedy
-    continuations (at most k tokens, up to and including EOS) with their own raw-logit log-probs, and with
-    `cross` each model's log-probs of the other's continuation. Per batch of probes each model encodes the probed
-    sequences once; the prefixes are never re-encoded. `student_encoded`: the student's forward over every probed
-    sequence has already run (all probes then form one batch). Returns lists `c_t`, `t_on_t`, `c_s`, `s_on_s`
-    and, with `cross`, `s_on_t`, `t_on_s`."""
+    continuations (at most k tokens, up to and including the first of the stop ids `eos_token_id`) with their
+    own raw-logit log-probs, and with `cross` each model's log-probs of the other's continuation. Per batch of
+    probes each model encodes the probed sequences once; the prefixes are never re-encoded. `student_encoded`:
+    the student's forward over every probed sequence has already run (all probes then form one batch). Returns
+    lists `c_t`, `t_on_t`, `c_s`, `s_on_s` and, with `cross`, `s_on_t`, `t_on_s`."""
     out: dict[str, list] = {key: [] for key in ("c_t", "t_on_t", "c_s", "s_on_s", "s_on_t", "t_on_s")}
     if student_encoded is not None:
         batch_size = max(1, len(probes))
     steps = range(0, len(probes), batch_size)
-    for s0 in tqdm(steps, desc="probes", unit="batch", disable=not progress, leave=False):
+    for s0 in bar(steps, "probes", "batches", progress):
         chunk = list(probes[s0 : s0 + batch_size])
         pt = PrefixCache(teacher, sequences, chunk, pad_token_id)
         c_t, t_on_t = pt.greedy(k, eos_token_id)
@@ -52,7 +52,7 @@ def probe_pair(
 
 @torch.no_grad()
 def probe_greedy(model, sequences: Sequence[Sequence[int]], probes: Sequence[tuple[int, int]], k: int, *,
-                 eos_token_id: int, pad_token_id: int, batch_size: int = 64,
+                 eos_token_id: int | Sequence[int], pad_token_id: int, batch_size: int = 64,
                  score: Sequence[Sequence[int]] | None = None) -> tuple[list[list[int]], list[list[float]]]:
     """One model's side of `probe_pair`: its greedy continuations and their log-probs, or with `score` its
     log-probs of the given continuations after the same prefixes."""

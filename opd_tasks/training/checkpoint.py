@@ -6,7 +6,9 @@ state/optimizer.safetensors  AdamW moments and step counts
 state/trainer.json           global step/epoch counters, optimizer param groups, RNG state (as a list)
 ```
 A later update that starts from a checkpoint restores the optimizer and RNG state, so two chained updates equal
-one uninterrupted update over the same data.
+one uninterrupted update over the same data when the old log-probs are the sampler's (`update.old_logprobs:
+sampler`); recomputed ones are each update's starting model's, which is the sampling policy in a run, where every
+update trains on its own student's rollouts.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ completion tokens in the optimizer step (token-mean), so micro-batching and grad
 change the result. `mask` is 1 on real completion tokens, 0 on padding.
 
 - `pg_loss`: the tinker-cookbook / verl policy-gradient form. Advantage `A_t = -(log pi_old - log pi_T)`
-  (detached: the sampling log-prob minus the teacher's, i.e. minus the per-token reverse-KL estimate k1),
-  importance-sampled: `-w_t * exp(log pi_S - log pi_old) * A_t`.
+  (detached: the old log-prob minus the teacher's, i.e. minus the per-token reverse-KL estimate k1),
+  importance-sampled: `-w_t * exp(log pi_S - log pi_old) * A_t`. `pi_old` is the trainer's recomputation of
+  the sampled tokens' log-probs, or the sampler's own (`update.old_logprobs`, opd_tasks/stages/update.py).
 - `topk_rkl`: supervised reverse KL on the teacher's top-k support, both distributions renormalised to it:
   `sum_i p_S(i) (log p_S(i) - log q_T(i))`.
 - `full_rkl`: reverse KL over the full vocabulary, when the teacher's logits are at hand.

@@ -31,6 +31,9 @@ def micro_batch_loss(model, batch: list[ScoredSequence], cfg: UpdateConfig, brid
                      advantage: Return | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Sum over the batch's tokens of the weighted per-token loss (not yet divided by the step's tokens).
 
+    The old log-probs (the ratio's denominator and the k1 of the advantage) are those `cfg.old_logprobs` names:
+    the trainer's recomputation (default) or the sampler's.
+
     With `advantage` (the `opd_return` baseline, `loss: pg` only) the policy gradient's advantage is the discounted
     near-future return of k1 instead of -k1_t.
 
@@ -47,17 +50,15 @@ def micro_batch_loss(model, batch: list[ScoredSequence], cfg: UpdateConfig, brid
     targets = _pad([s.tokens for s in batch], t, 0, torch.long).to(device)
     weight = _pad([s.weights if s.weights is not None else [1.0] * len(s.tokens) for s in batch], t, 0.0,
                   torch.float32).to(device)
-    logp_old = _pad([s.sampling_logprobs for s in batch], t, 0.0, torch.float32).to(device)
+    logp_old = _pad([s.old_logprobs(cfg.old_logprobs) for s in batch], t, 0.0, torch.float32).to(device)
     logp_t = _pad([s.teacher_logprobs for s in batch], t, 0.0, torch.float32).to(device)
     bridges = [(b, len(s.prompt) + pos, cont) for b, s in enumerate(batch) for pos, cont in s.bridges
                ] if bridge is not None else []
-    enc = None
-    if bridges:
-        enc = encode(model, ids, attn, {b: b for b in range(len(batch))})
-        logits = output_logits(model, enc.hidden.gather(1, pred.to(device)[:, :, None].expand(
-            -1, -1, enc.hidden.shape[-1])))
-    else:
-        logits = completion_logits(model, ids, attn, pred)
+    # The decoder, then the output head at the completion positions only (no logits over the prompt); with bridges
+    # the forward keeps its KV cache for them.
+    enc = encode(model, ids, attn, {b: b for b in range(len(batch))}, use_cache=bool(bridges))
+    logits = output_logits(model, enc.hidden.gather(1, pred.to(device)[:, :, None].expand(
+        -1, -1, enc.hidden.shape[-1])))
     logp = torch.log_softmax(logits, -1).gather(-1, targets[:, :, None]).squeeze(-1)
     if cfg.loss == "pg":
         adv = None if advantage is None else discounted_return(logp_old - logp_t, mask, advantage.horizon,

@@ -18,8 +18,9 @@ class ScoredSequence:
     """One rollout with a completion, and what the teacher said about each of its tokens.
 
     `teacher_entropy` and the top-k are present when they were read (`scored_sequences(columns=...)`); the update
-    adds the analysis's per-token `weights` (None: every weight 1) and its `bridges`: (completion position, the
-    teacher's continuation from there) at divergent positions.
+    adds the analysis's per-token `weights` (None: every weight 1), its `bridges`: (completion position, the
+    teacher's continuation from there) at divergent positions, and `trainer_logprobs`: the sampled tokens'
+    log-probs recomputed by the trainer before its first step.
     """
 
     prompt_id: str
@@ -33,6 +34,18 @@ class ScoredSequence:
     topk_logprobs: list[list[float]] | None = None
     weights: list[float] | None = None
     bridges: list[tuple[int, list[int]]] = field(default_factory=list)
+    trainer_logprobs: list[float] | None = None
+
+    def old_logprobs(self, source: str) -> list[float]:
+        """The old log-probs `update.old_logprobs` names: `recompute` (the trainer's) or `sampler`."""
+        if source == "sampler":
+            return self.sampling_logprobs
+        if source != "recompute":
+            raise ValueError(f"update.old_logprobs must be 'recompute' or 'sampler', not {source!r}")
+        if self.trainer_logprobs is None:
+            raise ValueError(f"rollout ({self.prompt_id!r}, {self.sample_id}): update.old_logprobs is 'recompute' "
+                             "but the trainer's log-probs were not computed")
+        return self.trainer_logprobs
 
 
 def group_tokens(table: pa.Table, columns: list[str]) -> dict[tuple[str, int], dict[str, list]]:

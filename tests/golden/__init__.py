@@ -9,8 +9,10 @@ the stage produced, independent of the cache key it was stored under) and the ma
 them (commit f3dcb5e). Regenerated since, each time for an intended change named in its commit: checkpoints whose
 tokenizer files are the student's bytes (update contents and keys); then the testbed's fork/filler roles, the
 faithful probe as the probe's default and the early-stop rate in evaluations (issue 16: analysis contents, the
-probe cases' training, evaluation meta; every other loss and accuracy unchanged). Regenerate only for an intended
-change, and say what changed in the commit:
+probe cases' training, evaluation meta; every other loss and accuracy unchanged); then the trainer's recomputed old
+log-probs and the gates' batched re-scores (issue 19: update contents, the later iterations' rollouts and analyses;
+losses and gate figures moved in the last float32 bits, e.g. teacher_repeat_diff 0 -> 6e-6, every gate passes as
+before, every accuracy unchanged). Regenerate only for an intended change, and say what changed in the commit:
 
     python -m tests.golden --write
 """

@@ -42,6 +42,16 @@ def test_dockerfile_runs_as_non_root_from_the_vllm_image() -> None:
     assert users and users[-1].split(":")[0] not in ("0", "root")
 
 
+def test_image_smoke_test_imports_the_vllm_engine_and_runs_pip_check() -> None:
+    """`import vllm` is lazy and would pass with a web stack that Prefect's install broke; the build must import
+    the engine class and fail on any broken requirement, with the base image's vLLM stack pinned."""
+    text = (DOCKER / "Dockerfile").read_text()
+    assert "ARG VLLM_IMAGE=vllm/vllm-openai:v0.11.0" in text  # the version the backend was written against
+    run = text[text.index("RUN python3 -m pip freeze"):].split("\n\n")[0]
+    assert "-c /tmp/base-pins.txt" in run and "torch|vllm|transformers|tokenizers" in run
+    assert "from vllm import LLM" in run and run.rstrip().endswith("python3 -m pip check")
+
+
 def test_compose_file_is_valid_and_publishes_on_loopback_only(tmp_path: Path) -> None:
     dc = _tool("docker-compose", "OPD_REQUIRE_COMPOSE")
     empty = tmp_path / "empty.env"  # never read a developer's docker/.env (it may hold POSTGRES_PASSWORD)
@@ -57,6 +67,10 @@ def test_compose_file_is_valid_and_publishes_on_loopback_only(tmp_path: Path) ->
         for p in svc.get("ports", []):
             host_ip = p.get("host_ip") if isinstance(p, dict) else str(p).split(":")[0]
             assert host_ip == "127.0.0.1", (name, p)
+    # ../models in the file: relative paths resolve against docker/, and the models live at the repo root
+    mounts = [str(v) if isinstance(v, str) else f"{v['source']}:{v['target']}" for v in
+              cfg["services"]["worker"]["volumes"]]
+    assert any(m.startswith(f"{DOCKER.parent / 'models'}:/models") for m in mounts), mounts
     gpu = cfg["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     assert "postgresql+asyncpg://" in cfg["services"]["prefect-server"]["environment"][

@@ -64,10 +64,11 @@ def test_gc_prunes_old_checkpoints_keeps_logs_and_a_rerun_recomputes(models, tmp
     assert set(by) == {("checkpoint files", f"update/{it0.key}"), ("optimizer state", f"update/{it1.key}"),
                        ("unreferenced artifact", f"analyze/{orphan.key}")}
     assert by[("optimizer state", f"update/{it1.key}")].paths == (OPTIMIZER,)
-    assert all(not p.startswith("updates/") for p in by[("checkpoint files", f"update/{it0.key}")].paths)
+    tables = tuple(f"{t}/" for t in store.manifest(it0)["tables"])  # updates/, old_logprobs/: kept, logs
+    assert tables and all(not p.startswith(tables) for p in by[("checkpoint files", f"update/{it0.key}")].paths)
     manifest0 = {e["path"]: e["bytes"] for e in store.manifest(it0)["files"]}
     assert by[("checkpoint files", f"update/{it0.key}")].bytes == sum(
-        b for p, b in manifest0.items() if not p.startswith("updates/"))
+        b for p, b in manifest0.items() if not p.startswith(tables))
     assert f"would free {sum(r.bytes for r in todo) / 1e6:.1f} MB" in dry.output
 
     done = runner.invoke(app, ["gc", "--keep-last", "2", "--root", str(tmp_path)])

@@ -391,4 +391,4 @@ def test_costs_after_a_fully_cached_rerun_are_what_computing_cost(root: Path, tm
         out = run_plain(cfg.model_copy(update={"root": str(copy)}), log=lambda _m: None, progress=False)
         assert all(s.cached for it in out.iterations for s in it.stages.values())
     after = {(c["method"], c["stage"]): c["seconds"] for c in collect(copy, runs)["costs"]}
-    assert after == pytest.approx(before) and min(after.values()) > 0.005
+    assert after == pytest.approx(before) and min(after.values()) > 0  # the first runs' computing costs

@@ -504,8 +504,8 @@ def test_bridge_gradient_through_cached_prefixes_equals_reencoding(env) -> None:
         batch.append(ScoredSequence(r["prompt_id"], r["sample_id"], r["prompt_token_ids"], r["token_ids"], [0.0] * n,
                                     [0.0] * n, weights=[0.0] * n, bridges=br))
     model = load_causal_lm(env["student"].path, torch.device("cpu"), "float32").train()
-    loss, stats = micro_batch_loss(model, batch, UpdateConfig(), Bridge(weight=1.0, decay=0.7), 0,
-                                   torch.device("cpu"))
+    loss, stats = micro_batch_loss(model, batch, UpdateConfig(old_logprobs="sampler"),
+                                   Bridge(weight=1.0, decay=0.7), 0, torch.device("cpu"))
     loss.backward()
     got = {k: v.grad.clone() for k, v in model.named_parameters()}
     model.zero_grad()

@@ -173,9 +173,12 @@ def test_update_checkpoint_cache_and_microbatch_invariance(env) -> None:
 
 
 def test_resume_equals_uninterrupted(env) -> None:
+    """Optimizer and RNG state carry over. With the sampler's old log-probs: with recomputed ones, the resumed update
+    would take its own starting model as the old policy of rollouts it did not sample (the uninterrupted one keeps
+    the first model's), a different objective by design."""
     store = env["store"]
-    one = UpdateConfig(learning_rate=5e-3, micro_batch_size=4, epochs=1)
-    two = UpdateConfig(learning_rate=5e-3, micro_batch_size=4, epochs=2)
+    one = UpdateConfig(learning_rate=5e-3, micro_batch_size=4, epochs=1, old_logprobs="sampler")
+    two = UpdateConfig(learning_rate=5e-3, micro_batch_size=4, epochs=2, old_logprobs="sampler")
     straight = _update(env, two, seed=3)
     first = _update(env, one, seed=3)
     resumed = _update(env, one, seed=3, student=ModelSpec.from_checkpoint(store, first))

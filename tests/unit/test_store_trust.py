@@ -284,7 +284,7 @@ def test_disk_full_inside_a_stage_is_a_disk_full_error(tmp_path: Path) -> None:
 
     stage = Stage("update", 1, PROMPTS.inputs, ("checkpoint",), False, writes_a_checkpoint, "")
     with pytest.raises(DiskFullError, match="stage 'update' was writing its artifact.*model.safetensors"):
-        compute(stage, StageContext(ArtifactStore(tmp_path), "update", KEY), None)
+        compute(stage, StageContext(ArtifactStore(tmp_path), "update", KEY), PROMPTS.inputs.model_construct())
 
     from safetensors import SafetensorError
 
@@ -293,11 +293,11 @@ def test_disk_full_inside_a_stage_is_a_disk_full_error(tmp_path: Path) -> None:
 
     stage = Stage("update", 1, PROMPTS.inputs, ("checkpoint",), False, safetensors_full, "")
     with pytest.raises(DiskFullError, match="File too large"):
-        compute(stage, StageContext(ArtifactStore(tmp_path), "update", KEY), None)
+        compute(stage, StageContext(ArtifactStore(tmp_path), "update", KEY), PROMPTS.inputs.model_construct())
 
     def other(ctx, inputs):
         raise SafetensorError("Error while deserializing header: HeaderTooLarge")
 
     stage = Stage("update", 1, PROMPTS.inputs, ("checkpoint",), False, other, "")
     with pytest.raises(SafetensorError):  # anything else passes through unchanged
-        compute(stage, StageContext(ArtifactStore(tmp_path), "update", KEY), None)
+        compute(stage, StageContext(ArtifactStore(tmp_path), "update", KEY), PROMPTS.inputs.model_construct())

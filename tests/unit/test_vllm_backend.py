@@ -111,12 +111,12 @@ EOS = 2
 def test_sampled_logprobs_and_finish_reasons() -> None:
     c = completion(0, [5, 7, EOS], VECS[:3], "stop")
     assert vb.sampled_logprobs(c.token_ids, c.logprobs) == [VECS[0][5], VECS[1][7], VECS[2][EOS]]
-    assert vb.finish_reason([5, 7, EOS], "stop", EOS) == "stop"
-    assert vb.finish_reason([5, 7, 9], "length", EOS) == "length"
+    assert vb.finish_reason([5, 7, EOS], "stop", [EOS]) == "stop"
+    assert vb.finish_reason([5, 7, 9], "length", [EOS]) == "length"
     with pytest.raises(ModelError, match="finish_reason 'abort'"):
-        vb.finish_reason([5, 7], "abort", EOS)
-    with pytest.raises(ModelError, match="EOS .* inside"):
-        vb.finish_reason([5, EOS, 7], "length", EOS)
+        vb.finish_reason([5, 7], "abort", [EOS])
+    with pytest.raises(ModelError, match=r"stop token\(s\) \[2\] inside"):
+        vb.finish_reason([5, EOS, 7], "length", [EOS])
     with pytest.raises(ModelError, match="do not hold the sampled token 8"):
         vb.sampled_logprobs([5, 8], c.logprobs[:2])
     with pytest.raises(ModelError, match="2 log-prob steps for 3"):
@@ -132,28 +132,28 @@ def test_rollout_records_order_and_fields() -> None:
         SimpleNamespace(prompt_token_ids=[1, 5], outputs=[completion(0, [EOS], VECS[2:3], "stop"),
                                                           completion(1, [3, 4, EOS], VECS[:3], "stop")]),
     ]
-    recs = vb.rollout_records(outs, n=2, greedy=False, eos_token_id=EOS)
+    recs = vb.rollout_records(outs, n=2, greedy=False, stop_ids=[EOS])
     assert [(r["prompt_index"], r["sample_id"]) for r in recs] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert [r["token_ids"] for r in recs] == [[9, EOS], [6, 6, 6], [EOS], [3, 4, EOS]]
     assert [r["finish_reason"] for r in recs] == ["stop", "length", "stop", "stop"]
     assert recs[1]["logprobs"] == [VECS[3][6], VECS[4][6], VECS[5][6]]
     assert recs[3]["logprobs"] == [VECS[0][3], VECS[1][4], VECS[2][EOS]]
     with pytest.raises(ModelError, match="2 completions, expected 3"):
-        vb.rollout_records(outs, n=3, greedy=False, eos_token_id=EOS)
+        vb.rollout_records(outs, n=3, greedy=False, stop_ids=[EOS])
 
 
 def test_greedy_repeats_the_single_completion_like_hf() -> None:
     outs = [SimpleNamespace(prompt_token_ids=[1], outputs=[completion(0, [4, EOS], VECS[:2], "stop")])]
-    recs = vb.rollout_records(outs, n=3, greedy=True, eos_token_id=EOS)
+    recs = vb.rollout_records(outs, n=3, greedy=True, stop_ids=[EOS])
     assert [r["sample_id"] for r in recs] == [0, 1, 2]
     assert all(r["token_ids"] == [4, EOS] and r["logprobs"] == [VECS[0][4], VECS[1][EOS]] for r in recs)
 
 
 def test_rollout_params_and_seeds() -> None:
-    p = vb.rollout_params(n=4, temperature=0.7, top_p=0.9, max_new_tokens=16, eos_token_id=EOS)
+    p = vb.rollout_params(n=4, temperature=0.7, top_p=0.9, max_new_tokens=16, stop_ids=[EOS])
     assert p == {"n": 4, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "max_tokens": 16, "logprobs": 0,
                  "stop_token_ids": [EOS], "detokenize": False, "skip_special_tokens": False}
-    g = vb.rollout_params(n=4, temperature=0.0, top_p=0.9, max_new_tokens=16, eos_token_id=EOS)
+    g = vb.rollout_params(n=4, temperature=0.0, top_p=0.9, max_new_tokens=16, stop_ids=[EOS])
     assert g["n"] == 1 and g["top_p"] == 1.0 and g["temperature"] == 0.0
     # vLLM seeds sample i of a request with seed + i: no two samples of a rollout may share a seed
     n, prompts = 4, 50
@@ -296,7 +296,7 @@ def test_cache_keys_carry_the_backend_and_only_the_fields_it_reads() -> None:
 FAKE_VLLM = '''
 """A FAKE vllm for tests of opd_tasks.backends.vllm's plumbing: shaped like vLLM 0.11.0's API, nothing more.
 Its 'model': the log-probs after token t are log_softmax(((v * 7 + t * 3) % 11) / 3) over a vocabulary of 13."""
-import json, math, os
+import json, math, os, subprocess, sys, time
 from dataclasses import dataclass
 __version__ = "0.0+fake"
 V = 13
@@ -326,12 +326,31 @@ class _Out:
     def __init__(self, **kw):
         self.__dict__.update(kw)
 
+def _log(obj):
+    with open(os.environ["FAKE_VLLM_LOG"], "a") as f:
+        f.write(json.dumps(obj) + "\\n")
+
+class _EngineCore:
+    def shutdown(self):
+        if os.environ.get("FAKE_VLLM_HANG") == "shutdown":
+            time.sleep(3600)
+        _log({"shutdown": True})
+
 class LLM:
+    """FAKE_VLLM_GRANDCHILD=<file>: start a process that outlives this one, like vLLM's engine core, and write its
+    pid there. FAKE_VLLM_HANG=generate|shutdown: hang there. FAKE_VLLM_RAISE=value|runtime: fail in generate."""
+
     def __init__(self, **kw):
-        with open(os.environ["FAKE_VLLM_LOG"], "a") as f:
-            f.write(json.dumps({"engine": kw}) + "\\n")
+        _log({"engine": kw, "multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")})
+        self.llm_engine = _Out(engine_core=_EngineCore())
+        if os.environ.get("FAKE_VLLM_GRANDCHILD"):
+            p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+            with open(os.environ["FAKE_VLLM_GRANDCHILD"], "w") as f:
+                f.write(str(p.pid))
 
     def generate(self, prompts, params, use_tqdm=True):
+        if os.environ.get("FAKE_VLLM_HANG") == "generate":
+            time.sleep(3600)
         if os.environ.get("FAKE_VLLM_RAISE"):
             raise {"value": ValueError, "runtime": RuntimeError}[os.environ["FAKE_VLLM_RAISE"]]("fake failure")
         params = params if isinstance(params, list) else [params] * len(prompts)
@@ -366,8 +385,8 @@ class LLM:
 '''
 
 
-@pytest.fixture()
-def fake_vllm(tmp_path, monkeypatch: pytest.MonkeyPatch):
+def install_fake_vllm(tmp_path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+    """Put the FAKE vllm package on the (spawned child's) path; returns its call log and a model directory."""
     pkg = tmp_path / "fake" / "vllm"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text(textwrap.dedent(FAKE_VLLM))
@@ -380,6 +399,11 @@ def fake_vllm(tmp_path, monkeypatch: pytest.MonkeyPatch):
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"vocab_size": 13}))
     return SimpleNamespace(log=log, model=str(model))
+
+
+@pytest.fixture()
+def fake_vllm(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    return install_fake_vllm(tmp_path, monkeypatch)
 
 
 def _calls(path) -> list[dict]:
@@ -396,11 +420,14 @@ def test_generate_through_the_child_process(fake_vllm) -> None:
                              max_new_tokens=4, seed=3, dtype="float32", progress=False)
     assert meta["vllm"] == "0.0+fake" and meta["engine_seconds"] >= 0
     calls = _calls(fake_vllm.log)
-    assert calls[0]["engine"] == vb.engine_kwargs(fake_vllm.model, dtype="float32", seed=3)
+    # max_model_len: the longest prompt (3) + max_new_tokens (4); no KV cap without CUDA (the child's GPU size)
+    assert calls[0]["engine"] == vb.engine_kwargs(fake_vllm.model, dtype="float32", seed=3, max_model_len=7)
+    assert calls[0]["multiprocessing"] == "0" and calls[-1] == {"shutdown": True}  # in-process engine, shut down
+    calls = calls[:-1]
     assert [c["prompt"] for c in calls[1:]] == [{"prompt_token_ids": p} for p in prompts]  # token ids, as given
     assert [c["params"]["seed"] for c in calls[1:]] == [vb.request_seed(3, i, 2) for i in range(2)]
     assert calls[1]["params"] == vb.rollout_params(n=2, temperature=0.8, top_p=0.95, max_new_tokens=4,
-                                                   eos_token_id=EOS) | {"seed": vb.request_seed(3, 0, 2)}
+                                                   stop_ids=[EOS]) | {"seed": vb.request_seed(3, 0, 2)}
     assert [(r["prompt_index"], r["sample_id"]) for r in recs] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     for r in recs:  # recompute each completion and its log-probs from the fake model
         last, lps = prompts[r["prompt_index"]][-1], []
@@ -418,7 +445,11 @@ def test_score_through_the_child_process(fake_vllm) -> None:
     prompts, comps = [[1, 5, 6], [3], [4, 4]], [[7, 8, 9], [], [2]]
     recs, _ = vb.score(fake_vllm.model, prompts, comps, top_k=50, progress=False)  # k is capped at vocab 13
     calls = _calls(fake_vllm.log)
-    assert calls[0]["engine"]["max_logprobs"] == 20 and calls[0]["engine"]["enforce_eager"] is True
+    # the longest sequence is 6 tokens + the one generated; at most SCORE_MAX_BATCHED_TOKENS tokens per step
+    assert calls[0]["engine"] == vb.engine_kwargs(fake_vllm.model, enforce_eager=True, max_logprobs=13,
+                                                  max_model_len=7, max_num_batched_tokens=2048)
+    assert calls[0]["engine"]["max_logprobs"] == 20 and vb.SCORE_MAX_BATCHED_TOKENS == 2048
+    calls = calls[:-1]  # the engine's shutdown
     assert [c["prompt"]["prompt_token_ids"] for c in calls[1:]] == [[1, 5, 6, 7, 8, 9], [4, 4, 2]]  # no empty one
     assert calls[1]["params"] == vb.score_params(13)
     assert recs[1] == {"logprob": [], "topk_ids": [], "topk_logprobs": []}

@@ -1,0 +1,46 @@
+"""Teacher-forced log-probs of given completions under a model, computing only what is used.
+
+`completion_logprobs` is what the gates' re-scores and the update's recomputed old log-probs run: the decoder over
+a batch of `batch_size` right-padded sequences (`pack_right` layout), then the output head at one sequence's
+completion positions at a time. So the largest tensor alive is one sequence's [T, V] float32 logits, never the
+batch's [B, L, V] logits over every position (at vocabulary 151,936 and 64 sequences of 1,300 tokens those are
+50 GB). Sequences are taken in length order so that a batch pads little; the result is in the input order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import torch
+
+
+@torch.no_grad()
+def completion_logprobs(model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
+                        pad_token_id: int, batch_size: int, autocast=None) -> list[list[float]]:
+    """log p(completion token j | prompt, completion[:j]) for every sequence, as float32 values in lists.
+
+    `autocast`: a context manager the forward runs under (the trainer's `torch.autocast`); None: the model's own
+    dtype. The model is used as it is (call `.eval()` first for the policy's log-probs without dropout)."""
+    from opd_tasks.backends.hf import pack_right
+    from opd_tasks.backends.prefix_cache import encode, output_logits
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(completions[i]))
+    out: list[list[float]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        idx = [i for i in order[start : start + batch_size] if completions[i]]
+        if not idx:
+            continue
+        ids, attn, pred, _ = pack_right([prompts[i] for i in idx], [completions[i] for i in idx], pad_token_id)
+        with autocast if autocast is not None else nullcontext():
+            hidden = encode(model, ids, attn, {}, use_cache=False).hidden
+            for r, i in enumerate(idx):
+                n = len(completions[i])
+                logits = output_logits(model, hidden[r, pred[r, :n].to(device)])  # [n, V] float32
+                target = torch.tensor(completions[i], dtype=torch.long, device=device)
+                out[i] = torch.log_softmax(logits, -1).gather(-1, target[:, None]).squeeze(-1).tolist()
+        del hidden
+    return out

@@ -463,3 +463,32 @@ def test_disk_full_in_any_stage_stops_cleanly_and_a_rerun_recovers(models, tmp_p
     assert stage in {s for s, r in out.iterations[0].stages.items() if not r.cached}
     for e in RunLineage(tmp_path, "testbed").entries():
         store.verify(e.ref)
+
+
+def test_gpu_stages_carry_the_concurrency_tag_only_when_a_limit_exists(harness, models, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    """A tagged task run asks the API for a slot of its tag even with no limit on it (flows/stage_task.py): the tag
+    goes on GPU stages only when `prefect concurrency-limit create gpu N` made one, and then it caps them."""
+    from prefect.client.orchestration import get_client
+
+    import flows.stage_task
+    from flows.distill import distill
+
+    monkeypatch.setattr(flows.stage_task, "TAG_CHECK_SECONDS", 0.0)  # no cached answer between the two runs
+
+    def tags() -> dict[str, list[str]]:  # by stage (task runs are named `<stage>-it<i>`)
+        return {r.name.rsplit("-", 1)[0]: sorted(r.tags) for r in _latest_flow_run_task_runs()}
+
+    distill(_cfg(models, tmp_path / "a", "iterations=1", "name=untagged").model_dump(mode="json"))
+    untagged = tags()
+    assert set(untagged) >= {"rollout", "score", "update"} and not any(untagged.values()), untagged
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag="gpu", concurrency_limit=4)
+    try:
+        distill(_cfg(models, tmp_path / "b", "iterations=1", "name=tagged").model_dump(mode="json"))
+        by_stage = tags()
+        assert all(by_stage[s] == ["gpu"] for s in ("rollout", "score", "update", "evaluate")), by_stage
+        assert by_stage["prompts"] == []  # not a GPU stage
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_concurrency_limit_by_tag("gpu")

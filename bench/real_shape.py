@@ -136,6 +136,17 @@ def memory_model(student: Shape, teacher: Shape, n: Sizes) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------- models on disk
 
 
+def qwen3_config(shape: Shape):
+    """A transformers Qwen3Config of `shape` with Qwen3's special ids (BOS/PAD <|endoftext|>, EOS <|im_end|>)."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                       num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                       num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim, tie_word_embeddings=shape.tied,
+                       max_position_embeddings=40_960, bos_token_id=ENDOFTEXT, eos_token_id=IM_END,
+                       pad_token_id=ENDOFTEXT)
+
+
 def build_tokenizer(out: Path):
     """The testbed's word-level vocabulary, padded with filler tokens to the Qwen ids, Qwen's special tokens at
     Qwen's ids, every id up to the vocabulary decodable; saved with a chat template. Returns the tokenizer."""
@@ -164,16 +175,11 @@ def build_model(out: Path, shape: Shape, seed: int, eos_rate: float = 0.15, eos_
     snapshot (float32 safetensors, config.json, generation_config.json with both EOS ids). On about `eos_rate` of
     the steps after the first, an EOS logit reaches `eos_logit` (about log V: then it is a likely token)."""
     import torch
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    from transformers import GenerationConfig, Qwen3ForCausalLM
 
     out.mkdir(parents=True, exist_ok=True)
-    cfg = Qwen3Config(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                      num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                      num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim, tie_word_embeddings=shape.tied,
-                      max_position_embeddings=40_960, bos_token_id=ENDOFTEXT, eos_token_id=IM_END,
-                      pad_token_id=ENDOFTEXT)
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(cfg)
+    model = Qwen3ForCausalLM(qwen3_config(shape))
     tok = build_tokenizer(out)
     text = tok.apply_chat_template([{"role": "user", "content": "Q 12 + 34 = ?"}], tokenize=False,
                                    add_generation_prompt=True)

@@ -1,72 +1,107 @@
 #!/usr/bin/env bash
-# GPU check: one run of a few minutes on a single H100/H200 with no internet (issue 7, item 7).
-#   bash scripts/gpu_check.sh [OUT_DIR]
-# 1. says what this machine has, and what the check needs: torch with CUDA, transformers, pyarrow, pyyaml,
-#    pydantic, numpy, safetensors, tokenizers, tqdm. duckdb and prefect are NOT needed (it uses the plain driver,
-#    no Prefect). Missing packages other than torch/transformers are installed from a local wheel dir when one
-#    is given (WHEELS=/path/to/wheels), since the machine has no internet;
-# 2. runs `python -m bench.gpu_check`: the testbed models on CUDA with the `hf` backend through the plain
-#    driver: baseline, then 3 OPD and 3 TOPD iterations, CPU-vs-CUDA parity of teacher log-probs, sampling
-#    log-probs vs a teacher-forced recompute, seconds per stage and tokens/s;
-# 3. when vLLM is importable: the backend parity tests (`pytest -ra tests/gpu`: vllm vs hf on the same tokens,
-#    float32, stated tolerances; their output in OUT_DIR/vllm_parity.txt), then `python -m bench.vllm_check`:
-#    rollout and scoring tokens/s of vllm vs hf on the same batch, and bf16 score parity (OUT_DIR/vllm_check.json).
-#    Without vLLM it says so and skips them. Failed parity tests (or pytest missing, so none ran) make the
-#    script exit 4 at the end, after the throughput figures. The vLLM parts have not run on a GPU yet.
+# GPU check (issue 19, "Measure"): under 10 minutes on one H100/H200 that has torch with CUDA and transformers but
+# no internet and no other packages.
+#   bash scripts/gpu_check.sh [OUT_DIR]                  # on the GPU machine (default OUT_DIR /tmp/opd-gpu-check)
+#   CPU_SMOKE=1 bash scripts/gpu_check.sh [OUT_DIR]      # every step on the CPU at tiny sizes (no GPU needed)
+#
+# 1. Packages. Needed besides torch and transformers (and what transformers brings: numpy, safetensors, tokenizers,
+#    pyyaml): pyarrow, pydantic, rich, and pytest for the parity tests. NOT needed: prefect, duckdb, datasets, typer,
+#    matplotlib (the check uses the plain driver). Missing ones are installed from a directory of wheels when one is
+#    given (WHEELS=/path/to/wheels; into SITE_DIR, default /tmp/opd-gpu-site, put first on PYTHONPATH), since the
+#    machine has no internet. Make that directory on a machine with internet, for the GPU machine's Python version
+#    and architecture (pyarrow, pydantic-core and pyyaml are compiled wheels; the others are pure Python):
+#      pip download -d wheels --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#        --platform manylinux2014_x86_64 pyarrow pydantic pyyaml rich pytest
+#    which also brings their dependencies (pydantic-core, annotated-types, typing-extensions, typing-inspection;
+#    markdown-it-py, mdurl, pygments; pluggy, iniconfig, packaging). The script prints that command for this machine.
+# 2. `python -m bench.gpu_check` (bench/gpu_check.py says what each figure is), into OUT_DIR/gpu_check.json:
+#    the testbed pipeline on CUDA with the gates on (OPD and TOPD, 2 iterations each, gate figures per iteration),
+#    CPU-vs-CUDA parity of teacher log-probs; the teacher's re-score repeatability in bf16 and fp32 (batch 1 vs all,
+#    and what the gate compares); at the Qwen3-1.7B and Qwen3-8B shapes with random weights: rollout, scoring and
+#    update tokens/s, MFU against the GPU's bf16 dense peak, peak GPU memory per stage (the update at 1.7B only:
+#    8B's float32 training state does not fit on one GPU). Cut at BENCH_TIMEOUT seconds (default 420); the JSON
+#    keeps every part that finished.
+# 3. The backend parity tests, `pytest --noconftest tests/gpu` (OUT_DIR/parity_tests.txt; cut at PARITY_TIMEOUT,
+#    default 150 s): the hf cases (hf on CUDA vs hf on the CPU, float32, stated tolerances) always; the vllm cases
+#    when vLLM is importable (skipped otherwise, with the reason). --noconftest: tests/conftest.py sets up Prefect,
+#    which this machine lacks.
+# 4. When vLLM is importable: `python -m bench.vllm_check` (vllm vs hf tokens/s and bf16 score parity,
+#    OUT_DIR/vllm_check.json), then which processes still hold the GPU. Without vLLM it says so and skips it.
+# Exit status: 2 a required package is missing, 3 no CUDA device, 4 the parity tests failed or did not run (no
+# pytest), 5 a part of bench.gpu_check failed or timed out, or a gate stopped a pipeline run (under "errors" in the
+# JSON); 4 and 5 only at the end, after every step has run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-/tmp/opd-gpu-check}}"
 mkdir -p "$out"
 py="${PYTHON:-python3}"
-echo "== gpu_check: $(date -u +%FT%TZ) on $(hostname); output in $out"
+smoke="${CPU_SMOKE:-0}"
+echo "== gpu_check: $(date -u +%FT%TZ) on $(hostname); output in $out$([ "$smoke" = 1 ] && echo ' (CPU smoke run)')"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
-# module -> the distribution that provides it (pip names)
-missing=$("$py" - <<'PY'
+# module -> the distribution that provides it (pip names); line 1 the missing required ones, line 2 pytest if missing
+pkgs=$("$py" - <<'PY'
 import importlib.util
-need = {"torch": "torch", "transformers": "transformers", "pyarrow": "pyarrow", "yaml": "pyyaml",
-        "pydantic": "pydantic", "numpy": "numpy", "safetensors": "safetensors", "tokenizers": "tokenizers",
-        "tqdm": "tqdm"}
-print(" ".join(dist for mod, dist in need.items() if importlib.util.find_spec(mod) is None))
+need = {"torch": "torch", "transformers": "transformers", "tokenizers": "tokenizers", "safetensors": "safetensors",
+        "numpy": "numpy", "yaml": "pyyaml", "pyarrow": "pyarrow", "pydantic": "pydantic", "rich": "rich"}
+want = {"pytest": "pytest"}
+for d in (need, want):
+    print(" ".join(dist for mod, dist in d.items() if importlib.util.find_spec(mod) is None))
 PY
 )
-if [ -n "$missing" ]; then
-  echo "missing Python packages: $missing"
+missing=$(sed -n 1p <<<"$pkgs"); wanted=$(sed -n 2p <<<"$pkgs")
+if [ -n "$missing$wanted" ]; then
+  echo "missing Python packages: ${missing:-none required}${wanted:+ (and $wanted, for the parity tests)}"
   case " $missing " in *" torch "*|*" transformers "*)
     echo "torch (with CUDA) and transformers must already be installed on the GPU machine" >&2; exit 2;;
   esac
   if [ -n "${WHEELS:-}" ]; then
     site="${SITE_DIR:-/tmp/opd-gpu-site}"
-    echo "installing $missing (and their dependencies) from $WHEELS into $site (no index)"
+    echo "installing $missing $wanted (and their dependencies) from $WHEELS into $site (no index)"
     # shellcheck disable=SC2086
-    "$py" -m pip install -q --no-index --find-links "$WHEELS" --target "$site" $missing
+    "$py" -m pip install -q --no-index --find-links "$WHEELS" --target "$site" $missing $wanted
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
   else
-    echo "set WHEELS=DIR to a directory of wheels for them (pip download them, with their dependencies, on a" \
-         "machine with internet), or install them" >&2
-    exit 2
+    pyver=$("$py" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+    echo "set WHEELS=DIR to a directory of wheels for them; make it on a machine with internet with" >&2
+    echo "  pip download -d DIR --only-binary=:all: --python-version $pyver --platform manylinux_2_28_$(uname -m)" \
+         "--platform manylinux2014_$(uname -m) $missing $wanted" >&2
+    if [ -n "$missing" ]; then exit 2; fi
+    echo "continuing without $wanted: the parity tests will not run (exit 4 at the end)" >&2
   fi
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-"$py" -c "import torch, sys; ok = torch.cuda.is_available(); print('torch', torch.__version__, 'cuda', ok); sys.exit(0 if ok else 3)" \
-  || { echo "no CUDA device visible to torch: this check is for a GPU machine" >&2; exit 3; }
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_WAIT_POLICY=PASSIVE
+export OPD_HOME="${OPD_HOME:-$out/opd-home}"  # the parity tests' caches, away from ~
+if [ "$smoke" = 1 ]; then
+  bench_args=(--device cpu --shapes tiny --prompts 8 --iterations 2)
+else
+  "$py" -c "import torch, sys; ok = torch.cuda.is_available(); print('torch', torch.__version__, 'cuda', ok); sys.exit(0 if ok else 3)" \
+    || { echo "no CUDA device visible to torch: this check is for a GPU machine (CPU_SMOKE=1 for a dry run)" >&2; exit 3; }
+  bench_args=(--device cuda --shapes 1.7B,8B --prompts 64 --iterations 2)
+fi
 
-echo "== hf backend on CUDA (plain driver): OPD and TOPD, parity, stage throughputs"
-"$py" -m bench.gpu_check --out "$out/gpu_check.json" --iterations 3
+echo "== bench.gpu_check: pipeline with gates (OPD, TOPD), teacher re-score repeatability, real-shape throughput"
+bench=0
+timeout -k 15 "${BENCH_TIMEOUT:-420}" "$py" -m bench.gpu_check --out "$out/gpu_check.json" "${bench_args[@]}" || bench=$?
+[ "$bench" -eq 0 ] || echo "bench.gpu_check FAILED or timed out (exit $bench): see $out/gpu_check.json" >&2
+
+echo "== backend parity tests (tests/gpu): hf always, vllm when importable"
+parity=0
+if "$py" -c "import pytest" 2>/dev/null; then
+  timeout -k 15 "${PARITY_TIMEOUT:-150}" "$py" -m pytest -ra -q -p no:cacheprovider --noconftest tests/gpu \
+    >"$out/parity_tests.txt" 2>&1 || parity=$?
+  tail -n 25 "$out/parity_tests.txt"
+  [ "$parity" -eq 0 ] || echo "parity tests FAILED (pytest exit $parity): $out/parity_tests.txt" >&2
+else
+  echo "pytest is not installed: the parity tests (tests/gpu) were NOT run" >&2
+  parity=2
+fi
 
 echo "== vLLM"
-parity=0
-if "$py" -c "from vllm import LLM" 2>/dev/null; then  # "import vllm" alone is lazy: it proves nothing
-  echo "vLLM $("$py" -c 'import vllm; print(vllm.__version__)') is importable: backend parity tests, then throughput"
-  if "$py" -c "import pytest" 2>/dev/null; then
-    "$py" -m pytest -ra -q -p no:cacheprovider tests/gpu >"$out/vllm_parity.txt" 2>&1 || parity=$?
-    tail -n 25 "$out/vllm_parity.txt"
-    [ "$parity" -eq 0 ] || echo "vLLM parity tests FAILED (pytest exit $parity): $out/vllm_parity.txt" >&2
-  else
-    echo "pytest is not installed: the parity tests (tests/gpu) were NOT run" >&2
-    parity=2
-  fi
-  "$py" -m bench.vllm_check --out "$out/vllm_check.json"
+if [ "$smoke" != 1 ] && "$py" -c "from vllm import LLM" 2>/dev/null; then  # "import vllm" alone is lazy
+  echo "vLLM $("$py" -c 'import vllm; print(vllm.__version__)') is importable: vllm vs hf throughput"
+  "$py" -m bench.vllm_check --out "$out/vllm_check.json" || echo "bench.vllm_check FAILED" >&2
   # every engine call kills its child's process group (opd_tasks/backends/vllm.py): nothing of ours may be left
   if command -v nvidia-smi >/dev/null; then
     left=$(nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader || true)
@@ -78,8 +113,8 @@ if "$py" -c "from vllm import LLM" 2>/dev/null; then  # "import vllm" alone is l
     fi
   fi
 else
-  echo "vLLM is not importable: vLLM parity tests and vllm-vs-hf throughput skipped (pip install" \
-       "'opd-pipeline[vllm]')"
+  echo "vLLM is not importable (or a CPU smoke run): vllm-vs-hf throughput skipped (pip install 'opd-pipeline[vllm]')"
 fi
 echo "== done: $out/gpu_check.json"
 [ "$parity" -eq 0 ] || exit 4
+[ "$bench" -eq 0 ] || exit 5

@@ -302,7 +302,8 @@ class OrchestrationConfig(_Strict):
 
     retries: int = Field(default=2, ge=0, le=20, description="Retries of a failed stage (transient errors only).")
     retry_delay_seconds: float = Field(default=5.0, ge=0.0, description="Base of the exponential backoff.")
-    concurrency_tag: str = Field(default="gpu", description="Tag on GPU stages, for Prefect concurrency limits.")
+    concurrency_tag: str = Field(default="gpu",
+                                 description="Tag on GPU stages, once a Prefect concurrency limit on it exists.")
     stage_runner: Literal["inline", "deployment"] = Field(
         default="inline", description="inline: every stage runs in the distill flow's process; deployment: each GPU "
         "stage is a flow run of its own deployment (opd deploy-stages), started with run_deployment "

@@ -107,8 +107,9 @@ def generate_completions(
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True)
-        gen = model.generate(
-            **enc,
+        gen = model.generate(  # ids and mask only: transformers 4.5x refuses the tokenizer's token_type_ids
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=tokenizer.eos_token_id,

@@ -419,32 +419,27 @@ def shape_part(name: str, shape: Shape, device: torch.device, peak: float | None
 # ------------------------------------------------------------------------------------------------ driver
 
 
-def _parts(text: str) -> list[str]:
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    bad = [p for p in parts if p not in PARTS]
-    if bad or not parts:
-        raise SystemExit(f"--parts: {bad or text!r} not among {', '.join(PARTS)}")
-    return parts
-
-
-def _shapes(text: str) -> list[str]:
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in names if s not in SHAPES]
-    if bad or not names:
-        raise SystemExit(f"--shapes: {bad or text!r} not among {', '.join(SHAPES)}")
-    return names
+def _choices(flag: str, text: str, allowed) -> list[str]:
+    """A comma-separated `flag` value, each item one of `allowed` (SystemExit naming the flag otherwise)."""
+    items = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in items if p not in allowed]
+    if bad or not items:
+        raise SystemExit(f"{flag}: {bad or text!r} not among {', '.join(allowed)}")
+    return items
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="the JSON file to write")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for the smoke run")
-    ap.add_argument("--parts", type=_parts, default=list(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    ap.add_argument("--parts", type=lambda t: _choices("--parts", t, PARTS), default=list(PARTS),
+                    help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--iterations", type=int, default=2, help="pipeline: iterations of each method")
     ap.add_argument("--prompts", type=int, default=64, help="pipeline: prompts per iteration; repeat: prompts")
     ap.add_argument("--root", default=None, help="pipeline: a new or empty directory for the runs (default: a "
                     "temporary one; cached stages would time nothing)")
-    ap.add_argument("--shapes", type=_shapes, default=["1.7B", "8B"], help=f"comma-separated subset of "
+    ap.add_argument("--shapes", type=lambda t: _choices("--shapes", t, SHAPES), default=["1.7B", "8B"],
+                    help=f"comma-separated subset of "
                     f"{','.join(SHAPES)} (tiny: hidden 64, 2 layers, the real vocabulary)")
     ap.add_argument("--sequences", type=int, default=None, help="shapes: sequences (default 16; 4 on the CPU)")
     ap.add_argument("--prompt-tokens", type=int, default=None, help="shapes: prompt tokens (default 128; CPU 16)")

@@ -51,5 +51,5 @@ def distill(config: dict, refresh: list[str] | None = None, resume: bool = False
     check_refresh(refresh or [])  # before open_run records the run: a refused flag writes nothing
     with run_lock(cfg.resolved_root(), [cfg.name]):
         store, lineage = open_run(cfg)
-        runner = PrefectStageRunner(store, lineage, cfg, refresh=refresh or [], log=get_run_logger().info)
-        return run_distillation(runner, cfg, resume=resume, on_iteration=publish_iteration).summary()
+        with PrefectStageRunner(store, lineage, cfg, refresh=refresh or [], log=get_run_logger().info) as runner:
+            return run_distillation(runner, cfg, resume=resume, on_iteration=publish_iteration).summary()

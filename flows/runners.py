@@ -10,19 +10,27 @@ It differs from the plain driver's (opd_tasks/pipeline.py, `StageRunner`) only i
 Before each call the runner has looked the artifact up under its key: if it is missing (deleted, or retired by
 `--refresh`), the task runs with `refresh_cache=True` instead of trusting a cache record; after the call, a ref
 that no longer matches the store (a stale cache record) is recomputed once.
+
+A sharded stage (`orchestration.shards` > 1, opd_tasks/stages/sharding.py) first gets its missing parts: inline,
+each shard a task run in a process pool of `orchestration.shard_processes` processes (kept for the whole flow);
+deployment, each shard a flow run of the stage's deployment, all started at once. Each is retried alone. Then the
+stage's own call (its task here, or its flow run) merges the parts.
 """
 
 from __future__ import annotations
 
+import contextvars
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pydantic_core import to_jsonable_python
 
-from flows.stage_task import call_stage_task
+from flows.stage_task import call_stage_task, shard_pool, submit_shard_tasks
 from opd_tasks.errors import ConfigError, OpdError, TransientError
 from opd_tasks.pipeline import StageRunner, stages_used
 from opd_tasks.stages import STAGES, Stage, StageInputs
+from opd_tasks.stages.sharding import Span, part_key, part_stage
 from storage.refs import ArtifactRef
 
 
@@ -40,6 +48,7 @@ class PrefectStageRunner(StageRunner):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.deployments: dict[str, Any] = {}  # stage -> its Prefect deployment (stage_runner: deployment)
+        self._pool = None  # the shard processes (inline), started by the first sharded stage
         if self.cfg.orchestration.stage_runner == "deployment":
             self._find_deployments([s for s in stages_used(self.cfg) if STAGES[s].gpu])
 
@@ -64,14 +73,44 @@ class PrefectStageRunner(StageRunner):
                 f"the Prefect API {PREFECT_API_URL.value() or '(a temporary local server)'}: create them with "
                 "`opd deploy-stages --pool POOL`, start a worker on POOL, and point PREFECT_API_URL at that server")
 
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.__exit__(None, None, None)
+            self._pool = None
+
     def call(self, stage: Stage, inputs: StageInputs, key: str, iteration: int, label: str,
              existing: ArtifactRef | None) -> tuple[ArtifactRef, bool]:
+        if existing is None:
+            self._shards(stage, inputs, key, iteration, label)
         call = self._deployment if stage.name in self.deployments else self._inline
         ref, state = call(stage, inputs, key, iteration, label, refresh=existing is None, fault=self.cfg.fault)
         current = self.store.lookup(stage.name, ref.key)
         if current is None or current.sha256 != ref.sha256:  # a stale cache record: recompute once
             ref, state = call(stage, inputs, key, iteration, label, refresh=True, fault=None)
         return ref, state == "Cached"
+
+    def _shards(self, stage: Stage, inputs: StageInputs, key: str, iteration: int, label: str) -> None:
+        """The stage's missing parts, each shard its own task run (inline) or flow run (deployment)."""
+        spans = self.shards(stage, inputs, key)
+        missing = [s for s in spans if self.store.lookup(part_stage(stage.name), part_key(key, s)) is None]
+        if len(spans) < 2 or not missing:
+            return
+        self.log(f"it{iteration} {label}: {len(spans)} shards, {len(missing)} to compute")
+        if stage.name in self.deployments:
+            ctx = contextvars.copy_context()  # the flow run's context, so each shard's flow run is its subflow
+            with ThreadPoolExecutor(len(missing)) as threads:
+                runs = [threads.submit(ctx.copy().run, self._deployment, stage, inputs, key, iteration, label,
+                                       True, self.cfg.fault, span) for span in missing]
+                for r in runs:
+                    r.result()
+            return
+        if self._pool is None:
+            o = self.cfg.orchestration
+            self._pool = shard_pool(o.shard_processes or max(o.shards_for(s) for s in STAGES))
+        submit_shard_tasks(self._pool, stage.name, inputs, key, missing, root=str(self.store.root),
+                           remote=self.store.remote_uri, device=self.cfg.device, iteration=iteration,
+                           run_name=self.cfg.name, fault=self.cfg.fault, refresh_cache=True,
+                           orchestration=self.cfg.orchestration)
 
     def _inline(self, stage: Stage, inputs: StageInputs, key: str, iteration: int, label: str, refresh: bool,
                 fault) -> tuple[ArtifactRef, str]:
@@ -81,8 +120,9 @@ class PrefectStageRunner(StageRunner):
         return state.result(), state.name  # result() raises the stage's error if it failed after its retries
 
     def _deployment(self, stage: Stage, inputs: StageInputs, key: str, iteration: int, label: str, refresh: bool,
-                    fault) -> tuple[ArtifactRef, str]:
-        """Run the stage as a flow run of its deployment; wait; its result is the ArtifactRef.
+                    fault, shard: Span | None = None) -> tuple[ArtifactRef, str]:
+        """Run the stage (with `shard`, that shard's part) as a flow run of its deployment; wait; its result is
+        the ArtifactRef.
 
         The child writes its flow result (JSON) next to the cache records, `<root>/prefect/results`, through
         the `env` job variable, so this process reads it back; both must see the root at the same path (one
@@ -95,13 +135,15 @@ class PrefectStageRunner(StageRunner):
         results = str(self.store.root / "prefect" / "results")
         env = {**((dep.job_variables or {}).get("env") or {}), "PREFECT_RESULTS_LOCAL_STORAGE_PATH": results}
         name = o.stage_deployment_name(stage.name)
+        label += f"-shard{shard.index}" if shard is not None else ""
         fr = run_deployment(
             name, timeout=None, as_subflow=True, poll_interval=o.stage_poll_seconds,
             flow_run_name=f"{self.cfg.name}-it{iteration}-{label}", job_variables={"env": env},
             parameters={"stage": stage.name, "inputs": to_jsonable_python(inputs), "root": str(self.store.root),
                         "remote": self.store.remote_uri, "device": self.cfg.device, "iteration": iteration,
                         "run_name": self.cfg.name, "fault": fault.model_dump(mode="json") if fault else None,
-                        "orchestration": o.model_dump(mode="json"), "refresh_cache": refresh})
+                        "orchestration": o.model_dump(mode="json"), "refresh_cache": refresh,
+                        "shard": to_jsonable_python(shard)})
         where = (f"stage {label!r} (deployment {name}) at iteration {iteration}: its flow run {fr.name!r} "
                  f"({fr.id})")
         st = fr.state
@@ -123,17 +165,19 @@ class PrefectStageRunner(StageRunner):
             if not isinstance(ref, ArtifactRef):
                 ref = ArtifactRef.model_validate(ref)
         except Exception as e:  # noqa: BLE001 - e.g. the child's results are not on this machine
-            ref = self.store.lookup(stage.name, key)
+            ref = (self.store.lookup(stage.name, key) if shard is None
+                   else self.store.lookup(part_stage(stage.name), part_key(key, shard)))
             if ref is None:
                 raise StageRunError(f"{where} completed, but neither its result nor an artifact under its key "
                                     f"can be read here ({type(e).__name__}: {e}); the distill flow and the stage "
                                     "must share the storage root or a remote (docs/scaling.md)") from e
             self.log(f"{where}: result not readable here ({e}); took {ref.short()} from the store")
-        return ref, child_task_state(fr.id, stage.name, iteration, self.log)
+        task_run = f"{stage.name}-it{iteration}" + (f"-shard{shard.index}" if shard is not None else "")
+        return ref, child_task_state(fr.id, task_run, self.log)
 
 
-def child_task_state(flow_run_id, stage: str, iteration: int, log) -> str:
-    """The final state name (Cached, Completed) of the stage task inside a stage's flow run.
+def child_task_state(flow_run_id, task_run: str, log) -> str:
+    """The final state name (Cached, Completed) of the task run named `task_run` inside a stage's flow run.
 
     Task run states reach the API as events, a moment after the flow run itself is final: wait briefly.
     """
@@ -143,10 +187,9 @@ def child_task_state(flow_run_id, stage: str, iteration: int, log) -> str:
     with get_client(sync_client=True) as client:
         for _ in range(60):
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            done = [r for r in runs if r.name == f"{stage}-it{iteration}" and r.state is not None
-                    and r.state.is_final()]
+            done = [r for r in runs if r.name == task_run and r.state is not None and r.state.is_final()]
             if done:
                 return max(done, key=lambda r: r.expected_start_time or r.created).state.name
             time.sleep(0.5)
-    log(f"flow run {flow_run_id}: the {stage} task's final state is not in the API yet; recorded as computed")
+    log(f"flow run {flow_run_id}: the {task_run} task's final state is not in the API yet; recorded as computed")
     return "Completed"

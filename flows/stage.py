@@ -17,10 +17,11 @@ from typing import Any
 from prefect import flow
 from pydantic import ValidationError
 
-from flows.stage_task import call_stage_task
+from flows.stage_task import call_shard_task, call_stage_task
 from opd_tasks.config import FaultConfig, OrchestrationConfig
 from opd_tasks.errors import ConfigError
 from opd_tasks.stages import STAGES, StageInputs
+from opd_tasks.stages.sharding import Span
 from storage.refs import ArtifactRef
 
 
@@ -39,14 +40,19 @@ def typed_inputs(stage: str, inputs: dict[str, Any]) -> StageInputs:
 @flow(name="opd-stage", log_prints=True, persist_result=True, result_serializer="json")
 def opd_stage(stage: str, inputs: dict[str, Any], root: str, device: str = "auto", iteration: int = 0,
               run_name: str = "adhoc", remote: str | None = None, fault: dict[str, Any] | None = None,
-              orchestration: dict[str, Any] | None = None, refresh_cache: bool = False) -> ArtifactRef:
-    """Run stage `stage` once (its task, with its cache) on the storage `root`; return its ArtifactRef.
+              orchestration: dict[str, Any] | None = None, refresh_cache: bool = False,
+              shard: dict[str, int] | None = None) -> ArtifactRef:
+    """Run stage `stage` once (its task, with its cache) on the storage `root`; return its ArtifactRef. With
+    `shard` (a span: index, count, start, stop; opd_tasks/stages/sharding.py), compute that shard's part only.
 
     The task's failure (after its retries) fails this flow run with the same error.
     """
     typed = typed_inputs(stage, inputs)
-    state = call_stage_task(
-        stage, typed, STAGES[stage].key(typed), root=root, remote=remote, device=device, iteration=iteration,
-        run_name=run_name, fault=FaultConfig.model_validate(fault) if fault is not None else None,
-        refresh_cache=refresh_cache, orchestration=OrchestrationConfig.model_validate(orchestration or {}))
-    return state.result()
+    common = dict(root=root, remote=remote, device=device, iteration=iteration, run_name=run_name,
+                  fault=FaultConfig.model_validate(fault) if fault is not None else None, refresh_cache=refresh_cache,
+                  orchestration=OrchestrationConfig.model_validate(orchestration or {}))
+    if shard is not None:
+        if STAGES[stage].shards is None:
+            raise ConfigError(f"opd-stage: stage {stage!r} is not sharded; it takes no shard")
+        return call_shard_task(stage, typed, STAGES[stage].key(typed), Span(**shard), **common).result()
+    return call_stage_task(stage, typed, STAGES[stage].key(typed), **common).result()

@@ -9,6 +9,9 @@ Its Prefect cache key is the stage's content key (`StageKey`): the caller comput
 no flow-run id, no run name, no iteration) and passes it in, so a retry, a rerun of the same run and a new run
 with the same inputs all hit the cache, and the store and Prefect agree on what is cached.
 
+`shard_task` computes one shard's part of a sharded stage (opd_tasks/stages/sharding.py); its Prefect cache key is
+the part's key. `submit_shard_tasks` runs a stage's shards as task runs in a process pool, each retried alone.
+
 `call_stage_task` sets the options that depend on the run (result storage under its root, retries with
 exponential backoff, the GPU concurrency tag when a limit on it exists: `tag_is_limited`). The distill flow
 (flows/runners.py) and a stage's own flow run (flows/stage.py) both go through it, so a stage behaves the same
@@ -28,8 +31,9 @@ from prefect.tasks import exponential_backoff
 
 from opd_tasks.config import FaultConfig, OrchestrationConfig
 from opd_tasks.errors import OpdError
-from opd_tasks.pipeline import inject_fault
+from opd_tasks.pipeline import fault_hooks
 from opd_tasks.stages import STAGES, StageContext, StageInputs, execute
+from opd_tasks.stages.sharding import Span, ensure_part, part_key
 from storage.refs import ArtifactRef
 from storage.store import ArtifactStore
 
@@ -40,6 +44,14 @@ class StageKey(CachePolicy):
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str:
         return f"opd-{inputs['stage']}-{inputs['key']}"
+
+
+@dataclass
+class PartKey(CachePolicy):
+    """The cache key of a `shard_task` call: `opd-<stage>.part-<the part's key>`."""
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str:
+        return f"opd-{inputs['stage']}.part-{part_key(inputs['key'], inputs['span'])}"
 
 
 def _should_retry(task, task_run, state) -> bool:
@@ -56,12 +68,36 @@ def _should_retry(task, task_run, state) -> bool:
 @task(name="stage", task_run_name="{stage}-it{iteration}", cache_policy=StageKey(), result_serializer="json",
       persist_result=True, retry_condition_fn=_should_retry, retry_jitter_factor=0.5)
 def stage_task(stage: str, inputs: StageInputs, key: str, root: str, remote: str | None, device: str,
-               iteration: int, run_name: str, fault: FaultConfig | None) -> ArtifactRef:
-    """Run stage `stage` on `inputs` (its content key `key`) against the store at `root`."""
+               iteration: int, run_name: str, fault: FaultConfig | None, shards: int = 1) -> ArtifactRef:
+    """Run stage `stage` on `inputs` (its content key `key`) against the store at `root`; a sharded stage in
+    `shards` shards merges their parts (computing here any that are missing)."""
     record, store = STAGES[stage], ArtifactStore(root, remote)
-    ref, _ = execute(record, StageContext(store, stage, key, device), inputs,
-                     before_compute=lambda: inject_fault(store.root, run_name, stage, iteration, fault))
+    before_stage, before_part = fault_hooks(store.root, run_name, stage, iteration, fault)
+    ctx = StageContext(store, stage, key, device, shards=shards, before_part=before_part)
+    ref, _ = execute(record, ctx, inputs, before_compute=before_stage)
     return ref
+
+
+@task(name="shard", task_run_name="{stage}-it{iteration}-shard{span.index}", cache_policy=PartKey(),
+      result_serializer="json", persist_result=True, retry_condition_fn=_should_retry, retry_jitter_factor=0.5)
+def shard_task(stage: str, inputs: StageInputs, key: str, span: Span, root: str, remote: str | None, device: str,
+               iteration: int, run_name: str, fault: FaultConfig | None) -> ArtifactRef:
+    """Compute (or find) shard `span`'s part of stage `stage` (content key `key`) in the store at `root`."""
+    store = ArtifactStore(root, remote)
+    _, before_part = fault_hooks(store.root, run_name, stage, iteration, fault)
+    ctx = StageContext(store, stage, key, shard_device(device, span.index), before_part=before_part)
+    return ensure_part(STAGES[stage], ctx, inputs, span)
+
+
+def shard_device(device: str, shard: int) -> str:
+    """The device of shard `shard`: on a machine with several GPUs, shards take them in turn (cuda:i); else
+    `device`."""
+    if device not in ("auto", "cuda"):
+        return device
+    import torch
+
+    count = torch.cuda.device_count()
+    return f"cuda:{shard % count}" if count > 1 else device
 
 
 #: How long a process trusts its answer to "is there a concurrency limit on the GPU tag?" (seconds).
@@ -96,15 +132,58 @@ def tag_is_limited(tag: str) -> bool:
     return limited
 
 
-def call_stage_task(stage: str, inputs: StageInputs, key: str, *, root: str, remote: str | None, device: str,
-                    iteration: int, run_name: str, fault: FaultConfig | None, refresh_cache: bool,
-                    orchestration: OrchestrationConfig):
-    """Call `stage_task` with this run's options; returns its final Prefect state (result: the ArtifactRef)."""
+def task_options(stage: str, root: str, refresh_cache: bool, orchestration: OrchestrationConfig) -> dict[str, Any]:
+    """The options of a stage's (or a shard's) task run in this run."""
     o = orchestration
     opts: dict[str, Any] = dict(result_storage=Path(root) / "prefect" / "results", refresh_cache=refresh_cache,
                                 retries=o.retries, retry_delay_seconds=exponential_backoff(o.retry_delay_seconds))
     if STAGES[stage].gpu and tag_is_limited(o.concurrency_tag):
         opts["tags"] = [o.concurrency_tag]
-    return stage_task.with_options(**opts)(stage=stage, inputs=inputs, key=key, root=root, remote=remote,
-                                           device=device, iteration=iteration, run_name=run_name, fault=fault,
-                                           return_state=True)
+    return opts
+
+
+def call_stage_task(stage: str, inputs: StageInputs, key: str, *, root: str, remote: str | None, device: str,
+                    iteration: int, run_name: str, fault: FaultConfig | None, refresh_cache: bool,
+                    orchestration: OrchestrationConfig):
+    """Call `stage_task` with this run's options; returns its final Prefect state (result: the ArtifactRef)."""
+    return stage_task.with_options(**task_options(stage, root, refresh_cache, orchestration))(
+        stage=stage, inputs=inputs, key=key, root=root, remote=remote, device=device, iteration=iteration,
+        run_name=run_name, fault=fault, shards=orchestration.shards_for(stage), return_state=True)
+
+
+def call_shard_task(stage: str, inputs: StageInputs, key: str, span: Span, *, root: str, remote: str | None,
+                    device: str, iteration: int, run_name: str, fault: FaultConfig | None, refresh_cache: bool,
+                    orchestration: OrchestrationConfig):
+    """Call `shard_task` in this process with this run's options (a stage's flow run for one shard,
+    flows/stage.py); returns its final Prefect state (result: the part's ArtifactRef)."""
+    return shard_task.with_options(**task_options(stage, root, refresh_cache, orchestration))(
+        stage=stage, inputs=inputs, key=key, span=span, root=root, remote=remote, device=device, iteration=iteration,
+        run_name=run_name, fault=fault, return_state=True)
+
+
+def shard_pool(processes: int):
+    """A Prefect process-pool task runner of `processes` processes for shard task runs (entered; the caller
+    closes it with `__exit__`). Parameters and results cross to the processes with cloudpickle, in memory only:
+    nothing pickled is ever written or read back.
+
+    Each process keeps torch's default number of CPU threads, as the stage's own process has: on the CPU the
+    float results depend on it (a part computed with 1 thread differs in the last bits from one computed with 2),
+    and a shard must compute what the unsharded stage computes."""
+    from prefect.task_runners import ProcessPoolTaskRunner
+
+    return ProcessPoolTaskRunner(max_workers=processes).__enter__()
+
+
+def submit_shard_tasks(pool, stage: str, inputs: StageInputs, key: str, spans: list[Span], *, root: str,
+                       remote: str | None, device: str, iteration: int, run_name: str, fault: FaultConfig | None,
+                       refresh_cache: bool, orchestration: OrchestrationConfig) -> list[ArtifactRef]:
+    """Run each shard of `spans` as its own task run on `pool` (side by side, each retried alone); wait for all;
+    the parts' refs. The first shard that failed after its retries raises its error, once all have ended."""
+    task = shard_task.with_options(**task_options(stage, root, refresh_cache, orchestration))
+    futures = [pool.submit(task, {"stage": stage, "inputs": inputs, "key": key, "span": span, "root": root,
+                                  "remote": remote, "device": device, "iteration": iteration, "run_name": run_name,
+                                  "fault": fault})
+               for span in spans]
+    for f in futures:
+        f.wait()
+    return [f.result() for f in futures]

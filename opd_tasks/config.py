@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -103,6 +103,8 @@ VLLM_ONLY_FIELDS = ("gpu_memory_utilization", "tensor_parallel_size", "max_model
 
 class _BackendSection(_Strict):
     """A stage section with a `backend` (rollout, scoring)."""
+
+    key_note: ClassVar[str] = "without the vLLM-only fields under the hf backend"  # docs/stages.md
 
     def key_slice(self) -> dict[str, Any]:
         """This section as it goes into the stage's cache key: without the vLLM-only fields under hf."""
@@ -211,6 +213,21 @@ class UpdateConfig(_Strict):
     order_seed: int | None = Field(default=None, ge=0, description="Seed of the order the sequences are trained in; "
                                    "None = the run's seed. Another value is a pure training-noise replicate of a run.")
     bf16: bool = Field(default=True, description="bf16 autocast on GPU (ignored on CPU).")
+    world_size: int = Field(
+        default=1, ge=1, le=1024, description="Processes the update trains in (torch.distributed, FSDP2 "
+        "`fully_shard`, launched with torchrun as a child of the stage): one per GPU, NCCL on CUDA, gloo on the CPU. "
+        "1 = in the stage's own process. Checkpoints resume on any world size (docs/scaling.md).")
+
+    key_note: ClassVar[str] = "with world_size only above 1"  # docs/stages.md
+
+    def key_slice(self) -> dict[str, Any]:
+        """This section as it goes into the update's cache key: `world_size` only above 1 (N processes agree with
+        one within float tolerance, not bit for bit; one process computes what it did before the field existed,
+        so its keys, and every cache made before, stay valid)."""
+        out = self.model_dump(mode="json")
+        if out["world_size"] == 1:
+            del out["world_size"]
+        return out
 
 
 class TopdConfig(_Strict):
@@ -280,6 +297,8 @@ class FaultConfig(_Strict):
     stage: str | None = Field(default=None, description="Stage to fail once (a stage name, docs/stages.md); "
                               "None = off (the default).")
     iteration: int = Field(default=0, ge=0, description="Iteration at which the stage fails.")
+    shard: int | None = Field(default=None, ge=0, description="With the stage in shards "
+                              "(orchestration.shards): the shard that fails, alone; None = the stage itself.")
 
     @field_validator("stage")
     @classmethod
@@ -313,6 +332,31 @@ class OrchestrationConfig(_Strict):
         "'opd-stage/NAME' with {stage} replaced by rollout, score, gates, analyze, update or evaluate.")
     stage_poll_seconds: float = Field(default=2.0, gt=0.0, le=300.0,
                                       description="deployment runner: how often a stage's flow run is polled.")
+    shards: int = Field(
+        default=1, ge=1, le=4096, description="Shards of each row-parallel stage (rollout, score, evaluate): its "
+        "rows split into this many parts on batch boundaries, each its own task run (inline: in a pool of "
+        "shard_processes processes; deployment: a flow run of the stage's deployment each), merged into one "
+        "artifact whose bytes do not depend on the number (docs/scaling.md). 1 = no parts.")
+    stage_shards: dict[str, Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default_factory=dict, description="Shards per stage, e.g. {rollout: 8, score: 4}; overrides `shards` there.")
+    shard_processes: int | None = Field(
+        default=None, ge=1, le=256, description="inline runner: processes a stage's shards run in at once (each "
+        "loads its own models); None = one per shard.")
+
+    @field_validator("stage_shards")
+    @classmethod
+    def _shardable(cls, v: dict[str, int]) -> dict[str, int]:
+        from opd_tasks.stages import sharded_stages
+
+        if bad := sorted(set(v) - set(sharded_stages())):
+            raise ValueError(f"{bad}: not a sharded stage; sharded stages are {', '.join(sharded_stages())}")
+        return v
+
+    def shards_for(self, stage: str) -> int:
+        """How many shards `stage` runs in (1 for a stage that is not sharded)."""
+        from opd_tasks.stages import sharded_stages
+
+        return self.stage_shards.get(stage, self.shards) if stage in sharded_stages() else 1
 
     @field_validator("stage_deployment")
     @classmethod

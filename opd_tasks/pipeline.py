@@ -54,6 +54,7 @@ from opd_tasks.stages import (
     compute,
 )
 from opd_tasks.stages.evaluate import accuracy
+from opd_tasks.stages.sharding import Span, part_key, part_stage, shard_plan
 from storage.lineage import RunLineage, run_lock
 from storage.refs import ArtifactRef
 from storage.store import ArtifactStore
@@ -115,17 +116,28 @@ def check_refresh(stages: Iterable[str]) -> frozenset[str]:
     return chosen
 
 
-def inject_fault(root: Path, run_name: str, stage: str, iteration: int, fault: FaultConfig | None) -> None:
-    """`fault.*` (tests, crash drills): fail once with a TransientError when `stage` is about to compute at
-    `iteration`; a marker file under `<root>/faults` makes it once, so a retry or a rerun goes through."""
-    if fault is None or fault.stage != stage or fault.iteration != iteration:
+def inject_fault(root: Path, run_name: str, stage: str, iteration: int, fault: FaultConfig | None,
+                 shard: int | None = None) -> None:
+    """`fault.*` (tests, crash drills): fail once with a TransientError when `stage` (with `fault.shard`, that
+    shard of it) is about to compute at `iteration`; a marker file under `<root>/faults` makes it once, so a retry
+    or a rerun goes through."""
+    if fault is None or (fault.stage, fault.iteration, fault.shard) != (stage, iteration, shard):
         return
-    marker = Path(root) / "faults" / f"{run_name}.{stage}.it{iteration}"
+    where = f"{stage}.it{iteration}" + (f".shard{shard}" if shard is not None else "")
+    marker = Path(root) / "faults" / f"{run_name}.{where}"
     if marker.exists():
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    raise TransientError(f"injected fault: stage {stage!r} at iteration {iteration} (fault.* in the config)")
+    raise TransientError(f"injected fault: stage {stage!r}{f' shard {shard}' if shard is not None else ''} at "
+                         f"iteration {iteration} (fault.* in the config)")
+
+
+def fault_hooks(root: Path, run_name: str, stage: str, iteration: int,
+                fault: FaultConfig | None) -> tuple[Callable[[], None], Callable[[Any], None]]:
+    """(before the stage computes, before a shard's part computes): `inject_fault` for each."""
+    return (lambda: inject_fault(root, run_name, stage, iteration, fault),
+            lambda span: inject_fault(root, run_name, stage, iteration, fault, span.index))
 
 
 class StageRunner:
@@ -147,10 +159,13 @@ class StageRunner:
         existing = self.store.lookup(stage.name, key)
         while self.store.quarantined:  # corrupted, or emptied by opd gc: moved aside, recomputed below
             self.log(f"it{iteration} {label}: {self.store.quarantined.pop(0)}; recomputing")
-        if existing is not None and stage.name in self.refresh:
-            moved = self.store.retire(existing)
-            self.log(f"--refresh {stage.name}: retired {existing.short()} to {moved}")
-            existing = None
+        if stage.name in self.refresh:
+            if existing is not None:
+                moved = self.store.retire(existing)
+                self.log(f"--refresh {stage.name}: retired {existing.short()} to {moved}")
+                existing = None
+            for part in self.stored_parts(stage, inputs, key):
+                self.store.retire(part)
         t0 = time.perf_counter()
         with stage_running(f"it{iteration} {label}"):  # the run display's row, on a terminal (opd_tasks/progress.py)
             ref, cached = self.call(stage, inputs, key, iteration, label, existing)
@@ -160,14 +175,41 @@ class StageRunner:
                  f"-> {ref.short()}")
         return record
 
+    def context(self, stage: Stage, key: str, **kw) -> StageContext:
+        """The stage's context in this run: its store, key, device, progress and shards."""
+        return StageContext(self.store, stage.name, key, self.cfg.device, self.progress,
+                            shards=self.cfg.orchestration.shards_for(stage.name), **kw)
+
+    def shards(self, stage: Stage, inputs: StageInputs, key: str) -> list[Span]:
+        """The spans of the stage's shards in this run (one span, or none for a stage that is not sharded, means
+        no parts)."""
+        if stage.shards is None or self.cfg.orchestration.shards_for(stage.name) == 1:
+            return []
+        return shard_plan(stage, self.context(stage, key), inputs)[1]
+
+    def stored_parts(self, stage: Stage, inputs: StageInputs, key: str) -> list[ArtifactRef]:
+        refs = [self.store.lookup(part_stage(stage.name), part_key(key, span))
+                for span in self.shards(stage, inputs, key)]
+        return [r for r in refs if r is not None]
+
+    def __enter__(self) -> StageRunner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release what the runner holds (the Prefect runner's shard processes)."""
+
     def call(self, stage: Stage, inputs: StageInputs, key: str, iteration: int, label: str,
              existing: ArtifactRef | None) -> tuple[ArtifactRef, bool]:
-        """(the artifact, whether it came from the cache): the stored one, or computed here."""
+        """(the artifact, whether it came from the cache): the stored one, or computed here (a sharded stage's
+        shards one after the other)."""
         if existing is not None:
             return existing, True
-        inject_fault(self.store.root, self.cfg.name, stage.name, iteration, self.cfg.fault)
-        ctx = StageContext(self.store, stage.name, key, self.cfg.device, self.progress)
-        return compute(stage, ctx, inputs), False
+        before_stage, before_part = fault_hooks(self.store.root, self.cfg.name, stage.name, iteration, self.cfg.fault)
+        before_stage()
+        return compute(stage, self.context(stage, key, before_part=before_part), inputs), False
 
 
 # ----------------------------------------------------------------------------------------- the loop
@@ -304,5 +346,5 @@ def run_plain(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool
     refresh = check_refresh(refresh)  # before open_run records the run: a refused flag writes nothing
     with run_lock(cfg.resolved_root(), [cfg.name]):
         store, lineage = open_run(cfg)
-        return run_distillation(StageRunner(store, lineage, cfg, refresh=refresh, progress=progress, log=log), cfg,
-                                resume=resume)
+        with StageRunner(store, lineage, cfg, refresh=refresh, progress=progress, log=log) as runner:
+            return run_distillation(runner, cfg, resume=resume)

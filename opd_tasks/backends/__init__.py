@@ -60,9 +60,12 @@ class Backend(Protocol):
 
     def generate(self, model: ModelSpec, prompts: Sequence[Sequence[int]], *, eos_token_id: int | Sequence[int],
                  pad_token_id: int, n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int,
-                 want_logprobs: bool = True, desc: str = "generate", progress: bool = True) -> list[Generated]:
+                 want_logprobs: bool = True, desc: str = "generate", progress: bool = True,
+                 first_prompt: int = 0) -> list[Generated]:
         """`n` completions per prompt (greedy when temperature is 0), ordered by (prompt, sample); each ends at
-        the first of the ids `eos_token_id` (`hf.stop_token_ids`: every EOS the model declares)."""
+        the first of the ids `eos_token_id` (`hf.stop_token_ids`: every EOS the model declares). `first_prompt`:
+        where `prompts` start among the stage's prompts (a shard's part): the samples' seeds are those of the
+        unsharded stage (opd_tasks/stages/sharding.py)."""
         ...
 
     def score(self, model: ModelSpec, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
@@ -87,13 +90,13 @@ class HfBackend:
         return LOADED.model(model, resolve_device(self.device))  # loaded once per process (backends/loaded.py)
 
     def generate(self, model, prompts, *, eos_token_id, pad_token_id, n, temperature, top_p, max_new_tokens, seed,
-                 want_logprobs=True, desc="generate", progress=True):
+                 want_logprobs=True, desc="generate", progress=True, first_prompt=0):
         from opd_tasks.backends.hf import generate
 
         return generate(self._load(model), prompts, eos_token_id=eos_token_id, pad_token_id=pad_token_id, n=n,
                         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                         batch_size=self.batch_size, seed=seed, want_logprobs=want_logprobs, desc=desc,
-                        progress=progress)
+                        progress=progress, first_prompt=first_prompt)
 
     def score(self, model, prompts, completions, *, pad_token_id, top_k, desc="score", progress=True):
         from opd_tasks.backends.hf import score_sequences
@@ -118,14 +121,15 @@ class VllmBackend:
                            max_model_len=section.max_model_len, enforce_eager=section.enforce_eager)
 
     def generate(self, model, prompts, *, eos_token_id, pad_token_id, n, temperature, top_p, max_new_tokens, seed,
-                 want_logprobs=True, desc="generate", progress=True):
+                 want_logprobs=True, desc="generate", progress=True, first_prompt=0):
         import logging
 
         from opd_tasks.backends import vllm
 
         records, info = vllm.generate(model.path, prompts, eos_token_id=eos_token_id, n=n, temperature=temperature,
                                       top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, dtype=model.dtype,
-                                      trust_remote_code=model.trust_remote_code, progress=progress, **self.engine)
+                                      trust_remote_code=model.trust_remote_code, progress=progress,
+                                      first_prompt=first_prompt, **self.engine)
         logging.getLogger(__name__).info("vllm %s: %s", desc, info)
         return [Generated(**r) for r in records]
 
@@ -139,6 +143,18 @@ class VllmBackend:
         logging.getLogger(__name__).info("vllm %s: %s", desc, info)
         return [TokenScores(logprob=r["logprob"], entropy=[], topk_ids=r["topk_ids"],
                             topk_logprobs=r["topk_logprobs"]) for r in records]
+
+
+def prompts_per_batch(section: RolloutConfig | ScoringConfig, n: int) -> int:
+    """Prompts the backend `section.backend` generates together in one seeded batch, `n` samples each: a shard
+    of a generating stage starts on a multiple of it (opd_tasks/stages/sharding.py). vLLM seeds each request
+    by its prompt's index, so any boundary will do."""
+    return 1 if section.backend == "vllm" else hf_prompts_per_batch(section.batch_size, n)
+
+
+def hf_prompts_per_batch(batch_size: int, n: int) -> int:
+    """Prompts in one `hf.generate` batch of `batch_size` sequences, `n` per prompt."""
+    return max(1, batch_size // n)
 
 
 def backend_for(section: RolloutConfig | ScoringConfig, device: str, field: str) -> Backend:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from opd_tasks.backends import Generated, TokenScores, as_token_ids
+from opd_tasks.backends import Generated, TokenScores, as_token_ids, hf_prompts_per_batch
 from opd_tasks.errors import ConfigError, ModelError
 from opd_tasks.progress import bar
 
@@ -115,19 +115,24 @@ def generate(
     want_logprobs: bool = True,
     desc: str = "generate",
     progress: bool = True,
+    first_prompt: int = 0,
 ) -> list[Generated]:
     """Sample `n` completions per prompt (greedy when temperature == 0), batched with left padding.
 
     `eos_token_id`: the id, or the ids (`stop_token_ids`), that end a completion: it is cut after the first one
     it generates (finish_reason "stop"), else it is `max_new_tokens` long ("length").
-    Each batch is seeded with `seed + batch index` inside a forked RNG, so results do not depend on the
-    caller's RNG state, and are reproducible on the CPU.
+    Each batch is seeded from `seed` and its index inside a forked RNG, so results do not depend on the
+    caller's RNG state, and are reproducible on the CPU. `first_prompt`: where `prompts` start in the whole
+    stage's prompts (a shard's, opd_tasks/stages/sharding.py; a multiple of the batch): batch indices, and so
+    seeds, count from there, and a shard samples what the unsharded stage samples.
     """
     if max_new_tokens <= 0:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = next(model.parameters()).device
     stops = as_token_ids(eos_token_id)
-    per_batch = max(1, batch_size // n)
+    per_batch = hf_prompts_per_batch(batch_size, n)
+    if first_prompt % per_batch:
+        raise ValueError(f"first_prompt {first_prompt} is not on a batch boundary ({per_batch} prompts per batch)")
     out: list[Generated] = []
     batches = range(0, len(prompts), per_batch)
     for bi, start in enumerate(bar(batches, desc, "batches", progress)):
@@ -156,7 +161,7 @@ def generate(
             kwargs.update(temperature=None, top_p=None, top_k=None)
         devices = [device.index] if device.type == "cuda" and device.index is not None else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed * 1_000_003 + bi)
+            torch.manual_seed(seed * 1_000_003 + first_prompt // per_batch + bi)
             res = model.generate(**kwargs)
         new = res.sequences[:, width:].cpu()
         lp = chosen_logprobs(res.logits, new) if want_logprobs else None

@@ -585,9 +585,11 @@ def generate(
     max_model_len: int | None = None,
     enforce_eager: bool = False,
     progress: bool = True,
+    first_prompt: int = 0,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """`n` sampled completions per prompt with the sampled tokens' raw log-probs, like `hf.generate`; each ends at
-    the first of the ids `eos_token_id` (`hf.stop_token_ids`).
+    the first of the ids `eos_token_id` (`hf.stop_token_ids`). `first_prompt`: where `prompts` start in the
+    stage's prompts (a shard's): each request's seed is that of its prompt in the whole stage.
 
     Returns (records ordered by (prompt_index, sample_id) with keys prompt_index, sample_id, token_ids,
     logprobs, finish_reason; meta with the child's timings)."""
@@ -608,7 +610,7 @@ def generate(
         "kind": "rollout", "engine": engine, "kv_need": need,
         "prompts": [[int(t) for t in p] for p in prompts],
         "params": params,
-        "seeds": [request_seed(seed, i, n) for i in range(len(prompts))],
+        "seeds": [request_seed(seed, first_prompt + i, n) for i in range(len(prompts))],
         "n": int(n), "greedy": temperature == 0, "stop_ids": stop_ids, "progress": progress,
     }
     table, meta = run_job(job, "rollout")

@@ -29,6 +29,11 @@ def gpu_stages() -> tuple[str, ...]:
     return tuple(name for name, s in STAGES.items() if s.gpu)
 
 
+def sharded_stages() -> tuple[str, ...]:
+    """The row-parallel stages, which `orchestration.shards` splits (opd_tasks/stages/sharding.py)."""
+    return tuple(name for name, s in STAGES.items() if s.shards is not None)
+
+
 def reference_markdown() -> str:
     """docs/stages.md, generated from the registry (a test checks the committed file is current)."""
     lines = ["# Stages", "",
@@ -36,9 +41,10 @@ def reference_markdown() -> str:
              "Each stage is one module in `opd_tasks/stages/`, registered with `@stage` (docs/architecture.md says "
              "how to add one).", "A stage's cache key is the sha256 of its name, version and its inputs: artifacts "
              "and models by content hash, config by value, the seed.", "",
-             "| stage | version | GPU | writes | what it does |", "|---|---|---|---|---|"]
+             "Sharded: the stage splits into `orchestration.shards` parts (docs/scaling.md).", "",
+             "| stage | version | GPU | sharded | writes | what it does |", "|---|---|---|---|---|---|"]
     for s in STAGES.values():
-        lines.append(f"| `{s.name}` | {s.version} | {'yes' if s.gpu else 'no'} | "
+        lines.append(f"| `{s.name}` | {s.version} | {'yes' if s.gpu else 'no'} | {'yes' if s.shards else 'no'} | "
                      f"{', '.join(f'`{o}`' for o in s.outputs) or 'manifest meta only'} | {s.summary} |")
     for s in STAGES.values():
         lines += ["", f"## {s.name}", "", " ".join((s.inputs.__doc__ or "").split()), "",
@@ -48,8 +54,8 @@ def reference_markdown() -> str:
                              .replace("'>", "").split(" | "))
             how = {"unkeyed": "not keyed (read only; see the stage module)", "seed": "the seed",
                    "input": "content hash", "config": "config value"}[field_role(s.inputs, name)]
-            if hasattr(field.annotation, "key_slice"):
-                how += ", without the vLLM-only fields under the hf backend"
+            if note := getattr(field.annotation, "key_note", None):
+                how += f", {note}"
             lines.append(f"| `{name}` | `{typ}` | {how} |")
         if s.inputs.key_parts is not StageInputs.key_parts:
             lines += ["", "Key: " + " ".join((s.inputs.key_parts.__doc__ or "").split())]
@@ -59,4 +65,4 @@ def reference_markdown() -> str:
 __all__ = ["ANALYZE", "EVALUATE", "GATES", "PROMPTS", "ROLLOUT", "SCORE", "STAGES", "UPDATE", "AnalyzeInputs",
            "EvaluateInputs", "GatesInputs", "PromptsInputs", "RolloutInputs", "ScoreInputs", "Stage", "StageContext",
            "StageInputs", "UpdateInputs", "check_gates", "compute", "execute", "gpu_stages", "ORDER",
-           "reference_markdown"]
+           "reference_markdown", "sharded_stages"]

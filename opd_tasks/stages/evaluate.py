@@ -16,6 +16,7 @@ from opd_tasks.checkers import CHECKERS, extract_numeric_answer, extract_testbed
 from opd_tasks.config import EvaluationConfig
 from opd_tasks.models import ModelSpec
 from opd_tasks.stages.registry import StageContext, StageInputs, stage
+from opd_tasks.stages.sharding import Part, Shards, Units, concat
 from storage.refs import ArtifactRef
 from storage.store import ArtifactStore
 
@@ -32,29 +33,43 @@ class EvaluateInputs(StageInputs):
     seed: int
 
 
-@stage("evaluate", version=1, inputs=EvaluateInputs, outputs=("evals",))
-def evaluate(ctx: StageContext, x: EvaluateInputs) -> ArtifactRef:
-    """The model's answers to the eval prompts, each checked; accuracy per sample."""
+def prompt_rows(ctx: StageContext, x: EvaluateInputs) -> list[int]:
+    """The units of an evaluation shard: the eval prompts, in order."""
+    return list(range(ctx.store.manifest(x.prompts)["tables"]["prompts"]["rows"]))
+
+
+def sampled(cfg: EvaluationConfig) -> bool:
+    return cfg.pass_k > 1 or not cfg.greedy
+
+
+def prompts_per_batch(x: EvaluateInputs) -> int:
+    from opd_tasks.backends import hf_prompts_per_batch
+
+    return hf_prompts_per_batch(x.evaluation.batch_size, x.evaluation.pass_k if sampled(x.evaluation) else 1)
+
+
+def answer(ctx: StageContext, x: EvaluateInputs, units: Units) -> pa.Table:
+    """The `evals` rows of the eval prompts `units` (all of them, or a shard's)."""
     from opd_tasks.backends import HfBackend
     from opd_tasks.backends.hf import stop_token_ids
     from opd_tasks.backends.loaded import LOADED
 
     cfg = x.evaluation
-    prompts = ctx.store.read_table(x.prompts, "prompts")
+    prompts = units.of(ctx.store.read_table(x.prompts, "prompts"))
     toks = prompts.column("prompt_token_ids").to_pylist()
     refs = prompts.column("answer").to_pylist()
     pids = prompts.column("prompt_id").to_pylist()
     tok = LOADED.tokenizer(x.model)
-    sampled = cfg.pass_k > 1 or not cfg.greedy
     gens = HfBackend(ctx.device, cfg.batch_size).generate(
         x.model, toks, eos_token_id=stop_token_ids(tok, x.model.path), pad_token_id=tok.pad_token_id,
-        n=cfg.pass_k if sampled else 1, temperature=1.0 if sampled else 0.0, top_p=1.0,
-        max_new_tokens=cfg.max_new_tokens, seed=x.seed, want_logprobs=False, desc="evaluate", progress=ctx.progress)
+        n=cfg.pass_k if sampled(cfg) else 1, temperature=1.0 if sampled(cfg) else 0.0, top_p=1.0,
+        max_new_tokens=cfg.max_new_tokens, seed=x.seed, want_logprobs=False, desc="evaluate", progress=ctx.progress,
+        first_prompt=units.start)
     check, extract = CHECKERS[x.checker], EXTRACTORS[x.checker]
     texts = [tok.decode(g.token_ids, skip_special_tokens=True) for g in gens]
     correct = [bool(refs[g.prompt_index] is not None and check(t, refs[g.prompt_index]))
                for g, t in zip(gens, texts, strict=True)]
-    table = pa.table(
+    return pa.table(
         {
             "prompt_id": [pids[g.prompt_index] for g in gens],
             "sample_id": pa.array([g.sample_id for g in gens], pa.int32()),
@@ -65,13 +80,24 @@ def evaluate(ctx: StageContext, x: EvaluateInputs) -> ArtifactRef:
             "num_tokens": pa.array([len(g.token_ids) for g in gens], pa.int32()),
         }
     )
+
+
+@stage("evaluate", version=1, inputs=EvaluateInputs, outputs=("evals",),
+       shards=Shards(units=prompt_rows, block=prompts_per_batch, part=answer, table="evals"))
+def evaluate(ctx: StageContext, x: EvaluateInputs, parts: list[Part]) -> ArtifactRef:
+    """The model's answers to the eval prompts, each checked; accuracy per sample."""
+    cfg = x.evaluation
+    table = concat(parts)
+    correct = table.column("correct").to_pylist()
+    texts = table.column("text").to_pylist()
     meta = {"accuracy": sum(correct) / max(1, len(correct)), "n": table.num_rows}
     if x.checker == "testbed":  # the mechanism switch's readout (docs/testbed.md): answers before the last step
         from opd_tasks.testbed.labeler import stopped_early
 
-        asked = prompts.column("prompt").to_pylist()
-        meta["early_stop_rate"] = sum(stopped_early(t, asked[g.prompt_index]) for g, t in zip(gens, texts, strict=True)
-                                      ) / max(1, len(texts))
+        prompts = ctx.store.read_table(x.prompts, "prompts", columns=["prompt_id", "prompt"])
+        asked = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist(), strict=True))
+        meta["early_stop_rate"] = sum(stopped_early(t, asked[pid]) for pid, t in zip(
+            table.column("prompt_id").to_pylist(), texts, strict=True)) / max(1, len(texts))
     if cfg.pass_k > 1:
         meta |= {"pass_at_k": pass_at_k(table.column("prompt_id").to_pylist(), correct), "k": cfg.pass_k}
     return ctx.put_table("evals", table, meta=meta)

@@ -10,7 +10,9 @@ Everything else is derived from that record:
 - the cache prologue (`execute`): return the artifact under the key if the store has it, else compute and
   publish; a stage's compute function only computes;
 - the stage list of the CLI (`--refresh`, `opd deploy-stages`), the fault config, the deployments and
-  docs/stages.md.
+  docs/stages.md;
+- for a row-parallel stage registered with `shards=Shards(...)`, how its work splits into shards
+  (opd_tasks/stages/sharding.py); its registered function then merges the shards' parts.
 
 Inputs are a pydantic model per stage (`StageInputs`): what the stage reads and what its key is made of, and
 nothing that is not (no device, no progress bar, no run name). They round-trip through JSON, which is how the
@@ -29,6 +31,7 @@ from pydantic import BaseModel, ConfigDict
 
 from opd_tasks.errors import ConfigError
 from opd_tasks.models import ModelSpec
+from opd_tasks.stages.sharding import Shards, Span, compute_sharded
 from storage.errors import DiskFullError
 from storage.keys import cache_key
 from storage.refs import ArtifactRef
@@ -93,6 +96,10 @@ class StageContext:
     device: str = "auto"
     #: Progress bars: by default only when stderr is a terminal; in a log file each stage is the runner's one line.
     progress: bool = field(default_factory=lambda: sys.stderr.isatty())
+    #: Shards of a sharded stage (`orchestration.shards`); in no key: the artifact is the same for any number.
+    shards: int = 1
+    #: Called with a shard's span just before its part is computed (fault injection; opd_tasks/pipeline.py).
+    before_part: Callable[[Span], None] | None = None
 
     def writer(self):
         """A writer of this stage's artifact under its key (storage/store.py, `ArtifactWriter`)."""
@@ -112,8 +119,9 @@ class Stage:
     inputs: type[StageInputs]
     outputs: tuple[str, ...]  # the tables it writes; `checkpoint` for a model directory
     gpu: bool
-    compute: Callable[[StageContext, Any], ArtifactRef]
+    compute: Callable[..., ArtifactRef]  # (ctx, inputs), or for a sharded stage (ctx, inputs, parts): the merge
     summary: str
+    shards: Shards | None = None  # how a row-parallel stage splits into shards (opd_tasks/stages/sharding.py)
 
     def key(self, inputs: StageInputs) -> str:
         """The content key of this stage on `inputs` (64 hex digits)."""
@@ -148,7 +156,7 @@ def compute(stage: Stage, ctx: StageContext, inputs: StageInputs) -> ArtifactRef
     models = {name: value.in_store(ctx.store) for name, value in inputs if isinstance(value, ModelSpec)}
     inputs = inputs.model_copy(update=models)
     try:
-        ref = stage.compute(ctx, inputs)
+        ref = compute_sharded(stage, ctx, inputs) if stage.shards is not None else stage.compute(ctx, inputs)
     except Exception as e:  # e.g. a checkpoint's save_pretrained (safetensors) into the writer's temp dir, disk full
         if full := DiskFullError.wrap(e, f"stage {stage.name!r} was writing its artifact"):
             raise full from e
@@ -162,16 +170,17 @@ _REGISTRY: dict[str, Stage] = {}
 
 
 def stage(name: str, *, version: int, inputs: type[StageInputs], outputs: tuple[str, ...],
-          gpu: bool = True) -> Callable[[Callable[[StageContext, Any], ArtifactRef]], Stage]:
-    """Register the decorated compute function `fn(ctx, inputs) -> ArtifactRef` as stage `name`.
+          gpu: bool = True, shards: Shards | None = None) -> Callable[[Callable[..., ArtifactRef]], Stage]:
+    """Register the decorated compute function `fn(ctx, inputs) -> ArtifactRef` as stage `name`; with `shards`,
+    the decorated function is the merge, `fn(ctx, inputs, parts) -> ArtifactRef` (opd_tasks/stages/sharding.py).
 
     Bump `version` whenever the code changes what the stage writes: the new version gets new cache keys."""
 
-    def register(fn: Callable[[StageContext, Any], ArtifactRef]) -> Stage:
+    def register(fn: Callable[..., ArtifactRef]) -> Stage:
         if name in _REGISTRY:
             raise ConfigError(f"stage {name!r} is registered twice")
         doc = inspect.getdoc(fn) or ""
-        _REGISTRY[name] = record = Stage(name, version, inputs, outputs, gpu, fn, doc.split("\n\n")[0])
+        _REGISTRY[name] = record = Stage(name, version, inputs, outputs, gpu, fn, doc.split("\n\n")[0], shards)
         return record
 
     return register

@@ -8,11 +8,13 @@ completion's reward from the task's answer checker.
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from opd_tasks.checkers import CHECKERS
 from opd_tasks.config import RolloutConfig
 from opd_tasks.models import ModelSpec
 from opd_tasks.stages.registry import StageContext, StageInputs, stage
+from opd_tasks.stages.sharding import Part, Shards, Units, concat
 from storage.refs import ArtifactRef
 
 
@@ -26,16 +28,26 @@ class RolloutInputs(StageInputs):
     seed: int
 
 
-@stage("rollout", version=1, inputs=RolloutInputs, outputs=("rollouts",))
-def rollout(ctx: StageContext, x: RolloutInputs) -> ArtifactRef:
-    """The student's sampled completions with per-token log-probs and rewards."""
+def prompt_rows(ctx: StageContext, x: RolloutInputs) -> list[int]:
+    """The units of a rollout shard: the prompts, in order."""
+    return list(range(ctx.store.manifest(x.prompts)["tables"]["prompts"]["rows"]))
+
+
+def prompts_per_batch(x: RolloutInputs) -> int:
+    from opd_tasks.backends import prompts_per_batch
+
+    return prompts_per_batch(x.rollout, x.rollout.samples_per_prompt)
+
+
+def sample(ctx: StageContext, x: RolloutInputs, units: Units) -> pa.Table:
+    """The `rollouts` rows of the prompts `units` (all of them, or a shard's)."""
     from opd_tasks.backends import backend_for
     from opd_tasks.backends.hf import stop_token_ids
     from opd_tasks.backends.loaded import LOADED
 
     backend = backend_for(x.rollout, ctx.device, "rollout.backend")  # refuses before any work if it cannot run
     check = CHECKERS[x.checker]
-    prompts = ctx.store.read_table(x.prompts, "prompts")
+    prompts = units.of(ctx.store.read_table(x.prompts, "prompts"))
     prompt_ids = prompts.column("prompt_id").to_pylist()
     prompt_tokens = prompts.column("prompt_token_ids").to_pylist()
     answers = prompts.column("answer").to_pylist()
@@ -44,9 +56,9 @@ def rollout(ctx: StageContext, x: RolloutInputs) -> ArtifactRef:
     completions = backend.generate(x.student, prompt_tokens, eos_token_id=stop_token_ids(tok, x.student.path),
                                    pad_token_id=tok.pad_token_id, n=s.samples_per_prompt, temperature=s.temperature,
                                    top_p=s.top_p, max_new_tokens=s.max_new_tokens, seed=x.seed, desc="rollout",
-                                   progress=ctx.progress)
+                                   progress=ctx.progress, first_prompt=units.start)
     texts = [tok.decode(c.token_ids, skip_special_tokens=True) for c in completions]
-    table = pa.table(
+    return pa.table(
         {
             "prompt_id": [prompt_ids[c.prompt_index] for c in completions],
             "sample_id": pa.array([c.sample_id for c in completions], pa.int32()),
@@ -62,6 +74,14 @@ def rollout(ctx: StageContext, x: RolloutInputs) -> ArtifactRef:
             ),
         }
     )
-    meta = {"sequences": len(completions), "tokens": sum(len(c.token_ids) for c in completions),
-            "stopped": sum(c.finish_reason == "stop" for c in completions)}
+
+
+@stage("rollout", version=1, inputs=RolloutInputs, outputs=("rollouts",),
+       shards=Shards(units=prompt_rows, block=prompts_per_batch, part=sample, table="rollouts"))
+def rollout(ctx: StageContext, x: RolloutInputs, parts: list[Part]) -> ArtifactRef:
+    """The student's sampled completions with per-token log-probs and rewards."""
+    table = concat(parts)
+    tokens = pc.list_value_length(table.column("token_ids"))
+    meta = {"sequences": table.num_rows, "tokens": int(pc.sum(tokens).as_py() or 0),
+            "stopped": int(pc.sum(pc.equal(table.column("finish_reason"), "stop")).as_py() or 0)}
     return ctx.put_table("rollouts", table, meta=meta)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from opd_tasks.config import ScoringConfig
 from opd_tasks.errors import ModelError
 from opd_tasks.models import ModelSpec, check_tokenizers_match
 from opd_tasks.stages.registry import StageContext, StageInputs, stage
+from opd_tasks.stages.sharding import Part, Shards, Units
 from storage.refs import ArtifactRef
 
 
@@ -29,9 +31,21 @@ class ScoreInputs(StageInputs):
     scoring: ScoringConfig
 
 
-@stage("score", version=1, inputs=ScoreInputs, outputs=("teacher_scores",))
-def score(ctx: StageContext, x: ScoreInputs) -> ArtifactRef:
-    """The teacher's log-prob, top-k and entropy at every sampled token."""
+def length_order(ctx: StageContext, x: ScoreInputs) -> list[int]:
+    """The units of a scoring shard: the rollout's sequences shortest first (ties by row), the order in which
+    `hf.score_sequences` batches them, so that a shard's batches are the unsharded stage's."""
+    roll = ctx.store.read_table(x.rollouts, "rollouts", columns=["prompt_token_ids", "token_ids"])
+    lengths = pc.add(pc.list_value_length(roll.column("prompt_token_ids")),
+                     pc.list_value_length(roll.column("token_ids"))).to_pylist()
+    return sorted(range(len(lengths)), key=lengths.__getitem__)
+
+
+def sequences_per_batch(x: ScoreInputs) -> int:
+    return x.scoring.batch_size
+
+
+def teacher_force(ctx: StageContext, x: ScoreInputs, units: Units) -> pa.Table:
+    """The `teacher_scores` rows of the sequences `units`, in row order (all of them, or a shard's)."""
     from opd_tasks.backends import backend_for
     from opd_tasks.backends.loaded import LOADED
 
@@ -43,7 +57,7 @@ def score(ctx: StageContext, x: ScoreInputs) -> ArtifactRef:
     except ModelError as e:
         raise ModelError(f"{e} (teacher {x.teacher.path}, student {x.student.path}); on-policy distillation "
                          "needs one shared tokenizer") from None
-    roll = ctx.store.read_table(x.rollouts, "rollouts")
+    roll = units.of(ctx.store.read_table(x.rollouts, "rollouts"))
     prompts = roll.column("prompt_token_ids").to_pylist()
     comps = roll.column("token_ids").to_pylist()
     scores = backend.score(x.teacher, prompts, comps, pad_token_id=t_tok.pad_token_id, top_k=x.scoring.top_k,
@@ -60,7 +74,7 @@ def score(ctx: StageContext, x: ScoreInputs) -> ArtifactRef:
     flat_ids = np.fromiter((i for s in scores for row in s.topk_ids for i in row), np.int32, count=n * k)
     flat_lp = np.fromiter((v for s in scores for row in s.topk_logprobs for v in row), np.float32, count=n * k)
     offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
-    table = pa.table(
+    return pa.table(
         {
             "prompt_id": pa.array(np.repeat(np.array(pids, dtype=object), lengths), pa.string()),
             "sample_id": pa.array(np.repeat(np.array(sids, dtype=np.int32), lengths), pa.int32()),
@@ -72,5 +86,29 @@ def score(ctx: StageContext, x: ScoreInputs) -> ArtifactRef:
             "topk_logprobs": pa.ListArray.from_arrays(offsets, pa.array(flat_lp)),
         }
     )
-    meta = {"tokens": n, "top_k": k} | ({"backend": backend.name} if backend.name != "hf" else {})
+
+
+@stage("score", version=1, inputs=ScoreInputs, outputs=("teacher_scores",),
+       shards=Shards(units=length_order, block=sequences_per_batch, part=teacher_force, table="teacher_scores"))
+def score(ctx: StageContext, x: ScoreInputs, parts: list[Part]) -> ArtifactRef:
+    """The teacher's log-prob, top-k and entropy at every sampled token."""
+    table = parts[0].table if len(parts) == 1 else in_row_order(ctx, x, parts)
+    k = next((len(row) for row in table.column("topk_ids").slice(0, 1).to_pylist()), x.scoring.top_k)
+    backend = x.scoring.backend  # the backend's name: `hf` or `vllm`
+    meta = {"tokens": table.num_rows, "top_k": k} | ({"backend": backend} if backend != "hf" else {})
     return ctx.put_table("teacher_scores", table, meta=meta)
+
+
+def in_row_order(ctx: StageContext, x: ScoreInputs, parts: list[Part]) -> pa.Table:
+    """The parts' token rows reordered by the rollout row they score (each part holds its rows in row order)."""
+    lengths = pc.list_value_length(
+        ctx.store.read_table(x.rollouts, "rollouts", columns=["token_ids"]).column("token_ids")).to_numpy()
+    first = np.empty(len(lengths), dtype=np.int64)  # each sequence's first row in the concatenated parts
+    offset = 0
+    for part in parts:
+        rows = np.sort(np.asarray(part.units.rows, dtype=np.int64))
+        starts = np.concatenate([[0], np.cumsum(lengths[rows])[:-1]]) if len(rows) else rows
+        first[rows] = offset + starts
+        offset += part.table.num_rows
+    take = np.concatenate([np.arange(f, f + m) for f, m in zip(first, lengths, strict=True)] or [np.empty(0)])
+    return pa.concat_tables([p.table for p in parts]).take(pa.array(take.astype(np.int64))).combine_chunks()

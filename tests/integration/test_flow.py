@@ -359,7 +359,7 @@ def test_stage_flow_calls_the_same_cached_task_as_inline(harness, models, tmp_pa
                       iteration=0, run_name="testbed", orchestration=cfg.orchestration.model_dump(mode="json"),
                       return_state=True)
     assert state.result() == lin.get(0, "baseline").ref
-    assert child_task_state(state.state_details.flow_run_id, "evaluate", 0, logging.getLogger().info) == "Cached"
+    assert child_task_state(state.state_details.flow_run_id, "evaluate-it0", logging.getLogger().info) == "Cached"
 
 
 def _lineage_shas(root: Path, run: str) -> dict[tuple[int, str], str]:
@@ -492,3 +492,29 @@ def test_gpu_stages_carry_the_concurrency_tag_only_when_a_limit_exists(harness, 
     finally:
         with get_client(sync_client=True) as client:
             client.delete_concurrency_limit_by_tag("gpu")
+
+
+def test_sharded_stages_run_as_task_runs_in_processes_and_a_failed_shard_is_retried_alone(harness, models,
+                                                                                        tmp_path: Path) -> None:
+    """orchestration.shards=2: each shard of rollout, score and evaluate is its own task run in a process pool;
+    shard 1 of score fails once and is retried alone; every artifact equals an unsharded plain run's."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    from flows.distill import distill
+    from opd_tasks.pipeline import run_plain
+
+    small = ("iterations=1", "rollout.batch_size=4", "scoring.batch_size=4", "evaluation.batch_size=3")
+    run_plain(_cfg(models, tmp_path / "plain", *small), log=lambda m: None, progress=False)
+    cfg = _cfg(models, tmp_path / "flow", *small, "orchestration.shards=2", "orchestration.retries=1",
+               "fault.stage=score", "fault.shard=1", "fault.iteration=0")
+    distill(cfg.model_dump(mode="json"))
+    assert _lineage_shas(tmp_path / "flow", "testbed") == _lineage_shas(tmp_path / "plain", "testbed")
+    assert (tmp_path / "flow" / "faults" / "testbed.score.it0.shard1").exists()
+    with get_client(sync_client=True) as client:
+        runs = {r.name: r for r in client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(
+            any_=[f"{s}-it0-shard{i}" for s in ("rollout", "score", "evaluate") for i in (0, 1)])))
+            if r.flow_run_id is not None}
+    assert set(runs) == {f"{s}-it0-shard{i}" for s in ("rollout", "score", "evaluate") for i in (0, 1)}
+    assert all(r.state.is_completed() for r in runs.values())
+    assert runs["score-it0-shard1"].run_count == 2 and runs["score-it0-shard0"].run_count == 1  # retried alone

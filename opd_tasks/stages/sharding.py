@@ -1,0 +1,152 @@
+"""Sharded stages: a row-parallel stage's work split into N shards, each stored as a part, merged into one artifact.
+
+A stage registered with `shards=Shards(...)` (rollout, score, evaluate) declares how its work splits:
+
+- `units(ctx, inputs)`: its input rows (prompts, sequences) in the order its batches take them;
+- `block(inputs)`: how many units one of its batches holds. Shard boundaries fall on multiples of it, so every
+  batch, and the seed of every batch (derived from the run's seed and the batch's index in that order, i.e. from
+  its rows), is the same whatever N is;
+- `part(ctx, inputs, units)`: the output table's rows for those units.
+
+Its registered function merges: `merge(ctx, inputs, parts) -> ArtifactRef` publishes the stage's artifact from
+all parts (the unsharded stage is the same merge over one part that holds every unit). So the artifact's bytes
+do not depend on N, nor on which process ran which shard (tests/unit/test_sharding.py: N = 1, 2, 3 give
+byte-identical tables).
+
+With N > 1 each shard's rows are a part artifact, `<stage>.part/<part key>` (the part key: the stage's key and
+the shard's span), so a failed shard is retried alone and a rerun recomputes only the parts that are missing; the
+stage's artifact is published, atomically like any other, only after every part exists. Parts are in no run's
+lineage: `opd gc` removes them once the stage's artifact is published. N is `orchestration.shards` (or
+`orchestration.stage_shards.<stage>`), which is in no cache key.
+
+Who runs the parts (flows/runners.py): the plain driver computes them one after the other in its process; the
+Prefect flow runs each as its own task run in a process pool (inline) or as a flow run of the stage's deployment
+(one per shard, on a work pool), then merges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from storage.hashing import sha256_json
+from storage.refs import ArtifactRef
+
+if TYPE_CHECKING:
+    from opd_tasks.stages.registry import Stage, StageContext, StageInputs
+
+
+@dataclass(frozen=True)
+class Units:
+    """The units one part computes: input row indices, in the stage's batch order (None: every row, the
+    unsharded stage), and the position (in that order) of the first one, a multiple of the stage's block (a shard
+    starts on a batch boundary)."""
+
+    rows: list[int] | None
+    start: int
+
+    def of(self, table: pa.Table) -> pa.Table:
+        """`table`'s rows for these units, in row order."""
+        return table if self.rows is None else table.take(sorted(self.rows))
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part's units and its rows of the stage's output table."""
+
+    units: Units
+    table: pa.Table
+
+
+@dataclass(frozen=True)
+class Shards:
+    """How a row-parallel stage splits its work (module docstring)."""
+
+    units: Callable[[StageContext, Any], list[int]]
+    block: Callable[[Any], int]
+    part: Callable[[StageContext, Any, Units], pa.Table]
+    table: str  # the output table the parts hold
+
+
+@dataclass(frozen=True)
+class Span:
+    """Shard `index` of `count`: positions [start, stop) of the stage's units (in batch order)."""
+
+    index: int
+    count: int
+    start: int
+    stop: int
+
+
+def spans(units: int, block: int, shards: int) -> list[Span]:
+    """`shards` contiguous spans of `units` units, each a whole number of `block`-unit batches (the last batch may
+    be short), as even as whole batches allow; fewer spans when there are fewer batches than shards."""
+    batches = max(1, -(-units // block))
+    count = max(1, min(shards, batches))
+    cuts = [i * batches // count for i in range(count + 1)]
+    return [Span(i, count, min(units, cuts[i] * block), min(units, cuts[i + 1] * block)) for i in range(count)]
+
+
+def part_stage(stage: str) -> str:
+    """Where a stage's parts are stored: `<stage>.part`."""
+    return f"{stage}.part"
+
+
+def part_key(key: str, span: Span) -> str:
+    """A part's content key: the stage's key and the shard's span of units."""
+    return sha256_json(["part", key, span.start, span.stop])
+
+
+def shard_plan(stage: Stage, ctx: StageContext, inputs: StageInputs) -> tuple[list[int], list[Span]]:
+    """(the stage's units in batch order, the spans of its `ctx.shards` shards)."""
+    order = stage.shards.units(ctx, inputs)
+    return order, spans(len(order), stage.shards.block(inputs), ctx.shards)
+
+
+def units_of(order: list[int], span: Span) -> Units:
+    return Units(order[span.start : span.stop], span.start)
+
+
+def ensure_part(stage: Stage, ctx: StageContext, inputs: StageInputs, span: Span,
+                order: list[int] | None = None) -> ArtifactRef:
+    """Shard `span`'s part: the stored one if it exists, else computed and published."""
+    name, key = part_stage(stage.name), part_key(ctx.key, span)
+    if (ref := ctx.store.lookup(name, key)) is not None:
+        return ref
+    if order is None:
+        order = stage.shards.units(ctx, inputs)
+    units = units_of(order, span)
+    if ctx.before_part is not None:
+        ctx.before_part(span)
+    table = stage.shards.part(ctx, inputs, units)
+    meta = {"stage": stage.name, "stage_key": ctx.key, "shard": span.index, "shards": span.count,
+            "units": [span.start, span.stop]}
+    return ctx.store.put_table(name, key, stage.shards.table, table, meta=meta)
+
+
+def compute_sharded(stage: Stage, ctx: StageContext, inputs: StageInputs) -> ArtifactRef:
+    """A sharded stage's artifact: every part (stored, or computed here), then the merge. With one shard, the
+    merge of one part computed in memory (no part artifact)."""
+    shards = stage.shards
+    if ctx.shards > 1:
+        order = shards.units(ctx, inputs)
+        plan = spans(len(order), shards.block(inputs), ctx.shards)
+    if ctx.shards == 1 or len(plan) == 1:
+        units = Units(None, 0)
+        return stage.compute(ctx, inputs, [Part(units, shards.part(ctx, inputs, units))])
+    parts = []
+    for span in plan:
+        ref = ensure_part(stage, ctx, inputs, span, order)
+        parts.append(Part(units_of(order, span), ctx.store.read_table(ref, shards.table)))
+    return stage.compute(ctx, inputs, parts)
+
+
+def concat(parts: list[Part]) -> pa.Table:
+    """The parts' tables one after the other, as one contiguous table (one chunk per column, as an unsharded
+    stage builds it, so the Parquet bytes are the same)."""
+    if len(parts) == 1:
+        return parts[0].table
+    return pa.concat_tables([p.table for p in parts]).combine_chunks()

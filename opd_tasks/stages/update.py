@@ -17,6 +17,10 @@ bridge, the teacher's continuations at divergent positions come from its `probes
 optimizer step is the token-mean over all completion tokens in that step (micro-batches and gradient
 accumulation do not change it). A NaN/inf loss or gradient raises `TrainingError` before the optimizer step and
 nothing is published, so the previous checkpoint stays the latest.
+
+`update.world_size` > 1 trains in that many torchrun ranks (FSDP2), children of this stage, through the same loop
+(opd_tasks/training/loop.py, distributed.py); the artifact has the same format, and this process writes its
+tables and meta and commits it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from opd_tasks.config import UpdateConfig
-from opd_tasks.errors import ConfigError, DataError, TrainingError
+from opd_tasks.errors import ConfigError
 from opd_tasks.method import Bridge, Return
 from opd_tasks.models import ModelSpec
 from opd_tasks.stages.registry import StageContext, StageInputs, stage
@@ -68,100 +72,66 @@ def update(ctx: StageContext, x: UpdateInputs) -> ArtifactRef:
 
 
 def _train(ctx: StageContext, x: UpdateInputs) -> ArtifactRef:
-    import pyarrow.compute as pc
     import torch
 
     from opd_tasks.backends.hf import load_causal_lm, resolve_device
     from opd_tasks.backends.loaded import LOADED
     from opd_tasks.progress import Bar
     from opd_tasks.training.checkpoint import load_training_state, save_checkpoint
-    from opd_tasks.training.logprobs import completion_logprobs
+    from opd_tasks.training.loop import load_sequences, recompute_old_logprobs, train_steps
     from opd_tasks.training.objective import micro_batch_loss
-    from opd_tasks.training.sequences import attach_analysis, scored_sequences
 
     cfg, student, teacher, seed = x.update, x.student, x.teacher, x.seed
     if x.advantage is not None and cfg.loss != "pg":
         raise ConfigError(f"the opd_return baseline's discounted return is a policy-gradient advantage: it needs "
                           f"update.loss: pg, not {cfg.loss!r}")
     dev = resolve_device(ctx.device)
-    bridge = x.bridge if x.analysis is not None else None
-    seqs = scored_sequences(ctx.store, x.rollouts, x.scores,
-                            ("topk_ids", "topk_logprobs") if cfg.loss == "topk_rkl" else ())
-    if not seqs:
-        raise DataError(f"rollouts {x.rollouts.short()} have no completion tokens to train on")
-    if x.analysis is not None:
-        attach_analysis(ctx.store, seqs, x.analysis, bridges=bridge is not None)
+    if cfg.world_size > 1:  # torchrun ranks in child processes (opd_tasks/training/distributed.py)
+        from opd_tasks.training.distributed import check_world_size, launch
+
+        check_world_size(dev, cfg.world_size)
+        if dev.type == "cuda":  # the GPUs are the ranks'
+            LOADED.release()
+        with ctx.writer() as w:
+            rows, old, n_seqs = launch(ctx, x, w.path)
+            return _publish(w, x, rows, old, n_seqs)
+    seqs, bridge = load_sequences(ctx.store, x)
     tok = LOADED.tokenizer(student)
     if dev.type == "cuda":  # room for the model this stage trains, its gradients and optimizer state
         LOADED.release()
     model = load_causal_lm(student.path, dev, "float32", student.trust_remote_code)  # its own copy: it is trained
     autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cuda")
-    per_step = cfg.micro_batch_size * cfg.grad_accumulation
-    # batches of one step's size (no gradients): how a step is split into micro-batches changes no value
-    recomputed = completion_logprobs(model.eval(), [s.prompt for s in seqs], [s.tokens for s in seqs],
-                                     pad_token_id=tok.pad_token_id, batch_size=per_step, autocast=autocast)
-    for s, lps in zip(seqs, recomputed, strict=True):
-        s.trainer_logprobs = lps
+    recompute_old_logprobs(model, seqs, tok.pad_token_id, cfg, autocast)
     model.train()
     t_model = LOADED.model(teacher, dev) if cfg.loss == "full_rkl" else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     trainer = load_training_state(student, opt, cfg)
 
+    per_step = cfg.micro_batch_size * cfg.grad_accumulation
     n_steps = cfg.epochs * ((len(seqs) + per_step - 1) // per_step)
-    rows = []
-    bar = Bar(n_steps, "update", "steps", ctx.progress)
-    for _ in range(cfg.epochs):
-        order = seed if cfg.order_seed is None else cfg.order_seed
-        g = torch.Generator().manual_seed(int(sha256_json([order, trainer["global_epoch"]])[:15], 16))
-        perm = torch.randperm(len(seqs), generator=g).tolist()
-        for s0 in range(0, len(perm), per_step):
-            step_seqs = [seqs[i] for i in perm[s0 : s0 + per_step]]
-            n_tok = sum(len(s.tokens) for s in step_seqs)
-            total, kl, weighted, main, bridge_sum = 0.0, 0.0, 0.0, 0.0, 0.0
-            for m0 in range(0, len(step_seqs), cfg.micro_batch_size):
-                with autocast:
-                    loss, st = micro_batch_loss(model, step_seqs[m0 : m0 + cfg.micro_batch_size], cfg, bridge,
-                                                tok.pad_token_id, dev, t_model, x.advantage)
-                loss = loss / n_tok
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"update step {trainer['global_step']}: loss is {loss.item()} (not finite); "
-                        f"nothing was saved, the previous checkpoint {student.sha256[:12]} stays the latest"
-                    )
-                loss.backward()
-                total += loss.item()
-                kl += st["kl"]
-                weighted += st["weighted"]
-                main += st["main"] / n_tok
-                bridge_sum += st["bridge"] / n_tok
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if not torch.isfinite(gnorm):
-                raise TrainingError(f"update step {trainer['global_step']}: gradient norm is {gnorm.item()}; "
-                                    "nothing was saved, the previous checkpoint stays the latest")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            rows.append({"step": trainer["global_step"], "loss": total, "pg_loss": main,
-                         "bridge_loss": bridge_sum if bridge is not None else None, "kl": kl / n_tok,
-                         "grad_norm": float(gnorm), "lr": cfg.learning_rate, "tokens_trained": n_tok,
-                         "weighted_tokens": weighted})
-            trainer["global_step"] += 1
-            bar.update(1)
-            bar.note(loss=f"{total:.4f}", kl=f"{kl / n_tok:.3f}")
-        trainer["global_epoch"] += 1
-    bar.close()
+    rows = train_steps(
+        lambda batch: micro_batch_loss(model, batch, cfg, bridge, tok.pad_token_id, dev, t_model, x.advantage),
+        params, opt, seqs, trainer, cfg, seed, bridge is not None, student.sha256, autocast,
+        Bar(n_steps, "update", "steps", ctx.progress))
 
     model.eval()
-    old = old_logprobs_table(seqs)
-    drift = pc.abs(pc.subtract(old.column("sampling_logprob"), old.column("trainer_logprob")))
     with ctx.writer() as w:
         save_checkpoint(w.path, model, tok, student.dir, opt, trainer, seed)
-        w.write_table("updates", pa.Table.from_pylist(rows))
-        w.write_table("old_logprobs", old)
-        w.meta.update({"steps": len(rows), "sequences": len(seqs), "parent": student.sha256,
-                       "mean_loss": sum(r["loss"] for r in rows) / len(rows), "old_logprobs": cfg.old_logprobs,
-                       "logprob_drift": pc.mean(drift).as_py()})
-        return w.commit()
+        return _publish(w, x, rows, old_logprobs_table(seqs), len(seqs))
+
+
+def _publish(w, x: UpdateInputs, rows: list[dict], old: pa.Table, n_seqs: int) -> ArtifactRef:
+    """Write the `updates` and `old_logprobs` tables and the meta beside the checkpoint in `w`; commit."""
+    import pyarrow.compute as pc
+
+    drift = pc.abs(pc.subtract(old.column("sampling_logprob"), old.column("trainer_logprob")))
+    w.write_table("updates", pa.Table.from_pylist(rows))
+    w.write_table("old_logprobs", old)
+    w.meta.update({"steps": len(rows), "sequences": n_seqs, "parent": x.student.sha256,
+                   "mean_loss": sum(r["loss"] for r in rows) / len(rows), "old_logprobs": x.update.old_logprobs,
+                   "logprob_drift": pc.mean(drift).as_py()})
+    return w.commit()
 
 
 def old_logprobs_table(seqs) -> pa.Table:

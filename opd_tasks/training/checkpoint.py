@@ -9,6 +9,10 @@ A later update that starts from a checkpoint restores the optimizer and RNG stat
 one uninterrupted update over the same data when the old log-probs are the sampler's (`update.old_logprobs:
 sampler`); recomputed ones are each update's starting model's, which is the sampling policy in a run, where every
 update trains on its own student's rollouts.
+
+The format does not depend on how many processes trained (`update.world_size`): a multi-process update's rank 0
+writes the whole model and the whole optimizer state (gathered from the ranks' shards) in this same layout, and
+loading shards it again for any world size (opd_tasks/training/distributed.py).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,19 +33,39 @@ from opd_tasks.models import CHECKPOINT_MODEL_DIR, CHECKPOINT_STATE_DIR, ModelSp
 OPTIMIZER_FILE = "optimizer.safetensors"
 
 
-def _save_optimizer(opt: torch.optim.Optimizer, path) -> dict:
-    from safetensors.torch import save_file
+@dataclass
+class OptimizerState:
+    """An optimizer's full (unsharded) state as a checkpoint holds it: tensors named `{param index}.{name}` (the
+    index into the optimizer's parameters, in `model.parameters()` order) and the param groups."""
 
+    tensors: dict[str, torch.Tensor]
+    param_groups: list[dict]
+
+
+def _is_dtensor(v) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(v, DTensor)
+
+
+def full_optimizer_state(opt: torch.optim.Optimizer) -> OptimizerState:
+    """`opt`'s state with every tensor whole on the CPU. Under FSDP2 (DTensor parameters) each sharded moment is
+    gathered, a collective: every rank calls this, and gets the same state."""
     sd = opt.state_dict()
     tensors = {}
     for idx, st in sd["state"].items():
         for name, v in st.items():
+            if _is_dtensor(v):
+                v = v.full_tensor()
             tensors[f"{idx}.{name}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
-    save_file(tensors, str(path))
-    return {"param_groups": sd["param_groups"]}
+    return OptimizerState(tensors, sd["param_groups"])
 
 
 def _load_optimizer(opt: torch.optim.Optimizer, path, groups: list[dict], cfg: UpdateConfig) -> None:
+    """Load the full state saved at `path` into `opt`; a moment of a sharded (DTensor, FSDP2) parameter is
+    sharded like the parameter, so a checkpoint of any world size resumes on any other."""
     from safetensors.torch import load_file
 
     flat = load_file(str(path))
@@ -48,6 +73,16 @@ def _load_optimizer(opt: torch.optim.Optimizer, path, groups: list[dict], cfg: U
     for k, v in flat.items():
         idx, name = k.split(".", 1)
         state.setdefault(int(idx), {})[name] = v
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for idx, st in state.items():
+        p = params[idx] if idx < len(params) else None
+        if p is None or not _is_dtensor(p):
+            continue
+        from torch.distributed.tensor import distribute_tensor
+
+        for name, v in st.items():
+            if v.shape == p.shape and v.dim() > 0:
+                st[name] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
     opt.load_state_dict({"state": state, "param_groups": groups})
     for g in opt.param_groups:  # the config of this update wins over the saved hyperparameters
         g["lr"], g["weight_decay"] = cfg.learning_rate, cfg.weight_decay
@@ -64,18 +99,23 @@ def save_tokenizer(tokenizer, source: Path, out: Path) -> None:
             shutil.copyfile(source / name if (source / name).is_file() else f, out / name)
 
 
-def save_checkpoint(out: Path, model, tokenizer, tokenizer_source: Path, opt: torch.optim.Optimizer, trainer: dict,
-                    seed: int) -> None:
+def save_checkpoint(out: Path, model, tokenizer, tokenizer_source: Path,
+                    opt: torch.optim.Optimizer | OptimizerState, trainer: dict, seed: int) -> None:
     """Write model/ (safetensors + the tokenizer of `tokenizer_source`) and state/ (optimizer, counters, RNG)
-    under `out`."""
+    under `out`. `opt`: the optimizer, or its state already gathered (`full_optimizer_state`: a sharded
+    optimizer's rank 0 writes what every rank gathered)."""
+    from safetensors.torch import save_file
+
     mdir = out / CHECKPOINT_MODEL_DIR
     model.save_pretrained(mdir, safe_serialization=True)
     save_tokenizer(tokenizer, Path(tokenizer_source), mdir)
     sdir = out / CHECKPOINT_STATE_DIR
     sdir.mkdir()
-    groups = _save_optimizer(opt, sdir / OPTIMIZER_FILE)
+    state = opt if isinstance(opt, OptimizerState) else full_optimizer_state(opt)
+    save_file(state.tensors, str(sdir / OPTIMIZER_FILE))
     (sdir / "trainer.json").write_text(json.dumps(
-        {**trainer, "optimizer": groups, "rng_cpu": torch.get_rng_state().tolist(), "seed": seed}))
+        {**trainer, "optimizer": {"param_groups": state.param_groups}, "rng_cpu": torch.get_rng_state().tolist(),
+         "seed": seed}))
 
 
 def load_training_state(student: ModelSpec, opt: torch.optim.Optimizer, cfg: UpdateConfig) -> dict:

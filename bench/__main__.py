@@ -21,6 +21,7 @@ BENCHES = {
     "pilot": "bench.pilot",
     "rerun": "bench.rerun",
     "real_shape": "bench.real_shape",
+    "scaling": "bench.scaling",
 }
 
 

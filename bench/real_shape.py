@@ -289,6 +289,22 @@ def qwen_example() -> dict[str, float]:
     return {k: round(v / GiB, 1) for k, v in memory_model(QWEN3_1_7B, QWEN3_8B, n).items()}
 
 
+def qwen_per_gpu(gpus: tuple[int, ...] = (1, 2, 4, 8)) -> dict[int, dict[str, float]]:
+    """GiB per GPU of the Qwen example (`qwen_example`) on `gpus` GPUs, per stage, with the scale-out as built:
+    rollout, score and evaluate in one shard per GPU (each shard a whole stage on its own batches: the same memory,
+    1/N of the rows); gates and analyze on one GPU; the update in FSDP2 over N ranks (`update.world_size`): the
+    16 bytes per parameter divided by N, plus the parameters FSDP gathers at once in float32 (the root's tied
+    embedding and two decoder layers: the one computing and the one prefetched), plus each rank's micro-batch
+    activations and logits, as on one GPU."""
+    one = qwen_example()
+    s = QWEN3_1_7B
+    layer = (s.params() - s.vocab * s.hidden - s.hidden) / s.layers
+    state = 16 * s.params() / GiB
+    gathered = (s.vocab * s.hidden + 2 * layer) * 4 / GiB
+    per_rank = one["update"] - state  # activations and logits of one micro-batch
+    return {n: {**one, "update": round(state / n + per_rank + (gathered if n > 1 else 0.0), 1)} for n in gpus}
+
+
 def main(argv: list[str] | None = None) -> dict:
     from bench.common import save
     from opd_tasks.config import load_config

@@ -27,6 +27,7 @@ and nothing is published.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -57,6 +58,13 @@ def launch(ctx, x, out: Path) -> tuple[list[dict], pa.Table, int]:
     """Train in `x.update.world_size` torchrun ranks; rank 0 writes the checkpoint under `out`. Returns the
     `updates` rows, the `old_logprobs` table and the number of sequences."""
     n = x.update.world_size
+    if x.update.grad_accumulation < n:
+        logging.getLogger(__name__).warning(
+            "update.world_size is %d but update.grad_accumulation is %d: the ranks share each step's %d "
+            "micro-batch(es), so %d rank(s) only hold their shard of the model and optimizer and compute nothing; set "
+            "update.grad_accumulation to a multiple of %d (the same step: micro_batch_size x grad_accumulation "
+            "sequences) for every rank to work", n, x.update.grad_accumulation, x.update.grad_accumulation,
+            n - x.update.grad_accumulation, n)
     with tempfile.TemporaryDirectory(prefix="opd-update-") as tmp:
         scratch = Path(tmp)
         job = {"inputs": x.model_dump(mode="json"), "root": str(ctx.store.root), "remote": ctx.store.remote_uri,

@@ -82,10 +82,12 @@ def stage_task(stage: str, inputs: StageInputs, key: str, root: str, remote: str
       result_serializer="json", persist_result=True, retry_condition_fn=_should_retry, retry_jitter_factor=0.5)
 def shard_task(stage: str, inputs: StageInputs, key: str, span: Span, root: str, remote: str | None, device: str,
                iteration: int, run_name: str, fault: FaultConfig | None) -> ArtifactRef:
-    """Compute (or find) shard `span`'s part of stage `stage` (content key `key`) in the store at `root`."""
+    """Compute (or find) shard `span`'s part of stage `stage` (content key `key`) in the store at `root`. No
+    progress bars: the shards of a stage run side by side in other processes than the run's display, whose row
+    for the stage stands for them all."""
     store = ArtifactStore(root, remote)
     _, before_part = fault_hooks(store.root, run_name, stage, iteration, fault)
-    ctx = StageContext(store, stage, key, shard_device(device, span.index), before_part=before_part)
+    ctx = StageContext(store, stage, key, shard_device(device, span.index), progress=False, before_part=before_part)
     return ensure_part(STAGES[stage], ctx, inputs, span)
 
 

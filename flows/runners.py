@@ -93,7 +93,7 @@ class PrefectStageRunner(StageRunner):
         """The stage's missing parts, each shard its own task run (inline) or flow run (deployment)."""
         spans = self.shards(stage, inputs, key)
         missing = [s for s in spans if self.store.lookup(part_stage(stage.name), part_key(key, s)) is None]
-        if len(spans) < 2 or not missing:
+        if not missing:
             return
         self.log(f"it{iteration} {label}: {len(spans)} shards, {len(missing)} to compute")
         if stage.name in self.deployments:
@@ -107,10 +107,14 @@ class PrefectStageRunner(StageRunner):
         if self._pool is None:
             o = self.cfg.orchestration
             self._pool = shard_pool(o.shard_processes or max(o.shards_for(s) for s in STAGES))
-        submit_shard_tasks(self._pool, stage.name, inputs, key, missing, root=str(self.store.root),
-                           remote=self.store.remote_uri, device=self.cfg.device, iteration=iteration,
-                           run_name=self.cfg.name, fault=self.cfg.fault, refresh_cache=True,
-                           orchestration=self.cfg.orchestration)
+        try:
+            submit_shard_tasks(self._pool, stage.name, inputs, key, missing, root=str(self.store.root),
+                               remote=self.store.remote_uri, device=self.cfg.device, iteration=iteration,
+                               run_name=self.cfg.name, fault=self.cfg.fault, refresh_cache=True,
+                               orchestration=self.cfg.orchestration)
+        except BaseException:  # a process that died breaks the pool: the next sharded stage gets a new one
+            self.close()
+            raise
 
     def _inline(self, stage: Stage, inputs: StageInputs, key: str, iteration: int, label: str, refresh: bool,
                 fault) -> tuple[ArtifactRef, str]:
@@ -172,8 +176,9 @@ class PrefectStageRunner(StageRunner):
                                     f"can be read here ({type(e).__name__}: {e}); the distill flow and the stage "
                                     "must share the storage root or a remote (docs/scaling.md)") from e
             self.log(f"{where}: result not readable here ({e}); took {ref.short()} from the store")
-        task_run = f"{stage.name}-it{iteration}" + (f"-shard{shard.index}" if shard is not None else "")
-        return ref, child_task_state(fr.id, task_run, self.log)
+        if shard is not None:  # a part: whether it was cached is not recorded anywhere
+            return ref, "Completed"
+        return ref, child_task_state(fr.id, f"{stage.name}-it{iteration}", self.log)
 
 
 def child_task_state(flow_run_id, task_run: str, log) -> str:

@@ -33,7 +33,8 @@ from opd_tasks.config import FaultConfig, OrchestrationConfig
 from opd_tasks.errors import OpdError
 from opd_tasks.pipeline import fault_hooks
 from opd_tasks.stages import STAGES, StageContext, StageInputs, execute
-from opd_tasks.stages.sharding import Span, ensure_part, part_key
+from opd_tasks.stages.registry import compute_part
+from opd_tasks.stages.sharding import Span, part_key
 from storage.refs import ArtifactRef
 from storage.store import ArtifactStore
 
@@ -85,10 +86,15 @@ def shard_task(stage: str, inputs: StageInputs, key: str, span: Span, root: str,
     """Compute (or find) shard `span`'s part of stage `stage` (content key `key`) in the store at `root`. No
     progress bars: the shards of a stage run side by side in other processes than the run's display, whose row
     for the stage stands for them all."""
+    from opd_tasks.backends.loaded import LOADED
+
     store = ArtifactStore(root, remote)
     _, before_part = fault_hooks(store.root, run_name, stage, iteration, fault)
     ctx = StageContext(store, stage, key, shard_device(device, span.index), progress=False, before_part=before_part)
-    return ensure_part(STAGES[stage], ctx, inputs, span)
+    try:
+        return compute_part(STAGES[stage], ctx, inputs, span)
+    finally:  # a pool process outlives the stage: its models must not hold a GPU the next stages need
+        LOADED.release()
 
 
 def shard_device(device: str, shard: int) -> str:

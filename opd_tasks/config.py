@@ -417,6 +417,18 @@ class RunConfig(_Strict):
                 self.models.student = self.models.student.model_copy(update={"path": f"testbed:student-{fork}"})
         return self
 
+    @model_validator(mode="after")
+    def _fault_shard(self) -> RunConfig:
+        """`fault.shard` names a shard the stage has, or the drill would pass without failing anything."""
+        f = self.fault
+        if f.shard is not None:
+            shards = self.orchestration.shards_for(f.stage) if f.stage is not None else 1
+            if shards == 1 or f.shard >= shards:  # one shard: the stage runs whole, with no parts
+                raise ValueError(f"fault.shard is {f.shard}, but stage {f.stage!r} runs in {shards} shard(s) "
+                                 "(orchestration.shards / orchestration.stage_shards; only rollout, score and "
+                                 "evaluate are sharded): the fault would never fire")
+        return self
+
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:

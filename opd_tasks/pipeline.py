@@ -181,11 +181,11 @@ class StageRunner:
                             shards=self.cfg.orchestration.shards_for(stage.name), **kw)
 
     def shards(self, stage: Stage, inputs: StageInputs, key: str) -> list[Span]:
-        """The spans of the stage's shards in this run (one span, or none for a stage that is not sharded, means
-        no parts)."""
-        if stage.shards is None or self.cfg.orchestration.shards_for(stage.name) == 1:
+        """The spans of the stage's parts in this run; none for a stage that runs as one part."""
+        if stage.shards is None:
             return []
-        return shard_plan(stage, self.context(stage, key), inputs)[1]
+        plan = shard_plan(stage, self.context(stage, key), inputs)[1]
+        return plan if len(plan) > 1 else []
 
     def stored_parts(self, stage: Stage, inputs: StageInputs, key: str) -> list[ArtifactRef]:
         refs = [self.store.lookup(part_stage(stage.name), part_key(key, span))

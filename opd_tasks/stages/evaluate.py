@@ -16,7 +16,7 @@ from opd_tasks.checkers import CHECKERS, extract_numeric_answer, extract_testbed
 from opd_tasks.config import EvaluationConfig
 from opd_tasks.models import ModelSpec
 from opd_tasks.stages.registry import StageContext, StageInputs, stage
-from opd_tasks.stages.sharding import Part, Shards, Units, concat
+from opd_tasks.stages.sharding import Part, Shards, Units, concat, input_rows
 from storage.refs import ArtifactRef
 from storage.store import ArtifactStore
 
@@ -31,11 +31,6 @@ class EvaluateInputs(StageInputs):
     evaluation: EvaluationConfig
     checker: str
     seed: int
-
-
-def prompt_rows(ctx: StageContext, x: EvaluateInputs) -> list[int]:
-    """The units of an evaluation shard: the eval prompts, in order."""
-    return list(range(ctx.store.manifest(x.prompts)["tables"]["prompts"]["rows"]))
 
 
 def sampled(cfg: EvaluationConfig) -> bool:
@@ -83,7 +78,7 @@ def answer(ctx: StageContext, x: EvaluateInputs, units: Units) -> pa.Table:
 
 
 @stage("evaluate", version=1, inputs=EvaluateInputs, outputs=("evals",),
-       shards=Shards(units=prompt_rows, block=prompts_per_batch, part=answer, table="evals"))
+       shards=Shards(units=input_rows("prompts", "prompts"), block=prompts_per_batch, part=answer, table="evals"))
 def evaluate(ctx: StageContext, x: EvaluateInputs, parts: list[Part]) -> ArtifactRef:
     """The model's answers to the eval prompts, each checked; accuracy per sample."""
     cfg = x.evaluation

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -31,7 +32,7 @@ from pydantic import BaseModel, ConfigDict
 
 from opd_tasks.errors import ConfigError
 from opd_tasks.models import ModelSpec
-from opd_tasks.stages.sharding import Shards, Span, compute_sharded
+from opd_tasks.stages.sharding import Shards, Span, compute_sharded, ensure_part
 from storage.errors import DiskFullError
 from storage.keys import cache_key
 from storage.refs import ArtifactRef
@@ -151,19 +152,41 @@ def execute(stage: Stage, ctx: StageContext, inputs: StageInputs,
 
 
 def compute(stage: Stage, ctx: StageContext, inputs: StageInputs) -> ArtifactRef:
-    """Run the stage's compute function; its artifact must be published under the stage's name and key. Its input
-    models are first found in this store (`ModelSpec.in_store`: a checkpoint made in another pod is pulled)."""
-    models = {name: value.in_store(ctx.store) for name, value in inputs if isinstance(value, ModelSpec)}
-    inputs = inputs.model_copy(update=models)
-    try:
+    """Run the stage's compute function (a sharded stage: its parts, then the merge); its artifact must be
+    published under the stage's name and key. Its input models are first found in this store
+    (`ModelSpec.in_store`: a checkpoint made in another pod is pulled)."""
+    inputs = models_in_store(ctx, inputs)
+    with disk_full_named(stage.name):
         ref = compute_sharded(stage, ctx, inputs) if stage.shards is not None else stage.compute(ctx, inputs)
-    except Exception as e:  # e.g. a checkpoint's save_pretrained (safetensors) into the writer's temp dir, disk full
-        if full := DiskFullError.wrap(e, f"stage {stage.name!r} was writing its artifact"):
-            raise full from e
-        raise
     if ref.key != ctx.key or ref.stage != stage.name:
         raise ConfigError(f"stage {stage.name!r} published {ref.stage}/{ref.key}, not under its key {ctx.key}")
     return ref
+
+
+def compute_part(stage: Stage, ctx: StageContext, inputs: StageInputs, span: Span) -> ArtifactRef:
+    """One shard's part of a sharded stage, stored or computed (a shard's own task or flow run), with its input
+    models found in this store as `compute` finds them."""
+    inputs = models_in_store(ctx, inputs)
+    with disk_full_named(stage.name):
+        return ensure_part(stage, ctx, inputs, span)
+
+
+def models_in_store(ctx: StageContext, inputs: StageInputs) -> StageInputs:
+    """`inputs` with each input model found in the context's store (`ModelSpec.in_store`)."""
+    return inputs.model_copy(update={name: value.in_store(ctx.store) for name, value in inputs
+                                     if isinstance(value, ModelSpec)})
+
+
+@contextmanager
+def disk_full_named(stage: str) -> Iterator[None]:
+    """A full disk while the body writes (e.g. a checkpoint's save_pretrained into the writer's temp dir) is a
+    DiskFullError naming the stage."""
+    try:
+        yield
+    except Exception as e:
+        if full := DiskFullError.wrap(e, f"stage {stage!r} was writing its artifact"):
+            raise full from e
+        raise
 
 
 _REGISTRY: dict[str, Stage] = {}

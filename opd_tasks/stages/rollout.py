@@ -14,7 +14,7 @@ from opd_tasks.checkers import CHECKERS
 from opd_tasks.config import RolloutConfig
 from opd_tasks.models import ModelSpec
 from opd_tasks.stages.registry import StageContext, StageInputs, stage
-from opd_tasks.stages.sharding import Part, Shards, Units, concat
+from opd_tasks.stages.sharding import Part, Shards, Units, concat, input_rows
 from storage.refs import ArtifactRef
 
 
@@ -26,11 +26,6 @@ class RolloutInputs(StageInputs):
     rollout: RolloutConfig
     checker: str
     seed: int
-
-
-def prompt_rows(ctx: StageContext, x: RolloutInputs) -> list[int]:
-    """The units of a rollout shard: the prompts, in order."""
-    return list(range(ctx.store.manifest(x.prompts)["tables"]["prompts"]["rows"]))
 
 
 def prompts_per_batch(x: RolloutInputs) -> int:
@@ -77,7 +72,7 @@ def sample(ctx: StageContext, x: RolloutInputs, units: Units) -> pa.Table:
 
 
 @stage("rollout", version=1, inputs=RolloutInputs, outputs=("rollouts",),
-       shards=Shards(units=prompt_rows, block=prompts_per_batch, part=sample, table="rollouts"))
+       shards=Shards(units=input_rows("prompts", "prompts"), block=prompts_per_batch, part=sample, table="rollouts"))
 def rollout(ctx: StageContext, x: RolloutInputs, parts: list[Part]) -> ArtifactRef:
     """The student's sampled completions with per-token log-probs and rewards."""
     table = concat(parts)

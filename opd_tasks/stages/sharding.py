@@ -9,15 +9,16 @@ A stage registered with `shards=Shards(...)` (rollout, score, evaluate) declares
 - `part(ctx, inputs, units)`: the output table's rows for those units.
 
 Its registered function merges: `merge(ctx, inputs, parts) -> ArtifactRef` publishes the stage's artifact from
-all parts (the unsharded stage is the same merge over one part that holds every unit). So the artifact's bytes
-do not depend on N, nor on which process ran which shard (tests/unit/test_sharding.py: N = 1, 2, 3 give
-byte-identical tables).
+all parts (the unsharded stage is the same merge over one part that holds every unit). So with the `hf` backend
+the artifact's bytes do not depend on N, nor on which process ran which shard, as long as the processes run torch
+with the same number of CPU threads (tests/unit/test_sharding.py: N = 1, 2, 3 give byte-identical artifacts).
+vLLM's numerics depend on its batches: its shards get the same requests and seeds, not always the same bytes.
 
 With N > 1 each shard's rows are a part artifact, `<stage>.part/<part key>` (the part key: the stage's key and
 the shard's span), so a failed shard is retried alone and a rerun recomputes only the parts that are missing; the
 stage's artifact is published, atomically like any other, only after every part exists. Parts are in no run's
-lineage: `opd gc` removes them once the stage's artifact is published. N is `orchestration.shards` (or
-`orchestration.stage_shards.<stage>`), which is in no cache key.
+lineage: `opd gc` removes them (a failed stage's too, whose rerun then recomputes every shard). N is
+`orchestration.shards` (or `orchestration.stage_shards.<stage>`), which is in no cache key.
 
 Who runs the parts (flows/runners.py): the plain driver computes them one after the other in its process; the
 Prefect flow runs each as its own task run in a process pool (inline) or as a flow run of the stage's deployment
@@ -101,9 +102,21 @@ def part_key(key: str, span: Span) -> str:
 
 
 def shard_plan(stage: Stage, ctx: StageContext, inputs: StageInputs) -> tuple[list[int], list[Span]]:
-    """(the stage's units in batch order, the spans of its `ctx.shards` shards)."""
+    """(the stage's units in batch order, the spans of its `ctx.shards` shards); one span: no parts."""
+    if ctx.shards == 1:
+        return [], [Span(0, 1, 0, 0)]  # the units are not even read: the stage runs as one part of every row
     order = stage.shards.units(ctx, inputs)
     return order, spans(len(order), stage.shards.block(inputs), ctx.shards)
+
+
+def input_rows(field: str, table: str) -> Callable[[StageContext, Any], list[int]]:
+    """The units of a stage whose batches take the rows of its input artifact `field`'s table `table` in order
+    (rollout and evaluate: the prompts)."""
+
+    def units(ctx: StageContext, inputs: Any) -> list[int]:
+        return list(range(ctx.store.manifest(getattr(inputs, field))["tables"][table]["rows"]))
+
+    return units
 
 
 def units_of(order: list[int], span: Span) -> Units:
@@ -131,10 +144,8 @@ def compute_sharded(stage: Stage, ctx: StageContext, inputs: StageInputs) -> Art
     """A sharded stage's artifact: every part (stored, or computed here), then the merge. With one shard, the
     merge of one part computed in memory (no part artifact)."""
     shards = stage.shards
-    if ctx.shards > 1:
-        order = shards.units(ctx, inputs)
-        plan = spans(len(order), shards.block(inputs), ctx.shards)
-    if ctx.shards == 1 or len(plan) == 1:
+    order, plan = shard_plan(stage, ctx, inputs)
+    if len(plan) == 1:
         units = Units(None, 0)
         return stage.compute(ctx, inputs, [Part(units, shards.part(ctx, inputs, units))])
     parts = []

@@ -50,17 +50,19 @@ def _is_dtensor(v) -> bool:
     return isinstance(v, DTensor)
 
 
-def full_optimizer_state(opt: torch.optim.Optimizer) -> OptimizerState:
+def full_optimizer_state(opt: torch.optim.Optimizer, keep: bool = True) -> OptimizerState | None:
     """`opt`'s state with every tensor whole on the CPU. Under FSDP2 (DTensor parameters) each sharded moment is
-    gathered, a collective: every rank calls this, and gets the same state."""
+    gathered, a collective: every rank calls this; only a rank with `keep` holds the result (one moment at a time
+    on the others), and the others get None."""
     sd = opt.state_dict()
     tensors = {}
     for idx, st in sd["state"].items():
         for name, v in st.items():
             if _is_dtensor(v):
                 v = v.full_tensor()
-            tensors[f"{idx}.{name}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
-    return OptimizerState(tensors, sd["param_groups"])
+            if keep:
+                tensors[f"{idx}.{name}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+    return OptimizerState(tensors, sd["param_groups"]) if keep else None
 
 
 def _load_optimizer(opt: torch.optim.Optimizer, path, groups: list[dict], cfg: UpdateConfig) -> None:

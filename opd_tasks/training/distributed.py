@@ -19,9 +19,10 @@ temp dir and a scratch dir. Each rank:
    the `old_logprobs` table into the scratch dir.
 
 The parent then writes the tables and the meta and commits the artifact, as the one-process update does. A rank
-that fails writes its error to the scratch dir; torchrun stops the others; the parent raises it (a `TrainingError`
-unless the rank's error was another of the package's errors) with the world size and the tail of the ranks' output,
-and nothing is published.
+that fails writes its error to the scratch dir; torchrun stops the others; the parent raises it (as its own class
+when it is one of the package's errors, e.g. the `TrainingError` of a NaN loss; else a retryable `TransientError`)
+with the world size and the tail of the ranks' output, and nothing is published. Stopping the stage (a cancel, a
+timeout) stops torchrun's whole process group, its ranks included.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from opd_tasks.errors import ConfigError, OpdError, TrainingError
+from opd_tasks.errors import ConfigError, OpdError, TransientError
 
 #: A line rank 0 prints to stdout for the parent's progress bar.
 PROGRESS = "OPD-UPDATE-PROGRESS "
@@ -87,8 +89,9 @@ def _run(cmd: list[str], env: dict, progress: bool) -> tuple[int, str]:
 
     tail: deque[str] = deque(maxlen=_TAIL_LINES)
     bar = None
+    # its own process group: stopping the update (a cancel, a timeout, Ctrl-C) stops torchrun and every rank
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, errors="replace")
+                            stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -103,8 +106,7 @@ def _run(cmd: list[str], env: dict, progress: bool) -> tuple[int, str]:
                 bar.note(**msg)
         rc = proc.wait()
     except BaseException:
-        proc.kill()
-        proc.wait()
+        _stop_group(proc)
         raise
     finally:
         if bar is not None:
@@ -112,19 +114,38 @@ def _run(cmd: list[str], env: dict, progress: bool) -> tuple[int, str]:
     return rc, "\n".join(tail)
 
 
+def _stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM to torchrun's process group (torchrun passes it to its ranks), SIGKILL after `grace` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def _rank_error(scratch: Path, n: int, rc: int, tail: str) -> OpdError:
-    """The error of the rank that failed first: one of the package's errors (raised as its class) before any other
-    (a rank whose peer died fails in its next collective, a moment later: "Connection closed by peer"), else
-    the earliest; a TrainingError when no rank wrote one (killed by a signal)."""
-    import opd_tasks.errors as errors
+    """The error of the rank that failed first: one of the package's errors (raised as its class: a TrainingError
+    for a NaN, a DiskFullError, ...) before any other (a rank whose peer died fails in its next collective, a
+    moment later: "Connection closed by peer"), else the earliest. Any other failure (CUDA out of memory, a
+    collective's error, a rank killed by a signal) is a TransientError, retried as the one-process update's
+    unknown errors are (flows/stage_task.py)."""
+    import storage.errors as errors
+
+    def package_error(report: dict) -> type[OpdError] | None:
+        cls = getattr(errors, report["type"], None)
+        return cls if isinstance(cls, type) and issubclass(cls, OpdError) else None
 
     reports = [json.loads(f.read_text()) for f in scratch.glob("error-rank*.json")]
-    ours = [r for r in reports if isinstance(getattr(errors, r["type"], None), type)
-            and issubclass(getattr(errors, r["type"]), OpdError)]
+    ours = [r for r in reports if package_error(r) is not None]
     first = min(ours or reports, key=lambda r: r["time"], default=None)
     what = (f"rank {first['rank']} failed: {first['type']}: {first['message']}" if first
             else f"torchrun exited with status {rc} and no rank reported an error")
-    cls = getattr(errors, first["type"]) if first and first in ours else TrainingError
+    cls = package_error(first) if ours else TransientError
     return cls(f"update with update.world_size={n}: {what}; nothing was published\n"
                f"--- last lines of the ranks' output ---\n{tail}")
 
@@ -207,7 +228,7 @@ def _train_rank(job: dict, rank: int, world: int, dev: torch.device) -> None:
 
     model.eval()
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    opt_state = full_optimizer_state(opt)  # a collective: every rank
+    opt_state = full_optimizer_state(opt, keep=rank == 0)  # a collective: every rank; only rank 0 keeps it
     if rank == 0:
         with torch.random.fork_rng(devices=[]):  # the saved RNG state is the training's, as on one rank
             whole = load_causal_lm(student.path, torch.device("cpu"), "float32", student.trust_remote_code)
@@ -236,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(sha256_json(["update-rng", job["inputs"]["seed"]])[:15], 16))
             _train_rank(job, rank, world, dev)
-        dist.barrier()
+        # no barrier: no collective follows, and torchrun waits for every rank (a barrier would time out the
+        # other ranks while rank 0 alone writes a large checkpoint)
         dist.destroy_process_group()
     except BaseException as e:
         (Path(job["scratch"]) / f"error-rank{rank}.json").write_text(json.dumps(

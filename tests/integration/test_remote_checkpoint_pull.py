@@ -73,3 +73,32 @@ def test_without_the_checkpoint_anywhere_the_stage_names_it(tmp_path: Path) -> N
     b.put_table("prompts", prompts.key, "prompts", a.read_table(prompts))
     with pytest.raises(ArtifactError, match=f"artifact update/{CKPT_KEY} is missing"):
         _rollouts(b, student, prompts)
+
+
+def test_a_shard_in_a_fresh_root_pulls_its_input_checkpoint_too(tmp_path: Path) -> None:
+    """A shard of the rollout (its own task or flow run, `registry.compute_part`) finds the checkpoint the same way,
+    and its part holds the rows of the same weights loaded locally."""
+    from opd_tasks.stages import StageContext
+    from opd_tasks.stages.registry import compute_part
+    from opd_tasks.stages.sharding import Span
+
+    remote = f"file://{tmp_path / 'remote'}"
+    a = ArtifactStore(tmp_path / "pod-a", remote=remote)
+    initial = spec_of(ModelRef(path="testbed:student", dtype="float32"))
+    prompts = PROMPTS(a, PromptsInputs(data=DataConfig(), tokenizer=initial, split="train", n=4, offset=0,
+                                       max_context=None, seed=0))
+    student = ModelSpec.from_checkpoint(a, _publish_checkpoint(a), parent=initial)
+    shutil.rmtree(tmp_path / "pod-a")
+
+    b = ArtifactStore(tmp_path / "pod-b", remote=remote)
+    sampling = RolloutConfig(samples_per_prompt=2, max_new_tokens=16, batch_size=4)  # 2 prompts per batch
+    inputs = RolloutInputs(student=student, prompts=prompts, checker="testbed", seed=0, rollout=sampling)
+    span = Span(index=1, count=2, start=2, stop=4)  # the second shard: prompts 2 and 3
+    part = compute_part(ROLLOUT, StageContext(b, "rollout", ROLLOUT.key(inputs), "cpu", progress=False), inputs, span)
+    assert (b.layout.artifact_dir("update", CKPT_KEY) / CHECKPOINT_MODEL_DIR / "model.safetensors").is_file()
+
+    c = ArtifactStore(tmp_path / "local")
+    local = ROLLOUT(c, inputs.model_copy(update={"student": initial, "prompts": PROMPTS(c, PromptsInputs(
+        data=DataConfig(), tokenizer=initial, split="train", n=4, offset=0, max_context=None, seed=0))}),
+                    progress=False)
+    assert b.read_table(part, "rollouts").equals(c.read_table(local, "rollouts").slice(4, 4))

@@ -173,3 +173,30 @@ def test_more_ranks_than_gpus_is_a_config_error(monkeypatch) -> None:
     with pytest.raises(ConfigError, match="update.world_size is 2"):
         check_world_size(torch.device("cuda"), 2)
     check_world_size(torch.device("cpu"), 2)  # the CPU (gloo) takes any number of ranks
+
+
+def test_stopping_the_update_stops_every_process_of_its_group() -> None:
+    """A cancelled or timed-out update stops torchrun's whole process group (its ranks too), not torchrun alone."""
+    import os
+    import subprocess
+    import sys
+
+    from opd_tasks.training.distributed import _stop_group
+
+    # a parent that ignores nothing and a grandchild, as torchrun and a rank are
+    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
+           "print(flush=True); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    proc.stdout.readline()  # the grandchild has started
+    group = proc.pid
+    _stop_group(proc, grace=5.0)
+    assert proc.poll() is not None
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)  # anyone left in the group?
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("a process of the update's group outlived _stop_group")

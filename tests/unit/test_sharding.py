@@ -120,3 +120,15 @@ def test_stage_shards_names_a_sharded_stage() -> None:
 
     with pytest.raises(ConfigError, match="update.*not a sharded stage"):
         load_config(None, ["orchestration.stage_shards={update: 2}"])
+
+
+def test_fault_shard_names_a_shard_the_stage_has() -> None:
+    from opd_tasks.config import load_config
+    from opd_tasks.errors import ConfigError
+
+    for bad in (["fault.stage=update", "fault.shard=0", "orchestration.shards=2"],  # update is not sharded
+                ["fault.stage=score", "fault.shard=2", "orchestration.shards=2"],  # shards 0 and 1 only
+                ["fault.stage=score", "fault.shard=0"]):  # one shard: no parts
+        with pytest.raises(ConfigError, match="fault.shard"):
+            load_config(None, bad)
+    assert load_config(None, ["fault.stage=score", "fault.shard=1", "orchestration.shards=2"]).fault.shard == 1

@@ -43,7 +43,7 @@ class PromptsInputs(StageInputs):
         return artifacts, config, seed
 
 
-@stage("prompts", version=1, inputs=PromptsInputs, outputs=("prompts",), gpu=False)
+@stage("prompts", version=2, inputs=PromptsInputs, outputs=("prompts",), gpu=False)
 def prompts(ctx: StageContext, x: PromptsInputs) -> ArtifactRef:
     """The prompts of one iteration's slice (or of the eval set), tokenized."""
     from opd_tasks.backends.loaded import LOADED

@@ -12,7 +12,9 @@ faithful probe as the probe's default and the early-stop rate in evaluations (is
 probe cases' training, evaluation meta; every other loss and accuracy unchanged); then the trainer's recomputed old
 log-probs and the gates' batched re-scores (issue 19: update contents, the later iterations' rollouts and analyses;
 losses and gate figures moved in the last float32 bits, e.g. teacher_repeat_diff 0 -> 6e-6, every gate passes as
-before, every accuracy unchanged). Regenerate only for an intended change, and say what changed in the commit:
+before, every accuracy unchanged); then the prompts stage's version 2 (issue 21's session: it had excluded rows
+without an answer since issue 18 under version 1; every key changes, so the three `parent` checkpoint hashes of
+iteration 1 changed, and nothing else). Regenerate only for an intended change, and say what changed in the commit:
 
     python -m tests.golden --write
 """

@@ -9,8 +9,9 @@ Its Prefect cache key is the stage's content key (`StageKey`): the caller comput
 no flow-run id, no run name, no iteration) and passes it in, so a retry, a rerun of the same run and a new run
 with the same inputs all hit the cache, and the store and Prefect agree on what is cached.
 
-`shard_task` computes one shard's part of a sharded stage (opd_tasks/stages/sharding.py); its Prefect cache key is
-the part's key. `submit_shard_tasks` runs a stage's shards as task runs in a process pool, each retried alone.
+Called with a `span`, the same task computes one shard's part of a sharded stage (opd_tasks/stages/sharding.py),
+and its cache key is the part's key. `submit_shard_tasks` runs a stage's shards as task runs in a process pool,
+each retried alone.
 
 `call_stage_task` sets the options that depend on the run (result storage under its root, retries with
 exponential backoff, the GPU concurrency tag when a limit on it exists: `tag_is_limited`). The distill flow
@@ -34,25 +35,20 @@ from opd_tasks.errors import OpdError
 from opd_tasks.pipeline import fault_hooks
 from opd_tasks.stages import STAGES, StageContext, StageInputs, execute
 from opd_tasks.stages.registry import compute_part
-from opd_tasks.stages.sharding import Span, part_key
+from opd_tasks.stages.sharding import Span, part_key, part_stage
 from storage.refs import ArtifactRef
 from storage.store import ArtifactStore
 
 
 @dataclass
 class StageKey(CachePolicy):
-    """The cache key of a `stage_task` call: `opd-<stage>-<the stage's content key>`, from its parameters."""
+    """The cache key of a `stage_task` call, from its parameters: `opd-<stage>-<the stage's content key>`, or for
+    one shard's part `opd-<stage>.part-<the part's key>`."""
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str:
+        if inputs.get("span") is not None:
+            return f"opd-{part_stage(inputs['stage'])}-{part_key(inputs['key'], inputs['span'])}"
         return f"opd-{inputs['stage']}-{inputs['key']}"
-
-
-@dataclass
-class PartKey(CachePolicy):
-    """The cache key of a `shard_task` call: `opd-<stage>.part-<the part's key>`."""
-
-    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str:
-        return f"opd-{inputs['stage']}.part-{part_key(inputs['key'], inputs['span'])}"
 
 
 def _should_retry(task, task_run, state) -> bool:
@@ -69,32 +65,26 @@ def _should_retry(task, task_run, state) -> bool:
 @task(name="stage", task_run_name="{stage}-it{iteration}", cache_policy=StageKey(), result_serializer="json",
       persist_result=True, retry_condition_fn=_should_retry, retry_jitter_factor=0.5)
 def stage_task(stage: str, inputs: StageInputs, key: str, root: str, remote: str | None, device: str,
-               iteration: int, run_name: str, fault: FaultConfig | None, shards: int = 1) -> ArtifactRef:
+               iteration: int, run_name: str, fault: FaultConfig | None, shards: int = 1,
+               span: Span | None = None) -> ArtifactRef:
     """Run stage `stage` on `inputs` (its content key `key`) against the store at `root`; a sharded stage in
-    `shards` shards merges their parts (computing here any that are missing)."""
+    `shards` shards merges their parts (computing here any that are missing). With `span`, only that shard's part
+    (stored, or computed; named `<stage>-it<i>-shard<j>` by its caller), without progress bars: the shards of a
+    stage run side by side in other processes than the run's display, whose row for the stage stands for them."""
     record, store = STAGES[stage], ArtifactStore(root, remote)
     before_stage, before_part = fault_hooks(store.root, run_name, stage, iteration, fault)
+    if span is not None:
+        from opd_tasks.backends.loaded import LOADED
+
+        ctx = StageContext(store, stage, key, shard_device(device, span.index), progress=False,
+                           before_part=before_part)
+        try:
+            return compute_part(record, ctx, inputs, span)
+        finally:  # a pool process outlives the stage: its models must not hold a GPU the next stages need
+            LOADED.release()
     ctx = StageContext(store, stage, key, device, shards=shards, before_part=before_part)
     ref, _ = execute(record, ctx, inputs, before_compute=before_stage)
     return ref
-
-
-@task(name="shard", task_run_name="{stage}-it{iteration}-shard{span.index}", cache_policy=PartKey(),
-      result_serializer="json", persist_result=True, retry_condition_fn=_should_retry, retry_jitter_factor=0.5)
-def shard_task(stage: str, inputs: StageInputs, key: str, span: Span, root: str, remote: str | None, device: str,
-               iteration: int, run_name: str, fault: FaultConfig | None) -> ArtifactRef:
-    """Compute (or find) shard `span`'s part of stage `stage` (content key `key`) in the store at `root`. No
-    progress bars: the shards of a stage run side by side in other processes than the run's display, whose row
-    for the stage stands for them all."""
-    from opd_tasks.backends.loaded import LOADED
-
-    store = ArtifactStore(root, remote)
-    _, before_part = fault_hooks(store.root, run_name, stage, iteration, fault)
-    ctx = StageContext(store, stage, key, shard_device(device, span.index), progress=False, before_part=before_part)
-    try:
-        return compute_part(STAGES[stage], ctx, inputs, span)
-    finally:  # a pool process outlives the stage: its models must not hold a GPU the next stages need
-        LOADED.release()
 
 
 def shard_device(device: str, shard: int) -> str:
@@ -162,11 +152,18 @@ def call_stage_task(stage: str, inputs: StageInputs, key: str, *, root: str, rem
 def call_shard_task(stage: str, inputs: StageInputs, key: str, span: Span, *, root: str, remote: str | None,
                     device: str, iteration: int, run_name: str, fault: FaultConfig | None, refresh_cache: bool,
                     orchestration: OrchestrationConfig):
-    """Call `shard_task` in this process with this run's options (a stage's flow run for one shard,
-    flows/stage.py); returns its final Prefect state (result: the part's ArtifactRef)."""
-    return shard_task.with_options(**task_options(stage, root, refresh_cache, orchestration))(
+    """Call `stage_task` for shard `span` in this process with this run's options (a stage's flow run for one
+    shard, flows/stage.py); returns its final Prefect state (result: the part's ArtifactRef)."""
+    return shard_options(stage, span, iteration, root, refresh_cache, orchestration)(
         stage=stage, inputs=inputs, key=key, span=span, root=root, remote=remote, device=device, iteration=iteration,
         run_name=run_name, fault=fault, return_state=True)
+
+
+def shard_options(stage: str, span: Span, iteration: int, root: str, refresh_cache: bool,
+                  orchestration: OrchestrationConfig):
+    """`stage_task` with this run's options for shard `span`, named `<stage>-it<i>-shard<j>`."""
+    return stage_task.with_options(task_run_name=f"{stage}-it{iteration}-shard{span.index}",
+                                   **task_options(stage, root, refresh_cache, orchestration))
 
 
 def shard_pool(processes: int):
@@ -187,10 +184,10 @@ def submit_shard_tasks(pool, stage: str, inputs: StageInputs, key: str, spans: l
                        refresh_cache: bool, orchestration: OrchestrationConfig) -> list[ArtifactRef]:
     """Run each shard of `spans` as its own task run on `pool` (side by side, each retried alone); wait for all;
     the parts' refs. The first shard that failed after its retries raises its error, once all have ended."""
-    task = shard_task.with_options(**task_options(stage, root, refresh_cache, orchestration))
-    futures = [pool.submit(task, {"stage": stage, "inputs": inputs, "key": key, "span": span, "root": root,
-                                  "remote": remote, "device": device, "iteration": iteration, "run_name": run_name,
-                                  "fault": fault})
+    futures = [pool.submit(shard_options(stage, span, iteration, root, refresh_cache, orchestration),
+                           {"stage": stage, "inputs": inputs, "key": key, "span": span, "root": root,
+                            "remote": remote, "device": device, "iteration": iteration, "run_name": run_name,
+                            "fault": fault})
                for span in spans]
     for f in futures:
         f.wait()

@@ -39,7 +39,9 @@ def _rollouts(store: ArtifactStore, student: ModelSpec, prompts):
     return store.read_table(ref, "rollouts")
 
 
-def test_a_stage_in_a_fresh_root_pulls_its_input_checkpoint_from_the_remote(tmp_path: Path) -> None:
+def _pod_a_then_gone(tmp_path: Path):
+    """Pod A publishes 4 prompts and a checkpoint to the remote, then its disk is gone: (remote, the testbed
+    student, the prompts, the checkpoint's ModelSpec as the driver passes it on)."""
     remote = f"file://{tmp_path / 'remote'}"
     a = ArtifactStore(tmp_path / "pod-a", remote=remote)
     initial = spec_of(ModelRef(path="testbed:student", dtype="float32"))
@@ -48,6 +50,11 @@ def test_a_stage_in_a_fresh_root_pulls_its_input_checkpoint_from_the_remote(tmp_
     student = ModelSpec.from_checkpoint(a, _publish_checkpoint(a), parent=initial)
     assert student.in_store(a) is student  # where it was made: nothing to re-resolve, nothing hashed again
     shutil.rmtree(tmp_path / "pod-a")  # pod A is gone; only the remote holds its artifacts
+    return remote, initial, prompts, student
+
+
+def test_a_stage_in_a_fresh_root_pulls_its_input_checkpoint_from_the_remote(tmp_path: Path) -> None:
+    remote, initial, prompts, student = _pod_a_then_gone(tmp_path)
 
     b = ArtifactStore(tmp_path / "pod-b", remote=remote)
     got = _rollouts(b, student, prompts)
@@ -82,14 +89,7 @@ def test_a_shard_in_a_fresh_root_pulls_its_input_checkpoint_too(tmp_path: Path) 
     from opd_tasks.stages.registry import compute_part
     from opd_tasks.stages.sharding import Span
 
-    remote = f"file://{tmp_path / 'remote'}"
-    a = ArtifactStore(tmp_path / "pod-a", remote=remote)
-    initial = spec_of(ModelRef(path="testbed:student", dtype="float32"))
-    prompts = PROMPTS(a, PromptsInputs(data=DataConfig(), tokenizer=initial, split="train", n=4, offset=0,
-                                       max_context=None, seed=0))
-    student = ModelSpec.from_checkpoint(a, _publish_checkpoint(a), parent=initial)
-    shutil.rmtree(tmp_path / "pod-a")
-
+    remote, initial, prompts, student = _pod_a_then_gone(tmp_path)
     b = ArtifactStore(tmp_path / "pod-b", remote=remote)
     sampling = RolloutConfig(samples_per_prompt=2, max_new_tokens=16, batch_size=4)  # 2 prompts per batch
     inputs = RolloutInputs(student=student, prompts=prompts, checker="testbed", seed=0, rollout=sampling)

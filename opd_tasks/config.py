@@ -334,14 +334,15 @@ class OrchestrationConfig(_Strict):
                                       description="deployment runner: how often a stage's flow run is polled.")
     shards: int = Field(
         default=1, ge=1, le=4096, description="Shards of each row-parallel stage (rollout, score, evaluate): its "
-        "rows split into this many parts on batch boundaries, each its own task run (inline: in a pool of "
-        "shard_processes processes; deployment: a flow run of the stage's deployment each), merged into one "
-        "artifact whose bytes do not depend on the number (docs/scaling.md). 1 = no parts.")
+        "rows split into this many parts on batch boundaries (under Prefect each its own task run, inline in a pool "
+        "of shard_processes processes, or a flow run of the stage's deployment; the plain driver computes them in "
+        "turn), merged into one artifact whose bytes, with the hf backend, do not depend on the number "
+        "(docs/scaling.md). 1 = no parts.")
     stage_shards: dict[str, Annotated[int, Field(ge=1, le=4096)]] = Field(
         default_factory=dict, description="Shards per stage, e.g. {rollout: 8, score: 4}; overrides `shards` there.")
     shard_processes: int | None = Field(
         default=None, ge=1, le=256, description="inline runner: processes a stage's shards run in at once (each "
-        "loads its own models); None = one per shard.")
+        "loads its own models); None = the largest number of shards of any stage.")
 
     @field_validator("stage_shards")
     @classmethod

@@ -1,17 +1,17 @@
-"""Scale-out: the rollout and scoring stages in 1, 2 and 4 shards, and the update in 1 and 2 processes.
+"""Scale-out: the rollout, scoring and analysis stages in 1, 2 and 4 shards, and the update in 1 and 2 processes.
 
 Shards (`orchestration.shards`) run the way the distill flow runs them: the Prefect stage runner
 (flows/runners.py), each shard a task run in a process pool on this machine, then the merge. For each number of
 shards, in a fresh root (nothing cached): the wall time of each stage (the pool's process start included in the
 rollout's, the first sharded stage), and whether the stage's artifact is byte-identical (same sha256) to the
-one-shard artifact. The update (`update.world_size`) trains on the one-shard rollouts and scores in 1 and 2
-processes (torchrun, gloo on the CPU): wall time, the largest difference of the per-step losses and of the
-final weights.
+one-shard artifact. The analysis is `topd`'s (the default `swap` detector, with the bridge). The update
+(`update.world_size`) trains on the one-shard rollouts and scores in 1 and 2 processes (torchrun, gloo on the
+CPU): wall time, the largest difference of the per-step losses and of the final weights.
 
     python -m bench scaling --prompts 128 --samples 4 --shards 1 2 4 --ranks 1 2
 
-Sizes: rollout and scoring batches of 32 sequences (8 prompts x 4 samples per generation batch), so 128 prompts
-are 16 batches of each, enough for 4 shards; the update in micro-batches of `--micro-batch` sequences, dealt to
+Sizes: rollout, scoring and analysis batches of 32 sequences (8 prompts x 4 samples per generation batch), so 128
+prompts are 16 batches of each, enough for 4 shards; the update in micro-batches of `--micro-batch` sequences, dealt to
 the ranks. On a small CPU the shard processes share its cores with each other (each keeps torch's default
 threads, which the byte equality needs: docs/scaling.md), and every shard process and rank pays its own start
 (imports, model load): the figures are the cost of the machinery at this size, not a GPU's speed-up.
@@ -41,13 +41,15 @@ def config(root: Path, prompts: int, samples: int, shards: int, device: str, *ex
 
     return load_config(None, [f"root={root}", "name=scaling", f"data.prompts_per_iteration={prompts}",
                               f"rollout.samples_per_prompt={samples}", "rollout.batch_size=32",
-                              "scoring.batch_size=32", f"orchestration.shards={shards}", f"device={device}", *extra])
+                              "scoring.batch_size=32", "analysis.batch_size=32", "method=topd",
+                              f"orchestration.shards={shards}", f"device={device}", *extra])
 
 
 def stage_inputs(cfg):
-    """The first iteration's prompts, rollout and score inputs, as `run_iteration` builds them."""
+    """The first iteration's prompts, rollout, score and analysis inputs, as `run_iteration` builds them."""
+    from opd_tasks.method import plan
     from opd_tasks.pipeline import checker_name, max_prompt_tokens, resolve_models
-    from opd_tasks.stages import PromptsInputs, RolloutInputs, ScoreInputs
+    from opd_tasks.stages import AnalyzeInputs, PromptsInputs, RolloutInputs, ScoreInputs
 
     models = resolve_models(cfg)
     prompts = PromptsInputs(data=cfg.data, tokenizer=models.initial_student, split="train",
@@ -57,22 +59,26 @@ def stage_inputs(cfg):
     return models, prompts, lambda p: RolloutInputs(student=models.initial_student, prompts=p, rollout=cfg.rollout,
                                                     checker=checker_name(cfg), seed=cfg.seed), \
         lambda r: ScoreInputs(teacher=models.teacher, student=models.initial_student, rollouts=r,
-                              scoring=cfg.scoring)
+                              scoring=cfg.scoring), \
+        lambda r, s: AnalyzeInputs(student=models.initial_student, teacher=models.teacher, rollouts=r, scores=s,
+                                   analysis=cfg.analysis, weighting=plan(cfg).weighting, bridge=True,
+                                   label_roles=checker_name(cfg) == "testbed", seed=cfg.seed)
 
 
 def shards_run(root: Path, prompts: int, samples: int, shards: int, device: str) -> dict:
-    """Rollout and score of one iteration in `shards` shards through the Prefect stage runner, in a flow."""
+    """Rollout, score and analysis of one iteration in `shards` shards through the Prefect stage runner, in a
+    flow."""
     from prefect import flow
 
     from flows.runners import PrefectStageRunner
     from opd_tasks.pipeline import open_run
-    from opd_tasks.stages import PROMPTS, ROLLOUT, SCORE
+    from opd_tasks.stages import ANALYZE, PROMPTS, ROLLOUT, SCORE
 
     @flow(name="bench-scaling", log_prints=False)
     def run() -> dict:
         cfg = config(root, prompts, samples, shards, device)
         store, lineage = open_run(cfg)
-        _, prompt_inputs, rollout_inputs, score_inputs = stage_inputs(cfg)
+        _, prompt_inputs, rollout_inputs, score_inputs, analyze_inputs = stage_inputs(cfg)
         out = {}
         with PrefectStageRunner(store, lineage, cfg, log=lambda m: None, progress=False) as runner:
             p = runner(PROMPTS, prompt_inputs, 0).ref
@@ -81,9 +87,12 @@ def shards_run(root: Path, prompts: int, samples: int, shards: int, device: str)
             t1 = time.perf_counter()
             s = runner(SCORE, score_inputs(r), 0).ref
             t2 = time.perf_counter()
-        out = {"rollout_s": t1 - t0, "score_s": t2 - t1, "rollout_sha256": r.sha256, "score_sha256": s.sha256,
-               "sequences": r.rows, "tokens": s.rows, "rollout_parts": parts(root, "rollout"),
-               "score_parts": parts(root, "score"), "rollouts": r.model_dump(mode="json"),
+            a = runner(ANALYZE, analyze_inputs(r, s), 0).ref
+            t3 = time.perf_counter()
+        out = {"rollout_s": t1 - t0, "score_s": t2 - t1, "analyze_s": t3 - t2, "rollout_sha256": r.sha256,
+               "score_sha256": s.sha256, "analyze_sha256": a.sha256, "sequences": r.rows, "tokens": s.rows,
+               "rollout_parts": parts(root, "rollout"), "score_parts": parts(root, "score"),
+               "analyze_parts": parts(root, "analyze"), "rollouts": r.model_dump(mode="json"),
                "scores": s.model_dump(mode="json")}
         return out
 
@@ -135,7 +144,7 @@ def summary(runs: list[dict], timed: tuple[str, ...]) -> dict:
     for k in timed:
         row[k] = median([r[k] for r in runs])
         row[f"{k}_reps"] = [r[k] for r in runs]
-    for k in ("rollout_identical", "score_identical"):
+    for k in ("rollout_identical", "score_identical", "analyze_identical"):
         if k in row:
             row[k] = all(r[k] for r in runs)
     for k in ("max_loss_diff", "max_weight_diff"):
@@ -166,8 +175,8 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp, prefect_api(console.print):
         for rep in range(args.reps):
             for n in args.shards:
-                console.print(f"[bold]rep {rep}, {n} shard(s)[/]: rollout and score of {args.prompts} prompts x "
-                              f"{args.samples}")
+                console.print(f"[bold]rep {rep}, {n} shard(s)[/]: rollout, score and analysis of {args.prompts} "
+                              f"prompts x {args.samples}")
                 got = shards_run(Path(tmp) / f"rep{rep}-shards{n}", args.prompts, args.samples, n, args.device)
                 runs.append({"rep": rep, "shards": n, **got})
             first = runs[0]
@@ -180,7 +189,9 @@ def main(argv: list[str]) -> None:
     for r in runs:  # every run's artifacts against the first one-shard run's
         r["rollout_identical"] = r["rollout_sha256"] == one["rollout_sha256"]
         r["score_identical"] = r["score_sha256"] == one["score_sha256"]
-    rows = [summary([r for r in runs if r["shards"] == n], ("rollout_s", "score_s")) for n in args.shards]
+        r["analyze_identical"] = r["analyze_sha256"] == one["analyze_sha256"]
+    rows = [summary([r for r in runs if r["shards"] == n], ("rollout_s", "score_s", "analyze_s"))
+            for n in args.shards]
     updates = []
     for w in args.ranks:
         mine = [u for u in update_runs if u["world_size"] == w]
@@ -193,13 +204,14 @@ def main(argv: list[str]) -> None:
     one = rows[0]
 
     shards_table = Table(title=f"shards: {args.prompts} prompts x {args.samples} samples, device {args.device}")
-    for col in ("shards", "parts", "rollout s", "vs 1", "identical", "parts", "score s", "vs 1", "identical"):
-        shards_table.add_column(col, justify="right")
+    shards_table.add_column("shards", justify="right")
+    for stage in ("rollout", "score", "analyze"):
+        for col in ("parts", f"{stage} s", "vs 1", "identical"):
+            shards_table.add_column(col, justify="right")
     for r in rows:
-        shards_table.add_row(str(r["shards"]), str(r["rollout_parts"]), f"{r['rollout_s']:.1f}",
-                             f"{r['rollout_s'] / one['rollout_s']:.2f}", str(r["rollout_identical"]),
-                             str(r["score_parts"]), f"{r['score_s']:.1f}", f"{r['score_s'] / one['score_s']:.2f}",
-                             str(r["score_identical"]))
+        shards_table.add_row(str(r["shards"]), *(cell for stage in ("rollout", "score", "analyze") for cell in (
+            str(r[f"{stage}_parts"]), f"{r[f'{stage}_s']:.1f}", f"{r[f'{stage}_s'] / one[f'{stage}_s']:.2f}",
+            str(r[f"{stage}_identical"]))))
     console.print(shards_table)
     base = updates[0]
     update_table = Table(title=f"update: world size ({base['steps']} steps of {args.grad_accumulation} "

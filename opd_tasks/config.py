@@ -174,7 +174,9 @@ class AnalysisConfig(_Strict):
                          "its scale depends on the detector (docs/method.md).")
     delta_mode: Literal["absolute", "quantile"] = Field(
         default="absolute", description="absolute: delta is the threshold; quantile: delta is a quantile of D_t.")
-    batch_size: int = Field(default=256, ge=1, description="Sequences (or probe prefixes) per forward batch.")
+    batch_size: int = Field(default=256, ge=1, description="Sequences per block: the detector runs block by block "
+                            "(a shard holds whole blocks), and within a block this many sequences or probe prefixes "
+                            "per forward batch.")
 
 
 #: Keys that moved to the `topd:` section (issue 15): an old config that still sets one gets an error naming the new
@@ -333,11 +335,11 @@ class OrchestrationConfig(_Strict):
     stage_poll_seconds: float = Field(default=2.0, gt=0.0, le=300.0,
                                       description="deployment runner: how often a stage's flow run is polled.")
     shards: int = Field(
-        default=1, ge=1, le=4096, description="Shards of each row-parallel stage (rollout, score, evaluate): its "
-        "rows split into this many parts on batch boundaries (under Prefect each its own task run, inline in a pool "
-        "of shard_processes processes, or a flow run of the stage's deployment; the plain driver computes them in "
-        "turn), merged into one artifact whose bytes, with the hf backend, do not depend on the number "
-        "(docs/scaling.md). 1 = no parts.")
+        default=1, ge=1, le=4096, description="Shards of each row-parallel stage (rollout, score, analyze, "
+        "evaluate): its rows split into this many parts on batch boundaries (under Prefect each its own task run, "
+        "inline in a pool of shard_processes processes, or a flow run of the stage's deployment; the plain driver "
+        "computes them in turn), merged into one artifact whose bytes, with the hf backend, do not depend on the "
+        "number (docs/scaling.md). 1 = no parts.")
     stage_shards: dict[str, Annotated[int, Field(ge=1, le=4096)]] = Field(
         default_factory=dict, description="Shards per stage, e.g. {rollout: 8, score: 4}; overrides `shards` there.")
     shard_processes: int | None = Field(
@@ -425,9 +427,11 @@ class RunConfig(_Strict):
         if f.shard is not None:
             shards = self.orchestration.shards_for(f.stage) if f.stage is not None else 1
             if shards == 1 or f.shard >= shards:  # one shard: the stage runs whole, with no parts
+                from opd_tasks.stages import sharded_stages
+
                 raise ValueError(f"fault.shard is {f.shard}, but stage {f.stage!r} runs in {shards} shard(s) "
-                                 "(orchestration.shards / orchestration.stage_shards; only rollout, score and "
-                                 "evaluate are sharded): the fault would never fire")
+                                 "(orchestration.shards / orchestration.stage_shards; the sharded stages are "
+                                 f"{', '.join(sharded_stages())}): the fault would never fire")
         return self
 
     @field_validator("name")

@@ -11,6 +11,16 @@ Writes one artifact with two tables:
   ground-truth role (`form` / `reasoning` / `answer` / `unknown`) when the prompts come from the testbed.
 - `probes`: one row per probed position: the teacher's and the student's continuations (the teacher's is the
   bridge at divergent positions) and their distance.
+
+Sharded (opd_tasks/stages/sharding.py): a part analyses a run of whole blocks of `analysis.batch_size` sequences
+(the rollouts with a completion, in row order), and its detector runs block by block, so a part's rows are the
+unsharded stage's. What is taken over the whole batch is taken so in every part or in the merge:
+- the high-loss cut (`analysis.high_loss_quantile` of the k1 signal): every part computes it from every
+  sequence's k1, which needs no model. With `loss_signal: rkl_topk` the cut needs the student's pass over every
+  sequence first, so the stage runs as one part (unless `high_loss_threshold` fixes the cut);
+- delta (a quantile of every D_t with `delta_mode: quantile`): the merge computes it, then every token's regime
+  and weight (a part's own are provisional, from its own D_t), and with the `swap` detector the bridges at the
+  divergent positions (`teacher_bridges`).
 """
 
 from __future__ import annotations
@@ -19,12 +29,14 @@ import logging
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from opd_tasks.config import AnalysisConfig
 from opd_tasks.errors import DataError
 from opd_tasks.method import TokenWeighting
 from opd_tasks.models import ModelSpec
 from opd_tasks.stages.registry import StageContext, StageInputs, stage
+from opd_tasks.stages.sharding import Part, Shards, Units, concat, write_or_declare
 from storage.refs import ArtifactRef
 
 log = logging.getLogger(__name__)
@@ -45,17 +57,37 @@ class AnalyzeInputs(StageInputs):
     seed: int
 
 
-@stage("analyze", version=7, inputs=AnalyzeInputs, outputs=("tokens", "probes"))
-def analyze(ctx: StageContext, x: AnalyzeInputs) -> ArtifactRef:
-    """Per-token losses, high-loss tokens, near-future detection, regimes and token weights."""
+def analysed_rows(ctx: StageContext, x: AnalyzeInputs) -> list[int]:
+    """The units of an analysis shard: the rollouts with at least one completion token, in row order."""
+    roll = ctx.store.read_table(x.rollouts, "rollouts", columns=["token_ids"])
+    return np.flatnonzero(pc.list_value_length(roll.column("token_ids")).to_numpy() > 0).tolist()
+
+
+def sequences_per_batch(x: AnalyzeInputs) -> int:
+    return x.analysis.batch_size
+
+
+def needs_every_sequence(x: AnalyzeInputs) -> str | None:
+    """Why the analysis cannot split (the high-loss cut needs a model pass over every sequence), if it cannot."""
+    cfg = x.analysis
+    if cfg.loss_signal == "rkl_topk" and cfg.high_loss_threshold is None:
+        return ("with analysis.loss_signal 'rkl_topk' the high-loss quantile is over the student's pass on every "
+                "sequence; set analysis.high_loss_threshold (or loss_signal: k1) to shard it")
+    return None
+
+
+def analyse(ctx: StageContext, x: AnalyzeInputs, units: Units) -> dict[str, pa.Table]:
+    """The `tokens` and `probes` rows of the sequences `units` (all of them, or a shard's): the loss signals, the
+    high-loss tokens and the detector's D_t, block by block of `analysis.batch_size` sequences; the regimes and
+    weights from this part's own delta (the merge decides the batch's)."""
     from opd_tasks.progress import Bar
-    from opd_tasks.topd.detectors import DETECTORS, AnalysisModels, Candidates, Detection, probe
-    from opd_tasks.topd.signals import high_loss_mask, probe_positions
+    from opd_tasks.topd.detectors import DETECTORS, AnalysisModels, Candidates
+    from opd_tasks.topd.signals import high_loss_cut, probe_positions
     from opd_tasks.topd.statistics import student_statistics
-    from opd_tasks.training.sequences import scored_sequences
+    from opd_tasks.training.sequences import SCORE_COLUMNS, scored_sequences
 
     cfg = x.analysis
-    seqs = scored_sequences(ctx.store, x.rollouts, x.scores, ("teacher_entropy", "topk_ids", "topk_logprobs"))
+    seqs = scored_sequences(ctx.store, x.rollouts, x.scores, SCORE_COLUMNS, rows=units.rows)
     if not seqs:
         raise DataError(f"rollouts {x.rollouts.short()} have no completion tokens to analyze")
     models = AnalysisModels(x.student, x.teacher, ctx.device)
@@ -65,111 +97,176 @@ def analyze(ctx: StageContext, x: AnalyzeInputs) -> ArtifactRef:
         from opd_tasks.testbed.labeler import label_token_ids
 
         roles = [label_token_ids(models.tokenizer, s.tokens, s.prompt) for s in seqs]
-    k1 = [list(np.asarray(s.sampling_logprobs) - np.asarray(s.teacher_logprobs)) for s in seqs]
-    bounds = np.cumsum([0] + [len(s.tokens) for s in seqs])
+    k1 = [k1_of(s) for s in seqs]
+    signal = k1  # the loss signal: k1, or the top-k reverse KL once the student's pass has run
+    cut = float("nan")
+    if cfg.loss_signal == "k1":  # the batch's cut, from every sequence's k1 (a shard reads them all)
+        every = seqs if units.rows is None else scored_sequences(ctx.store, x.rollouts, x.scores)
+        cut = high_loss_cut(np.concatenate([k1_of(s) for s in every]), cfg.high_loss_quantile,
+                            cfg.high_loss_threshold)
+    d: list[list[float | None]] = [[None] * len(s.tokens) for s in seqs]
+    probes: list[tuple[int, int, list[int], list[int], float]] = []  # (sequence, position, c_T, c_S, distance)
+    bar = Bar(len(seqs), "analyze", "sequences", ctx.progress)
 
-    def candidates(signal: list) -> tuple[np.ndarray, Candidates]:
-        """The batch's high-loss tokens (flat, and per sequence) and the positions the detector probes."""
-        flat = np.concatenate([np.asarray(v, dtype=np.float64) for v in signal])
-        high_flat = high_loss_mask(flat, cfg.high_loss_quantile, cfg.high_loss_threshold)
-        high = [high_flat[bounds[i] : bounds[i + 1]] for i in range(len(seqs))]
+    def detect(first: int, block: list, encoded) -> None:
+        """Run the detector on the sequences `first`.. of one block (`encoded`: the student's pass over them)."""
+        own = signal[first : first + len(block)]
+        high = [np.asarray(v, dtype=np.float64) >= cut for v in own]
         budget = cfg.probe_budget if detector.budgeted else "all"
-        rows = probe_positions(signal, high, budget, detector.skip_last) if detector.probes else []
-        return high_flat, Candidates(seqs, signal, high, rows, roles)
+        rows = probe_positions(own, high, budget, detector.skip_last) if detector.probes else []
+        cand = Candidates(block, own, high, rows, None if roles is None else roles[first : first + len(block)])
+        found = detector.run(cand, models, cfg, x.bridge, False, student_encoded=encoded)
+        for (i, t), v in found.divergence.items():
+            d[first + i][t] = v
+        if detector.probes:  # a detector may drop candidates (oracle): the probes are what it examined
+            probes.extend((first + i, t, a, b, v) for (i, t), a, b, v in zip(
+                found.divergence, found.teacher_continuations, found.student_continuations, found.distances,
+                strict=True))
+        bar.update(len(block))
 
-    if cfg.detector == "probe" and cfg.loss_signal == "k1":
-        # k1 needs no model, so the probed positions are known before the student's statistics pass, and the
-        # student's probes continue from that pass's keys/values (each sequence is encoded once by each model).
-        high_flat, cand = candidates(k1)
-        parts: list[Detection] = []
-        bar = Bar(len(cand.probes), "probes", "probes", ctx.progress)
-
-        def on_chunk(first: int, chunk: list, encoded) -> None:
-            rows = [(i, t) for i, t in cand.probes if first <= i < first + len(chunk)]
-            parts.append(probe(cand, models, cfg, x.bridge, False, rows=rows, student_encoded=encoded))
-            bar.update(len(rows))
-
-        student_entropy, rkl = student_statistics(models.student, seqs, cfg.batch_size, on_chunk)
-        bar.close()
-        detection = Detection.concat(parts, cfg.distance)
+    if cfg.loss_signal == "k1":  # the high-loss tokens are known before the student's pass: detect as it goes
+        entropy, rkl = student_statistics(models.student, seqs, cfg.batch_size, detect, detector.reuses_student_pass)
     else:
-        student_entropy, rkl = student_statistics(models.student, seqs, cfg.batch_size)
-        high_flat, cand = candidates(k1 if cfg.loss_signal == "k1" else rkl)
-        detection = detector.run(cand, models, cfg, x.bridge, ctx.progress)
-    tokens, meta = _tokens_table(x, cand, high_flat, detection, k1, rkl, student_entropy)
-    probe_rows = list(detection.divergence) if detector.probes else []  # a detector may drop candidates (oracle)
-    probes = pa.table({
-        "prompt_id": pa.array([seqs[i].prompt_id for i, _ in probe_rows], pa.string()),
-        "sample_id": pa.array([seqs[i].sample_id for i, _ in probe_rows], pa.int32()),
-        "pos": pa.array([t for _, t in probe_rows], pa.int32()),
-        "teacher_continuation": pa.array(detection.teacher_continuations, pa.list_(pa.int32())),
-        "student_continuation": pa.array(detection.student_continuations, pa.list_(pa.int32())),
-        "distance": pa.array(detection.distances, pa.float32()),
-        "distance_kind": pa.array([detection.distance_kind] * len(probe_rows), pa.string()),
+        entropy, rkl = student_statistics(models.student, seqs, cfg.batch_size)
+        signal = rkl
+        cut = high_loss_cut(np.concatenate([np.asarray(v, dtype=np.float64) for v in rkl]), cfg.high_loss_quantile,
+                            cfg.high_loss_threshold)
+        for first in range(0, len(seqs), cfg.batch_size):
+            detect(first, seqs[first : first + cfg.batch_size], None)
+    bar.close()
+    high = np.concatenate([np.asarray(v, dtype=np.float64) >= cut for v in signal])
+    tokens = _tokens_table(seqs, high, d, k1, rkl, entropy, roles)
+    probe_table = pa.table({
+        "prompt_id": pa.array([seqs[i].prompt_id for i, *_ in probes], pa.string()),
+        "sample_id": pa.array([seqs[i].sample_id for i, *_ in probes], pa.int32()),
+        "pos": pa.array([t for _, t, *_ in probes], pa.int32()),
+        "teacher_continuation": pa.array([p[2] for p in probes], pa.list_(pa.int32())),
+        "student_continuation": pa.array([p[3] for p in probes], pa.list_(pa.int32())),
+        "distance": pa.array([p[4] for p in probes], pa.float32()),
+        "distance_kind": pa.array([detector.distance(cfg)] * len(probes), pa.string()),
     })
+    return {"tokens": with_regimes(tokens, resolved_delta(cfg, tokens), x), "probes": probe_table}
+
+
+@stage("analyze", version=8, inputs=AnalyzeInputs, outputs=("tokens", "probes"),
+       shards=Shards(units=analysed_rows, block=sequences_per_batch, part=analyse, whole=needs_every_sequence))
+def analyze(ctx: StageContext, x: AnalyzeInputs, parts: list[Part]) -> ArtifactRef:
+    """Per-token losses, high-loss tokens, near-future detection, regimes and token weights."""
+    from opd_tasks.topd.detectors import DETECTORS
+    from opd_tasks.topd.signals import REGIMES, classifier_scores
+
+    cfg = x.analysis
+    tokens, probes = concat(parts, "tokens"), concat(parts, "probes")
+    delta = resolved_delta(cfg, tokens)
+    if len(parts) > 1:  # a part's regimes came from its own D_t
+        tokens = with_regimes(tokens, delta, x)
+    if cfg.detector in ("window", "probe") and cfg.delta_mode == "absolute" and cfg.delta == 0.0:
+        d = tokens.column("near_future_div").drop_null()
+        log.warning("analysis.delta is 0 (absolute), the swap detector's threshold; the %s detector's D_t has no "
+                    "natural zero (%d of %d probed positions come out divergent): set analysis.delta_mode: "
+                    "quantile or a calibrated absolute delta (docs/method.md)", cfg.detector,
+                    int(pc.sum(pc.greater_equal(d, delta)).as_py() or 0), len(d))
+    if x.bridge and cfg.detector == "swap" and cfg.delta_mode == "quantile":
+        probes = teacher_bridges(ctx, x, probes, delta)
+    regimes = tokens.column("regime").to_pylist()
+    n_high = int(pc.sum(tokens.column("high_loss")).as_py() or 0)
+    meta = {
+        "tokens": tokens.num_rows, "high_loss": n_high, "delta": delta, "detector": cfg.detector,
+        "distance": DETECTORS[cfg.detector].distance(cfg),
+        "share": {r: (regimes.count(r) / n_high if n_high else 0.0) for r in REGIMES if r != "normal"},
+    }
+    if x.label_roles:
+        meta["classifier"] = classifier_scores(tokens.column("role").to_pylist(), regimes)
     with ctx.writer() as w:
-        w.write_table("tokens", tokens)
-        if probes.num_rows:
-            w.write_table("probes", probes)
-        else:
-            w.declare_table("probes")
+        write_or_declare(w, "tokens", tokens)
+        write_or_declare(w, "probes", probes)
         w.meta.update(meta)
         return w.commit()
 
 
-def _tokens_table(x: AnalyzeInputs, cand, high_flat: np.ndarray, detection, k1, rkl,
-                  student_entropy) -> tuple[pa.Table, dict]:
-    """The `tokens` table (regimes from D_t and delta, weights from the regimes) and the manifest's summary."""
-    from opd_tasks.topd.signals import REGIMES, classifier_scores, regime_of, resolve_delta, token_weights
+def k1_of(s) -> np.ndarray:
+    """k1 = log pi_S(y_t) - log pi_T(y_t) at each token of a scored sequence (float64)."""
+    return np.asarray(s.sampling_logprobs, dtype=np.float64) - np.asarray(s.teacher_logprobs, dtype=np.float64)
 
-    cfg, seqs = x.analysis, cand.sequences
-    d: list[list[float | None]] = [[None] * len(s.tokens) for s in seqs]
-    for (i, t), v in detection.divergence.items():
-        d[i][t] = v
-    all_d = [v for row in d for v in row if v is not None]
-    delta = detection.threshold if detection.threshold is not None else resolve_delta(cfg, all_d)
-    if cfg.detector in ("window", "probe") and cfg.delta_mode == "absolute" and cfg.delta == 0.0:
-        log.warning("analysis.delta is 0 (absolute), the swap detector's threshold; the %s detector's D_t has no "
-                    "natural zero (%d of %d probed positions come out divergent): set analysis.delta_mode: "
-                    "quantile or a calibrated absolute delta (docs/method.md)", cfg.detector,
-                    sum(v >= delta for v in all_d), len(all_d))
-    regimes = [[regime_of(bool(cand.high[i][t]), (i, t) in detection.divergence, d[i][t], delta)
-                for t in range(len(s.tokens))] for i, s in enumerate(seqs)]
-    weights = [token_weights(r, x.weighting) for r in regimes]
-    roles = cand.roles if cand.roles is not None else [[None] * len(s.tokens) for s in seqs]
+
+def resolved_delta(cfg: AnalysisConfig, tokens: pa.Table) -> float:
+    """The divergence threshold over these tokens: the detector's own, `analysis.delta`, or (delta_mode quantile)
+    that quantile of their stored D_t."""
+    from opd_tasks.topd.detectors import DETECTORS
+    from opd_tasks.topd.signals import resolve_delta
+
+    own = DETECTORS[cfg.detector].threshold
+    if own is not None:
+        return own
+    return resolve_delta(cfg, tokens.column("near_future_div").drop_null().to_numpy().astype(np.float64).tolist())
+
+
+def with_regimes(tokens: pa.Table, delta: float, x: AnalyzeInputs) -> pa.Table:
+    """`tokens` with each token's regime (high_loss, D_t against delta) and its weight (the method's weighting)."""
+    from opd_tasks.topd.signals import regimes, token_weights
+
+    d = tokens.column("near_future_div")
+    regime = regimes(tokens.column("high_loss").to_numpy(), pc.is_valid(d).to_numpy(),
+                     d.to_numpy(zero_copy_only=False).astype(np.float64), delta)
+    weight = token_weights(regime, tokens.column("pos").to_numpy(), x.weighting)
+    at = tokens.schema.get_field_index
+    tokens = tokens.set_column(at("regime"), "regime", pa.array(regime, pa.string()))
+    return tokens.set_column(at("weight"), "weight", pa.array(weight.astype(np.float32)))
+
+
+def teacher_bridges(ctx: StageContext, x: AnalyzeInputs, probes: pa.Table, delta: float) -> pa.Table:
+    """`probes` with the teacher's bridge continuation at every divergent one (distance >= delta): the `swap`
+    detector's, whose divergent positions are known only once the batch's quantile delta is."""
+    from opd_tasks.topd.detectors import AnalysisModels, bridges
+
+    divergent = np.flatnonzero(probes.column("distance").to_numpy().astype(np.float64) >= delta)
+    roll = ctx.store.read_table(x.rollouts, "rollouts", columns=["prompt_id", "sample_id", "prompt_token_ids",
+                                                                  "token_ids"])
+    row = {k: i for i, k in enumerate(zip(roll.column("prompt_id").to_pylist(),
+                                          roll.column("sample_id").to_pylist(), strict=True))}
+    chosen = probes.take(pa.array(divergent, pa.int64())).select(["prompt_id", "sample_id", "pos"]).to_pylist()
+    at = [(row[(p["prompt_id"], p["sample_id"])], p["pos"]) for p in chosen]
+    used = sorted({i for i, _ in at})
+    prompts = roll.column("prompt_token_ids").take(used).to_pylist()
+    full = [p + c for p, c in zip(prompts, roll.column("token_ids").take(used).to_pylist(), strict=True)]
+    index = {i: n for n, i in enumerate(used)}
+    prefixes = [(index[i], len(prompts[index[i]]) + t) for i, t in at]
+    got = bridges(AnalysisModels(x.student, x.teacher, ctx.device), full, prefixes, x.analysis)
+    conts = probes.column("teacher_continuation").to_pylist()
+    for j, cont in zip(divergent, got, strict=True):
+        conts[j] = cont
+    return probes.set_column(probes.schema.get_field_index("teacher_continuation"), "teacher_continuation",
+                             pa.array(conts, pa.list_(pa.int32())))
+
+
+def _tokens_table(seqs: list, high: np.ndarray, d: list, k1: list, rkl: list, entropy: list,
+                  roles: list | None) -> pa.Table:
+    """The `tokens` rows of `seqs` (regime and weight still to be set: `with_regimes`)."""
     ranks = [[row.index(y) if y in row else len(row) for y, row in zip(s.tokens, s.topk_ids, strict=True)]
              for s in seqs]
     lengths = [len(s.tokens) for s in seqs]
+    roles = roles if roles is not None else [[None] * n for n in lengths]
 
     def cat(rows, dtype=None):
         return [v for r in rows for v in r] if dtype is None else np.concatenate(
             [np.asarray(r, dtype=dtype) for r in rows])
 
-    tokens = pa.table({
+    n = sum(lengths)
+    return pa.table({
         "prompt_id": pa.array(np.repeat(np.array([s.prompt_id for s in seqs], dtype=object), lengths), pa.string()),
         "sample_id": pa.array(np.repeat(np.array([s.sample_id for s in seqs], dtype=np.int32), lengths)),
-        "pos": pa.array(np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])),
+        "pos": pa.array(np.concatenate([np.arange(m, dtype=np.int32) for m in lengths])),
         "token_id": pa.array(cat([s.tokens for s in seqs], np.int32)),
         "student_logprob": pa.array(cat([s.sampling_logprobs for s in seqs], np.float32)),
         "teacher_logprob": pa.array(cat([s.teacher_logprobs for s in seqs], np.float32)),
         "k1": pa.array(cat(k1, np.float32)),
         "rkl_topk": pa.array(cat(rkl, np.float32)),
-        "student_entropy": pa.array(cat(student_entropy, np.float32)),
+        "student_entropy": pa.array(cat(entropy, np.float32)),
         "teacher_entropy": pa.array(cat([s.teacher_entropy for s in seqs], np.float32)),
         "teacher_rank": pa.array(cat(ranks, np.int32)),
-        "high_loss": pa.array(high_flat),
+        "high_loss": pa.array(high),
         "near_future_div": pa.array(cat(d), pa.float32()),
-        "regime": pa.array(cat(regimes), pa.string()),
-        "weight": pa.array(cat(weights, np.float32)),
+        "regime": pa.array(["normal"] * n, pa.string()),
+        "weight": pa.array(np.ones(n, dtype=np.float32)),
         "role": pa.array(cat(roles), pa.string()),
     })
-    flat_regimes = cat(regimes)
-    n_high = int(high_flat.sum())
-    meta = {
-        "tokens": int(len(flat_regimes)), "high_loss": n_high, "delta": delta, "detector": cfg.detector,
-        "distance": detection.distance_kind,
-        "share": {r: (flat_regimes.count(r) / n_high if n_high else 0.0) for r in REGIMES if r != "normal"},
-    }
-    if x.label_roles:
-        meta["classifier"] = classifier_scores(cat(roles), flat_regimes)
-    return tokens, meta

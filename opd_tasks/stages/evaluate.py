@@ -43,7 +43,7 @@ def prompts_per_batch(x: EvaluateInputs) -> int:
     return hf_prompts_per_batch(x.evaluation.batch_size, x.evaluation.pass_k if sampled(x.evaluation) else 1)
 
 
-def answer(ctx: StageContext, x: EvaluateInputs, units: Units) -> pa.Table:
+def answer(ctx: StageContext, x: EvaluateInputs, units: Units) -> dict[str, pa.Table]:
     """The `evals` rows of the eval prompts `units` (all of them, or a shard's)."""
     from opd_tasks.backends import HfBackend
     from opd_tasks.backends.hf import stop_token_ids
@@ -64,7 +64,7 @@ def answer(ctx: StageContext, x: EvaluateInputs, units: Units) -> pa.Table:
     texts = [tok.decode(g.token_ids, skip_special_tokens=True) for g in gens]
     correct = [bool(refs[g.prompt_index] is not None and check(t, refs[g.prompt_index]))
                for g, t in zip(gens, texts, strict=True)]
-    return pa.table(
+    return {"evals": pa.table(
         {
             "prompt_id": [pids[g.prompt_index] for g in gens],
             "sample_id": pa.array([g.sample_id for g in gens], pa.int32()),
@@ -74,11 +74,11 @@ def answer(ctx: StageContext, x: EvaluateInputs, units: Units) -> pa.Table:
             "correct": correct,
             "num_tokens": pa.array([len(g.token_ids) for g in gens], pa.int32()),
         }
-    )
+    )}
 
 
 @stage("evaluate", version=1, inputs=EvaluateInputs, outputs=("evals",),
-       shards=Shards(units=input_rows("prompts", "prompts"), block=prompts_per_batch, part=answer, table="evals"))
+       shards=Shards(units=input_rows("prompts", "prompts"), block=prompts_per_batch, part=answer))
 def evaluate(ctx: StageContext, x: EvaluateInputs, parts: list[Part]) -> ArtifactRef:
     """The model's answers to the eval prompts, each checked; accuracy per sample."""
     cfg = x.evaluation

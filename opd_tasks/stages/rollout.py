@@ -34,7 +34,7 @@ def prompts_per_batch(x: RolloutInputs) -> int:
     return prompts_per_batch(x.rollout, x.rollout.samples_per_prompt)
 
 
-def sample(ctx: StageContext, x: RolloutInputs, units: Units) -> pa.Table:
+def sample(ctx: StageContext, x: RolloutInputs, units: Units) -> dict[str, pa.Table]:
     """The `rollouts` rows of the prompts `units` (all of them, or a shard's)."""
     from opd_tasks.backends import backend_for
     from opd_tasks.backends.hf import stop_token_ids
@@ -53,7 +53,7 @@ def sample(ctx: StageContext, x: RolloutInputs, units: Units) -> pa.Table:
                                    top_p=s.top_p, max_new_tokens=s.max_new_tokens, seed=x.seed, desc="rollout",
                                    progress=ctx.progress, first_prompt=units.start)
     texts = [tok.decode(c.token_ids, skip_special_tokens=True) for c in completions]
-    return pa.table(
+    return {"rollouts": pa.table(
         {
             "prompt_id": [prompt_ids[c.prompt_index] for c in completions],
             "sample_id": pa.array([c.sample_id for c in completions], pa.int32()),
@@ -68,11 +68,11 @@ def sample(ctx: StageContext, x: RolloutInputs, units: Units) -> pa.Table:
                 pa.float32(),
             ),
         }
-    )
+    )}
 
 
 @stage("rollout", version=1, inputs=RolloutInputs, outputs=("rollouts",),
-       shards=Shards(units=input_rows("prompts", "prompts"), block=prompts_per_batch, part=sample, table="rollouts"))
+       shards=Shards(units=input_rows("prompts", "prompts"), block=prompts_per_batch, part=sample))
 def rollout(ctx: StageContext, x: RolloutInputs, parts: list[Part]) -> ArtifactRef:
     """The student's sampled completions with per-token log-probs and rewards."""
     table = concat(parts)

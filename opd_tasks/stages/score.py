@@ -44,7 +44,7 @@ def sequences_per_batch(x: ScoreInputs) -> int:
     return x.scoring.batch_size
 
 
-def teacher_force(ctx: StageContext, x: ScoreInputs, units: Units) -> pa.Table:
+def teacher_force(ctx: StageContext, x: ScoreInputs, units: Units) -> dict[str, pa.Table]:
     """The `teacher_scores` rows of the sequences `units`, in row order (all of them, or a shard's)."""
     from opd_tasks.backends import backend_for
     from opd_tasks.backends.loaded import LOADED
@@ -74,7 +74,7 @@ def teacher_force(ctx: StageContext, x: ScoreInputs, units: Units) -> pa.Table:
     flat_ids = np.fromiter((i for s in scores for row in s.topk_ids for i in row), np.int32, count=n * k)
     flat_lp = np.fromiter((v for s in scores for row in s.topk_logprobs for v in row), np.float32, count=n * k)
     offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
-    return pa.table(
+    return {"teacher_scores": pa.table(
         {
             "prompt_id": pa.array(np.repeat(np.array(pids, dtype=object), lengths), pa.string()),
             "sample_id": pa.array(np.repeat(np.array(sids, dtype=np.int32), lengths), pa.int32()),
@@ -85,11 +85,11 @@ def teacher_force(ctx: StageContext, x: ScoreInputs, units: Units) -> pa.Table:
             "topk_ids": pa.ListArray.from_arrays(offsets, pa.array(flat_ids)),
             "topk_logprobs": pa.ListArray.from_arrays(offsets, pa.array(flat_lp)),
         }
-    )
+    )}
 
 
 @stage("score", version=1, inputs=ScoreInputs, outputs=("teacher_scores",),
-       shards=Shards(units=length_order, block=sequences_per_batch, part=teacher_force, table="teacher_scores"))
+       shards=Shards(units=length_order, block=sequences_per_batch, part=teacher_force))
 def score(ctx: StageContext, x: ScoreInputs, parts: list[Part]) -> ArtifactRef:
     """The teacher's log-prob, top-k and entropy at every sampled token."""
     table = parts[0].table if len(parts) == 1 else in_row_order(ctx, x, parts)

@@ -1,12 +1,14 @@
 """Sharded stages: a row-parallel stage's work split into N shards, each stored as a part, merged into one artifact.
 
-A stage registered with `shards=Shards(...)` (rollout, score, evaluate) declares how its work splits:
+A stage registered with `shards=Shards(...)` (rollout, score, analyze, evaluate) declares how its work splits:
 
 - `units(ctx, inputs)`: its input rows (prompts, sequences) in the order its batches take them;
 - `block(inputs)`: how many units one of its batches holds. Shard boundaries fall on multiples of it, so every
   batch, and the seed of every batch (derived from the run's seed and the batch's index in that order, i.e. from
   its rows), is the same whatever N is;
-- `part(ctx, inputs, units)`: the output table's rows for those units.
+- `part(ctx, inputs, units)`: the rows of each of its output tables (the stage's `outputs`) for those units;
+- `whole(inputs)`: why these inputs cannot be split, if they cannot (analyze with a loss signal that needs the
+  student's pass over every sequence before any is analysed): the stage then runs as one part, with a warning.
 
 Its registered function merges: `merge(ctx, inputs, parts) -> ArtifactRef` publishes the stage's artifact from
 all parts (the unsharded stage is the same merge over one part that holds every unit). So with the `hf` backend
@@ -27,6 +29,7 @@ Prefect flow runs each as its own task run in a process pool (inline) or as a fl
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -38,6 +41,8 @@ from storage.refs import ArtifactRef
 
 if TYPE_CHECKING:
     from opd_tasks.stages.registry import Stage, StageContext, StageInputs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,10 +61,16 @@ class Units:
 
 @dataclass(frozen=True)
 class Part:
-    """One part's units and its rows of the stage's output table."""
+    """One part's units and its rows of each of the stage's output tables."""
 
     units: Units
-    table: pa.Table
+    tables: dict[str, pa.Table]
+
+    @property
+    def table(self) -> pa.Table:
+        """The rows of a one-table stage."""
+        (only,) = self.tables.values()
+        return only
 
 
 @dataclass(frozen=True)
@@ -68,8 +79,8 @@ class Shards:
 
     units: Callable[[StageContext, Any], list[int]]
     block: Callable[[Any], int]
-    part: Callable[[StageContext, Any, Units], pa.Table]
-    table: str  # the output table the parts hold
+    part: Callable[[StageContext, Any, Units], dict[str, pa.Table]]  # {table: rows}, for every one of `outputs`
+    whole: Callable[[Any], str | None] = lambda inputs: None
 
 
 @dataclass(frozen=True)
@@ -103,7 +114,10 @@ def part_key(key: str, span: Span) -> str:
 
 def shard_plan(stage: Stage, ctx: StageContext, inputs: StageInputs) -> tuple[list[int], list[Span]]:
     """(the stage's units in batch order, the spans of its `ctx.shards` shards); one span: no parts."""
-    if ctx.shards == 1:
+    why = stage.shards.whole(inputs) if ctx.shards > 1 else None
+    if why:
+        log.warning("%s runs as one part, not %d shards: %s", stage.name, ctx.shards, why)
+    if ctx.shards == 1 or why:
         return [], [Span(0, 1, 0, 0)]  # the units are not even read: the stage runs as one part of every row
     order = stage.shards.units(ctx, inputs)
     return order, spans(len(order), stage.shards.block(inputs), ctx.shards)
@@ -134,30 +148,50 @@ def ensure_part(stage: Stage, ctx: StageContext, inputs: StageInputs, span: Span
     units = units_of(order, span)
     if ctx.before_part is not None:
         ctx.before_part(span)
-    table = stage.shards.part(ctx, inputs, units)
-    meta = {"stage": stage.name, "stage_key": ctx.key, "shard": span.index, "shards": span.count,
-            "units": [span.start, span.stop]}
-    return ctx.store.put_table(name, key, stage.shards.table, table, meta=meta)
+    tables = part_tables(stage, ctx, inputs, units)
+    with ctx.store.writer(name, key) as w:
+        for table_name, table in tables.items():
+            write_or_declare(w, table_name, table)
+        w.meta.update({"stage": stage.name, "stage_key": ctx.key, "shard": span.index, "shards": span.count,
+                       "units": [span.start, span.stop]})
+        return w.commit()
+
+
+def part_tables(stage: Stage, ctx: StageContext, inputs: StageInputs, units: Units) -> dict[str, pa.Table]:
+    """The part's rows of each output table (exactly the stage's `outputs`, in that order)."""
+    tables = stage.shards.part(ctx, inputs, units)
+    if tuple(tables) != stage.outputs:
+        raise TypeError(f"stage {stage.name!r}: a part returned tables {tuple(tables)}, not {stage.outputs}")
+    return tables
+
+
+def write_or_declare(writer, name: str, table: pa.Table) -> None:
+    """Write one table of an artifact; an empty one is declared (no part file), so every artifact with the same
+    rows has the same files, whether it was merged from parts or not."""
+    if table.num_rows:
+        writer.write_table(name, table)
+    else:
+        writer.declare_table(name)
 
 
 def compute_sharded(stage: Stage, ctx: StageContext, inputs: StageInputs) -> ArtifactRef:
     """A sharded stage's artifact: every part (stored, or computed here), then the merge. With one shard, the
     merge of one part computed in memory (no part artifact)."""
-    shards = stage.shards
     order, plan = shard_plan(stage, ctx, inputs)
     if len(plan) == 1:
         units = Units(None, 0)
-        return stage.compute(ctx, inputs, [Part(units, shards.part(ctx, inputs, units))])
+        return stage.compute(ctx, inputs, [Part(units, part_tables(stage, ctx, inputs, units))])
     parts = []
     for span in plan:
         ref = ensure_part(stage, ctx, inputs, span, order)
-        parts.append(Part(units_of(order, span), ctx.store.read_table(ref, shards.table)))
+        parts.append(Part(units_of(order, span), {t: ctx.store.read_table(ref, t) for t in stage.outputs}))
     return stage.compute(ctx, inputs, parts)
 
 
-def concat(parts: list[Part]) -> pa.Table:
-    """The parts' tables one after the other, as one contiguous table (one chunk per column, as an unsharded
-    stage builds it, so the Parquet bytes are the same)."""
-    if len(parts) == 1:
-        return parts[0].table
-    return pa.concat_tables([p.table for p in parts]).combine_chunks()
+def concat(parts: list[Part], table: str | None = None) -> pa.Table:
+    """The parts' rows of `table` (default: the only one) one after the other, as one contiguous table (one chunk
+    per column, as an unsharded stage builds it, so the Parquet bytes are the same)."""
+    tables = [p.table if table is None else p.tables[table] for p in parts]
+    if len(tables) == 1:
+        return tables[0]
+    return pa.concat_tables(tables).combine_chunks()

@@ -18,6 +18,9 @@ distance. The analysis stage (opd_tasks/stages/analyze.py) turns D_t into regime
 `probe` and `swap` examine the `analysis.probe_budget` highest-signal positions per rollout, `oracle` every
 high-loss token; with a bridge, the teacher's greedy K-token continuation from each divergent prefix is the bridge
 the update trains on.
+
+The analysis stage calls a detector once per block of `analysis.batch_size` sequences (so a shard of the stage,
+which starts on a block, batches exactly as the whole stage does), with the block's candidates.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from opd_tasks.errors import ConfigError, DataError
 from opd_tasks.models import ModelSpec
 from opd_tasks.progress import bar
 from opd_tasks.topd import DETECTORS as DETECTOR_NAMES
-from opd_tasks.topd.signals import TRUE_REGIME, resolve_delta, window_divergence
+from opd_tasks.topd.signals import TRUE_REGIME, window_divergence
 from opd_tasks.training.sequences import ScoredSequence
 
 
@@ -62,24 +65,12 @@ class Candidates:
 @dataclass
 class Detection:
     """D_t at every examined position, and per probed position (Candidates.probes order) the continuations and the
-    distance (`distance_kind` names it in the probes table)."""
+    distance."""
 
     divergence: dict[tuple[int, int], float]
-    distance_kind: str | None = None
     teacher_continuations: list[list[int]] = field(default_factory=list)
     student_continuations: list[list[int]] = field(default_factory=list)
     distances: list[float] = field(default_factory=list)
-    threshold: float | None = None  # the detector's own threshold on D_t; None: analysis.delta decides
-
-    @staticmethod
-    def concat(parts: list[Detection], kind: str | None) -> Detection:
-        out = Detection({}, kind)
-        for p in parts:
-            out.divergence.update(p.divergence)
-            out.teacher_continuations += p.teacher_continuations
-            out.student_continuations += p.student_continuations
-            out.distances += p.distances
-        return out
 
 
 class AnalysisModels:
@@ -119,7 +110,8 @@ class AnalysisModels:
 # ----------------------------------------------------------------------------------------- window
 
 
-def window(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, bridge: bool, progress: bool) -> Detection:
+def window(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, bridge: bool, progress: bool,
+           student_encoded=None) -> Detection:
     """D_t = the mean signal over the student's next W tokens, at every high-loss token (no probes, no bridge)."""
     d: dict[tuple[int, int], float] = {}
     for i, mask in enumerate(c.high):
@@ -133,17 +125,16 @@ def window(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, bridge: b
 
 
 def probe(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, bridge: bool, progress: bool,
-          rows: list[tuple[int, int]] | None = None, student_encoded=None) -> Detection:
+          student_encoded=None) -> Detection:
     """From each probed prefix s_t (before the flagged token y_t): the teacher's greedy K-token continuation c_T
     (the bridge) against the student's side c_S, and their distance (`analysis.distance`). The student's side is
     `analysis.probe_student`: `realised`, what it actually wrote, y_t..y_{t+K-1} (no generation; the faithful
     form), or `greedy`, its own greedy continuation from s_t (which hides a sampled wrong token: its greedy choice
-    there is usually right). `rows`: a subset of the probes (default all); `student_encoded`: the student's
-    forward over those rows' sequences has already run (the analysis's statistics pass), so its side continues
-    from it."""
-    rows = c.probes if rows is None else rows
+    there is usually right). `student_encoded`: the student's forward over the candidates' sequences has already
+    run (the analysis's statistics pass), so its side continues from it."""
+    rows = c.probes
     if not rows:
-        return Detection({}, cfg.distance)
+        return Detection({})
     if cfg.probe_student == "realised":
         c_t, c_s, gaps = _realised_probes(c, models, cfg, rows, student_encoded, progress)
     else:
@@ -158,7 +149,7 @@ def probe(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, bridge: bo
     else:
         dist = _ot_distances(models.student, c.full, c.prefixes(rows), c_t, c_s, models.tokenizer.pad_token_id,
                              cfg.batch_size)
-    return Detection(dict(zip(rows, dist, strict=True)), cfg.distance, c_t, c_s, dist)
+    return Detection(dict(zip(rows, dist, strict=True)), c_t, c_s, dist)
 
 
 def input_embedding_ot(model, a: list[int], b: list[int]) -> float:
@@ -238,17 +229,19 @@ def _ot_distances(student_lm, full: list[list[int]], prefixes: list[tuple[int, i
 # ----------------------------------------------------------------------------------------- swap
 
 
-def swap(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, bridge: bool, progress: bool) -> Detection:
+def swap(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, bridge: bool, progress: bool,
+         student_encoded=None) -> Detection:
     """The `swap` detector (module docstring). Both terms of D_t come from one teacher-forced pass over y_t + the
     student's next W tokens and a_t + the same tokens, from the teacher's cached prefix s_t, so the scoring
     backend's numerics never enter D_t. a_t is the teacher's most likely token other than y_t (the scoring
-    stage's top-k). With `bridge`, the teacher's greedy continuations from the divergent prefixes (D_t >= delta;
-    with a quantile delta, once every D_t is known)."""
+    stage's top-k). With `bridge` and an absolute delta, the teacher's greedy continuations from the divergent
+    prefixes (D_t >= delta). A quantile delta is known only once every block's D_t is: those bridges are the
+    analysis stage's merge's (`teacher_bridges`)."""
     from opd_tasks.backends.prefix_cache import PrefixCache
 
     rows, seqs = c.probes, c.sequences
     if not rows:
-        return Detection({}, "swap")
+        return Detection({})
     if min(len(s.topk_ids[0]) for s in seqs) < 2:
         raise ConfigError("analysis.detector 'swap' needs the teacher's top-2 at least (scoring.top_k >= 2)")
     tok, lm, batch = models.tokenizer, models.teacher, cfg.batch_size
@@ -276,30 +269,25 @@ def swap(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, bridge: boo
             for j, cont in zip(divergent, pre.greedy(cfg.probe_tokens, models.stop_ids, only=divergent)[0],
                                strict=True):
                 conts[s0 + j] = cont
-    if bridge and absolute is None:
-        cut = resolve_delta(cfg, dists)
-        conts = _bridges(models, c, [j for j, x in enumerate(dists) if x >= cut], cfg)
-    return Detection(dict(zip(rows, dists, strict=True)), "swap", conts, [[] for _ in dists], dists)
+    return Detection(dict(zip(rows, dists, strict=True)), conts, [[] for _ in dists], dists)
 
 
-def _bridges(models: AnalysisModels, c: Candidates, divergent: list[int], cfg: AnalysisConfig) -> list[list[int]]:
-    """The teacher's greedy continuations from the probed prefixes `divergent` (indices into c.probes); [] at the
-    others."""
+def bridges(models: AnalysisModels, full: list[list[int]], prefixes: list[tuple[int, int]],
+            cfg: AnalysisConfig) -> list[list[int]]:
+    """The teacher's greedy K-token continuations from the prefixes (sequence index into `full`, prefix length),
+    in batches of `analysis.batch_size`."""
     from opd_tasks.topd.probes import probe_greedy
 
-    out: list[list[int]] = [[] for _ in c.probes]
-    if divergent:
-        tok = models.tokenizer
-        got, _ = probe_greedy(models.teacher, c.full, c.prefixes([c.probes[j] for j in divergent]), cfg.probe_tokens,
-                              eos_token_id=models.stop_ids, pad_token_id=tok.pad_token_id, batch_size=cfg.batch_size)
-        for j, cont in zip(divergent, got, strict=True):
-            out[j] = cont
-    return out
+    if not prefixes:
+        return []
+    return probe_greedy(models.teacher, full, prefixes, cfg.probe_tokens, eos_token_id=models.stop_ids,
+                        pad_token_id=models.tokenizer.pad_token_id, batch_size=cfg.batch_size)[0]
 
 
 # ----------------------------------------------------------------------------------------- oracle
 
-def oracle(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, bridge: bool, progress: bool) -> Detection:
+def oracle(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, bridge: bool, progress: bool,
+           student_encoded=None) -> Detection:
     """D_t = +1 where the token's ground-truth role is a real fork, -1 where it is surface form (threshold 0); the
     teacher's bridge continuation at each divergent position when there is a bridge."""
     if c.roles is None:
@@ -308,9 +296,13 @@ def oracle(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, bridge: b
     sign = {role: 1.0 if regime == "divergent" else -1.0 for role, regime in TRUE_REGIME.items()}
     rows = [(i, t) for i, t in c.probes if c.roles[i][t] in sign]
     dists = [sign[c.roles[i][t]] for i, t in rows]
-    c = Candidates(c.sequences, c.signal, c.high, rows, c.roles)
-    conts = _bridges(models, c, [j for j, x in enumerate(dists) if x > 0], cfg) if bridge else [[] for _ in rows]
-    return Detection(dict(zip(rows, dists, strict=True)), "oracle", conts, [[] for _ in rows], dists, threshold=0.0)
+    conts: list[list[int]] = [[] for _ in rows]
+    if bridge:
+        divergent = [j for j, x in enumerate(dists) if x > 0]
+        for j, cont in zip(divergent, bridges(models, c.full, c.prefixes([rows[j] for j in divergent]), cfg),
+                           strict=True):
+            conts[j] = cont
+    return Detection(dict(zip(rows, dists, strict=True)), conts, [[] for _ in rows], dists)
 
 
 # ----------------------------------------------------------------------------------------- registry
@@ -318,16 +310,22 @@ def oracle(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, bridge: b
 
 @dataclass(frozen=True)
 class Detector:
+    #: (candidates, models, cfg, bridge, progress, student_encoded=None) -> Detection
     run: Callable[..., Detection]
     probes: bool  # writes a probes table: examines given positions (else every high-loss token, no probes)
     budgeted: bool  # the positions are each rollout's analysis.probe_budget highest-signal ones (else all)
     skip_last: bool  # never a rollout's last token (it has no near future to read)
+    distance: Callable[[AnalysisConfig], str | None]  # the probes table's `distance_kind`
+    threshold: float | None = None  # its own threshold on D_t; None: analysis.delta decides
+    reuses_student_pass: bool = False  # continues from the statistics pass's keys/values (`student_encoded`)
 
 
 DETECTORS: dict[str, Detector] = {
-    "window": Detector(window, probes=False, budgeted=False, skip_last=False),
-    "probe": Detector(probe, probes=True, budgeted=True, skip_last=False),
-    "swap": Detector(swap, probes=True, budgeted=True, skip_last=True),
-    "oracle": Detector(oracle, probes=True, budgeted=False, skip_last=False),
+    "window": Detector(window, probes=False, budgeted=False, skip_last=False, distance=lambda cfg: None),
+    "probe": Detector(probe, probes=True, budgeted=True, skip_last=False, distance=lambda cfg: cfg.distance,
+                      reuses_student_pass=True),
+    "swap": Detector(swap, probes=True, budgeted=True, skip_last=True, distance=lambda cfg: "swap"),
+    "oracle": Detector(oracle, probes=True, budgeted=False, skip_last=False, distance=lambda cfg: "oracle",
+                       threshold=0.0),
 }
 assert set(DETECTORS) == set(DETECTOR_NAMES), "opd_tasks/topd/__init__.py names the detectors this module implements"

@@ -24,14 +24,17 @@ TRUE_REGIME = {"form": "surface", "filler": "surface", "reasoning": "divergent",
                "fork": "divergent"}
 
 
+def high_loss_cut(signal: np.ndarray, quantile: float, threshold: float | None) -> float:
+    """The signal value from which a token is high-loss: `threshold`, or the one that keeps the top-q fraction of
+    the batch's tokens `signal` (ties included)."""
+    if threshold is not None:
+        return threshold
+    return float(np.quantile(signal, 1.0 - quantile, method="higher")) if signal.size else float("inf")
+
+
 def high_loss_mask(signal: np.ndarray, quantile: float, threshold: float | None) -> np.ndarray:
     """Top-q fraction of the batch's tokens by `signal` (ties included), or signal >= threshold."""
-    if signal.size == 0:
-        return np.zeros(0, dtype=bool)
-    if threshold is not None:
-        return signal >= threshold
-    cut = np.quantile(signal, 1.0 - quantile, method="higher")
-    return signal >= cut
+    return signal >= high_loss_cut(signal, quantile, threshold)
 
 
 def probe_positions(signal: Sequence[Sequence[float]], high: Sequence[np.ndarray], budget: int | str,
@@ -61,16 +64,17 @@ def window_divergence(signal: list[float], window: int) -> list[float]:
     return out.tolist()
 
 
-def token_weights(regimes: list[str], weighting: TokenWeighting) -> list[float]:
-    """Per-token weights of one sequence from its regimes: `surface` -> surface_weight, else 1; then each
-    `divergent` t adds spread_weight * spread_decay^j to tokens t + j, j = 0..spread_horizon."""
-    w = [weighting.surface_weight if r == "surface" else 1.0 for r in regimes]
+def token_weights(regimes: np.ndarray, pos: np.ndarray, weighting: TokenWeighting) -> np.ndarray:
+    """Per-token weights from the regimes of the tokens of consecutive sequences (`pos`: each token's position in
+    its sequence): `surface` -> surface_weight, else 1; then each `divergent` t adds spread_weight * spread_decay^j
+    to the tokens t + j of its sequence, j = 0..spread_horizon (added in the order of t, as a loop would)."""
+    w = np.where(regimes == "surface", weighting.surface_weight, 1.0)
     if weighting.spread_weight > 0:
-        for t, r in enumerate(regimes):
-            if r == "divergent":
-                for j in range(weighting.spread_horizon + 1):
-                    if t + j < len(w):
-                        w[t + j] += weighting.spread_weight * weighting.spread_decay**j
+        divergent = regimes == "divergent"
+        for j in range(weighting.spread_horizon, -1, -1):  # a later j comes from an earlier t
+            source = np.zeros_like(divergent)
+            source[j:] = divergent[: len(divergent) - j]
+            w += np.where(source & (pos >= j), weighting.spread_weight * weighting.spread_decay**j, 0.0)
     return w
 
 
@@ -80,6 +84,13 @@ def regime_of(high: bool, probed: bool, d: float | None, delta: float) -> str:
     if not probed or d is None:
         return "unprobed"
     return "divergent" if d >= delta else "surface"
+
+
+def regimes(high: np.ndarray, probed: np.ndarray, d: np.ndarray, delta: float) -> np.ndarray:
+    """`regime_of` of every token at once (`d`: D_t where `probed`, anything elsewhere)."""
+    with np.errstate(invalid="ignore"):
+        divergent = d >= delta
+    return np.where(~high, "normal", np.where(~probed, "unprobed", np.where(divergent, "divergent", "surface")))
 
 
 def resolve_delta(cfg: AnalysisConfig, distances: list[float]) -> float:

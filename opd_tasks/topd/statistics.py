@@ -13,11 +13,12 @@ from opd_tasks.training.sequences import ScoredSequence
 @torch.no_grad()
 def student_statistics(model, seqs: list[ScoredSequence], batch: int,
                        on_chunk: Callable[[int, list[ScoredSequence], object], None] | None = None,
-                       ) -> tuple[list[list[float]], list[list[float]]]:
+                       keep_cache: bool = False) -> tuple[list[list[float]], list[list[float]]]:
     """Per token of each sequence: the student's entropy and the top-k reverse KL, from one decoder forward per
-    chunk of `batch` sequences. `on_chunk(first, chunk, encoded)` is called with each chunk's
-    `prefix_cache.Encoded` (hidden states and KV cache), so near-future probes can start from it instead of
-    encoding the same sequences again."""
+    chunk of `batch` sequences. `on_chunk(first, chunk, encoded)` is called after each chunk (the sequences from
+    index `first`) with its `prefix_cache.Encoded`, whose rows are the chunk's sequences 0..len(chunk)-1; with
+    `keep_cache` it holds the KV cache, so near-future probes can start from it instead of encoding the same
+    sequences again."""
     from opd_tasks.backends.hf import pack_right
     from opd_tasks.backends.prefix_cache import encode, output_logits
     from opd_tasks.training.losses import topk_rkl_per_token
@@ -27,7 +28,7 @@ def student_statistics(model, seqs: list[ScoredSequence], batch: int,
     for s0 in range(0, len(seqs), batch):
         chunk = seqs[s0 : s0 + batch]
         ids, attn, pred, _ = pack_right([s.prompt for s in chunk], [s.tokens for s in chunk], 0)
-        enc = encode(model, ids, attn, {s0 + i: i for i in range(len(chunk))}, use_cache=on_chunk is not None)
+        enc = encode(model, ids, attn, {i: i for i in range(len(chunk))}, use_cache=keep_cache)
         idx = pred.to(dev)[:, :, None].expand(-1, -1, enc.hidden.shape[-1])
         logits = output_logits(model, enc.hidden.gather(1, idx))  # [B, T, V] at the completion tokens only
         logp = torch.log_softmax(logits, -1)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from opd_tasks.errors import DataError
 from storage.refs import ArtifactRef
@@ -70,17 +71,20 @@ SCORE_COLUMNS = ("teacher_entropy", "topk_ids", "topk_logprobs")
 
 
 def scored_sequences(store: ArtifactStore, rollouts: ArtifactRef, scores: ArtifactRef,
-                     columns: tuple[str, ...] = ()) -> list[ScoredSequence]:
-    """Every rollout with at least one completion token, joined with its teacher scores (the teacher log-probs,
-    plus the score `columns` asked for: teacher_entropy, topk_ids, topk_logprobs). DataError if the scores do not
-    cover a rollout."""
+                     columns: tuple[str, ...] = (), rows: list[int] | None = None) -> list[ScoredSequence]:
+    """Every rollout with at least one completion token (of the rollout rows `rows`, default all), in row order,
+    joined with its teacher scores (the teacher log-probs, plus the score `columns` asked for: teacher_entropy,
+    topk_ids, topk_logprobs). DataError if the scores do not cover a rollout."""
     unknown = set(columns) - set(SCORE_COLUMNS)
     if unknown:
         raise ValueError(f"unknown score columns {sorted(unknown)}; choose from {SCORE_COLUMNS}")
     roll = store.read_table(rollouts, "rollouts")
     cols = ["teacher_logprob", *columns]
-    by_seq = group_tokens(store.read_table(scores, "teacher_scores", columns=["prompt_id", "sample_id", "pos", *cols]),
-                          cols)
+    scored = store.read_table(scores, "teacher_scores", columns=["prompt_id", "sample_id", "pos", *cols])
+    if rows is not None:  # only those rollouts, and only their scores are turned into Python lists
+        roll = roll.take(pa.array(sorted(rows), pa.int64()))
+        scored = scored.filter(pc.is_in(sequence_keys(scored), value_set=sequence_keys(roll).combine_chunks()))
+    by_seq = group_tokens(scored, cols)
     out = []
     for pid, sid, prompt, toks, lps in zip(*(roll.column(c).to_pylist() for c in
                                              ("prompt_id", "sample_id", "prompt_token_ids", "token_ids", "logprobs")),
@@ -94,6 +98,12 @@ def scored_sequences(store: ArtifactStore, rollouts: ArtifactRef, scores: Artifa
         out.append(ScoredSequence(pid, sid, prompt, toks, lps, s["teacher_logprob"],
                                   **{c: s[c] for c in columns}))
     return out
+
+
+def sequence_keys(table: pa.Table) -> pa.ChunkedArray:
+    """One string per row naming its sequence: prompt_id and sample_id."""
+    return pc.binary_join_element_wise(table.column("prompt_id"), pc.cast(table.column("sample_id"), pa.string()),
+                                       "\x1f")
 
 
 def attach_analysis(store: ArtifactStore, seqs: list[ScoredSequence], analysis: ArtifactRef,

@@ -24,8 +24,9 @@ def test_bench_scaling_small(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     got = json.loads(out.read_text())
     one, two = got["shards"]
-    assert (one["rollout_parts"], two["rollout_parts"], two["score_parts"]) == (0, 2, 2)  # 2 batches of 8 prompts
-    assert two["rollout_identical"] and two["score_identical"]
+    # 2 batches of 8 prompts, of 32 scored and of 32 analysed sequences
+    assert (one["rollout_parts"], two["rollout_parts"], two["score_parts"], two["analyze_parts"]) == (0, 2, 2, 2)
+    assert two["rollout_identical"] and two["score_identical"] and two["analyze_identical"]
     base, ranks2 = got["update"]
     assert base["steps"] == ranks2["steps"] == 16  # 64 sequences in steps of 2 micro-batches of 2
     assert ranks2["max_weight_diff"] < 1e-5 and ranks2["max_loss_diff"] < 1e-4

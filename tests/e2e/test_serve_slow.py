@@ -257,9 +257,11 @@ def test_one_deployment_per_gpu_stage_on_process_work_pool(server, tiny, tmp_pat
         assert set(_summary_states(fresh).values()) == {"Completed"}
         assert _summary_shas(fresh) == _summary_shas(via_deployments)
 
-        # Sharded stages through the deployments: each shard of rollout, score and evaluate is a child flow run of
-        # its stage's deployment (with a `shard` parameter); the merged artifacts equal an unsharded inline run's.
-        small = ["rollout.batch_size=4", "scoring.batch_size=4", "evaluation.batch_size=2", "name=sharded"]
+        # Sharded stages through the deployments: each shard of rollout, score, analyze and evaluate is a child flow
+        # run of its stage's deployment (with a `shard` parameter); the merged artifacts equal an unsharded inline
+        # run's.
+        small = ["rollout.batch_size=4", "scoring.batch_size=4", "analysis.batch_size=2", "evaluation.batch_size=2",
+                 "name=sharded"]
         sharded = distill(load_config(None, [*common, *deployed, *small, "orchestration.shards=2",
                                              f"root={tmp_path / 'c'}"]).model_dump(mode="json"), return_state=True)
         assert sharded.is_completed(), log.read_text()[-3000:]
@@ -268,7 +270,7 @@ def test_one_deployment_per_gpu_stage_on_process_work_pool(server, tiny, tmp_pat
         with get_client(sync_client=True) as c:
             names = {fr.name for fr in c.read_flow_runs(flow_run_filter=FlowRunFilter(
                 parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[sharded.state_details.flow_run_id])))}
-        assert {f"sharded-it0-{label}-shard{i}" for label in ("baseline", "rollout", "score", "evaluate")
+        assert {f"sharded-it0-{label}-shard{i}" for label in ("baseline", "rollout", "score", "analyze", "evaluate")
                 for i in (0, 1)} <= names
 
         # A failing stage (the injected fault, no retries; --refresh so that it runs) fails the run with an error

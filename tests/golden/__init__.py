@@ -14,7 +14,10 @@ log-probs and the gates' batched re-scores (issue 19: update contents, the later
 losses and gate figures moved in the last float32 bits, e.g. teacher_repeat_diff 0 -> 6e-6, every gate passes as
 before, every accuracy unchanged); then the prompts stage's version 2 (issue 21's session: it had excluded rows
 without an answer since issue 18 under version 1; every key changes, so the three `parent` checkpoint hashes of
-iteration 1 changed, and nothing else). Regenerate only for an intended change, and say what changed in the commit:
+iteration 1 changed, and nothing else); then the analysis stage's version 8 (issue 21, sharded analysis: the
+analyze keys change, so the two iteration-1 `parent` hashes changed, and a quantile delta is now the quantile of
+the stored float32 D_t, so the four quantile cases' meta `delta` moved in the 8th digit; every table's bytes, loss
+and accuracy unchanged). Regenerate only for an intended change, and say what changed in the commit:
 
     python -m tests.golden --write
 """

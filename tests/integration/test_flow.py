@@ -496,15 +496,17 @@ def test_gpu_stages_carry_the_concurrency_tag_only_when_a_limit_exists(harness, 
 
 def test_sharded_stages_run_as_task_runs_in_processes_and_a_failed_shard_is_retried_alone(harness, models,
                                                                                         tmp_path: Path) -> None:
-    """orchestration.shards=2: each shard of rollout, score and evaluate is its own task run in a process pool;
-    shard 1 of score fails once and is retried alone; every artifact equals an unsharded plain run's."""
+    """orchestration.shards=2: each shard of rollout, score, analyze and evaluate is its own task run in a process
+    pool; shard 1 of score fails once and is retried alone; every artifact equals an unsharded plain run's."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
 
     from flows.distill import distill
     from opd_tasks.pipeline import run_plain
+    from opd_tasks.stages import sharded_stages
 
-    small = ("iterations=1", "rollout.batch_size=4", "scoring.batch_size=4", "evaluation.batch_size=3")
+    small = ("iterations=1", "rollout.batch_size=4", "scoring.batch_size=4", "evaluation.batch_size=3",
+             "method=topd", "analysis.batch_size=4")
     run_plain(_cfg(models, tmp_path / "plain", *small), log=lambda m: None, progress=False)
     cfg = _cfg(models, tmp_path / "flow", *small, "orchestration.shards=2", "orchestration.retries=1",
                "fault.stage=score", "fault.shard=1", "fault.iteration=0")
@@ -513,8 +515,8 @@ def test_sharded_stages_run_as_task_runs_in_processes_and_a_failed_shard_is_retr
     assert (tmp_path / "flow" / "faults" / "testbed.score.it0.shard1").exists()
     with get_client(sync_client=True) as client:
         runs = {r.name: r for r in client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(
-            any_=[f"{s}-it0-shard{i}" for s in ("rollout", "score", "evaluate") for i in (0, 1)])))
+            any_=[f"{s}-it0-shard{i}" for s in sharded_stages() for i in (0, 1)])))
             if r.flow_run_id is not None}
-    assert set(runs) == {f"{s}-it0-shard{i}" for s in ("rollout", "score", "evaluate") for i in (0, 1)}
+    assert set(runs) == {f"{s}-it0-shard{i}" for s in sharded_stages() for i in (0, 1)}
     assert all(r.state.is_completed() for r in runs.values())
     assert runs["score-it0-shard1"].run_count == 2 and runs["score-it0-shard0"].run_count == 1  # retried alone

@@ -30,7 +30,14 @@ from opd_tasks.stages import (
 )
 from opd_tasks.testbed.labeler import ROLES
 from opd_tasks.topd.ot import cosine_cost, ot_distance, sinkhorn
-from opd_tasks.topd.signals import classifier_scores, high_loss_mask, regime_of, token_weights, window_divergence
+from opd_tasks.topd.signals import (
+    classifier_scores,
+    high_loss_mask,
+    regime_of,
+    regimes,
+    token_weights,
+    window_divergence,
+)
 from opd_tasks.training.sequences import group_tokens
 from storage.store import ArtifactStore
 from tests.helpers import scored_env
@@ -66,19 +73,45 @@ def test_spike_is_surface_and_persistent_drift_is_divergent() -> None:
         assert regimes[2] == want and regimes.count("normal") == 9
 
 
-def test_token_weights_match_loop() -> None:
-    reg = ["normal", "surface", "divergent", "normal", "divergent", "surface", "normal", "unprobed"]
-    assert token_weights(reg, TokenWeighting()) == [1.0] * 8  # the default: every weight 1
-    assert token_weights(reg, TokenWeighting(surface_weight=0.1)) == [1, 0.1, 1, 1, 1, 0.1, 1, 1]
-    got = token_weights(reg, TokenWeighting(surface_weight=0.0, spread_weight=0.5, spread_decay=0.8, spread_horizon=3))
-    ref = [0.0 if r == "surface" else 1.0 for r in reg]
+def _weights_loop(reg: list[str], w: TokenWeighting) -> list[float]:
+    """The token weights of one sequence, by the definition (docs/method.md), one token at a time."""
+    ref = [w.surface_weight if r == "surface" else 1.0 for r in reg]
     for t, r in enumerate(reg):
         if r == "divergent":
-            for j in range(4):
+            for j in range(w.spread_horizon + 1):
                 if t + j < len(ref):
-                    ref[t + j] += 0.5 * 0.8**j
-    assert got == pytest.approx(ref)
+                    ref[t + j] += w.spread_weight * w.spread_decay**j
+    return ref
+
+
+def test_token_weights_match_loop() -> None:
+    reg = ["normal", "surface", "divergent", "normal", "divergent", "surface", "normal", "unprobed"]
+
+    def weights(w: TokenWeighting) -> list[float]:
+        return token_weights(np.array(reg), np.arange(len(reg)), w).tolist()
+
+    assert weights(TokenWeighting()) == [1.0] * 8  # the default: every weight 1
+    assert weights(TokenWeighting(surface_weight=0.1)) == [1, 0.1, 1, 1, 1, 0.1, 1, 1]
+    spread = TokenWeighting(surface_weight=0.0, spread_weight=0.5, spread_decay=0.8, spread_horizon=3)
+    got = weights(spread)
+    assert got == _weights_loop(reg, spread)  # the same additions in the same order: equal, not just close
     assert got[4] == pytest.approx(1 + 0.5 * 0.8**2 + 0.5)  # overlapping spreads add up
+    # many sequences one after the other: a spread never crosses into the next sequence
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 12, size=40)
+    many = [rng.choice(["normal", "surface", "divergent", "unprobed"], size=n).tolist() for n in lengths]
+    flat = token_weights(np.array([r for s in many for r in s]), np.concatenate([np.arange(n) for n in lengths]),
+                         spread)
+    assert flat.tolist() == [v for s in many for v in _weights_loop(s, spread)]
+
+
+def test_vectorised_regimes_match_regime_of() -> None:
+    rng = np.random.default_rng(1)
+    high, probed = rng.random(200) < 0.5, rng.random(200) < 0.6
+    d = np.where(rng.random(200) < 0.1, np.nan, rng.normal(size=200))  # a NaN D_t is probed, not divergent
+    got = regimes(high, probed, d, 0.3).tolist()
+    assert got == [regime_of(bool(h), bool(p), float(v), 0.3) for h, p, v in zip(high, probed, d, strict=True)]
+    assert {"normal", "unprobed", "surface", "divergent"} == set(got)
 
 
 def test_classifier_scores_known_case() -> None:
@@ -177,7 +210,7 @@ def test_analyze_stage_tables_are_consistent(env, detector: str, distance: str) 
     # Weights equal a recomputation from the regimes, sequence by sequence.
     g = group_tokens(tok, ["regime", "weight"])
     for v in g.values():
-        assert v["weight"] == pytest.approx(token_weights(v["regime"], plan(RunConfig(method="topd")).weighting))
+        assert v["weight"] == pytest.approx(_weights_loop(v["regime"], plan(RunConfig(method="topd")).weighting))
     meta = store.manifest(ref)["meta"]
     assert set(meta["share"]) == {"surface", "divergent", "unprobed"} and "classifier" in meta
 
@@ -653,3 +686,56 @@ def test_probe_greedy_from_cached_prefixes_equals_generate_and_teacher_forcing(e
     tf = score_sequences(model, prefixes, other, pad_token_id=0, top_k=1, batch_size=7, progress=False)
     for a, s in zip(scored, tf, strict=True):
         assert a == pytest.approx(s.logprob, abs=1e-5)
+
+
+SHARDED_ANALYSES = {  # (analysis settings, ground-truth roles): every detector, and each way delta is decided
+    "swap, absolute delta, bridges as it goes": ({"detector": "swap"}, False),
+    "swap, quantile delta, bridges in the merge": ({"detector": "swap", "delta": 0.5, "delta_mode": "quantile"},
+                                                   False),
+    "probe xent realised, quantile delta": ({"detector": "probe", "delta": 0.5, "delta_mode": "quantile"}, True),
+    "probe ot greedy": ({"detector": "probe", "distance": "ot", "probe_student": "greedy", "delta": 0.3}, False),
+    "window": ({"detector": "window", "delta": 0.5, "delta_mode": "quantile"}, True),
+    "oracle": ({"detector": "oracle"}, True),
+    "rkl_topk with a threshold": ({"detector": "swap", "loss_signal": "rkl_topk", "high_loss_threshold": 0.001},
+                                  False),
+    "rkl_topk with a quantile: one part": ({"detector": "swap", "loss_signal": "rkl_topk"}, False),
+}
+
+
+@pytest.mark.parametrize("name", list(SHARDED_ANALYSES))
+def test_sharded_analysis_is_byte_identical_to_the_whole(env, tmp_path: Path, name: str) -> None:
+    """The analysis in 2 and in 3 shards (blocks of 3 of the 10 sequences: 4 blocks) publishes the same artifact,
+    byte for byte, as in one: its high-loss cut, delta, regimes, weights and bridges are the batch's, not a
+    shard's. With rkl_topk and a quantile the stage cannot split and runs as one part."""
+    import shutil
+
+    from opd_tasks.stages.registry import StageContext, compute
+    from opd_tasks.stages.sharding import part_stage
+
+    settings, roles = SHARDED_ANALYSES[name]
+    p = plan(RunConfig(method="topd"))
+    inputs = AnalyzeInputs(student=env["student"], teacher=env["teacher"], rollouts=env["roll"],
+                           scores=env["scores"], analysis=AnalysisConfig(batch_size=3, probe_tokens=4, probe_budget=2,
+                                                                         **settings),
+                           weighting=p.weighting, bridge=True, label_roles=roles, seed=0)
+    key = ANALYZE.key(inputs)
+    sha = {}
+    for n in (1, 2, 3):
+        root = tmp_path / f"n{n}"
+        shutil.copytree(env["store"].root, root, ignore=shutil.ignore_patterns(ANALYZE.name, part_stage(ANALYZE.name)))
+        store = ArtifactStore(root)
+        ref = compute(ANALYZE, StageContext(store, ANALYZE.name, key, "cpu", progress=False, shards=n), inputs)
+        sha[n] = ref.sha256
+        made = root / "artifacts" / part_stage(ANALYZE.name)
+        count = len([d for d in made.iterdir() if not d.name.startswith(".")]) if made.is_dir() else 0
+        assert count == (0 if n == 1 or "one part" in name else n)
+        if n == 1:
+            meta = store.manifest(ref)["meta"]
+            assert meta["high_loss"] > 0 and sum(meta["share"].values()) > 0
+            probes = store.read_table(ref, "probes")
+            if settings["detector"] != "window":  # the detector examined positions (oracle: those with a role)
+                assert probes.num_rows > (0 if settings["detector"] == "oracle" else 4)
+            if name.startswith("swap, quantile"):  # the merge's bridges exist, and only at divergent positions
+                bridged = [bool(c) for c in probes.column("teacher_continuation").to_pylist()]
+                assert any(bridged) and not all(bridged)
+    assert sha[2] == sha[1] and sha[3] == sha[1], name

@@ -14,10 +14,10 @@ from storage.lineage import RunLineage
 from storage.store import ArtifactStore
 
 # Small batches, so that every sharded stage has several batches to split: rollout 2 prompts per batch (4 batches),
-# score 8 sequences (4 batches), evaluate 4 prompts (5 batches).
+# score 8 sequences (4 batches), analyze 8 sequences (4 blocks), evaluate 4 prompts (5 batches).
 SIZE = ["data.prompts_per_iteration=8", "rollout.samples_per_prompt=4", "rollout.batch_size=8",
         "scoring.batch_size=8", "data.eval_size=20", "evaluation.batch_size=4", "iterations=1", "seed=0",
-        "analysis.batch_size=64"]
+        "analysis.batch_size=8"]
 
 
 def spans_of(units: int, block: int, shards: int) -> list[tuple[int, int]]:
@@ -42,7 +42,7 @@ def test_spans_cover_the_units_on_batch_boundaries() -> None:
 
 
 def test_the_row_parallel_stages_are_sharded() -> None:
-    assert sharded_stages() == ("rollout", "score", "evaluate")
+    assert sharded_stages() == ("rollout", "score", "analyze", "evaluate")
 
 
 def run(root: Path, method: str, *extra: str):
@@ -73,7 +73,8 @@ def test_one_two_and_three_shards_give_byte_identical_artifacts(tmp_path: Path, 
         run(root, method, f"orchestration.shards={n}")
         assert lineage(root) == want, f"{n} shards changed an artifact"
         for stage in sharded_stages():  # the stage did run in n parts (evaluate twice: the baseline and it0)
-            assert len(parts(root, stage)) == n * (2 if stage == "evaluate" else 1), stage
+            runs = 2 if stage == "evaluate" else 0 if stage == "analyze" and method == "opd" else 1
+            assert len(parts(root, stage)) == n * runs, stage
 
 
 def test_gc_removes_the_parts_and_nothing_a_run_points_at(tmp_path: Path) -> None:
@@ -83,7 +84,8 @@ def test_gc_removes_the_parts_and_nothing_a_run_points_at(tmp_path: Path) -> Non
     store = ArtifactStore(tmp_path)
     before = lineage(tmp_path)
     removals = gc.plan(store, keep_last=1)
-    assert {r.target.split("/")[0] for r in removals} == {part_stage(s) for s in sharded_stages()}
+    ran = [s for s in sharded_stages() if s != "analyze"]  # opd runs no analysis
+    assert {r.target.split("/")[0] for r in removals} == {part_stage(s) for s in ran}
     gc.execute(store, removals)
     assert not any(parts(tmp_path, s) for s in sharded_stages())
     assert lineage(tmp_path) == before

@@ -291,8 +291,8 @@ def qwen_example() -> dict[str, float]:
 
 def qwen_per_gpu(gpus: tuple[int, ...] = (1, 2, 4, 8)) -> dict[int, dict[str, float]]:
     """GiB per GPU of the Qwen example (`qwen_example`) on `gpus` GPUs, per stage, with the scale-out as built:
-    rollout, score and evaluate in one shard per GPU (each shard a whole stage on its own batches: the same memory,
-    1/N of the rows); gates and analyze on one GPU; the update in FSDP2 over N ranks (`update.world_size`): the
+    rollout, score, analyze and evaluate in one shard per GPU (each shard a whole stage on its own batches: the
+    same memory, 1/N of the rows); gates on one GPU; the update in FSDP2 over N ranks (`update.world_size`): the
     16 bytes per parameter divided by N, plus the parameters FSDP gathers at once in float32 (the root's tied
     embedding and two decoder layers: the one computing and the one prefetched), plus each rank's micro-batch
     activations and logits, as on one GPU."""

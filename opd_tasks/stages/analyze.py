@@ -21,6 +21,7 @@ unsharded stage's. What is taken over the whole batch is taken so in every part 
 - delta (a quantile of every D_t with `delta_mode: quantile`): the merge computes it, then every token's regime
   and weight (a part's own are provisional, from its own D_t), and with the `swap` detector the bridges at the
   divergent positions (`teacher_bridges`).
+Regimes compare the D_t as stored (float32) with delta, so anyone can recompute them from the table.
 """
 
 from __future__ import annotations
@@ -101,9 +102,8 @@ def analyse(ctx: StageContext, x: AnalyzeInputs, units: Units) -> dict[str, pa.T
     signal = k1  # the loss signal: k1, or the top-k reverse KL once the student's pass has run
     cut = float("nan")
     if cfg.loss_signal == "k1":  # the batch's cut, from every sequence's k1 (a shard reads them all)
-        every = seqs if units.rows is None else scored_sequences(ctx.store, x.rollouts, x.scores)
-        cut = high_loss_cut(np.concatenate([k1_of(s) for s in every]), cfg.high_loss_quantile,
-                            cfg.high_loss_threshold)
+        every = np.concatenate(k1) if units.rows is None else every_k1(ctx, x)
+        cut = high_loss_cut(every, cfg.high_loss_quantile, cfg.high_loss_threshold)
     d: list[list[float | None]] = [[None] * len(s.tokens) for s in seqs]
     probes: list[tuple[int, int, list[int], list[int], float]] = []  # (sequence, position, c_T, c_S, distance)
     bar = Bar(len(seqs), "analyze", "sequences", ctx.progress)
@@ -187,6 +187,26 @@ def analyze(ctx: StageContext, x: AnalyzeInputs, parts: list[Part]) -> ArtifactR
 def k1_of(s) -> np.ndarray:
     """k1 = log pi_S(y_t) - log pi_T(y_t) at each token of a scored sequence (float64)."""
     return np.asarray(s.sampling_logprobs, dtype=np.float64) - np.asarray(s.teacher_logprobs, dtype=np.float64)
+
+
+def every_k1(ctx: StageContext, x: AnalyzeInputs) -> np.ndarray:
+    """k1 at every completion token of the batch, in no particular order (what the high-loss quantile needs), from
+    the two log-prob columns joined in Arrow: a shard turns no other sequence into Python lists."""
+    roll = ctx.store.read_table(x.rollouts, "rollouts", columns=["prompt_id", "sample_id", "logprobs"])
+    lps = roll.column("logprobs").combine_chunks()
+    offsets = lps.offsets.to_numpy()
+    lengths = np.diff(offsets)
+    seq = pa.array(np.repeat(np.arange(len(lengths)), lengths))
+    sampled = pa.table({"prompt_id": pc.take(roll.column("prompt_id"), seq),
+                        "sample_id": pc.take(roll.column("sample_id"), seq),
+                        "pos": pa.array(np.arange(offsets[-1] - offsets[0], dtype=np.int64)
+                                        - np.repeat(offsets[:-1] - offsets[0], lengths), pa.int32()),
+                        "sampling_logprob": lps.flatten()})
+    teacher = ctx.store.read_table(x.scores, "teacher_scores",
+                                   columns=["prompt_id", "sample_id", "pos", "teacher_logprob"])
+    both = sampled.join(teacher, ["prompt_id", "sample_id", "pos"])
+    return (both.column("sampling_logprob").to_numpy().astype(np.float64)
+            - both.column("teacher_logprob").to_numpy().astype(np.float64))
 
 
 def resolved_delta(cfg: AnalysisConfig, tokens: pa.Table) -> float:

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from opd_tasks.stages.registry import Stage, StageContext, StageInputs
 
 log = logging.getLogger(__name__)
+_told_whole: set[tuple[str, str]] = set()  # (stage, key) whose "runs as one part" warning was logged
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,8 @@ def part_key(key: str, span: Span) -> str:
 def shard_plan(stage: Stage, ctx: StageContext, inputs: StageInputs) -> tuple[list[int], list[Span]]:
     """(the stage's units in batch order, the spans of its `ctx.shards` shards); one span: no parts."""
     why = stage.shards.whole(inputs) if ctx.shards > 1 else None
-    if why:
+    if why and (stage.name, ctx.key) not in _told_whole:  # the runners plan a stage more than once: say it once
+        _told_whole.add((stage.name, ctx.key))
         log.warning("%s runs as one part, not %d shards: %s", stage.name, ctx.shards, why)
     if ctx.shards == 1 or why:
         return [], [Span(0, 1, 0, 0)]  # the units are not even read: the stage runs as one part of every row

@@ -43,8 +43,9 @@ from opd_tasks.training.sequences import ScoredSequence
 
 @dataclass
 class Candidates:
-    """What a detector looks at: the batch's sequences, their per-token loss signal and high-loss mask, and the
-    (sequence, position) pairs to probe (empty for `window`, which examines every high-loss token)."""
+    """What a detector looks at: one block's sequences (indices 0..), their per-token loss signal and high-loss
+    mask, and the (sequence, position) pairs to probe (empty for `window`, which examines every high-loss
+    token)."""
 
     sequences: list[ScoredSequence]
     signal: list[list[float]]
@@ -262,8 +263,9 @@ def swap(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, bridge: boo
         lp = pre.score(own + alt)
         n = len(chunk)
         for j in range(n):
-            dists.append(float(np.mean(np.asarray(lp[j][1:], dtype=np.float64)
-                                       - np.asarray(lp[n + j][1:], dtype=np.float64))))
+            # rounded as stored (float32), so the bridge here and the regime the stage sets agree at delta
+            dists.append(float(np.float32(np.mean(np.asarray(lp[j][1:], dtype=np.float64)
+                                                  - np.asarray(lp[n + j][1:], dtype=np.float64)))))
         if bridge and absolute is not None:
             divergent = [j for j in range(n) if dists[s0 + j] >= absolute]
             for j, cont in zip(divergent, pre.greedy(cfg.probe_tokens, models.stop_ids, only=divergent)[0],

@@ -16,9 +16,9 @@ def student_statistics(model, seqs: list[ScoredSequence], batch: int,
                        keep_cache: bool = False) -> tuple[list[list[float]], list[list[float]]]:
     """Per token of each sequence: the student's entropy and the top-k reverse KL, from one decoder forward per
     chunk of `batch` sequences. `on_chunk(first, chunk, encoded)` is called after each chunk (the sequences from
-    index `first`) with its `prefix_cache.Encoded`, whose rows are the chunk's sequences 0..len(chunk)-1; with
-    `keep_cache` it holds the KV cache, so near-future probes can start from it instead of encoding the same
-    sequences again."""
+    index `first`); with `keep_cache`, `encoded` is the chunk's `prefix_cache.Encoded` (hidden states and KV
+    cache; its rows are the chunk's sequences 0..len(chunk)-1), so near-future probes can start from it instead of
+    encoding the same sequences again, else None."""
     from opd_tasks.backends.hf import pack_right
     from opd_tasks.backends.prefix_cache import encode, output_logits
     from opd_tasks.training.losses import topk_rkl_per_token
@@ -41,11 +41,12 @@ def student_statistics(model, seqs: list[ScoredSequence], batch: int,
             tid[i, : len(s.tokens)] = torch.tensor(s.topk_ids)
             tlp[i, : len(s.tokens)] = torch.tensor(s.topk_logprobs)
         rkl = topk_rkl_per_token(logits, tid.to(dev), tlp.to(dev)).cpu()
-        del logits, logp
+        encoded = enc if keep_cache else None  # without the cache, free the hidden states before on_chunk runs
+        del logits, logp, idx, enc
         for i, s in enumerate(chunk):
             ents.append(ent[i, : len(s.tokens)].tolist())
             rkls.append(rkl[i, : len(s.tokens)].tolist())
         if on_chunk is not None:
-            on_chunk(s0, chunk, enc)
-        del enc
+            on_chunk(s0, chunk, encoded)
+        del encoded
     return ents, rkls

@@ -688,6 +688,19 @@ def test_probe_greedy_from_cached_prefixes_equals_generate_and_teacher_forcing(e
         assert a == pytest.approx(s.logprob, abs=1e-5)
 
 
+def test_every_k1_from_arrow_equals_the_sequences_k1(env) -> None:
+    """The k1 a shard computes the high-loss cut from (two log-prob columns joined in Arrow) is, value for value,
+    the k1 of every scored sequence (float64 of the float32 columns)."""
+    from types import SimpleNamespace
+
+    from opd_tasks.stages.analyze import every_k1, k1_of
+    from opd_tasks.training.sequences import scored_sequences
+
+    got = every_k1(SimpleNamespace(store=env["store"]), SimpleNamespace(rollouts=env["roll"], scores=env["scores"]))
+    want = np.concatenate([k1_of(s) for s in scored_sequences(env["store"], env["roll"], env["scores"])])
+    assert len(got) == len(want) > 50 and np.array_equal(np.sort(got), np.sort(want))
+
+
 SHARDED_ANALYSES = {  # (analysis settings, ground-truth roles): every detector, and each way delta is decided
     "swap, absolute delta, bridges as it goes": ({"detector": "swap"}, False),
     "swap, quantile delta, bridges in the merge": ({"detector": "swap", "delta": 0.5, "delta_mode": "quantile"},

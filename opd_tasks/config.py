@@ -426,6 +426,11 @@ class RunConfig(_Strict):
         f = self.fault
         if f.shard is not None:
             shards = self.orchestration.shards_for(f.stage) if f.stage is not None else 1
+            if f.stage == "analyze":
+                from opd_tasks.stages.analyze import needs_every_sequence
+
+                if why := needs_every_sequence(self.analysis):
+                    raise ValueError(f"fault.shard is {f.shard}, but stage 'analyze' runs as one part: {why}")
             if shards == 1 or f.shard >= shards:  # one shard: the stage runs whole, with no parts
                 from opd_tasks.stages import sharded_stages
 

@@ -68,9 +68,8 @@ def sequences_per_batch(x: AnalyzeInputs) -> int:
     return x.analysis.batch_size
 
 
-def needs_every_sequence(x: AnalyzeInputs) -> str | None:
+def needs_every_sequence(cfg: AnalysisConfig) -> str | None:
     """Why the analysis cannot split (the high-loss cut needs a model pass over every sequence), if it cannot."""
-    cfg = x.analysis
     if cfg.loss_signal == "rkl_topk" and cfg.high_loss_threshold is None:
         return ("with analysis.loss_signal 'rkl_topk' the high-loss quantile is over the student's pass on every "
                 "sequence; set analysis.high_loss_threshold (or loss_signal: k1) to shard it")
@@ -149,7 +148,8 @@ def analyse(ctx: StageContext, x: AnalyzeInputs, units: Units) -> dict[str, pa.T
 
 
 @stage("analyze", version=8, inputs=AnalyzeInputs, outputs=("tokens", "probes"),
-       shards=Shards(units=analysed_rows, block=sequences_per_batch, part=analyse, whole=needs_every_sequence))
+       shards=Shards(units=analysed_rows, block=sequences_per_batch, part=analyse,
+                     whole=lambda x: needs_every_sequence(x.analysis)))
 def analyze(ctx: StageContext, x: AnalyzeInputs, parts: list[Part]) -> ArtifactRef:
     """Per-token losses, high-loss tokens, near-future detection, regimes and token weights."""
     from opd_tasks.topd.detectors import DETECTORS

@@ -130,7 +130,11 @@ def test_fault_shard_names_a_shard_the_stage_has() -> None:
 
     for bad in (["fault.stage=update", "fault.shard=0", "orchestration.shards=2"],  # update is not sharded
                 ["fault.stage=score", "fault.shard=2", "orchestration.shards=2"],  # shards 0 and 1 only
-                ["fault.stage=score", "fault.shard=0"]):  # one shard: no parts
+                ["fault.stage=score", "fault.shard=0"],  # one shard: no parts
+                ["fault.stage=analyze", "fault.shard=0", "orchestration.shards=2",  # analyze runs as one part
+                 "analysis.loss_signal=rkl_topk"]):
         with pytest.raises(ConfigError, match="fault.shard"):
             load_config(None, bad)
     assert load_config(None, ["fault.stage=score", "fault.shard=1", "orchestration.shards=2"]).fault.shard == 1
+    assert load_config(None, ["fault.stage=analyze", "fault.shard=1", "orchestration.shards=2",
+                              "analysis.loss_signal=rkl_topk", "analysis.high_loss_threshold=0.5"]).fault.shard == 1

@@ -105,12 +105,14 @@ def analyse(ctx: StageContext, x: AnalyzeInputs, units: Units) -> dict[str, pa.T
         cut = high_loss_cut(every, cfg.high_loss_quantile, cfg.high_loss_threshold)
     d: list[list[float | None]] = [[None] * len(s.tokens) for s in seqs]
     probes: list[tuple[int, int, list[int], list[int], float]] = []  # (sequence, position, c_T, c_S, distance)
+    high_loss: list[np.ndarray] = []  # each sequence's high-loss mask, block by block
     bar = Bar(len(seqs), "analyze", "sequences", ctx.progress)
 
     def detect(first: int, block: list, encoded) -> None:
         """Run the detector on the sequences `first`.. of one block (`encoded`: the student's pass over them)."""
         own = signal[first : first + len(block)]
         high = [np.asarray(v, dtype=np.float64) >= cut for v in own]
+        high_loss.extend(high)
         budget = cfg.probe_budget if detector.budgeted else "all"
         rows = probe_positions(own, high, budget, detector.skip_last) if detector.probes else []
         cand = Candidates(block, own, high, rows, None if roles is None else roles[first : first + len(block)])
@@ -133,8 +135,7 @@ def analyse(ctx: StageContext, x: AnalyzeInputs, units: Units) -> dict[str, pa.T
         for first in range(0, len(seqs), cfg.batch_size):
             detect(first, seqs[first : first + cfg.batch_size], None)
     bar.close()
-    high = np.concatenate([np.asarray(v, dtype=np.float64) >= cut for v in signal])
-    tokens = _tokens_table(seqs, high, d, k1, rkl, entropy, roles)
+    tokens = _tokens_table(seqs, np.concatenate(high_loss), d, k1, rkl, entropy, roles)
     probe_table = pa.table({
         "prompt_id": pa.array([seqs[i].prompt_id for i, *_ in probes], pa.string()),
         "sample_id": pa.array([seqs[i].sample_id for i, *_ in probes], pa.int32()),

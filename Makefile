@@ -1,26 +1,37 @@
 # Two commands: `make run` (the main job on the embedded default) and `make test` (the test suite).
-# Both create .venv on first use. Torch: the CPU build by default; a GPU user picks another, e.g.
+# Both create .venv on first use, from the lock file (requirements.lock: exact versions with sha256 hashes of the
+# runtime and dev dependencies; `make lock` regenerates it). Torch is not in the lock: TORCH_SPEC picks the build,
+# the CPU 2.13.0 by default; a GPU user picks another, e.g.
 #   make run TORCH_SPEC="torch==2.6.0" PIP_TORCH_ARGS="--index-url https://download.pytorch.org/whl/cu124"
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
-EXTRAS ?= dev
 CONFIG ?= configs/testbed.yaml
 PYTEST_ARGS ?=
+LOCK := requirements.lock
+#: The locked extras (what `make setup` installs besides the runtime dependencies).
+LOCKED_EXTRAS := dev
+#: The resolver that writes the lock (only `make lock` uses it, in its own venv).
+UV_SPEC := uv==0.13.10
 BIN := $(VENV)/bin
 export OMP_WAIT_POLICY ?= PASSIVE
 STAMP := $(VENV)/.opd-installed
-PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+PIP = $(1)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup run test test-fast lint fmt bench clean
+.PHONY: setup run test test-fast test-latest lint fmt bench lock clean
 
-$(STAMP): pyproject.toml
-	@echo "==> setting up $(VENV) (torch: $(TORCH_SPEC)); this takes a few minutes the first time"
+# The lock first (hash-checked, no resolution), then torch (its own dependencies are in the lock, so the default
+# build adds nothing; another build may bring its own, e.g. CUDA libraries), then this package without its
+# dependencies; `pip check` fails the setup if anything installed disagrees with another's requirements.
+$(STAMP): pyproject.toml $(LOCK)
+	@echo "==> setting up $(VENV) from $(LOCK) (torch: $(TORCH_SPEC)); this takes a few minutes the first time"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
-	$(PIP) install -e ".[$(EXTRAS)]"
+	$(call PIP,$(BIN)) install --require-hashes --no-deps -r $(LOCK)
+	$(call PIP,$(BIN)) install $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
+	$(call PIP,$(BIN)) install --no-deps --no-build-isolation -e .
+	$(call PIP,$(BIN)) check
 	@touch $(STAMP)
 	@echo "==> $(VENV) ready"
 
@@ -35,6 +46,30 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The newest releases that pyproject.toml's ranges admit, in a venv of their own (.venv-latest, made anew each
+# time), so that upstream drift is found on purpose: it prints what differs from the lock, then runs the suite.
+LATEST := .venv-latest
+test-latest:
+	rm -rf $(LATEST) && $(PYTHON) -m venv $(LATEST)
+	$(call PIP,$(LATEST)/bin) install $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
+	$(call PIP,$(LATEST)/bin) install --upgrade --upgrade-strategy eager -e ".[$(LOCKED_EXTRAS)]"
+	$(call PIP,$(LATEST)/bin) check
+	@$(LATEST)/bin/python scripts/lock_drift.py $(LOCK) || true
+	$(LATEST)/bin/ruff check .
+	$(LATEST)/bin/python -m pytest $(PYTEST_ARGS)
+
+# Regenerate requirements.lock: every runtime and dev dependency at the newest version pyproject.toml admits,
+# resolved together with TORCH_SPEC's torch (from this machine's wheel directory, /opt/wheels, when it has one),
+# with the sha256 of every file PyPI offers for it, for any platform and Python >= 3.11. Run it after changing a
+# dependency in pyproject.toml or to take upstream releases on purpose, then `make test` and commit both files.
+lock:
+	@test -x .venv-tools/bin/uv || { $(PYTHON) -m venv .venv-tools && $(call PIP,.venv-tools/bin) install "$(UV_SPEC)"; }
+	@echo "$(TORCH_SPEC)" > .venv-tools/torch-constraint.txt
+	.venv-tools/bin/uv pip compile pyproject.toml --extra $(LOCKED_EXTRAS) --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	  --generate-hashes --no-emit-package torch -c .venv-tools/torch-constraint.txt \
+	  $(if $(wildcard /opt/wheels),--find-links /opt/wheels) --custom-compile-command "make lock" -o $(LOCK)
+	@echo "==> wrote $(LOCK); now run make test and commit it with pyproject.toml"
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,0 +1,48 @@
+"""requirements.lock agrees with pyproject.toml: every runtime and dev dependency is pinned, at a version its range
+admits, with hashes, and torch (TORCH_SPEC's choice) is left out. A dependency added without `make lock` fails."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+REPO = Path(__file__).resolve().parents[2]
+LOCK = REPO / "requirements.lock"
+
+
+def _pins() -> dict[str, tuple[str, list[str]]]:
+    """{normalised name: (version, its sha256 hashes)} of the lock."""
+    pins: dict[str, tuple[str, list[str]]] = {}
+    current = None
+    for line in LOCK.read_text().splitlines():
+        if m := re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)", line):
+            current = re.sub(r"[-_.]+", "-", m[1]).lower()
+            pins[current] = (m[2], [])
+        elif current and (h := re.search(r"--hash=sha256:([0-9a-f]{64})", line)):
+            pins[current][1].append(h[1])
+    return pins
+
+
+def test_the_lock_pins_every_declared_dependency_within_its_range() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = [Requirement(r) for r in [*project["dependencies"], *project["optional-dependencies"]["dev"]]]
+    pins = _pins()
+    assert pins and all(hashes for _, hashes in pins.values()), "every pin carries its sha256 hashes"
+    assert "torch" not in pins, "torch is TORCH_SPEC's (the Makefile installs it after the lock)"
+    for req in declared:
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        if name == "torch":
+            continue
+        assert name in pins, f"{req.name} is declared in pyproject.toml but not locked: run `make lock`"
+        assert req.specifier.contains(pins[name][0], prereleases=True), (
+            f"{req.name}=={pins[name][0]} in the lock is outside pyproject.toml's {req.specifier}: run `make lock`")
+
+
+def test_setup_installs_the_lock_with_hashes() -> None:
+    makefile = (REPO / "Makefile").read_text()
+    assert "LOCK := requirements.lock" in makefile
+    assert "install --require-hashes --no-deps -r $(LOCK)" in makefile
+    assert re.search(r"^lock:", makefile, re.M) and re.search(r"^test-latest:", makefile, re.M)

@@ -329,6 +329,16 @@ def show_cmd(
         t.add_row(str(e.iteration), e.stage, "cached" if e.cached else "computed",
                   f"{e.seconds:.1f}" if e.seconds is not None else "-", e.ref.schema_name, str(e.ref.rows), e.ref.uri)
     console.print(t)
+    from opd_tasks.provenance import environments
+
+    manifests = []
+    for ref in {e.ref.sha256: e.ref for e in entries}.values():  # each artifact once
+        try:
+            manifests.append(store.manifest(ref))
+        except OpdError:
+            continue  # a missing or damaged artifact: its row says where it was; `opd verify` names the problem
+    for line, n in environments(manifests):
+        console.print(f"computed with {line}: {n} artifact{'s' if n != 1 else ''}", highlight=False)
     if iteration is not None and stage is not None and entries:
         ref = entries[0].ref
         try:

@@ -31,6 +31,7 @@ from opd_tasks.errors import ConfigError, TransientError
 from opd_tasks.method import MethodPlan, plan
 from opd_tasks.models import ModelSpec, cache_remote_code_under, spec_of
 from opd_tasks.progress import stage_running
+from opd_tasks.provenance import drift
 from opd_tasks.stages import (
     ANALYZE,
     EVALUATE,
@@ -152,6 +153,7 @@ class StageRunner:
         self.refresh = check_refresh(refresh)
         self.progress = sys.stderr.isatty() if progress is None else progress  # None: bars only on a terminal
         self.log = log
+        self._drift_told: set[tuple[str, str, str]] = set()  # (library, cached version, ours) already warned of
 
     def __call__(self, stage: Stage, inputs: StageInputs, iteration: int, label: str | None = None) -> StageRecord:
         label = label or stage.name
@@ -166,6 +168,8 @@ class StageRunner:
                 existing = None
             for part in self.stored_parts(stage, inputs, key):
                 self.store.retire(part)
+        if existing is not None:
+            self.warn_version_drift(existing, stage.name, iteration, label)
         t0 = time.perf_counter()
         with stage_running(f"it{iteration} {label}"):  # the run display's row, on a terminal (opd_tasks/progress.py)
             ref, cached = self.call(stage, inputs, key, iteration, label, existing)
@@ -174,6 +178,18 @@ class StageRunner:
         self.log(f"it{iteration} {label:<12} {'cached' if cached else 'computed'} in {record.seconds:6.1f}s "
                  f"-> {ref.short()}")
         return record
+
+    def warn_version_drift(self, ref: ArtifactRef, stage: str, iteration: int, label: str) -> None:
+        """One warning per (library, version pair) in a run when a cache hit was computed under another minor version
+        of torch or transformers than this process has (opd_tasks/provenance.py); the hit is reused."""
+        for lib, theirs, ours in drift(self.store.manifest(ref).get("provenance")):
+            if (lib, theirs, ours) in self._drift_told:
+                continue
+            self._drift_told.add((lib, theirs, ours))
+            self.log(f"warning: it{iteration} {label}: the cached artifact {ref.short()} was computed under {lib} "
+                     f"{theirs}, this environment has {lib} {ours}; it is reused (no cache key holds a library "
+                     f"version: docs/operations.md), as is any later one made under {lib} {theirs} in this run; "
+                     f"`--refresh {stage}` recomputes it")
 
     def context(self, stage: Stage, key: str, **kw) -> StageContext:
         """The stage's context in this run: its store, key, device, progress and shards."""

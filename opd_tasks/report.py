@@ -10,6 +10,7 @@ shows:
 - token examples: rollouts with high-loss tokens highlighted by regime, the probes' continuations at probed
   positions;
 - stage costs (median computed seconds per stage);
+- the libraries and devices that computed the artifacts (their manifests' provenance);
 - a summary table (final accuracy mean and range over seeds, learning-curve area, surface share, seconds per
   iteration);
 - paired comparisons of every pair of methods (opd_tasks/stats.py): per-seed paired differences of the final
@@ -124,8 +125,21 @@ def collect(root: str | Path, runs: list[RunInfo]) -> dict[str, list[dict]]:
     con.execute("CREATE TABLE role_regime AS SELECT * FROM _role_regime")
     data = {q: _rows(con, q) for q in ("accuracy", "problems", "regimes", "classifier", "forks", "costs", "kept")}
     data["early_stops"] = _early_stops(root, runs)
+    data["environments"] = _environments(root, runs)
     data["_con"] = con  # examples need the connection (and a tokenizer); see examples()
     return data
+
+
+def _environments(root: str | Path, runs: list[RunInfo]) -> list[dict]:
+    """What computed the runs' artifacts (their manifests' provenance): one row per distinct environment."""
+    from opd_tasks.provenance import environments
+    from storage.lineage import RunLineage
+    from storage.store import ArtifactStore
+
+    store = ArtifactStore(root)
+    refs = {e.ref.sha256: e.ref for r in runs for e in RunLineage(store.layout, r.run).entries()}
+    return [{"computed_with": line, "artifacts": n}
+            for line, n in environments(store.manifest(ref) for ref in refs.values())]
 
 
 def _early_stops(root: str | Path, runs: list[RunInfo]) -> list[dict]:
@@ -511,6 +525,12 @@ def _detail_rows(data: dict, summary: dict) -> tuple[list[str], list[list[str]]]
     return head, rows
 
 
+def _environment_rows(data: dict) -> tuple[list[str], list[list[str]]]:
+    """The libraries and devices that computed the runs' artifacts (their manifests' provenance)."""
+    return ["libraries and device", "artifacts"], [[e["computed_with"], str(e["artifacts"])]
+                                                   for e in data.get("environments", [])]
+
+
 def _classifier_rows(data: dict) -> tuple[list[str], list[list[str]]]:
     head = ["method", "iteration", "classified", "surface P", "surface R", "divergent P", "divergent R"]
     rows = [[c["method"], str(c["iteration"]), str(c["classified"]), _num(c["surface_precision"]),
@@ -623,6 +643,8 @@ def render(title: str, runs: list[RunInfo], data: dict, summary: dict, figs: lis
     if pr:
         h += ["<h2>Paired comparisons</h2>", f"<p>{html.escape(PAIRED_NOTE)}</p>", _html_table(ph, pr)]
     h += ["<h2>Cost, early stops, forks</h2>", _html_table(dh, dr)]
+    eh, er = _environment_rows(data)
+    h += ["<h2>Computed with</h2>", _html_table(eh, er)]
     for f in figs:
         b64 = base64.b64encode((out / f["file"]).read_bytes()).decode()
         h.append(f'<figure><img alt="{html.escape(f["file"])}" src="data:image/png;base64,{b64}">'
@@ -643,6 +665,7 @@ def render(title: str, runs: list[RunInfo], data: dict, summary: dict, figs: lis
     if pr:
         md += ["## Paired comparisons", "", PAIRED_NOTE, "", _md_table(ph, pr), ""]
     md += ["## Cost, early stops, forks", "", _md_table(dh, dr), ""]
+    md += ["## Computed with", "", _md_table(eh, er), ""]
     md += [f"![{f['file']}]({f['file']})\n\n{f['caption']}\n" for f in figs]
     if cr:
         md += ["## Regime classifier vs ground truth", "", _md_table(ch, cr), ""]

@@ -2,7 +2,12 @@
 
 An artifact is an immutable directory `<root>/artifacts/<stage>/<key>/` of part files plus a
 `_manifest.json` that lists every file with its sha256 and size, and, for tables, their schema and rows.
-The artifact's sha256 is the sha256 of the manifest bytes, so one hash pins every byte.
+The artifact's sha256 is the sha256 of the manifest (canonical JSON) without its `provenance` field, so one hash
+pins every byte of every file, every table's rows and the stage's meta. `provenance` says what computed the artifact
+(the versions of python, torch, transformers, pyarrow, vllm where used, and the device: `manifest_sha256`): it is
+recorded, shown by `opd show` and the report, and left out of the hash, so the same bytes computed under another
+library release are the same artifact with the same downstream cache keys. It is therefore a label, not evidence:
+editing it changes no hash.
 
 Writing: an `ArtifactWriter` fills a private temp directory beside the final one, hashes each file
 (streamed, 1 MiB chunks), writes the manifest, fsyncs, and renames the directory into place. A rename is
@@ -61,8 +66,20 @@ from storage.remote import RemoteMirror, check_rel_path
 from storage.schemas import TableSchema, check_file_schema, conform, get_schema
 
 MANIFEST_FORMAT = 1
+#: The manifest field that records what computed an artifact; not part of its sha256 (module docstring).
+PROVENANCE = "provenance"
 
 log = logging.getLogger(__name__)
+
+
+def manifest_sha256(data: bytes) -> str:
+    """An artifact's sha256: of its manifest `data` as canonical JSON without the `provenance` field. For a manifest
+    the store wrote without one, this is the sha256 of its bytes. ValueError if `data` is not a JSON object."""
+    m = json.loads(data)
+    if not isinstance(m, dict):
+        raise ValueError("a manifest is a JSON object")
+    m.pop(PROVENANCE, None)
+    return sha256_bytes(canonical_json(m))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -114,12 +131,26 @@ def _hash_files(paths: list[Path]) -> list[str]:
         return list(pool.map(sha256_file, paths))
 
 
+def _sha_or_bad(data: bytes) -> str:
+    try:
+        return manifest_sha256(data)
+    except ValueError:
+        return "(not a manifest)"
+
+
+def _same_content(a: bytes, b: bytes) -> bool:
+    """Whether manifests `a` and `b` are of the same artifact (equal but for their provenance)."""
+    return _sha_or_bad(a) == _sha_or_bad(b) != "(not a manifest)"
+
+
 class ArtifactWriter:
     """Builds one artifact in a temp dir; `commit()` publishes it atomically. Use via `ArtifactStore.writer`.
 
     - `write_table(name, table)` appends a part file to table `name` (schema from storage/schemas.py);
     - `path` is the temp dir, for free-form files (e.g. `model.save_pretrained(w.path / "model")`);
-    - `meta` is a JSON-able dict stored in the manifest (stage summary, config slice, ...).
+    - `meta` is a JSON-able dict stored in the manifest (stage summary, config slice, ...);
+    - `provenance` is a JSON-able dict of what computed it (library versions, device), stored in the manifest but
+      not in the artifact's sha256.
     """
 
     def __init__(self, store: ArtifactStore, stage: str, key: str):
@@ -132,6 +163,7 @@ class ArtifactWriter:
         self.path = self.final.parent / f"{TMP_PREFIX}{key}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.path.mkdir()
         self.meta: dict[str, Any] = {}
+        self.provenance: dict[str, Any] = {}
         self._tables: dict[str, dict[str, Any]] = {}
         self._done = False
 
@@ -185,6 +217,8 @@ class ArtifactWriter:
                 "bytes": total,
                 "meta": self.meta,
             }
+            if self.provenance:
+                manifest[PROVENANCE] = self.provenance
             data = canonical_json(manifest)
         except OSError as e:
             self.abort()
@@ -279,7 +313,8 @@ class ArtifactStore:
     def writer(self, stage: str, key: str) -> ArtifactWriter:
         return ArtifactWriter(self, stage, key)
 
-    def put_table(self, stage: str, key: str, name: str, table: pa.Table, meta: dict | None = None) -> ArtifactRef:
+    def put_table(self, stage: str, key: str, name: str, table: pa.Table, meta: dict | None = None,
+                  provenance: dict | None = None) -> ArtifactRef:
         """Publish a one-table artifact (or return the existing one for this key)."""
         existing = self.lookup(stage, key)
         if existing is not None:
@@ -288,6 +323,7 @@ class ArtifactStore:
         with self.writer(stage, key) as w:
             w.write_table(name, table)
             w.meta.update(meta or {})
+            w.provenance.update(provenance or {})
             return w.commit()
 
     # -- lookup -------------------------------------------------------------------------------------
@@ -308,7 +344,7 @@ class ArtifactStore:
                 uri=self.layout.relative(adir),
                 stage=m["stage"],
                 key=m["key"],
-                sha256=sha256_bytes(data),
+                sha256=manifest_sha256(data),
                 rows=rows,
                 bytes=int(m["bytes"]),
                 schema_name=schema_name,
@@ -383,7 +419,7 @@ class ArtifactStore:
 
     def _record(self, stage: str, key: str, manifest: bytes) -> None:
         """Record the sha256 of the manifest published under (stage, key) (a complete artifact: nothing pruned)."""
-        atomic_write(self.layout.published_record(stage, key), (sha256_bytes(manifest) + "\n").encode())
+        atomic_write(self.layout.published_record(stage, key), (manifest_sha256(manifest) + "\n").encode())
         self.layout.pruned_record(stage, key).unlink(missing_ok=True)
 
     # -- pruning (opd gc, storage/gc.py) ---------------------------------------------------------------
@@ -438,16 +474,16 @@ class ArtifactStore:
             if not verified:
                 self.verify(ref)  # never mirror a corrupted local file under a manifest that vouches for it
             rels = [check_rel_path(e["path"], str(adir / MANIFEST)) for e in json.loads(data)["files"]]
-            remote.upload(ref.stage, ref.key, sha256_bytes(data), adir, rels, data)
+            remote.upload(ref.stage, ref.key, manifest_sha256(data), adir, rels, data)
             theirs = remote.manifest_bytes(ref.stage, ref.key)
-        if theirs is None or theirs == data:
-            return ref
+        if theirs is None or theirs == data or _same_content(theirs, data):
+            return ref  # the same artifact (another writer's provenance at most differs)
         moved = self._retire_local(ref.stage, ref.key)
         log.warning(
             "artifact %s/%s: %s holds a different manifest (sha256 %s..., ours %s...); two writers computed "
             "different bytes for one cache key. The remote one was first and is used; ours was moved to %s",
             ref.stage, ref.key, remote.display(remote.manifest_path(ref.stage, ref.key)),
-            sha256_bytes(theirs)[:16], sha256_bytes(data)[:16], moved)
+            _sha_or_bad(theirs)[:16], manifest_sha256(data)[:16], moved)
         pulled = self._pull(ref.stage, ref.key)
         if pulled is None:
             raise TransientError(f"artifact {ref.stage}/{ref.key}: the remote manifest that differs from ours "
@@ -476,7 +512,7 @@ class ArtifactStore:
             wanted = [str(e["sha256"]) for e in entries]
         except (ValueError, KeyError, TypeError) as e:
             raise ArtifactError(f"{where} is not a valid manifest: {e}") from None
-        sha = sha256_bytes(data)
+        sha = manifest_sha256(data)
         w = ArtifactWriter(self, stage, key)
         try:
             remote.download(stage, key, sha, rels, w.path)
@@ -542,7 +578,10 @@ class ArtifactStore:
         except FileNotFoundError:
             also = f" (nor a manifest on {self.remote!r})" if self.remote is not None else ""
             raise ArtifactError(f"artifact {ref.stage}/{ref.key} is missing: no {mpath}{also}") from None
-        got = sha256_bytes(data)
+        try:
+            got = manifest_sha256(data)
+        except ValueError as e:
+            raise ArtifactError(f"{mpath} is not a valid manifest: {e}") from None
         if got != ref.sha256:
             raise ArtifactError(f"{mpath}: sha256 {got[:16]}... does not match the ref's {ref.sha256[:16]}...")
         return json.loads(data)

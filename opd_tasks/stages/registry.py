@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict
 
 from opd_tasks.errors import ConfigError
 from opd_tasks.models import ModelSpec
+from opd_tasks.provenance import provenance
 from opd_tasks.stages.sharding import Shards, Span, compute_sharded, ensure_part
 from storage.errors import DiskFullError
 from storage.keys import cache_key
@@ -102,13 +103,17 @@ class StageContext:
     #: Called with a shard's span just before its part is computed (fault injection; opd_tasks/pipeline.py).
     before_part: Callable[[Span], None] | None = None
 
-    def writer(self):
-        """A writer of this stage's artifact under its key (storage/store.py, `ArtifactWriter`)."""
-        return self.store.writer(self.stage, self.key)
+    def writer(self, stage: str | None = None, key: str | None = None):
+        """A writer of this stage's artifact under its key (storage/store.py, `ArtifactWriter`), or of `stage`/`key`
+        (a shard's part), its provenance filled in (opd_tasks/provenance.py)."""
+        w = self.store.writer(stage or self.stage, key or self.key)
+        w.provenance.update(provenance(self.device))
+        return w
 
     def put_table(self, table_name: str, table, meta: dict | None = None) -> ArtifactRef:
         """Publish a one-table artifact under this stage's key."""
-        return self.store.put_table(self.stage, self.key, table_name, table, meta=meta)
+        return self.store.put_table(self.stage, self.key, table_name, table, meta=meta,
+                                    provenance=provenance(self.device))
 
 
 @dataclass(frozen=True)

@@ -151,7 +151,7 @@ def ensure_part(stage: Stage, ctx: StageContext, inputs: StageInputs, span: Span
     if ctx.before_part is not None:
         ctx.before_part(span)
     tables = part_tables(stage, ctx, inputs, units)
-    with ctx.store.writer(name, key) as w:
+    with ctx.writer(name, key) as w:
         for table_name, table in tables.items():
             write_or_declare(w, table_name, table)
         w.meta.update({"stage": stage.name, "stage_key": ctx.key, "shard": span.index, "shards": span.count,

@@ -1,7 +1,8 @@
 """Checkpoints: the student's weights (`save_pretrained`, safetensors), the AdamW state (safetensors, no pickle) and
 the trainer's counters and RNG state (JSON), as the update stage writes them into its artifact:
 ```
-model/                       save_pretrained + tokenizer: loadable by AutoModelForCausalLM / vLLM
+model/                       save_pretrained + tokenizer: loadable by AutoModelForCausalLM / vLLM; its version
+                             stamps are the student's (`keep_source_version_stamps`), not the writing library's
 state/optimizer.safetensors  AdamW moments and step counts
 state/trainer.json           global step/epoch counters, optimizer param groups, RNG state (as a list)
 ```
@@ -101,6 +102,36 @@ def save_tokenizer(tokenizer, source: Path, out: Path) -> None:
             shutil.copyfile(source / name if (source / name).is_file() else f, out / name)
 
 
+#: The files `save_pretrained` stamps with the writing library's version (`"transformers_version": "5.25.0"`).
+VERSION_STAMPED = ("config.json", "generation_config.json")
+VERSION_FIELD = "transformers_version"
+
+
+def keep_source_version_stamps(model_dir: Path, source: Path) -> None:
+    """Give each of VERSION_STAMPED in `model_dir` the `transformers_version` of the same file in `source` (the
+    student the checkpoint was trained from), or none where that file has none.
+
+    `save_pretrained` writes the installed version there, so identical weights saved under transformers 5.24 and
+    5.25 would be different bytes, a different artifact sha256 and different cache keys for every later stage. The
+    stamp is not a label only: transformers reads it back (e.g. a tokenizer loaded from a directory whose config
+    predates 5.0 gets the old Mistral regex handling), and the checkpoint's tokenizer files are the student's own
+    bytes (`save_tokenizer`), so the source's stamp is the true one for them. Which library versions wrote the
+    checkpoint is in its manifest's provenance (opd_tasks/provenance.py). The file is re-serialised exactly as
+    transformers writes it (sorted keys, indent 2, a final newline)."""
+    for name in VERSION_STAMPED:
+        path = model_dir / name
+        if not path.is_file():
+            continue
+        config = json.loads(path.read_text(encoding="utf-8"))
+        src = source / name
+        stamp = json.loads(src.read_text(encoding="utf-8")).get(VERSION_FIELD) if src.is_file() else None
+        if stamp is None:
+            config.pop(VERSION_FIELD, None)
+        else:
+            config[VERSION_FIELD] = stamp
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def save_checkpoint(out: Path, model, tokenizer, tokenizer_source: Path,
                     opt: torch.optim.Optimizer | OptimizerState, trainer: dict, seed: int) -> None:
     """Write model/ (safetensors + the tokenizer of `tokenizer_source`) and state/ (optimizer, counters, RNG)
@@ -110,6 +141,7 @@ def save_checkpoint(out: Path, model, tokenizer, tokenizer_source: Path,
 
     mdir = out / CHECKPOINT_MODEL_DIR
     model.save_pretrained(mdir, safe_serialization=True)
+    keep_source_version_stamps(mdir, Path(tokenizer_source))
     save_tokenizer(tokenizer, Path(tokenizer_source), mdir)
     sdir = out / CHECKPOINT_STATE_DIR
     sdir.mkdir()

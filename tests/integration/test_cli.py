@@ -100,6 +100,8 @@ def test_show_lists_stages_and_one_stage_rows(root: Path) -> None:
     r = runner.invoke(app, ["show", "demo", "--root", str(root)])
     assert r.exit_code == 0, r.output
     assert r.output.count("update") >= 2 and "analyze" in r.output
+    # these artifacts were written without provenance (as before manifests recorded it): said, not invented
+    assert "computed with not recorded (made before manifests recorded it): 2 artifacts" in r.output
     r = runner.invoke(app, ["show", "demo", "-i", "0", "-s", "update", "--rows", "2", "--root", str(root)])
     assert r.exit_code == 0, r.output
     assert "updates: first 2 of 3 rows" in r.output

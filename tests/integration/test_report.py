@@ -107,6 +107,15 @@ def test_report_is_complete_and_self_contained(root: Path, tmp_path: Path) -> No
     # token examples: highlighted high-loss tokens, and the probe continuations at probed positions
     assert page.count('class="tok surface"') + page.count('class="tok divergent"') >= 2
     assert 'class="probe"' in page and "[teacher:" in page
+    # what computed the artifacts: every one of them in this environment (their manifests' provenance)
+    from opd_tasks.provenance import library_versions
+
+    envs = json.loads((rep.out / "report.json").read_text())["data"]["environments"]
+    here = library_versions()
+    assert len(envs) == 1 and f"torch {here['torch']}, transformers {here['transformers']}" in envs[0]["computed_with"]
+    assert envs[0]["computed_with"] in md and "## Computed with" in md and "<h2>Computed with</h2>" in page
+    n_artifacts = len({e.ref.sha256 for r in select_runs(root, ["exp-*"]) for e in RunLineage(root, r.run).entries()})
+    assert envs[0]["artifacts"] == n_artifacts
 
 
 def test_report_errors_and_replacement(root: Path, tmp_path: Path) -> None:

@@ -46,7 +46,8 @@ def run_and_report(cfg: RunConfig, console: Console, refresh: list[str] | None =
         analysis = iteration["analysis"]
         shares = (" / ".join(f"{analysis['share'][r]:.0%}" for r in ("surface", "divergent", "unprobed"))
                   if analysis else "-")
-        t.add_row(str(iteration["iteration"]), f"{iteration['accuracy']:.1%}", f"{iteration['mean_loss']:.4f}",
+        loss = "skipped (no signal)" if iteration.get("skipped") else f"{iteration['mean_loss']:.4f}"
+        t.add_row(str(iteration["iteration"]), f"{iteration['accuracy']:.1%}", loss,
                   shares, f"{len(stages) - cached} / {cached}", f"{sum(r['seconds'] for r in stages):.1f}")
     console.print(t)
     console.print(f"done in {time.perf_counter() - t0:.0f}s. Artifacts: {root}/artifacts; lineage: "

@@ -154,6 +154,9 @@ class AnalysisConfig(_Strict):
     loss_signal: Literal["k1", "rkl_topk"] = "k1"
     high_loss_quantile: float = Field(default=0.2, gt=0.0, le=1.0, description="Top-q fraction is high-loss.")
     high_loss_threshold: float | None = Field(default=None, description="Absolute threshold; overrides q.")
+    min_high_loss: float = Field(
+        default=0.05, ge=0.0, description="With the quantile: a token is high-loss only if its loss signal is also at "
+        "least this many nats, so a batch without teacher signal has no high-loss tokens (docs/method.md).")
     detector: Literal[tuple(DETECTORS)] = Field(  # type: ignore[valid-type]
         default="swap", description="Near-future detector: " + "; ".join(f"{k}: {v}" for k, v in DETECTORS.items())
         + " (docs/method.md).")
@@ -174,6 +177,9 @@ class AnalysisConfig(_Strict):
                          "its scale depends on the detector (docs/method.md).")
     delta_mode: Literal["absolute", "quantile"] = Field(
         default="absolute", description="absolute: delta is the threshold; quantile: delta is a quantile of D_t.")
+    min_delta: float | None = Field(
+        default=None, description="With delta_mode quantile: the least delta, in the detector's D_t units (None: "
+        "no floor; D_t's scale is the detector's, so calibrate it on pilot seeds: docs/method.md).")
     batch_size: int = Field(default=256, ge=1, description="Sequences per block: the detector runs block by block "
                             "(a shard holds whole blocks), and within a block this many sequences or probe prefixes "
                             "per forward batch.")
@@ -206,6 +212,10 @@ class UpdateConfig(_Strict):
         "own, its model and dtype before the first step (what TRL and verl do); sampler: the rollout's sampling "
         "log-probs (vLLM, bf16 generate), an explicit importance-sampling correction for the sampler/trainer "
         "mismatch. The update's old_logprobs table records both.")
+    min_signal: float | None = Field(
+        default=1e-3, ge=0.0, description="No signal, no update: when the batch's mean |k1| (and, with an analysis, "
+        "its mean top-k reverse KL) is below this many nats, the update is skipped and the checkpoint carries the "
+        "student forward unchanged; None: always train (docs/method.md).")
     learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
     max_grad_norm: float = Field(default=1.0, gt=0.0)

@@ -84,11 +84,13 @@ class IterationResult:
     stages: dict[str, StageRecord]  # by label, in the order they ran
     checkpoint: ArtifactRef  # S_{i+1}
     accuracy: float  # per sample, on the eval set (opd_tasks/stages/evaluate.py)
-    mean_loss: float
+    mean_loss: float | None  # None: the update was skipped (no teacher signal; `skipped` says why)
     analysis: dict | None  # the analysis summary (regime shares, classifier), None when the method has none
+    skipped: str | None = None  # why the update took no step (update.min_signal), None when it trained
 
     def summary(self) -> dict[str, Any]:
         return {"iteration": self.iteration, "accuracy": self.accuracy, "mean_loss": self.mean_loss,
+                "skipped": self.skipped,
                 "analysis": self.analysis, "checkpoint": self.checkpoint.model_dump(mode="json"),
                 "stages": [r.row() for r in self.stages.values()]}
 
@@ -300,12 +302,16 @@ def run_iteration(runner: StageRunner, cfg: RunConfig, method: MethodPlan, itera
     checkpoint = run(UPDATE, UpdateInputs(student=student, rollouts=rollouts, scores=scores, analysis=analysis,
                                           teacher=models.teacher, update=cfg.update, bridge=method.bridge,
                                           advantage=method.advantage, seed=seed))
+    update_meta = store.manifest(checkpoint)["meta"]
+    if update_meta.get("skipped"):
+        runner.log(f"it{iteration} update skipped: {update_meta['skipped']}")
     new_student = ModelSpec.from_checkpoint(store, checkpoint, student)
     evals = run(EVALUATE, EvaluateInputs(model=new_student, prompts=eval_prompts, evaluation=cfg.evaluation,
                                          checker=checker, seed=seed))
     return IterationResult(iteration, done, checkpoint, accuracy(store, evals),
-                           mean_loss=store.manifest(checkpoint)["meta"]["mean_loss"],
-                           analysis=store.manifest(analysis)["meta"] if analysis is not None else None)
+                           mean_loss=update_meta["mean_loss"],
+                           analysis=store.manifest(analysis)["meta"] if analysis is not None else None,
+                           skipped=update_meta.get("skipped"))
 
 
 def stages_used(cfg: RunConfig) -> list[str]:
@@ -340,7 +346,7 @@ def run_distillation(runner: StageRunner, cfg: RunConfig, resume: bool = False,
         result = run_iteration(runner, cfg, method, iteration, student, models, eval_prompts)
         out.iterations.append(result)
         runner.log(f"iteration {iteration}: accuracy {result.accuracy:.1%} (baseline {out.baseline_accuracy:.1%}), "
-                   f"mean loss {result.mean_loss:.4f}")
+                   + (f"mean loss {result.mean_loss:.4f}" if result.skipped is None else "update skipped (no signal)"))
         if on_iteration is not None:
             on_iteration(result, out)
         student = ModelSpec.from_checkpoint(store, result.checkpoint, student)

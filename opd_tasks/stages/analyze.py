@@ -15,9 +15,11 @@ Writes one artifact with two tables:
 Sharded (opd_tasks/stages/sharding.py): a part analyses a run of whole blocks of `analysis.batch_size` sequences
 (the rollouts with a completion, in row order), and its detector runs block by block, so a part's rows are the
 unsharded stage's. What is taken over the whole batch is taken so in every part or in the merge:
-- the high-loss cut (`analysis.high_loss_quantile` of the k1 signal): every part computes it from every
-  sequence's k1, which needs no model. With `loss_signal: rkl_topk` the cut needs the student's pass over every
-  sequence first, so the stage runs as one part (unless `high_loss_threshold` fixes the cut);
+- the high-loss cut (`analysis.high_loss_quantile` of the k1 signal, never below `analysis.min_high_loss`, so a
+  batch without teacher signal has no high-loss tokens; the summary's `below_floor` counts what the floor
+  removed): every part computes it from every sequence's k1, which needs no model. With `loss_signal: rkl_topk`
+  the cut needs the student's pass over every sequence first, so the stage runs as one part (unless
+  `high_loss_threshold` fixes the cut);
 - delta (a quantile of every D_t with `delta_mode: quantile`): the merge computes it, then every token's regime
   and weight (a part's own are provisional, from its own D_t), and with the `swap` detector the bridges at the
   divergent positions (`teacher_bridges`).
@@ -102,7 +104,7 @@ def analyse(ctx: StageContext, x: AnalyzeInputs, units: Units) -> dict[str, pa.T
     cut = float("nan")
     if cfg.loss_signal == "k1":  # the batch's cut, from every sequence's k1 (a shard reads them all)
         every = np.concatenate(k1) if units.rows is None else every_k1(ctx, x)
-        cut = high_loss_cut(every, cfg.high_loss_quantile, cfg.high_loss_threshold)
+        cut = high_loss_cut(every, cfg.high_loss_quantile, cfg.high_loss_threshold, cfg.min_high_loss)
     d: list[list[float | None]] = [[None] * len(s.tokens) for s in seqs]
     probes: list[tuple[int, int, list[int], list[int], float]] = []  # (sequence, position, c_T, c_S, distance)
     high_loss: list[np.ndarray] = []  # each sequence's high-loss mask, block by block
@@ -131,7 +133,7 @@ def analyse(ctx: StageContext, x: AnalyzeInputs, units: Units) -> dict[str, pa.T
         entropy, rkl = student_statistics(models.student, seqs, cfg.batch_size)
         signal = rkl
         cut = high_loss_cut(np.concatenate([np.asarray(v, dtype=np.float64) for v in rkl]), cfg.high_loss_quantile,
-                            cfg.high_loss_threshold)
+                            cfg.high_loss_threshold, cfg.min_high_loss)
         for first in range(0, len(seqs), cfg.batch_size):
             detect(first, seqs[first : first + cfg.batch_size], None)
     bar.close()
@@ -148,7 +150,7 @@ def analyse(ctx: StageContext, x: AnalyzeInputs, units: Units) -> dict[str, pa.T
     return {"tokens": with_regimes(tokens, resolved_delta(cfg, tokens), x), "probes": probe_table}
 
 
-@stage("analyze", version=8, inputs=AnalyzeInputs, outputs=("tokens", "probes"),
+@stage("analyze", version=9, inputs=AnalyzeInputs, outputs=("tokens", "probes"),
        shards=Shards(units=analysed_rows, block=sequences_per_batch, part=analyse,
                      whole=lambda x: needs_every_sequence(x.analysis)))
 def analyze(ctx: StageContext, x: AnalyzeInputs, parts: list[Part]) -> ArtifactRef:
@@ -172,7 +174,8 @@ def analyze(ctx: StageContext, x: AnalyzeInputs, parts: list[Part]) -> ArtifactR
     regimes = tokens.column("regime").to_pylist()
     n_high = int(pc.sum(tokens.column("high_loss")).as_py() or 0)
     meta = {
-        "tokens": tokens.num_rows, "high_loss": n_high, "delta": delta, "detector": cfg.detector,
+        "tokens": tokens.num_rows, "high_loss": n_high, "below_floor": below_floor(cfg, tokens, n_high),
+        "delta": delta, "detector": cfg.detector,
         "distance": DETECTORS[cfg.detector].distance(cfg),
         "share": {r: (regimes.count(r) / n_high if n_high else 0.0) for r in REGIMES if r != "normal"},
     }
@@ -183,6 +186,17 @@ def analyze(ctx: StageContext, x: AnalyzeInputs, parts: list[Part]) -> ArtifactR
         write_or_declare(w, "probes", probes)
         w.meta.update(meta)
         return w.commit()
+
+
+def below_floor(cfg: AnalysisConfig, tokens: pa.Table, n_high: int) -> int:
+    """How many tokens the quantile made high-loss that `analysis.min_high_loss` removed (counted on the stored
+    float32 signal; 0 with an absolute `high_loss_threshold`, which the floor does not touch)."""
+    from opd_tasks.topd.signals import high_loss_cut
+
+    if cfg.high_loss_threshold is not None or not tokens.num_rows:
+        return 0
+    signal = tokens.column("k1" if cfg.loss_signal == "k1" else "rkl_topk").to_numpy().astype(np.float64)
+    return max(0, int((signal >= high_loss_cut(signal, cfg.high_loss_quantile, None)).sum()) - n_high)
 
 
 def k1_of(s) -> np.ndarray:

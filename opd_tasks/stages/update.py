@@ -18,6 +18,10 @@ optimizer step is the token-mean over all completion tokens in that step (micro-
 accumulation do not change it). A NaN/inf loss or gradient raises `TrainingError` before the optimizer step and
 nothing is published, so the previous checkpoint stays the latest.
 
+No signal, no update (`update.min_signal`, `no_signal`): when the batch's mean |k1| (and, with an analysis, its
+mean top-k reverse KL) is below it, no step is taken: the checkpoint is the student's files copied byte for byte
+with its optimizer state, and its meta's `skipped` says why (`carry_forward`).
+
 `update.world_size` > 1 trains in that many torchrun ranks (FSDP2), children of this stage, through the same loop
 (opd_tasks/training/loop.py, distributed.py); the artifact has the same format, and this process writes its
 tables and meta and commits it.
@@ -26,9 +30,10 @@ tables and meta and commits it.
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from opd_tasks.config import UpdateConfig
-from opd_tasks.errors import ConfigError
+from opd_tasks.errors import ArtifactError, ConfigError
 from opd_tasks.method import Bridge, Return
 from opd_tasks.models import ModelSpec
 from opd_tasks.stages.registry import StageContext, StageInputs, stage
@@ -58,7 +63,7 @@ class UpdateInputs(StageInputs):
         return artifacts, config, seed
 
 
-@stage("update", version=4, inputs=UpdateInputs, outputs=("updates", "old_logprobs", "checkpoint"))
+@stage("update", version=5, inputs=UpdateInputs, outputs=("updates", "old_logprobs", "checkpoint"))
 def update(ctx: StageContext, x: UpdateInputs) -> ArtifactRef:
     """One distillation update of the student: a checkpoint and the per-step losses.
 
@@ -85,6 +90,8 @@ def _train(ctx: StageContext, x: UpdateInputs) -> ArtifactRef:
     if x.advantage is not None and cfg.loss != "pg":
         raise ConfigError(f"the opd_return baseline's discounted return is a policy-gradient advantage: it needs "
                           f"update.loss: pg, not {cfg.loss!r}")
+    if (why := no_signal(ctx, x)) is not None:
+        return carry_forward(ctx, x, why)
     dev = resolve_device(ctx.device)
     if cfg.world_size > 1:  # torchrun ranks in child processes (opd_tasks/training/distributed.py)
         from opd_tasks.training.distributed import check_world_size, launch
@@ -121,9 +128,82 @@ def _train(ctx: StageContext, x: UpdateInputs) -> ArtifactRef:
         return _publish(w, x, rows, old_logprobs_table(seqs), len(seqs))
 
 
+def teacher_signal(ctx: StageContext, x: UpdateInputs) -> dict[str, float]:
+    """The batch's teacher signal, from the tables alone (no model): the mean |k1| over every completion token
+    (k1 from the sampler's and the teacher's log-probs; the reverse KL is E_S[k1] <= E_S[|k1|], so a small mean |k1|
+    bounds it), and with an analysis, the mean top-k reverse KL of its student pass."""
+    import numpy as np
+
+    from opd_tasks.training.sequences import scored_sequences
+
+    seqs = scored_sequences(ctx.store, x.rollouts, x.scores)
+    k1 = np.concatenate([np.asarray(s.sampling_logprobs, np.float64) - np.asarray(s.teacher_logprobs, np.float64)
+                         for s in seqs]) if seqs else np.zeros(0)
+    out = {"mean_abs_k1": float(np.abs(k1).mean()) if k1.size else 0.0, "tokens": int(k1.size)}
+    if x.analysis is not None:
+        rkl = ctx.store.read_table(x.analysis, "tokens", columns=["rkl_topk"]).column("rkl_topk")
+        out["mean_rkl_topk"] = float(pc.mean(rkl).as_py() or 0.0)
+    return out
+
+
+def no_signal(ctx: StageContext, x: UpdateInputs) -> str | None:
+    """Why the update is skipped (`update.min_signal`: the batch's teacher signal is below it), or None: an
+    optimizer step on noise-sized gradients still moves the weights (Adam normalises the step), so a student that
+    already matches its teacher would keep changing."""
+    floor = x.update.min_signal
+    if floor is None:
+        return None
+    signal = teacher_signal(ctx, x)
+    figures = {k: v for k, v in signal.items() if k != "tokens"}
+    if not signal["tokens"] or not all(v < floor for v in figures.values()):  # NaN is not "no signal": it trains
+        return None  # and fails there with the NaN named
+    names = {"mean_abs_k1": "mean |k1|", "mean_rkl_topk": "mean top-k reverse KL"}
+    said = " and ".join(f"{names[k]} {v:.3g}" for k, v in figures.items())
+    return (f"no teacher signal: {said} nats over {signal['tokens']} tokens, below update.min_signal {floor:g}; "
+            "the checkpoint carries the student forward unchanged")
+
+
+def carry_forward(ctx: StageContext, x: UpdateInputs, why: str) -> ArtifactRef:
+    """A checkpoint that is the student unchanged: its model files copied byte for byte; its optimizer, counters
+    and RNG state the student checkpoint's (a copy), or, for a model that is no checkpoint, a never-stepped state
+    (`optimizer: null`); empty `updates` and `old_logprobs` tables; `meta.skipped` says why."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    from opd_tasks.models import CHECKPOINT_MODEL_DIR, CHECKPOINT_STATE_DIR
+    from opd_tasks.training.checkpoint import OPTIMIZER_FILE, fresh_training_state
+
+    student = x.student
+    with ctx.writer() as w:
+        src = student.dir
+        for f in sorted(p for p in src.rglob("*") if p.is_file()):
+            rel = f.relative_to(src)
+            if any(part.startswith(".") for part in rel.parts):  # as the model's hash (sha256_tree) skips them
+                continue
+            (w.path / CHECKPOINT_MODEL_DIR / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, w.path / CHECKPOINT_MODEL_DIR / rel)
+        state = w.path / CHECKPOINT_STATE_DIR
+        state.mkdir()
+        if student.checkpoint is not None:
+            parent = Path(student.path).parent / CHECKPOINT_STATE_DIR
+            if not (parent / OPTIMIZER_FILE).is_file():
+                raise ArtifactError(f"checkpoint {student.checkpoint.short()}: its optimizer state is gone (opd gc); "
+                                  "recompute the checkpoints with `opd run --refresh update`")
+            for f in sorted(parent.iterdir()):
+                shutil.copyfile(f, state / f.name)
+        else:
+            fresh_training_state(state, torch.get_rng_state(), x.seed)
+        w.declare_table("updates")
+        w.declare_table("old_logprobs")
+        w.meta.update({"steps": 0, "sequences": 0, "parent": student.sha256, "mean_loss": None,
+                       "old_logprobs": x.update.old_logprobs, "logprob_drift": None, "skipped": why})
+        return w.commit()
+
+
 def _publish(w, x: UpdateInputs, rows: list[dict], old: pa.Table, n_seqs: int) -> ArtifactRef:
     """Write the `updates` and `old_logprobs` tables and the meta beside the checkpoint in `w`; commit."""
-    import pyarrow.compute as pc
 
     drift = pc.abs(pc.subtract(old.column("sampling_logprob"), old.column("trainer_logprob")))
     w.write_table("updates", pa.Table.from_pylist(rows))

@@ -24,17 +24,19 @@ TRUE_REGIME = {"form": "surface", "filler": "surface", "reasoning": "divergent",
                "fork": "divergent"}
 
 
-def high_loss_cut(signal: np.ndarray, quantile: float, threshold: float | None) -> float:
+def high_loss_cut(signal: np.ndarray, quantile: float, threshold: float | None, floor: float = 0.0) -> float:
     """The signal value from which a token is high-loss: `threshold`, or the one that keeps the top-q fraction of
-    the batch's tokens `signal` (ties included)."""
+    the batch's tokens `signal` (ties included) but never below `floor` (`analysis.min_high_loss`): a batch whose
+    signal is noise has no high-loss tokens, where the quantile alone always selects its share."""
     if threshold is not None:
         return threshold
-    return float(np.quantile(signal, 1.0 - quantile, method="higher")) if signal.size else float("inf")
+    return max(float(np.quantile(signal, 1.0 - quantile, method="higher")), floor) if signal.size else float("inf")
 
 
-def high_loss_mask(signal: np.ndarray, quantile: float, threshold: float | None) -> np.ndarray:
-    """Top-q fraction of the batch's tokens by `signal` (ties included), or signal >= threshold."""
-    return signal >= high_loss_cut(signal, quantile, threshold)
+def high_loss_mask(signal: np.ndarray, quantile: float, threshold: float | None, floor: float = 0.0) -> np.ndarray:
+    """Top-q fraction of the batch's tokens by `signal` (ties included) that are at least `floor`, or
+    signal >= threshold."""
+    return signal >= high_loss_cut(signal, quantile, threshold, floor)
 
 
 def probe_positions(signal: Sequence[Sequence[float]], high: Sequence[np.ndarray], budget: int | str,
@@ -94,12 +96,16 @@ def regimes(high: np.ndarray, probed: np.ndarray, d: np.ndarray, delta: float) -
 
 
 def resolve_delta(cfg: AnalysisConfig, distances: list[float]) -> float:
-    """The divergence threshold: `delta` itself (absolute), or that quantile of the batch's D_t (quantile)."""
+    """The divergence threshold: `delta` itself (absolute), or that quantile of the batch's D_t (quantile), never
+    below `min_delta` when it is set."""
     if cfg.delta_mode == "absolute":
         return cfg.delta
     if not 0.0 <= cfg.delta <= 1.0:
         raise ConfigError(f"analysis.delta must be in [0, 1] when analysis.delta_mode is 'quantile', got {cfg.delta}")
-    return float(np.quantile(distances, cfg.delta)) if distances else float("inf")
+    if not distances:
+        return float("inf")
+    quantile = float(np.quantile(distances, cfg.delta))
+    return quantile if cfg.min_delta is None else max(quantile, cfg.min_delta)
 
 
 def classifier_scores(roles: list[str | None], regimes: list[str]) -> dict:

@@ -152,6 +152,16 @@ def save_checkpoint(out: Path, model, tokenizer, tokenizer_source: Path,
          "seed": seed}))
 
 
+def fresh_training_state(sdir: Path, rng: torch.Tensor, seed: int) -> None:
+    """Write the state of a trainer that never stepped into `sdir` (an update skipped for want of signal, from a model
+    that is no checkpoint): no optimizer moments (`optimizer: null` in trainer.json), step counters 0, and `rng`."""
+    from safetensors.torch import save_file
+
+    save_file({}, str(sdir / OPTIMIZER_FILE))
+    (sdir / "trainer.json").write_text(json.dumps(
+        {"global_step": 0, "global_epoch": 0, "optimizer": None, "rng_cpu": rng.tolist(), "seed": seed}))
+
+
 def load_training_state(student: ModelSpec, opt: torch.optim.Optimizer, cfg: UpdateConfig) -> dict:
     """Restore optimizer and RNG state from a checkpoint artifact; returns the step/epoch counters."""
     if student.checkpoint is None:
@@ -162,6 +172,7 @@ def load_training_state(student: ModelSpec, opt: torch.optim.Optimizer, cfg: Upd
                             "is gone (opd gc drops it from checkpoints that are no run's latest), so the update after "
                             "it cannot continue it exactly: recompute the checkpoints with `opd run --refresh update`")
     saved = json.loads((sdir / "trainer.json").read_text())
-    _load_optimizer(opt, sdir / OPTIMIZER_FILE, saved["optimizer"]["param_groups"], cfg)
+    if saved["optimizer"] is not None:  # None: a never-stepped trainer (`fresh_training_state`): a new optimizer
+        _load_optimizer(opt, sdir / OPTIMIZER_FILE, saved["optimizer"]["param_groups"], cfg)
     torch.set_rng_state(torch.tensor(saved["rng_cpu"], dtype=torch.uint8))
     return {"global_step": saved["global_step"], "global_epoch": saved["global_epoch"]}

@@ -30,7 +30,10 @@ iteration 1 changed, and nothing else); then the analysis stage's version 8 (iss
 analyze keys change, so the two iteration-1 `parent` hashes changed, and a quantile delta is now the quantile of
 the stored float32 D_t, so the four quantile cases' meta `delta` moved in the 8th digit; every table's bytes, loss
 and accuracy unchanged); then the per-table figures of the tolerant check (issue 28: added beside every recorded
-figure, which stayed as it was). Regenerate only for an intended change, and say what changed in the commit:
+figure, which stayed as it was); then the high-loss floor and the no-signal rule (issue 33: new config fields, so
+every analyze and update key changed and with them the iteration-1 `parent` hashes; the analysis meta gained
+`below_floor`, 0 in every case: the floor removed no token here; every table's bytes, loss and accuracy
+unchanged). Regenerate only for an intended change, and say what changed in the commit:
 
     python -m tests.golden --write
 """

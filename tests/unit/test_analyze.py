@@ -711,7 +711,9 @@ SHARDED_ANALYSES = {  # (analysis settings, ground-truth roles): every detector,
     "oracle": ({"detector": "oracle"}, True),
     "rkl_topk with a threshold": ({"detector": "swap", "loss_signal": "rkl_topk", "high_loss_threshold": 0.001},
                                   False),
-    "rkl_topk with a quantile: one part": ({"detector": "swap", "loss_signal": "rkl_topk"}, False),
+    # these random models' top-k reverse KL is under the default floor (0.05 nats) everywhere: no floor here
+    "rkl_topk with a quantile: one part": ({"detector": "swap", "loss_signal": "rkl_topk", "min_high_loss": 0.0},
+                                           False),
 }
 
 

@@ -97,7 +97,7 @@ def measure(root: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from opd_tasks.config import load_config
+    from opd_tasks.config_files import load_config
     from opd_tasks.pipeline import run_plain
 
     ap = argparse.ArgumentParser(prog="python -m bench detectors", description=__doc__,

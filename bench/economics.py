@@ -51,18 +51,25 @@ def _peak_mb() -> float | None:
 
 
 def one_iteration(method: str, sequences: int, samples: int, root: Path, eval_size: int, sets: list[str]) -> dict:
-    from opd_tasks.config import load_config
+    from opd_tasks.config_files import load_config
     from opd_tasks.method import plan
-    from opd_tasks.pipeline import StageRunner, eval_prompts_inputs, open_run, resolve_models, run_iteration
+    from opd_tasks.pipeline import (
+        LocalExecutor,
+        StageRunner,
+        eval_prompts_inputs,
+        opened_run,
+        resolve_models,
+        run_iteration,
+    )
     from opd_tasks.stages import PROMPTS
 
-    class MeteredRunner(StageRunner):
+    class Metered(LocalExecutor):
         peaks: dict[str, float | None] = {}
 
-        def call(self, stage, inputs, key, iteration, label, existing):
+        def run(self, stage, ctx, inputs, parts):
             _reset_peak()
-            out = super().call(stage, inputs, key, iteration, label, existing)
-            self.peaks[label] = _peak_mb()
+            out = super().run(stage, ctx, inputs, parts)
+            self.peaks[stage.name] = _peak_mb()
             return out
 
     if sequences % samples:
@@ -70,11 +77,12 @@ def one_iteration(method: str, sequences: int, samples: int, root: Path, eval_si
     cfg = load_config(None, [f"method={method}", f"root={root}", "iterations=1", f"name={method}-{sequences}",
                              f"data.prompts_per_iteration={sequences // samples}",
                              f"rollout.samples_per_prompt={samples}", f"data.eval_size={eval_size}", *sets])
-    store, lineage = open_run(cfg)
-    stages = MeteredRunner(store, lineage, cfg, progress=False, log=lambda m: None)
-    models = resolve_models(cfg)
-    ev = stages(PROMPTS, eval_prompts_inputs(cfg, models), iteration=0, label="eval_prompts")
-    res = run_iteration(stages, cfg, plan(cfg), 0, models.initial_student, models, ev.ref)
+    metered = Metered()
+    with opened_run(cfg) as (store, lineage, _):
+        stages = StageRunner(store, lineage, cfg, metered, progress=False, log=lambda m: None)
+        models = resolve_models(cfg)
+        ev = stages(PROMPTS, eval_prompts_inputs(cfg, models), iteration=0, label="eval_prompts")
+        res = run_iteration(stages, cfg, plan(cfg), 0, models.initial_student, models, ev)
 
     def col(ref, table, name):
         return store.read_table(ref, table, columns=[name]).column(name).to_pylist()
@@ -93,7 +101,7 @@ def one_iteration(method: str, sequences: int, samples: int, root: Path, eval_si
     tokens = {"rollout": generated, "score": generated, "gates": generated, "analyze": generated,
               "update": trained, "evaluate": sum(col(res.stages["evaluate"].ref, "evals", "num_tokens")),
               "prompts": sequences // samples}
-    stages_out = {s: {"seconds": r.seconds, "tokens": tokens.get(s), "peak_rss_mb": stages.peaks.get(s),
+    stages_out = {s: {"seconds": r.seconds, "tokens": tokens.get(s), "peak_rss_mb": metered.peaks.get(s),
                       "bytes": r.ref.bytes} for s, r in res.stages.items()}
     train_s = sum(stages_out[s]["seconds"] for s in TRAIN_STAGES if s in stages_out)
     return {"method": method, "sequences": sequences, "stages": stages_out, "train_seconds": train_s,

@@ -190,7 +190,7 @@ def repeatability(model, prompts: list[list[int]], completions: list[list[int]],
 def pipeline_part(device: str, iterations: int, prompts: int, root: Path) -> dict:
     """OPD and TOPD on the testbed with the gates on; then CPU-vs-device parity on the OPD run's first rollouts."""
     from opd_tasks.backends.hf import load_causal_lm, score_sequences
-    from opd_tasks.config import load_config
+    from opd_tasks.config_files import load_config
     from opd_tasks.errors import DataError
     from opd_tasks.pipeline import resolve_models, run_plain
     from storage.lineage import RunLineage
@@ -284,7 +284,8 @@ def _release_loaded() -> None:
 def repeat_part(device: torch.device, prompts: int) -> dict:
     """The testbed teacher's repeatability in bfloat16 and float32 on sequences its student sampled there."""
     from opd_tasks.backends.hf import generate, load_causal_lm
-    from opd_tasks.config import DataConfig, RolloutConfig, load_config
+    from opd_tasks.config import DataConfig, RolloutConfig
+    from opd_tasks.config_files import load_config
     from opd_tasks.pipeline import resolve_models
     from opd_tasks.stages import PROMPTS, PromptsInputs
     from storage.store import ArtifactStore

@@ -32,7 +32,7 @@ REPLICATE = "opd-replicate"
 
 
 def run_one(label: str, method: str, seed: int, args, root: Path) -> dict:
-    from opd_tasks.config import load_config
+    from opd_tasks.config_files import load_config
     from opd_tasks.models import ModelSpec
     from opd_tasks.pipeline import checker_name, run_plain
     from opd_tasks.stages import EVALUATE, EvaluateInputs

@@ -230,26 +230,27 @@ def _status_kb(field: str) -> int:
 
 
 def run_measured(cfg) -> tuple[object, list[dict]]:
-    """The plain driver's loop (`run_distillation` with the plain `StageRunner`), noting around each computed
-    stage the process's resident memory before it and its peak during it (Linux: VmHWM, reset through
-    /proc/self/clear_refs)."""
-    from opd_tasks.pipeline import StageRunner, open_run, run_distillation
+    """The plain driver's loop (`run_distillation` with the plain executor), noting around each computed stage the
+    process's resident memory before it and its peak during it (Linux: VmHWM, reset through /proc/self/clear_refs).
+    """
+    from opd_tasks.pipeline import LocalExecutor, StageRunner, opened_run, run_distillation
 
     stages: list[dict] = []
 
-    class Measured(StageRunner):
-        def call(self, stage, inputs, key, iteration, label, existing):
+    class Measured(LocalExecutor):
+        def run(self, stage, ctx, inputs, parts):
             before = _status_kb("VmRSS")
             Path("/proc/self/clear_refs").write_text("5")
             t0 = time.perf_counter()
-            out = super().call(stage, inputs, key, iteration, label, existing)
-            stages.append({"stage": label, "iteration": iteration, "seconds": round(time.perf_counter() - t0, 2),
-                           "rss_before_gib": before / 2**20, "peak_gib": _status_kb("VmHWM") / 2**20,
-                           "added_gib": (_status_kb("VmHWM") - before) / 2**20})
+            out = super().run(stage, ctx, inputs, parts)
+            peak = _status_kb("VmHWM")
+            stages.append({"stage": stage.name, "iteration": ctx.iteration,
+                           "seconds": round(time.perf_counter() - t0, 2), "rss_before_gib": before / 2**20,
+                           "peak_gib": peak / 2**20, "added_gib": (peak - before) / 2**20})
             return out
 
-    store, lineage = open_run(cfg)
-    result = run_distillation(Measured(store, lineage, cfg, progress=False, log=print), cfg)
+    with opened_run(cfg) as (store, lineage, _):
+        result = run_distillation(StageRunner(store, lineage, cfg, Measured(), progress=False, log=print), cfg)
     return result, stages
 
 
@@ -307,7 +308,7 @@ def qwen_per_gpu(gpus: tuple[int, ...] = (1, 2, 4, 8)) -> dict[int, dict[str, fl
 
 def main(argv: list[str] | None = None) -> dict:
     from bench.common import save
-    from opd_tasks.config import load_config
+    from opd_tasks.config_files import load_config
     from storage.store import ArtifactStore
 
     ap = argparse.ArgumentParser(prog="python -m bench real_shape")

@@ -1,7 +1,7 @@
 """Scale-out: the rollout, scoring and analysis stages in 1, 2 and 4 shards, and the update in 1 and 2 processes.
 
 Shards (`orchestration.shards`) run the way the distill flow runs them: the Prefect stage runner
-(flows/runners.py), each shard a task run in a process pool on this machine, then the merge. For each number of
+(flows/executors.py), each shard a task run in a process pool on this machine, then the merge. For each number of
 shards, in a fresh root (nothing cached): the wall time of each stage (the pool's process start included in the
 rollout's, the first sharded stage), and whether the stage's artifact is byte-identical (same sha256) to the
 one-shard artifact. The analysis is `topd`'s (the default `swap` detector, with the bridge). The update
@@ -37,7 +37,7 @@ console = Console(width=160)
 
 
 def config(root: Path, prompts: int, samples: int, shards: int, device: str, *extra: str):
-    from opd_tasks.config import load_config
+    from opd_tasks.config_files import load_config
 
     return load_config(None, [f"root={root}", "name=scaling", f"data.prompts_per_iteration={prompts}",
                               f"rollout.samples_per_prompt={samples}", "rollout.batch_size=32",
@@ -70,24 +70,24 @@ def shards_run(root: Path, prompts: int, samples: int, shards: int, device: str)
     flow."""
     from prefect import flow
 
-    from flows.runners import PrefectStageRunner
-    from opd_tasks.pipeline import open_run
+    from flows.executors import PrefectExecutor
+    from opd_tasks.pipeline import StageRunner, opened_run
     from opd_tasks.stages import ANALYZE, PROMPTS, ROLLOUT, SCORE
 
     @flow(name="bench-scaling", log_prints=False)
     def run() -> dict:
         cfg = config(root, prompts, samples, shards, device)
-        store, lineage = open_run(cfg)
         _, prompt_inputs, rollout_inputs, score_inputs, analyze_inputs = stage_inputs(cfg)
         out = {}
-        with PrefectStageRunner(store, lineage, cfg, log=lambda m: None, progress=False) as runner:
-            p = runner(PROMPTS, prompt_inputs, 0).ref
+        with opened_run(cfg) as (store, lineage, _), StageRunner(
+                store, lineage, cfg, PrefectExecutor(cfg.orchestration), log=lambda m: None, progress=False) as runner:
+            p = runner(PROMPTS, prompt_inputs, 0)
             t0 = time.perf_counter()
-            r = runner(ROLLOUT, rollout_inputs(p), 0).ref
+            r = runner(ROLLOUT, rollout_inputs(p), 0)
             t1 = time.perf_counter()
-            s = runner(SCORE, score_inputs(r), 0).ref
+            s = runner(SCORE, score_inputs(r), 0)
             t2 = time.perf_counter()
-            a = runner(ANALYZE, analyze_inputs(r, s), 0).ref
+            a = runner(ANALYZE, analyze_inputs(r, s), 0)
             t3 = time.perf_counter()
         out = {"rollout_s": t1 - t0, "score_s": t2 - t1, "analyze_s": t3 - t2, "rollout_sha256": r.sha256,
                "score_sha256": s.sha256, "analyze_sha256": a.sha256, "sequences": r.rows, "tokens": s.rows,
@@ -101,7 +101,7 @@ def shards_run(root: Path, prompts: int, samples: int, shards: int, device: str)
 
 def parts(root: Path, stage: str) -> int:
     """How many parts the stage was computed in (0: unsharded)."""
-    from opd_tasks.stages.sharding import part_stage
+    from opd_tasks.stages.registry import part_stage
 
     d = root / "artifacts" / part_stage(stage)
     return sum(1 for p in d.iterdir() if not p.name.startswith(".")) if d.is_dir() else 0

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.common import save
-from opd_tasks.config import load_config
+from opd_tasks.config_files import load_config
 
 console = Console(width=160)
 

@@ -95,7 +95,7 @@ MAX_MICRO = 32  # our update's default micro-batch; TRL's per-device batch uses 
 
 def make_plan(steps: int, seqs_per_step: int, sets: list[str]) -> dict:
     """What every side runs: our config overrides and the matched hyperparameters, from the resolved config."""
-    from opd_tasks.config import load_config
+    from opd_tasks.config_files import load_config
 
     micro = min(MAX_MICRO, seqs_per_step)
     if seqs_per_step % micro:
@@ -131,7 +131,7 @@ def make_plan(steps: int, seqs_per_step: int, sets: list[str]) -> dict:
 
 
 def _worker_plain(plan: dict, workdir: Path) -> dict:
-    from opd_tasks.config import load_config
+    from opd_tasks.config_files import load_config
     from opd_tasks.pipeline import run_plain
 
     cfg = load_config(None, [*plan["ours_sets"], f"root={workdir / 'opd'}", f"name={RUN_NAME}",
@@ -143,7 +143,7 @@ def _worker_plain(plan: dict, workdir: Path) -> dict:
 def _train_rows(plan: dict):
     """(tokenizer, teacher spec, student spec, prompt records in training order, repeated per sample)."""
     from opd_tasks.backends.hf import load_tokenizer
-    from opd_tasks.config import load_config
+    from opd_tasks.config_files import load_config
     from opd_tasks.data import load_prompts
     from opd_tasks.pipeline import resolve_models
 
@@ -347,7 +347,7 @@ class Evaluator:
     """Our `evaluate` stage on the run's held-out test prompts, for any saved model directory."""
 
     def __init__(self, plan: dict, root: Path):
-        from opd_tasks.config import load_config
+        from opd_tasks.config_files import load_config
         from opd_tasks.pipeline import eval_prompts_inputs, resolve_models
         from opd_tasks.stages import PROMPTS
         from storage.store import ArtifactStore

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     from opd_tasks.backends import vllm as vllm_backend
     from opd_tasks.backends.hf import generate, load_causal_lm, score_sequences
-    from opd_tasks.config import DataConfig, load_config
+    from opd_tasks.config import DataConfig
+    from opd_tasks.config_files import load_config
     from opd_tasks.pipeline import resolve_models
     from opd_tasks.stages import PROMPTS, PromptsInputs
     from storage.store import ArtifactStore

@@ -1,14 +1,14 @@
 """The Prefect flow `distill`: a run of OPD iterations, each stage a cached, retried Prefect task.
 
 The loop itself is `opd_tasks.pipeline.run_distillation`, the same code the plain driver runs; this flow only
-injects the Prefect stage runner (flows/runners.py: the generic stage task with the content-key cache policy,
-retries and tags, or a stage's own deployment) and publishes, after each iteration, a table artifact of its
-stages and a markdown summary. Those are created in the flow itself, not in a cached task, so a fully cached run
-still shows them.
+injects a Prefect executor (flows/executors.py: the generic stage task with the content-key cache policy,
+retries and tags; or flows/deployments.py: each GPU stage as a flow run of its own deployment) and publishes,
+after each iteration, a table artifact of its stages and a markdown summary. Those are created in the flow
+itself, not in a task, so a fully cached run still shows them.
 
 Retries: exponential backoff with jitter; errors marked non-retryable (config, data, model, artifact, training)
-are not retried (flows/stage_task.py). Cache records are Prefect results (JSON) under `<root>/prefect/results`.
-A run is locked while the flow writes it (`storage.lineage.run_lock`): a second flow of the same run name is refused.
+are not retried. Cache records are Prefect results (JSON) under `<root>/prefect/results`. A run is locked while
+the flow writes it (`opened_run`, the one place the lock is taken): a second flow of the same run name is refused.
 """
 
 from __future__ import annotations
@@ -16,10 +16,8 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.runners import PrefectStageRunner
 from opd_tasks.config import RunConfig
-from opd_tasks.pipeline import Distillation, IterationResult, check_refresh, open_run, run_distillation
-from storage.lineage import run_lock
+from opd_tasks.pipeline import Distillation, IterationResult, StageRunner, opened_run, run_distillation, with_faults
 
 
 def publish_iteration(result: IterationResult, run: Distillation) -> None:
@@ -48,8 +46,20 @@ def distill(config: dict, refresh: list[str] | None = None, resume: bool = False
     are cache hits where they already ran).
     """
     cfg = RunConfig.model_validate(config)
-    check_refresh(refresh or [])  # before open_run records the run: a refused flag writes nothing
-    with run_lock(cfg.resolved_root(), [cfg.name]):
-        store, lineage = open_run(cfg)
-        with PrefectStageRunner(store, lineage, cfg, refresh=refresh or [], log=get_run_logger().info) as runner:
+    with opened_run(cfg, refresh or []) as (store, lineage, chosen):
+        with StageRunner(store, lineage, cfg, executor(cfg), refresh=chosen, log=get_run_logger().info) as runner:
             return run_distillation(runner, cfg, resume=resume, on_iteration=publish_iteration).summary()
+
+
+def executor(cfg: RunConfig):
+    """The run's executor: the Prefect one (inline), or the deployment one, with the run's fault drill."""
+    from flows.executors import PrefectExecutor
+
+    o = cfg.orchestration
+    if o.stage_runner == "deployment":
+        from flows.deployments import DeploymentExecutor
+        from opd_tasks.pipeline import stages_used
+        from opd_tasks.stages import STAGES
+
+        return DeploymentExecutor(o, [s for s in stages_used(cfg) if STAGES[s].gpu], cfg.fault)
+    return with_faults(PrefectExecutor(o), cfg.fault)

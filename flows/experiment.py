@@ -102,7 +102,7 @@ def run_config(base: RunConfig, plan: PlannedRun) -> RunConfig:
     """The config of one planned run: the base, the condition's fork, the arm's overrides, its method and label."""
     from pydantic import ValidationError
 
-    from opd_tasks.config import apply_overrides, format_validation_error
+    from opd_tasks.config_files import apply_overrides, format_validation_error
 
     data = base.model_dump(mode="json")
     sets = ([f"data.testbed.fork={plan.condition}"] if plan.condition else []) + list(plan.arm.overrides)

@@ -13,19 +13,21 @@ from rich.console import Console
 from rich.table import Table
 
 from opd_tasks.config import RunConfig
-from storage.lineage import run_lock
+from storage.lineage import check_unlocked
 
 
 def run_and_report(cfg: RunConfig, console: Console, refresh: list[str] | None = None, resume: bool = False) -> dict:
-    """The distill flow on `cfg`, then its table. The run is locked (`run_lock`) before the Prefect server starts;
-    the caller has checked the flags (flows/cli.py, `run_cmd`), so a refused command writes nothing."""
+    """The distill flow on `cfg`, then its table. A run another process holds is refused before the Prefect server
+    starts (`check_unlocked`; the flow itself takes the lock); the caller has checked the flags (flows/cli/run.py),
+    so a refused command writes nothing."""
     from flows.distill import distill
     from flows.server import prefect_api
     from opd_tasks.pipeline import stage_calls
     from opd_tasks.progress import run_display
 
     root = cfg.resolved_root().resolve()
-    with run_lock(root, [cfg.name]), prefect_api(lambda line: console.print(line, style="dim", highlight=False,
+    check_unlocked(root, [cfg.name])
+    with prefect_api(lambda line: console.print(line, style="dim", highlight=False,
                                                                             markup=False)):
         console.rule(f"[bold]opd run[/] {cfg.name}: method {cfg.method}, {cfg.iterations} iterations, root {root}")
         console.print(

@@ -1,7 +1,10 @@
-"""The run configuration: one pydantic v2 model tree, loaded from YAML, with `--set a.b=c` overrides.
+"""The run configuration: one pydantic v2 model tree (loaded from YAML with `--set a.b=c` overrides by
+opd_tasks/config_files.py, which also writes docs/config.md).
 
 Every field has a default that is written here and in docs/config.md. Unknown keys, wrong types and
 out-of-range values raise `ConfigError` naming the key path (e.g. `rollout.temperature`) and the bad value.
+This module is a leaf of opd_tasks: it imports no stage code; what needs the stage table is checked when a run
+opens (`opd_tasks.stages.check_config`).
 
 Each stage reads only its own slice of the config (`RunConfig.rollout`, `.scoring`, ...). That slice, not
 the whole config, goes into the stage's cache key, so changing e.g. the update's learning rate does not
@@ -14,8 +17,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from opd_tasks.errors import ConfigError
 from opd_tasks.method import METHODS
@@ -24,7 +26,6 @@ from opd_tasks.topd import DETECTORS
 #: The embedded default config: the repository's configs/testbed.yaml, found relative to this file (so from any
 #: working directory of a source checkout or editable install). It is not packaged: an installed wheel without
 #: the repository falls back to the defaults of this module (`load_config`).
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "testbed.yaml"
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -158,8 +159,8 @@ class AnalysisConfig(_Strict):
         default=0.05, ge=0.0, description="With the quantile: a token is high-loss only if its loss signal is also at "
         "least this many nats, so a batch without teacher signal has no high-loss tokens (docs/method.md).")
     detector: Literal[tuple(DETECTORS)] = Field(  # type: ignore[valid-type]
-        default="swap", description="Near-future detector: " + "; ".join(f"{k}: {v}" for k, v in DETECTORS.items())
-        + " (docs/method.md).")
+        default="swap", description="Near-future detector: "
+        + "; ".join(f"{k}: {d.description}" for k, d in DETECTORS.items()) + " (docs/method.md).")
     window: int = Field(default=8, ge=1, description="W: the student's next tokens read by window and swap.")
     probe_tokens: int = Field(default=16, ge=1, description="K: tokens each model continues in a probe.")
     probe_budget: Annotated[int, Field(ge=0)] | Literal["all"] = Field(
@@ -312,15 +313,6 @@ class FaultConfig(_Strict):
     shard: int | None = Field(default=None, ge=0, description="With the stage in shards "
                               "(orchestration.shards): the shard that fails, alone; None = the stage itself.")
 
-    @field_validator("stage")
-    @classmethod
-    def _known_stage(cls, v: str | None) -> str | None:
-        from opd_tasks.stages import STAGES
-
-        if v is not None and v not in STAGES:
-            raise ValueError(f"unknown stage {v!r}; stages are {', '.join(STAGES)}")
-        return v
-
 
 #: The flow that runs one stage (flows/stage.py); its deployments are named by `stage_deployment`.
 STAGE_FLOW = "opd-stage"
@@ -356,21 +348,6 @@ class OrchestrationConfig(_Strict):
         default=None, ge=1, le=256, description="inline runner: processes a stage's shards run in at once (each "
         "loads its own models); None = the largest number of shards of any stage.")
 
-    @field_validator("stage_shards")
-    @classmethod
-    def _shardable(cls, v: dict[str, int]) -> dict[str, int]:
-        from opd_tasks.stages import sharded_stages
-
-        if bad := sorted(set(v) - set(sharded_stages())):
-            raise ValueError(f"{bad}: not a sharded stage; sharded stages are {', '.join(sharded_stages())}")
-        return v
-
-    def shards_for(self, stage: str) -> int:
-        """How many shards `stage` runs in (1 for a stage that is not sharded)."""
-        from opd_tasks.stages import sharded_stages
-
-        return self.stage_shards.get(stage, self.shards) if stage in sharded_stages() else 1
-
     @field_validator("stage_deployment")
     @classmethod
     def _deployment_template(cls, v: str) -> str:
@@ -378,14 +355,6 @@ class OrchestrationConfig(_Strict):
             raise ValueError(f"must be '{STAGE_FLOW}/NAME' where NAME holds {{stage}} once and otherwise only "
                              "letters, digits, '_', '.', '-' (e.g. 'opd-stage/{stage}' or 'opd-stage/{stage}-a100')")
         return v
-
-    def stage_deployment_name(self, stage: str) -> str:
-        """The full deployment name ('opd-stage/rollout') that runs `stage` under the deployment runner."""
-        from opd_tasks.stages import gpu_stages
-
-        if stage not in gpu_stages():
-            raise ConfigError(f"stage {stage!r} has no deployment; GPU stages are {', '.join(gpu_stages())}")
-        return self.stage_deployment.replace("{stage}", stage)
 
 
 class RunConfig(_Strict):
@@ -430,25 +399,6 @@ class RunConfig(_Strict):
                 self.models.student = self.models.student.model_copy(update={"path": f"testbed:student-{fork}"})
         return self
 
-    @model_validator(mode="after")
-    def _fault_shard(self) -> RunConfig:
-        """`fault.shard` names a shard the stage has, or the drill would pass without failing anything."""
-        f = self.fault
-        if f.shard is not None:
-            shards = self.orchestration.shards_for(f.stage) if f.stage is not None else 1
-            if f.stage == "analyze":
-                from opd_tasks.stages.analyze import needs_every_sequence
-
-                if why := needs_every_sequence(self.analysis):
-                    raise ValueError(f"fault.shard is {f.shard}, but stage 'analyze' runs as one part: {why}")
-            if shards == 1 or f.shard >= shards:  # one shard: the stage runs whole, with no parts
-                from opd_tasks.stages import sharded_stages
-
-                raise ValueError(f"fault.shard is {f.shard}, but stage {f.stage!r} runs in {shards} shard(s) "
-                                 "(orchestration.shards / orchestration.stage_shards; the sharded stages are "
-                                 f"{', '.join(sharded_stages())}): the fault would never fire")
-        return self
-
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
@@ -482,133 +432,3 @@ class RunConfig(_Strict):
         from storage.remote import default_remote
 
         return self.remote if self.remote else default_remote()
-
-
-# ----------------------------------------------------------------------------------------- loading
-
-
-def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config ({source}):"]
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "<root>"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  {path}: unknown key (value {e['input']!r})")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            got = e["input"]
-            if path == "remote" and isinstance(got, str):  # never echo a password from a URI
-                from storage.remote import redact
-
-                got = redact(got)
-            # a whole section as the bad value says nothing the message does not (e.g. a moved key)
-            lines.append(f"  {path}: {msg}" if isinstance(got, dict) else f"  {path}: {msg} (got {got!r})")
-    return "\n".join(lines)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse one `--set a.b=c` override. The value is read as YAML (so `0.7`, `true`, `[1, 2]` work)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key.path=value")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r} has an empty key path")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from e
-    return key.split("."), value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b=c` overrides to a plain dict; unknown keys are caught later by validation."""
-    for text in overrides:
-        path, value = parse_override(text)
-        node = data
-        for i, part in enumerate(path[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(
-                    f"override {text!r}: {'.'.join(path[: i + 1])} is a value, not a section"
-                )
-            node = child
-        node[path[-1]] = value
-    return data
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"config file {p} is a directory, expected a YAML file")
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {p} is not UTF-8 (byte {e.start}: {e.reason}); save it as UTF-8") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a mapping at the top, got {type(data).__name__}")
-    return data
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML config (default: configs/testbed.yaml) and apply `--set` overrides."""
-    source = Path(path) if path is not None else DEFAULT_CONFIG_PATH
-    data = read_yaml(source) if source.exists() or path is not None else {}
-    data = apply_overrides(data, list(overrides or []))
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, str(source))) from None
-
-
-def dump_config(cfg: RunConfig) -> str:
-    """The resolved config as YAML (every field, defaults included)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def config_reference_markdown() -> str:
-    """docs/config.md, generated from the model tree (a test checks the committed file is current)."""
-    lines = [
-        "# Config reference",
-        "",
-        "Generated from `opd_tasks/config.py` by `python -m opd_tasks.config > docs/config.md`; do not edit by hand.",
-        "Set keys in a YAML file (`--config F`) or on the command line (`--set section.key=value`).",
-        "Unknown keys, wrong types and out-of-range values are errors that name the key path.",
-        "",
-    ]
-
-    def walk(model: BaseModel, prefix: str) -> None:
-        rows = []
-        subs = []
-        for name, field in type(model).model_fields.items():
-            ann = field.annotation
-            default = getattr(model, name)
-            if isinstance(default, BaseModel):
-                subs.append((f"{prefix}{name}", default))
-                continue
-            typ = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
-            rows.append(f"| `{prefix}{name}` | `{typ}` | `{default!r}` | {field.description or ''} |")
-        if rows:
-            title = prefix.rstrip(".") or "top level"
-            doc = (model.__doc__ or "").strip().splitlines()[0] if model.__doc__ else ""
-            lines.extend([f"## {title}", "", doc, "", "| key | type | default | meaning |", "|---|---|---|---|"])
-            lines.extend(rows)
-            lines.append("")
-        for sub_prefix, sub in subs:
-            walk(sub, sub_prefix + ".")
-
-    walk(RunConfig(), "")
-    return "\n".join(lines).rstrip() + "\n"
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.stdout.write(config_reference_markdown())

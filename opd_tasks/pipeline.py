@@ -1,4 +1,4 @@
-"""The one iteration loop of on-policy distillation, and the plain driver that runs it without Prefect.
+"""The one iteration loop of on-policy distillation, the stage runner it calls, and the plain driver.
 
 One iteration, from student checkpoint S_i (`run_iteration`):
 
@@ -8,12 +8,18 @@ One iteration, from student checkpoint S_i (`run_iteration`):
 A run (`run_distillation`) is the eval set and the baseline evaluation of the initial student, then
 `iterations` of that loop (with `resume`, starting after the run's latest checkpoint, on the next prompts).
 
-This is the only code that chains stages. It calls each stage through a `StageRunner`: this module's runs them
-in this process (the plain driver, `run_plain`); the Prefect flow's (flows/runners.py) runs each as a Prefect
-task with its cache policy and retries, or as a flow run of the stage's own deployment. Both compute the cache
-key once per call from the stage registry, honour `--refresh` and `fault.*` the same way, record the run's
-lineage, and therefore produce byte-identical artifacts (tests/integration/test_flow.py). Retries are Prefect's:
-the plain driver stops at the first failure, and a rerun recomputes only what is missing.
+This is the only code that chains stages. From the loop to a stage's compute is four calls:
+
+    run_iteration -> StageRunner.__call__ -> executor.run -> run_stage -> the stage's function
+
+The runner computes the key, looks the store up once, honours `--refresh`, and on a miss plans the call (the
+stage's parts and `prepare`) and hands it to an executor, then records the lineage. Executors are injected (the
+`Executor` protocol): `LocalExecutor` here (the plain driver, `run_plain`: parts in turn, in this process);
+flows/executors.py's Prefect one (one generic task with the content key, retries and tags; a process pool for
+parts) and deployment one (a flow run of the stage's deployment per part and for the stage). Fault drills
+(`fault.*`) wrap the compute an executor runs (`with_faults`). All of them run `run_stage`, so the plain driver
+and the flow produce byte-identical artifacts (tests/integration/test_flow.py). Retries are Prefect's: the plain
+driver stops at the first failure, and a rerun recomputes only what is missing.
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from opd_tasks.config import FaultConfig, RunConfig
 from opd_tasks.errors import ConfigError, TransientError
@@ -47,35 +54,22 @@ from opd_tasks.stages import (
     PromptsInputs,
     RolloutInputs,
     ScoreInputs,
+    Span,
     Stage,
     StageContext,
     StageInputs,
     UpdateInputs,
-    check_gates,
-    compute,
+    check_config,
+    plan_call,
+    run_stage,
+    shards_for,
 )
 from opd_tasks.stages.evaluate import accuracy
-from opd_tasks.stages.sharding import Span, part_key, part_stage, shard_plan
+from opd_tasks.stages.gates import check_gates
+from opd_tasks.stages.registry import part_key, part_stage
 from storage.lineage import RunLineage, run_lock
 from storage.refs import ArtifactRef
 from storage.store import ArtifactStore
-
-
-@dataclass
-class StageRecord:
-    """One stage call of a run: what it produced, whether it came from the cache, how long it took."""
-
-    iteration: int
-    stage: str  # the registered stage
-    label: str  # its name in the lineage: the stage's, or eval_prompts / baseline
-    ref: ArtifactRef
-    cached: bool
-    seconds: float
-
-    def row(self) -> dict[str, Any]:
-        return {"iteration": self.iteration, "stage": self.label, "state": "Cached" if self.cached else "Completed",
-                "seconds": round(self.seconds, 3), "rows": self.ref.rows, "sha256": self.ref.sha256,
-                "uri": self.ref.uri}
 
 
 @dataclass
@@ -112,74 +106,136 @@ class Distillation:
 
 
 def check_refresh(stages: Iterable[str]) -> frozenset[str]:
-    """`--refresh` stage names, each a registered stage."""
+    """`--refresh` stage names, each a stage of the table."""
     chosen = frozenset(stages)
     if bad := sorted(chosen - set(STAGES)):
         raise ConfigError(f"--refresh: unknown stage(s) {bad}; stages are {', '.join(STAGES)}")
     return chosen
 
 
-def inject_fault(root: Path, run_name: str, stage: str, iteration: int, fault: FaultConfig | None,
-                 shard: int | None = None) -> None:
-    """`fault.*` (tests, crash drills): fail once with a TransientError when `stage` (with `fault.shard`, that
-    shard of it) is about to compute at `iteration`; a marker file under `<root>/faults` makes it once, so a retry
-    or a rerun goes through."""
-    if fault is None or (fault.stage, fault.iteration, fault.shard) != (stage, iteration, shard):
-        return
-    where = f"{stage}.it{iteration}" + (f".shard{shard}" if shard is not None else "")
-    marker = Path(root) / "faults" / f"{run_name}.{where}"
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    raise TransientError(f"injected fault: stage {stage!r}{f' shard {shard}' if shard is not None else ''} at "
-                         f"iteration {iteration} (fault.* in the config)")
+class Executor(Protocol):
+    """Where a planned stage call computes: `run` computes the missing `parts` (spans of `ctx.spans`), then the
+    stage itself (`run_stage`), and returns its artifact; `close` releases what it holds (processes)."""
+
+    def run(self, stage: Stage, ctx: StageContext, inputs: StageInputs, parts: list[Span]) -> ArtifactRef: ...
+
+    def close(self) -> None: ...
 
 
-def fault_hooks(root: Path, run_name: str, stage: str, iteration: int,
-                fault: FaultConfig | None) -> tuple[Callable[[], None], Callable[[Any], None]]:
-    """(before the stage computes, before a shard's part computes): `inject_fault` for each."""
-    return (lambda: inject_fault(root, run_name, stage, iteration, fault),
-            lambda span: inject_fault(root, run_name, stage, iteration, fault, span.index))
+#: What an executor runs for each part and for the stage (`run_stage`, or it wrapped by `with_faults`).
+Compute = Callable[..., ArtifactRef]
+
+
+@dataclass
+class LocalExecutor:
+    """In this process: each missing part in turn, then the stage."""
+
+    compute: Compute = run_stage
+
+    def run(self, stage: Stage, ctx: StageContext, inputs: StageInputs, parts: list[Span]) -> ArtifactRef:
+        for span in parts:
+            self.compute(stage, ctx, inputs, span)
+        return self.compute(stage, ctx, inputs)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """`fault.*` (tests, crash drills) around a compute: fail once with a TransientError when `fault.stage` (with
+    `fault.shard`, that part of it) is about to compute at `fault.iteration`; a marker file under `<root>/faults`
+    makes it once, so a retry or a rerun goes through. Picklable: it crosses to a process pool with the call."""
+
+    compute: Compute
+    fault: FaultConfig
+
+    def __call__(self, stage: Stage, ctx: StageContext, inputs: StageInputs, span: Span | None = None) -> ArtifactRef:
+        f = self.fault
+        if (f.stage, f.iteration, f.shard) == (stage.name, ctx.iteration, span.index if span else None):
+            where = f"{stage.name}.it{ctx.iteration}" + (f".shard{span.index}" if span else "")
+            marker = Path(ctx.root) / "faults" / f"{ctx.run}.{where}"
+            if not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                raise TransientError(f"injected fault: stage {stage.name!r}{f' shard {span.index}' if span else ''} "
+                                     f"at iteration {ctx.iteration} (fault.* in the config)")
+        return self.compute(stage, ctx, inputs, span)
+
+
+def with_faults(executor, fault: FaultConfig | None):
+    """`executor` whose compute fails as `fault` says (unchanged without a fault)."""
+    if fault is None or fault.stage is None:
+        return executor
+    return replace(executor, compute=FaultInjection(executor.compute, fault))
+
+
+@dataclass
+class StageRecord:
+    """One stage call of a run: what it produced, whether it came from the cache, how long it took."""
+
+    iteration: int
+    stage: str  # the stage of the table
+    label: str  # its name in the lineage: the stage's, or eval_prompts / baseline
+    ref: ArtifactRef
+    cached: bool
+    seconds: float
+
+    def row(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "stage": self.label, "state": "Cached" if self.cached else "Completed",
+                "seconds": round(self.seconds, 3), "rows": self.ref.rows, "sha256": self.ref.sha256,
+                "uri": self.ref.uri}
 
 
 class StageRunner:
-    """Runs one stage for the loop: computes its key, honours `--refresh`, calls it, records the lineage.
+    """Runs one stage for the loop (module docstring): key, one lookup, `--refresh`, on a miss the plan and the
+    executor, then the lineage. `records` holds every call of the run, in order."""
 
-    This class calls the stage in this process (the plain driver). A subclass changes `call` alone (the Prefect
-    task or a deployment run, flows/runners.py); everything else is the same for both."""
-
-    def __init__(self, store: ArtifactStore, lineage: RunLineage, cfg: RunConfig, *, refresh: Iterable[str] = (),
-                 progress: bool | None = None, log: Callable[[str], None] = print):
-        self.store, self.lineage, self.cfg = store, lineage, cfg
-        self.refresh = check_refresh(refresh)
+    def __init__(self, store: ArtifactStore, lineage: RunLineage, cfg: RunConfig, executor: Executor, *,
+                 refresh: frozenset[str] = frozenset(), progress: bool | None = None,
+                 log: Callable[[str], None] = print):
+        self.store, self.lineage, self.cfg, self.executor = store, lineage, cfg, executor
+        self.refresh = refresh
         self.progress = sys.stderr.isatty() if progress is None else progress  # None: bars only on a terminal
         self.log = log
+        self.records: list[StageRecord] = []
         self._drift_told: set[tuple[str, str, str]] = set()  # (library, cached version, ours) already warned of
 
-    def __call__(self, stage: Stage, inputs: StageInputs, iteration: int, label: str | None = None) -> StageRecord:
+    def __call__(self, stage: Stage, inputs: StageInputs, iteration: int, label: str | None = None) -> ArtifactRef:
         label = label or stage.name
-        key = stage.key(inputs)  # the one computation of this call's key: the store and Prefect both use it
-        existing = self.store.lookup(stage.name, key)
+        t0 = time.perf_counter()
+        key = stage.key(inputs)
+        ref = self.store.lookup(stage.name, key)  # the one lookup of this call
         while self.store.quarantined:  # corrupted, or emptied by opd gc: moved aside, recomputed below
             self.log(f"it{iteration} {label}: {self.store.quarantined.pop(0)}; recomputing")
-        if stage.name in self.refresh:
-            if existing is not None:
-                moved = self.store.retire(existing)
-                self.log(f"--refresh {stage.name}: retired {existing.short()} to {moved}")
-                existing = None
-            for part in self.stored_parts(stage, inputs, key):
-                self.store.retire(part)
-        if existing is not None:
-            self.warn_version_drift(existing, stage.name, iteration, label)
-        t0 = time.perf_counter()
-        with stage_running(f"it{iteration} {label}"):  # the run display's row, on a terminal (opd_tasks/progress.py)
-            ref, cached = self.call(stage, inputs, key, iteration, label, existing)
+        refresh = stage.name in self.refresh
+        if ref is not None and refresh:
+            self.log(f"--refresh {stage.name}: retired {ref.short()} to {self.store.retire(ref)}")
+            ref = None
+        cached = ref is not None
+        if cached:
+            self.warn_version_drift(ref, stage.name, iteration, label)
+        else:
+            ctx = plan_call(stage, StageContext.of(self.store, stage.name, key, device=self.cfg.device,
+                                                   progress=self.progress, run=self.cfg.name, iteration=iteration,
+                                                   label=label),
+                            inputs, shards_for(self.cfg.orchestration, stage.name))
+            missing = []
+            for span in ctx.spans:
+                part = self.store.lookup(part_stage(stage.name), part_key(ctx, span))
+                if part is not None and refresh:
+                    self.store.retire(part)
+                missing += [span] if part is None or refresh else []
+            if missing:
+                self.log(f"it{iteration} {label}: {len(ctx.spans)} parts, {len(missing)} to compute")
+            with stage_running(f"it{iteration} {label}"):  # the run display's row (opd_tasks/progress.py)
+                ref = self.executor.run(stage, ctx, inputs, missing)
         record = StageRecord(iteration, stage.name, label, ref, cached, time.perf_counter() - t0)
+        self.records.append(record)
         self.lineage.record(iteration, label, ref, cached=cached, seconds=record.seconds)
         self.log(f"it{iteration} {label:<12} {'cached' if cached else 'computed'} in {record.seconds:6.1f}s "
                  f"-> {ref.short()}")
-        return record
+        return ref
 
     def warn_version_drift(self, ref: ArtifactRef, stage: str, iteration: int, label: str) -> None:
         """One warning per (library, version pair) in a run when a cache hit was computed under another minor version
@@ -193,41 +249,11 @@ class StageRunner:
                      f"version: docs/operations.md), as is any later one made under {lib} {theirs} in this run; "
                      f"`--refresh {stage}` recomputes it")
 
-    def context(self, stage: Stage, key: str, **kw) -> StageContext:
-        """The stage's context in this run: its store, key, device, progress and shards."""
-        return StageContext(self.store, stage.name, key, self.cfg.device, self.progress,
-                            shards=self.cfg.orchestration.shards_for(stage.name), **kw)
-
-    def shards(self, stage: Stage, inputs: StageInputs, key: str) -> list[Span]:
-        """The spans of the stage's parts in this run; none for a stage that runs as one part."""
-        if stage.shards is None:
-            return []
-        plan = shard_plan(stage, self.context(stage, key), inputs)[1]
-        return plan if len(plan) > 1 else []
-
-    def stored_parts(self, stage: Stage, inputs: StageInputs, key: str) -> list[ArtifactRef]:
-        refs = [self.store.lookup(part_stage(stage.name), part_key(key, span))
-                for span in self.shards(stage, inputs, key)]
-        return [r for r in refs if r is not None]
-
     def __enter__(self) -> StageRunner:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Release what the runner holds (the Prefect runner's shard processes)."""
-
-    def call(self, stage: Stage, inputs: StageInputs, key: str, iteration: int, label: str,
-             existing: ArtifactRef | None) -> tuple[ArtifactRef, bool]:
-        """(the artifact, whether it came from the cache): the stored one, or computed here (a sharded stage's
-        shards one after the other)."""
-        if existing is not None:
-            return existing, True
-        before_stage, before_part = fault_hooks(self.store.root, self.cfg.name, stage.name, iteration, self.cfg.fault)
-        before_stage()
-        return compute(stage, self.context(stage, key, before_part=before_part), inputs), False
+        self.executor.close()
 
 
 # ----------------------------------------------------------------------------------------- the loop
@@ -274,42 +300,37 @@ def eval_prompts_inputs(cfg: RunConfig, models: Models) -> PromptsInputs:
 def run_iteration(runner: StageRunner, cfg: RunConfig, method: MethodPlan, iteration: int, student: ModelSpec,
                   models: Models, eval_prompts: ArtifactRef) -> IterationResult:
     """One OPD iteration from student checkpoint `student` (S_i): returns S_{i+1} and its accuracy."""
-    store, seed, checker = runner.store, cfg.seed, checker_name(cfg)
-    done: dict[str, StageRecord] = {}
-
-    def run(stage: Stage, inputs: StageInputs) -> ArtifactRef:
-        done[stage.name] = runner(stage, inputs, iteration)
-        return done[stage.name].ref
-
+    store, seed, checker, first = runner.store, cfg.seed, checker_name(cfg), len(runner.records)
     n = cfg.data.prompts_per_iteration
-    prompts = run(PROMPTS, PromptsInputs(
+    prompts = runner(PROMPTS, PromptsInputs(
         data=cfg.data, tokenizer=models.initial_student, split="train", n=n, offset=iteration * n,
-        max_context=max_prompt_tokens(models.initial_student, cfg.rollout.max_new_tokens), seed=seed))
+        max_context=max_prompt_tokens(models.initial_student, cfg.rollout.max_new_tokens), seed=seed), iteration)
     sampling = cfg.rollout.model_copy(update={"samples_per_prompt": method.samples_per_prompt})
-    rollouts = run(ROLLOUT, RolloutInputs(student=student, prompts=prompts, rollout=sampling, checker=checker,
-                                          seed=seed))
-    scores = run(SCORE, ScoreInputs(teacher=models.teacher, student=student, rollouts=rollouts, scoring=cfg.scoring))
+    rollouts = runner(ROLLOUT, RolloutInputs(student=student, prompts=prompts, rollout=sampling, checker=checker,
+                                             seed=seed), iteration)
+    scores = runner(SCORE, ScoreInputs(teacher=models.teacher, student=student, rollouts=rollouts,
+                                       scoring=cfg.scoring), iteration)
     if cfg.gates.enabled:
-        gate_figures = run(GATES, GatesInputs(student=student, teacher=models.teacher, rollouts=rollouts,
-                                              scores=scores, gates=cfg.gates))
+        gate_figures = runner(GATES, GatesInputs(student=student, teacher=models.teacher, rollouts=rollouts,
+                                                 scores=scores, gates=cfg.gates), iteration)
         check_gates(store, gate_figures)  # DataError naming each failed gate: nothing trains on these rollouts
     analysis = None
     if method.analyze:
-        analysis = run(ANALYZE, AnalyzeInputs(
+        analysis = runner(ANALYZE, AnalyzeInputs(
             student=student, teacher=models.teacher, rollouts=rollouts, scores=scores, analysis=cfg.analysis,
             weighting=method.weighting, bridge=method.bridge is not None, label_roles=checker == "testbed",
-            seed=seed))
-    checkpoint = run(UPDATE, UpdateInputs(student=student, rollouts=rollouts, scores=scores, analysis=analysis,
-                                          teacher=models.teacher, update=cfg.update, bridge=method.bridge,
-                                          advantage=method.advantage, seed=seed))
+            seed=seed), iteration)
+    checkpoint = runner(UPDATE, UpdateInputs(student=student, rollouts=rollouts, scores=scores, analysis=analysis,
+                                             teacher=models.teacher, update=cfg.update, bridge=method.bridge,
+                                             advantage=method.advantage, seed=seed), iteration)
     update_meta = store.manifest(checkpoint)["meta"]
     if update_meta.get("skipped"):
         runner.log(f"it{iteration} update skipped: {update_meta['skipped']}")
     new_student = ModelSpec.from_checkpoint(store, checkpoint, student)
-    evals = run(EVALUATE, EvaluateInputs(model=new_student, prompts=eval_prompts, evaluation=cfg.evaluation,
-                                         checker=checker, seed=seed))
-    return IterationResult(iteration, done, checkpoint, accuracy(store, evals),
-                           mean_loss=update_meta["mean_loss"],
+    evals = runner(EVALUATE, EvaluateInputs(model=new_student, prompts=eval_prompts, evaluation=cfg.evaluation,
+                                            checker=checker, seed=seed), iteration)
+    return IterationResult(iteration, {r.label: r for r in runner.records[first:]}, checkpoint,
+                           accuracy(store, evals), mean_loss=update_meta["mean_loss"],
                            analysis=store.manifest(analysis)["meta"] if analysis is not None else None,
                            skipped=update_meta.get("skipped"))
 
@@ -331,10 +352,10 @@ def run_distillation(runner: StageRunner, cfg: RunConfig, resume: bool = False,
     latest checkpoint, from it, on the next prompts (what a scheduled "nightly distillation" does)."""
     store, seed, checker = runner.store, cfg.seed, checker_name(cfg)
     models, method = resolve_models(cfg), plan(cfg)
-    eval_prompts = runner(PROMPTS, eval_prompts_inputs(cfg, models), iteration=0, label="eval_prompts").ref
+    eval_prompts = runner(PROMPTS, eval_prompts_inputs(cfg, models), iteration=0, label="eval_prompts")
     baseline = runner(EVALUATE, EvaluateInputs(model=models.initial_student, prompts=eval_prompts,
                                                evaluation=cfg.evaluation, checker=checker, seed=seed),
-                      iteration=0, label="baseline").ref
+                      iteration=0, label="baseline")
     out = Distillation(cfg.name, str(store.root), accuracy(store, baseline))
     runner.log(f"baseline: student accuracy {out.baseline_accuracy:.1%} on {cfg.data.eval_size} held-out prompts")
     student, first = models.initial_student, 0
@@ -353,20 +374,26 @@ def run_distillation(runner: StageRunner, cfg: RunConfig, resume: bool = False,
     return out
 
 
-def open_run(cfg: RunConfig) -> tuple[ArtifactStore, RunLineage]:
-    """The run's store and lineage; records the run's method and config in its run.json."""
-    cache_remote_code_under(cfg.resolved_root())  # before any stage imports transformers
-    store = ArtifactStore(cfg.resolved_root(), remote=cfg.resolved_remote())
-    lineage = RunLineage(store.layout, cfg.name)
-    lineage.init(method=cfg.method, arm=cfg.arm or cfg.method, config=cfg.model_dump(mode="json"))
-    return store, lineage
+@contextmanager
+def opened_run(cfg: RunConfig, refresh: Iterable[str] = ()) -> Iterator[tuple[ArtifactStore, RunLineage,
+                                                                              frozenset[str]]]:
+    """The run's store, lineage and checked `--refresh` stages, under the run's lock, for the run's duration. The
+    flags and the config are checked first (`check_refresh`, `check_config`), so a refused run writes nothing;
+    then the run's method and config are recorded in its run.json."""
+    chosen = check_refresh(refresh)
+    check_config(cfg)
+    with run_lock(cfg.resolved_root(), [cfg.name]):
+        cache_remote_code_under(cfg.resolved_root())  # before any stage imports transformers
+        store = ArtifactStore(cfg.resolved_root(), remote=cfg.resolved_remote())
+        lineage = RunLineage(store.layout, cfg.name)
+        lineage.init(method=cfg.method, arm=cfg.arm or cfg.method, config=cfg.model_dump(mode="json"))
+        yield store, lineage, chosen
 
 
 def run_plain(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool | None = None,
               refresh: Iterable[str] = (), resume: bool = False) -> Distillation:
     """A whole run in this process, without Prefect (tests, benchmarks, debugging)."""
-    refresh = check_refresh(refresh)  # before open_run records the run: a refused flag writes nothing
-    with run_lock(cfg.resolved_root(), [cfg.name]):
-        store, lineage = open_run(cfg)
-        with StageRunner(store, lineage, cfg, refresh=refresh, progress=progress, log=log) as runner:
+    with opened_run(cfg, refresh) as (store, lineage, chosen):
+        executor = with_faults(LocalExecutor(), cfg.fault)
+        with StageRunner(store, lineage, cfg, executor, refresh=chosen, progress=progress, log=log) as runner:
             return run_distillation(runner, cfg, resume=resume)

@@ -197,8 +197,8 @@ def run_lock(root: str | Path | None, runs: Iterable[str]) -> Iterator[None]:
 
     A run held by another process is a ConfigError naming it and the holder; what this call took is given back.
     The kernel drops a flock when its process dies, so the file of a killed run never blocks. Re-entrant in one
-    process (the CLI takes the lock before the Prefect server starts, the distill flow again). Released and removed
-    at the end."""
+    process (a process may take a run it already holds, e.g. a test inside a run or an experiment flow over its
+    runs). Released and removed at the end."""
     layout, taken = Layout(root), []
     try:
         gc = layout.gc_lock
@@ -234,3 +234,11 @@ def run_lock(root: str | Path | None, runs: Iterable[str]) -> Iterator[None]:
                     _release(path, fd)
                 else:
                     os.close(fd)  # the gc lock file stays: other runs may hold it shared
+
+
+def check_unlocked(root: str | Path | None, runs: Iterable[str]) -> None:
+    """ConfigError, as `run_lock` raises it, if another process holds one of `runs` (or `opd gc` runs); the lock is
+    taken and given back at once. For a command that refuses early, before it starts a server; the run itself
+    takes the lock (`opd_tasks.pipeline.opened_run`)."""
+    with run_lock(root, runs):
+        pass

@@ -65,7 +65,7 @@ class Backend(Protocol):
         """`n` completions per prompt (greedy when temperature is 0), ordered by (prompt, sample); each ends at
         the first of the ids `eos_token_id` (`hf.stop_token_ids`: every EOS the model declares). `first_prompt`:
         where `prompts` start among the stage's prompts (a shard's part): the samples' seeds are those of the
-        unsharded stage (opd_tasks/stages/sharding.py)."""
+        whole stage (opd_tasks/stages/registry.py)."""
         ...
 
     def score(self, model: ModelSpec, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
@@ -147,7 +147,7 @@ class VllmBackend:
 
 def prompts_per_batch(section: RolloutConfig | ScoringConfig, n: int) -> int:
     """Prompts the backend `section.backend` generates together in one seeded batch, `n` samples each: a shard
-    of a generating stage starts on a multiple of it (opd_tasks/stages/sharding.py). vLLM seeds each request
+    of a generating stage starts on a multiple of it (opd_tasks/stages/registry.py). vLLM seeds each request
     by its prompt's index, so any boundary will do."""
     return 1 if section.backend == "vllm" else hf_prompts_per_batch(section.batch_size, n)
 

@@ -123,7 +123,7 @@ def generate(
     it generates (finish_reason "stop"), else it is `max_new_tokens` long ("length").
     Each batch is seeded from `seed` and its index inside a forked RNG, so results do not depend on the
     caller's RNG state, and are reproducible on the CPU. `first_prompt`: where `prompts` start in the whole
-    stage's prompts (a shard's, opd_tasks/stages/sharding.py; a multiple of the batch): batch indices, and so
+    stage's prompts (a part's, opd_tasks/stages/registry.py; a multiple of the batch): batch indices, and so
     seeds, count from there, and a shard samples what the unsharded stage samples.
     """
     if max_new_tokens <= 0:

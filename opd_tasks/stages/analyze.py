@@ -12,17 +12,17 @@ Writes one artifact with two tables:
 - `probes`: one row per probed position: the teacher's and the student's continuations (the teacher's is the
   bridge at divergent positions) and their distance.
 
-Sharded (opd_tasks/stages/sharding.py): a part analyses a run of whole blocks of `analysis.batch_size` sequences
-(the rollouts with a completion, in row order), and its detector runs block by block, so a part's rows are the
-unsharded stage's. What is taken over the whole batch is taken so in every part or in the merge:
-- the high-loss cut (`analysis.high_loss_quantile` of the k1 signal, never below `analysis.min_high_loss`, so a
-  batch without teacher signal has no high-loss tokens; the summary's `below_floor` counts what the floor
-  removed): every part computes it from every sequence's k1, which needs no model. With `loss_signal: rkl_topk`
-  the cut needs the student's pass over every sequence first, so the stage runs as one part (unless
+Row-parallel (opd_tasks/stages/registry.py): a part analyses a run of whole blocks of `analysis.batch_size`
+sequences (the rollouts with a completion, in row order), and its detector runs block by block, so a part's rows
+are the whole stage's. TOPD's two batch-wide levels are the stage's two hooks:
+- `prepare` (`high_loss_cut`), once before the parts: the high-loss cut, `analysis.high_loss_quantile` of every
+  sequence's k1 (which needs no model), never below `analysis.min_high_loss`, so a batch without teacher signal
+  has no high-loss tokens (the summary's `below_floor` counts what the floor removed). With `loss_signal:
+  rkl_topk` the quantile needs the student's pass over every sequence, so the stage runs as one part (unless
   `high_loss_threshold` fixes the cut);
-- delta (a quantile of every D_t with `delta_mode: quantile`): the merge computes it, then every token's regime
-  and weight (a part's own are provisional, from its own D_t), and with the `swap` detector the bridges at the
-  divergent positions (`teacher_bridges`).
+- `finish`, once after them: delta (a quantile of every D_t with `delta_mode: quantile`), every token's regime
+  and weight, and the bridges at the divergent positions of a detector whose continuations are not bridges
+  (`swap`, with a quantile delta: `teacher_bridges`).
 Regimes compare the D_t as stored (float32) with delta, so anyone can recompute them from the table.
 """
 
@@ -36,32 +36,15 @@ import pyarrow.compute as pc
 
 from opd_tasks.config import AnalysisConfig
 from opd_tasks.errors import DataError
-from opd_tasks.method import TokenWeighting
-from opd_tasks.models import ModelSpec
-from opd_tasks.stages.registry import StageContext, StageInputs, stage
-from opd_tasks.stages.sharding import Part, Shards, Units, concat, write_or_declare
-from storage.refs import ArtifactRef
+from opd_tasks.stages.inputs import AnalyzeInputs
+from opd_tasks.stages.registry import Output, StageContext
+from opd_tasks.topd import DETECTORS, signals
 
 log = logging.getLogger(__name__)
 
 
-class AnalyzeInputs(StageInputs):
-    """`student`'s rollouts and `teacher`'s scores of them; `weighting` and `bridge` come from the method
-    (opd_tasks/method.py); `label_roles`: the prompts are the testbed's, whose tokens have ground-truth roles."""
-
-    student: ModelSpec
-    teacher: ModelSpec
-    rollouts: ArtifactRef
-    scores: ArtifactRef
-    analysis: AnalysisConfig
-    weighting: TokenWeighting
-    bridge: bool  # generate the teacher's bridge continuation at each divergent position
-    label_roles: bool
-    seed: int
-
-
 def analysed_rows(ctx: StageContext, x: AnalyzeInputs) -> list[int]:
-    """The units of an analysis shard: the rollouts with at least one completion token, in row order."""
+    """The input rows of the analysis: the rollouts with at least one completion token, in row order."""
     roll = ctx.store.read_table(x.rollouts, "rollouts", columns=["token_ids"])
     return np.flatnonzero(pc.list_value_length(roll.column("token_ids")).to_numpy() > 0).tolist()
 
@@ -70,30 +53,44 @@ def sequences_per_batch(x: AnalyzeInputs) -> int:
     return x.analysis.batch_size
 
 
-def needs_every_sequence(cfg: AnalysisConfig) -> str | None:
+def needs_every_sequence(x: AnalyzeInputs) -> str | None:
     """Why the analysis cannot split (the high-loss cut needs a model pass over every sequence), if it cannot."""
+    cfg = x.analysis
     if cfg.loss_signal == "rkl_topk" and cfg.high_loss_threshold is None:
         return ("with analysis.loss_signal 'rkl_topk' the high-loss quantile is over the student's pass on every "
                 "sequence; set analysis.high_loss_threshold (or loss_signal: k1) to shard it")
     return None
 
 
-def analyse(ctx: StageContext, x: AnalyzeInputs, units: Units) -> dict[str, pa.Table]:
-    """The `tokens` and `probes` rows of the sequences `units` (all of them, or a shard's): the loss signals, the
-    high-loss tokens and the detector's D_t, block by block of `analysis.batch_size` sequences; the regimes and
-    weights from this part's own delta (the merge decides the batch's)."""
+def high_loss_cut(ctx: StageContext, x: AnalyzeInputs) -> dict | None:
+    """`prepare`, once before the parts: the batch's high-loss cut, `{"cut": c}` (a token is high-loss when its
+    signal is >= c): `analysis.high_loss_threshold`, or the k1 quantile of every sequence (never below
+    `analysis.min_high_loss`), which needs no model. None with `rkl_topk` and a quantile: the cut is then over the
+    student's pass, computed in the analysis itself, which runs as one part (`needs_every_sequence`)."""
+    cfg = x.analysis
+    if cfg.high_loss_threshold is not None:
+        return {"cut": cfg.high_loss_threshold}
+    if cfg.loss_signal != "k1":
+        return None
+    return {"cut": signals.high_loss_cut(every_k1(ctx, x), cfg.high_loss_quantile, None, cfg.min_high_loss)}
+
+
+def analyze(ctx: StageContext, x: AnalyzeInputs, rows: list[int] | None) -> dict[str, pa.Table]:
+    """The `tokens` and `probes` rows of the sequences `rows` (None: every analysed one): the loss signals, the
+    high-loss tokens (the batch's cut, `ctx.prepared`) and the detector's D_t, block by block of
+    `analysis.batch_size` sequences. Regimes and weights are the batch's, set in `finish`."""
     from opd_tasks.progress import Bar
-    from opd_tasks.topd.detectors import DETECTORS, AnalysisModels, Candidates
-    from opd_tasks.topd.signals import high_loss_cut, probe_positions
+    from opd_tasks.topd.detectors import AnalysisModels, Candidates
     from opd_tasks.topd.statistics import student_statistics
     from opd_tasks.training.sequences import SCORE_COLUMNS, scored_sequences
 
     cfg = x.analysis
-    seqs = scored_sequences(ctx.store, x.rollouts, x.scores, SCORE_COLUMNS, rows=units.rows)
+    seqs = scored_sequences(ctx.store, x.rollouts, x.scores, SCORE_COLUMNS, rows=rows)
     if not seqs:
         raise DataError(f"rollouts {x.rollouts.short()} have no completion tokens to analyze")
     models = AnalysisModels(x.student, x.teacher, ctx.device)
     detector = DETECTORS[cfg.detector]
+    run_detector = detector.fn()
     roles = None
     if x.label_roles:
         from opd_tasks.testbed.labeler import label_token_ids
@@ -101,10 +98,7 @@ def analyse(ctx: StageContext, x: AnalyzeInputs, units: Units) -> dict[str, pa.T
         roles = [label_token_ids(models.tokenizer, s.tokens, s.prompt) for s in seqs]
     k1 = [k1_of(s) for s in seqs]
     signal = k1  # the loss signal: k1, or the top-k reverse KL once the student's pass has run
-    cut = float("nan")
-    if cfg.loss_signal == "k1":  # the batch's cut, from every sequence's k1 (a shard reads them all)
-        every = np.concatenate(k1) if units.rows is None else every_k1(ctx, x)
-        cut = high_loss_cut(every, cfg.high_loss_quantile, cfg.high_loss_threshold, cfg.min_high_loss)
+    cut = ctx.prepared["cut"] if ctx.prepared is not None else None
     d: list[list[float | None]] = [[None] * len(s.tokens) for s in seqs]
     probes: list[tuple[int, int, list[int], list[int], float]] = []  # (sequence, position, c_T, c_S, distance)
     high_loss: list[np.ndarray] = []  # each sequence's high-loss mask, block by block
@@ -116,9 +110,9 @@ def analyse(ctx: StageContext, x: AnalyzeInputs, units: Units) -> dict[str, pa.T
         high = [np.asarray(v, dtype=np.float64) >= cut for v in own]
         high_loss.extend(high)
         budget = cfg.probe_budget if detector.budgeted else "all"
-        rows = probe_positions(own, high, budget, detector.skip_last) if detector.probes else []
-        cand = Candidates(block, own, high, rows, None if roles is None else roles[first : first + len(block)])
-        found = detector.run(cand, models, cfg, x.bridge, False, student_encoded=encoded)
+        at = signals.probe_positions(own, high, budget, detector.skip_last) if detector.probes else []
+        cand = Candidates(block, own, high, at, None if roles is None else roles[first : first + len(block)])
+        found = run_detector(cand, models, cfg, x.bridge, False, student_encoded=encoded)
         for (i, t), v in found.divergence.items():
             d[first + i][t] = v
         if detector.probes:  # a detector may drop candidates (oracle): the probes are what it examined
@@ -132,8 +126,9 @@ def analyse(ctx: StageContext, x: AnalyzeInputs, units: Units) -> dict[str, pa.T
     else:
         entropy, rkl = student_statistics(models.student, seqs, cfg.batch_size)
         signal = rkl
-        cut = high_loss_cut(np.concatenate([np.asarray(v, dtype=np.float64) for v in rkl]), cfg.high_loss_quantile,
-                            cfg.high_loss_threshold, cfg.min_high_loss)
+        if cut is None:  # a quantile of the student's pass: this part holds every sequence (needs_every_sequence)
+            cut = signals.high_loss_cut(np.concatenate([np.asarray(v, dtype=np.float64) for v in rkl]),
+                                        cfg.high_loss_quantile, None, cfg.min_high_loss)
         for first in range(0, len(seqs), cfg.batch_size):
             detect(first, seqs[first : first + cfg.batch_size], None)
     bar.close()
@@ -147,56 +142,43 @@ def analyse(ctx: StageContext, x: AnalyzeInputs, units: Units) -> dict[str, pa.T
         "distance": pa.array([p[4] for p in probes], pa.float32()),
         "distance_kind": pa.array([detector.distance(cfg)] * len(probes), pa.string()),
     })
-    return {"tokens": with_regimes(tokens, resolved_delta(cfg, tokens), x), "probes": probe_table}
+    return {"tokens": tokens, "probes": probe_table}
 
 
-@stage("analyze", version=9, inputs=AnalyzeInputs, outputs=("tokens", "probes"),
-       shards=Shards(units=analysed_rows, block=sequences_per_batch, part=analyse,
-                     whole=lambda x: needs_every_sequence(x.analysis)))
-def analyze(ctx: StageContext, x: AnalyzeInputs, parts: list[Part]) -> ArtifactRef:
-    """Per-token losses, high-loss tokens, near-future detection, regimes and token weights."""
-    from opd_tasks.topd.detectors import DETECTORS
-    from opd_tasks.topd.signals import REGIMES, classifier_scores
-
-    cfg = x.analysis
-    tokens, probes = concat(parts, "tokens"), concat(parts, "probes")
+def finish(ctx: StageContext, x: AnalyzeInputs, tables: dict[str, pa.Table]) -> Output:
+    """Once after the parts, over the whole batch: delta, every token's regime and weight, the bridges a detector
+    makes only once delta is known (`Detector.bridges_after` with a quantile delta), and the summary."""
+    cfg, detector = x.analysis, DETECTORS[x.analysis.detector]
+    tokens, probes = tables["tokens"], tables["probes"]
     delta = resolved_delta(cfg, tokens)
-    if len(parts) > 1:  # a part's regimes came from its own D_t
-        tokens = with_regimes(tokens, delta, x)
-    if cfg.detector in ("window", "probe") and cfg.delta_mode == "absolute" and cfg.delta == 0.0:
+    tokens = with_regimes(tokens, delta, x)
+    if not detector.natural_zero and cfg.delta_mode == "absolute" and cfg.delta == 0.0:
         d = tokens.column("near_future_div").drop_null()
         log.warning("analysis.delta is 0 (absolute), the swap detector's threshold; the %s detector's D_t has no "
                     "natural zero (%d of %d probed positions come out divergent): set analysis.delta_mode: "
                     "quantile or a calibrated absolute delta (docs/method.md)", cfg.detector,
                     int(pc.sum(pc.greater_equal(d, delta)).as_py() or 0), len(d))
-    if x.bridge and cfg.detector == "swap" and cfg.delta_mode == "quantile":
+    if x.bridge and detector.bridges_after and cfg.delta_mode == "quantile":
         probes = teacher_bridges(ctx, x, probes, delta)
     regimes = tokens.column("regime").to_pylist()
     n_high = int(pc.sum(tokens.column("high_loss")).as_py() or 0)
     meta = {
         "tokens": tokens.num_rows, "high_loss": n_high, "below_floor": below_floor(cfg, tokens, n_high),
-        "delta": delta, "detector": cfg.detector,
-        "distance": DETECTORS[cfg.detector].distance(cfg),
-        "share": {r: (regimes.count(r) / n_high if n_high else 0.0) for r in REGIMES if r != "normal"},
+        "delta": delta, "detector": cfg.detector, "distance": detector.distance(cfg),
+        "share": {r: (regimes.count(r) / n_high if n_high else 0.0) for r in signals.REGIMES if r != "normal"},
     }
     if x.label_roles:
-        meta["classifier"] = classifier_scores(tokens.column("role").to_pylist(), regimes)
-    with ctx.writer() as w:
-        write_or_declare(w, "tokens", tokens)
-        write_or_declare(w, "probes", probes)
-        w.meta.update(meta)
-        return w.commit()
+        meta["classifier"] = signals.classifier_scores(tokens.column("role").to_pylist(), regimes)
+    return Output({"tokens": tokens, "probes": probes}, meta)
 
 
 def below_floor(cfg: AnalysisConfig, tokens: pa.Table, n_high: int) -> int:
     """How many tokens the quantile made high-loss that `analysis.min_high_loss` removed (counted on the stored
     float32 signal; 0 with an absolute `high_loss_threshold`, which the floor does not touch)."""
-    from opd_tasks.topd.signals import high_loss_cut
-
     if cfg.high_loss_threshold is not None or not tokens.num_rows:
         return 0
     signal = tokens.column("k1" if cfg.loss_signal == "k1" else "rkl_topk").to_numpy().astype(np.float64)
-    return max(0, int((signal >= high_loss_cut(signal, cfg.high_loss_quantile, None)).sum()) - n_high)
+    return max(0, int((signal >= signals.high_loss_cut(signal, cfg.high_loss_quantile, None)).sum()) - n_high)
 
 
 def k1_of(s) -> np.ndarray:
@@ -227,23 +209,19 @@ def every_k1(ctx: StageContext, x: AnalyzeInputs) -> np.ndarray:
 def resolved_delta(cfg: AnalysisConfig, tokens: pa.Table) -> float:
     """The divergence threshold over these tokens: the detector's own, `analysis.delta`, or (delta_mode quantile)
     that quantile of their stored D_t."""
-    from opd_tasks.topd.detectors import DETECTORS
-    from opd_tasks.topd.signals import resolve_delta
-
     own = DETECTORS[cfg.detector].threshold
     if own is not None:
         return own
-    return resolve_delta(cfg, tokens.column("near_future_div").drop_null().to_numpy().astype(np.float64).tolist())
+    d = tokens.column("near_future_div").drop_null().to_numpy().astype(np.float64)
+    return signals.resolve_delta(cfg, d.tolist())
 
 
 def with_regimes(tokens: pa.Table, delta: float, x: AnalyzeInputs) -> pa.Table:
     """`tokens` with each token's regime (high_loss, D_t against delta) and its weight (the method's weighting)."""
-    from opd_tasks.topd.signals import regimes, token_weights
-
     d = tokens.column("near_future_div")
-    regime = regimes(tokens.column("high_loss").to_numpy(), pc.is_valid(d).to_numpy(),
+    regime = signals.regimes(tokens.column("high_loss").to_numpy(), pc.is_valid(d).to_numpy(),
                      d.to_numpy(zero_copy_only=False).astype(np.float64), delta)
-    weight = token_weights(regime, tokens.column("pos").to_numpy(), x.weighting)
+    weight = signals.token_weights(regime, tokens.column("pos").to_numpy(), x.weighting)
     at = tokens.schema.get_field_index
     tokens = tokens.set_column(at("regime"), "regime", pa.array(regime, pa.string()))
     return tokens.set_column(at("weight"), "weight", pa.array(weight.astype(np.float32)))

@@ -14,23 +14,13 @@ import pyarrow as pa
 
 from opd_tasks.checkers import CHECKERS, extract_numeric_answer, extract_testbed_answer
 from opd_tasks.config import EvaluationConfig
-from opd_tasks.models import ModelSpec
-from opd_tasks.stages.registry import StageContext, StageInputs, stage
-from opd_tasks.stages.sharding import Part, Shards, Units, concat, input_rows
+from opd_tasks.stages.inputs import EvaluateInputs
+from opd_tasks.stages.registry import Output, StageContext
 from storage.refs import ArtifactRef
 from storage.store import ArtifactStore
 
 EXTRACTORS = {"testbed": extract_testbed_answer, "numeric": extract_numeric_answer}
 
-
-class EvaluateInputs(StageInputs):
-    """`model`'s answers to the `prompts` (the eval set), checked by `checker`."""
-
-    model: ModelSpec
-    prompts: ArtifactRef
-    evaluation: EvaluationConfig
-    checker: str
-    seed: int
 
 
 def sampled(cfg: EvaluationConfig) -> bool:
@@ -43,14 +33,15 @@ def prompts_per_batch(x: EvaluateInputs) -> int:
     return hf_prompts_per_batch(x.evaluation.batch_size, x.evaluation.pass_k if sampled(x.evaluation) else 1)
 
 
-def answer(ctx: StageContext, x: EvaluateInputs, units: Units) -> dict[str, pa.Table]:
-    """The `evals` rows of the eval prompts `units` (all of them, or a shard's)."""
+def evaluate(ctx: StageContext, x: EvaluateInputs, rows: list[int] | None) -> dict[str, pa.Table]:
+    """The `evals` rows of the eval prompts `rows` (None: every one), in prompt order."""
     from opd_tasks.backends import HfBackend
     from opd_tasks.backends.hf import stop_token_ids
     from opd_tasks.backends.loaded import LOADED
 
     cfg = x.evaluation
-    prompts = units.of(ctx.store.read_table(x.prompts, "prompts"))
+    prompts = ctx.store.read_table(x.prompts, "prompts")
+    prompts = prompts if rows is None else prompts.take(sorted(rows))
     toks = prompts.column("prompt_token_ids").to_pylist()
     refs = prompts.column("answer").to_pylist()
     pids = prompts.column("prompt_id").to_pylist()
@@ -59,7 +50,7 @@ def answer(ctx: StageContext, x: EvaluateInputs, units: Units) -> dict[str, pa.T
         x.model, toks, eos_token_id=stop_token_ids(tok, x.model.path), pad_token_id=tok.pad_token_id,
         n=cfg.pass_k if sampled(cfg) else 1, temperature=1.0 if sampled(cfg) else 0.0, top_p=1.0,
         max_new_tokens=cfg.max_new_tokens, seed=x.seed, want_logprobs=False, desc="evaluate", progress=ctx.progress,
-        first_prompt=units.start)
+        first_prompt=0 if rows is None else min(rows))
     check, extract = CHECKERS[x.checker], EXTRACTORS[x.checker]
     texts = [tok.decode(g.token_ids, skip_special_tokens=True) for g in gens]
     correct = [bool(refs[g.prompt_index] is not None and check(t, refs[g.prompt_index]))
@@ -77,12 +68,10 @@ def answer(ctx: StageContext, x: EvaluateInputs, units: Units) -> dict[str, pa.T
     )}
 
 
-@stage("evaluate", version=1, inputs=EvaluateInputs, outputs=("evals",),
-       shards=Shards(units=input_rows("prompts", "prompts"), block=prompts_per_batch, part=answer))
-def evaluate(ctx: StageContext, x: EvaluateInputs, parts: list[Part]) -> ArtifactRef:
-    """The model's answers to the eval prompts, each checked; accuracy per sample."""
+def summarize(ctx: StageContext, x: EvaluateInputs, tables: dict[str, pa.Table]) -> Output:
+    """The answers with their summary: accuracy per sample, n, the testbed's early-stop rate, pass@k."""
     cfg = x.evaluation
-    table = concat(parts)
+    table = tables["evals"]
     correct = table.column("correct").to_pylist()
     texts = table.column("text").to_pylist()
     meta = {"accuracy": sum(correct) / max(1, len(correct)), "n": table.num_rows}
@@ -95,7 +84,7 @@ def evaluate(ctx: StageContext, x: EvaluateInputs, parts: list[Part]) -> Artifac
             table.column("prompt_id").to_pylist(), texts, strict=True)) / max(1, len(texts))
     if cfg.pass_k > 1:
         meta |= {"pass_at_k": pass_at_k(table.column("prompt_id").to_pylist(), correct), "k": cfg.pass_k}
-    return ctx.put_table("evals", table, meta=meta)
+    return Output(tables, meta)
 
 
 def pass_at_k(prompt_ids: list[str], correct: list[bool]) -> float:

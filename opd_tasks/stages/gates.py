@@ -27,22 +27,11 @@ import numpy as np
 from opd_tasks.config import GatesConfig
 from opd_tasks.errors import DataError
 from opd_tasks.models import ModelSpec
-from opd_tasks.stages.registry import StageContext, StageInputs, stage
+from opd_tasks.stages.inputs import GatesInputs
+from opd_tasks.stages.registry import Output, StageContext
 from opd_tasks.training.sequences import scored_sequences
 from storage.refs import ArtifactRef
 from storage.store import ArtifactStore
-
-
-class GatesInputs(StageInputs):
-    """The figures of the gates on `rollouts` and their `scores`; two of them re-score a sample with `student` and
-    `teacher`."""
-
-    student: ModelSpec
-    teacher: ModelSpec
-    rollouts: ArtifactRef
-    scores: ArtifactRef
-    gates: GatesConfig
-
 
 #: The dtypes whose passes may differ by more than float32's: their own teacher_repeat_diff limit.
 SIXTEEN_BIT = ("bfloat16", "float16")
@@ -74,8 +63,7 @@ def _abs_diffs(stored: list[list[float]], again: list[list[float]]) -> np.ndarra
                            for a, b in zip(stored, again, strict=True)])
 
 
-@stage("gates", version=2, inputs=GatesInputs, outputs=())
-def gates(ctx: StageContext, x: GatesInputs) -> ArtifactRef:
+def gates(ctx: StageContext, x: GatesInputs) -> Output:
     """Quality figures of the rollouts and scores, each against its threshold (manifest meta only)."""
     from opd_tasks.backends.hf import resolve_device
     from opd_tasks.backends.loaded import LOADED
@@ -116,10 +104,8 @@ def gates(ctx: StageContext, x: GatesInputs) -> ArtifactRef:
         # the scorer's non-determinism: it is reported, never enforced (the parity tests bound it; tests/gpu).
         cfg = cfg.model_copy(update={"max_teacher_repeat_diff": None, "max_teacher_repeat_diff_16bit": None})
     result = evaluate_gates(figures, cfg, teacher_dtype)
-    with ctx.writer() as w:
-        w.meta.update({"gates": result, "passed": all(g["passed"] for g in result.values()),
-                       "sampled_sequences": len(sample), "teacher_dtype": teacher_dtype})
-        return w.commit()
+    return Output(meta={"gates": result, "passed": all(g["passed"] for g in result.values()),
+                        "sampled_sequences": len(sample), "teacher_dtype": teacher_dtype})
 
 
 def check_gates(store: ArtifactStore, ref: ArtifactRef) -> dict:

@@ -4,47 +4,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pyarrow as pa
 
-from opd_tasks.config import DataConfig
 from opd_tasks.errors import DataError
-from opd_tasks.models import ModelSpec
-from opd_tasks.stages.registry import StageContext, StageInputs, stage
-from storage.hashing import sha256_file
-from storage.refs import ArtifactRef
+from opd_tasks.stages.inputs import PromptsInputs
+from opd_tasks.stages.registry import Output, StageContext
 
 
-def dataset_hash(data: DataConfig) -> str | None:
-    """sha256 of a local dataset file (part of the key), None for the testbed or a hub id."""
-    if data.source != "dataset" or data.path is None:
-        return None
-    p = Path(data.path).expanduser()
-    return sha256_file(p) if p.is_file() else None
-
-
-class PromptsInputs(StageInputs):
-    """Prompts `offset .. offset + n` of `split`, tokenized with `tokenizer`'s tokenizer (the initial student's),
-    at most `max_context` tokens each."""
-
-    data: DataConfig
-    tokenizer: ModelSpec
-    split: str
-    n: int
-    offset: int
-    max_context: int | None
-    seed: int
-
-    def key_parts(self):
-        """also the content hash of a local dataset file (`data.path`), never its path."""
-        artifacts, config, seed = super().key_parts()
-        artifacts["dataset"] = dataset_hash(self.data)
-        return artifacts, config, seed
-
-
-@stage("prompts", version=2, inputs=PromptsInputs, outputs=("prompts",), gpu=False)
-def prompts(ctx: StageContext, x: PromptsInputs) -> ArtifactRef:
+def prompts(ctx: StageContext, x: PromptsInputs) -> Output:
     """The prompts of one iteration's slice (or of the eval set), tokenized."""
     from opd_tasks.backends.loaded import LOADED
     from opd_tasks.data import datasets_cache_dir, load_prompts
@@ -63,4 +30,4 @@ def prompts(ctx: StageContext, x: PromptsInputs) -> ArtifactRef:
             "source": [r.source for r in records],
         }
     )
-    return ctx.put_table("prompts", table, meta={"split": x.split, "n": x.n, "offset": x.offset})
+    return Output({"prompts": table}, {"split": x.split, "n": x.n, "offset": x.offset})

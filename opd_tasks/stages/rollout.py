@@ -11,21 +11,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from opd_tasks.checkers import CHECKERS
-from opd_tasks.config import RolloutConfig
-from opd_tasks.models import ModelSpec
-from opd_tasks.stages.registry import StageContext, StageInputs, stage
-from opd_tasks.stages.sharding import Part, Shards, Units, concat, input_rows
-from storage.refs import ArtifactRef
-
-
-class RolloutInputs(StageInputs):
-    """`rollout.samples_per_prompt` completions of each prompt by `student`; `checker` scores the answers."""
-
-    student: ModelSpec
-    prompts: ArtifactRef
-    rollout: RolloutConfig
-    checker: str
-    seed: int
+from opd_tasks.stages.inputs import RolloutInputs
+from opd_tasks.stages.registry import Output, StageContext
 
 
 def prompts_per_batch(x: RolloutInputs) -> int:
@@ -34,15 +21,16 @@ def prompts_per_batch(x: RolloutInputs) -> int:
     return prompts_per_batch(x.rollout, x.rollout.samples_per_prompt)
 
 
-def sample(ctx: StageContext, x: RolloutInputs, units: Units) -> dict[str, pa.Table]:
-    """The `rollouts` rows of the prompts `units` (all of them, or a shard's)."""
+def rollout(ctx: StageContext, x: RolloutInputs, rows: list[int] | None) -> dict[str, pa.Table]:
+    """The `rollouts` rows of the prompts `rows` (None: every prompt), in prompt order."""
     from opd_tasks.backends import backend_for
     from opd_tasks.backends.hf import stop_token_ids
     from opd_tasks.backends.loaded import LOADED
 
     backend = backend_for(x.rollout, ctx.device, "rollout.backend")  # refuses before any work if it cannot run
     check = CHECKERS[x.checker]
-    prompts = units.of(ctx.store.read_table(x.prompts, "prompts"))
+    prompts = ctx.store.read_table(x.prompts, "prompts")
+    prompts = prompts if rows is None else prompts.take(sorted(rows))
     prompt_ids = prompts.column("prompt_id").to_pylist()
     prompt_tokens = prompts.column("prompt_token_ids").to_pylist()
     answers = prompts.column("answer").to_pylist()
@@ -51,7 +39,7 @@ def sample(ctx: StageContext, x: RolloutInputs, units: Units) -> dict[str, pa.Ta
     completions = backend.generate(x.student, prompt_tokens, eos_token_id=stop_token_ids(tok, x.student.path),
                                    pad_token_id=tok.pad_token_id, n=s.samples_per_prompt, temperature=s.temperature,
                                    top_p=s.top_p, max_new_tokens=s.max_new_tokens, seed=x.seed, desc="rollout",
-                                   progress=ctx.progress, first_prompt=units.start)
+                                   progress=ctx.progress, first_prompt=0 if rows is None else min(rows))
     texts = [tok.decode(c.token_ids, skip_special_tokens=True) for c in completions]
     return {"rollouts": pa.table(
         {
@@ -71,12 +59,10 @@ def sample(ctx: StageContext, x: RolloutInputs, units: Units) -> dict[str, pa.Ta
     )}
 
 
-@stage("rollout", version=1, inputs=RolloutInputs, outputs=("rollouts",),
-       shards=Shards(units=input_rows("prompts", "prompts"), block=prompts_per_batch, part=sample))
-def rollout(ctx: StageContext, x: RolloutInputs, parts: list[Part]) -> ArtifactRef:
-    """The student's sampled completions with per-token log-probs and rewards."""
-    table = concat(parts)
+def summarize(ctx: StageContext, x: RolloutInputs, tables: dict[str, pa.Table]) -> Output:
+    """The rollouts with their summary: sequences, tokens, how many stopped at an EOS."""
+    table = tables["rollouts"]
     tokens = pc.list_value_length(table.column("token_ids"))
     meta = {"sequences": table.num_rows, "tokens": int(pc.sum(tokens).as_py() or 0),
             "stopped": int(pc.sum(pc.equal(table.column("finish_reason"), "stop")).as_py() or 0)}
-    return ctx.put_table("rollouts", table, meta=meta)
+    return Output(tables, meta)

@@ -11,24 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from opd_tasks.config import ScoringConfig
 from opd_tasks.errors import ModelError
-from opd_tasks.models import ModelSpec, check_tokenizers_match
-from opd_tasks.stages.registry import StageContext, StageInputs, stage
-from opd_tasks.stages.sharding import Part, Shards, Units
-from storage.refs import ArtifactRef
-
-
-class ScoreInputs(StageInputs):
-    """`teacher` scores `rollouts`; `student` is read only to check that the two share one tokenizer."""
-
-    # the student's tokenizer is only compared, never used: the rollouts already pin the student
-    unkeyed = frozenset({"student"})
-
-    teacher: ModelSpec
-    student: ModelSpec
-    rollouts: ArtifactRef
-    scoring: ScoringConfig
+from opd_tasks.models import check_tokenizers_match
+from opd_tasks.stages.inputs import ScoreInputs
+from opd_tasks.stages.registry import Output, StageContext
 
 
 def length_order(ctx: StageContext, x: ScoreInputs) -> list[int]:
@@ -44,8 +30,8 @@ def sequences_per_batch(x: ScoreInputs) -> int:
     return x.scoring.batch_size
 
 
-def teacher_force(ctx: StageContext, x: ScoreInputs, units: Units) -> dict[str, pa.Table]:
-    """The `teacher_scores` rows of the sequences `units`, in row order (all of them, or a shard's)."""
+def score(ctx: StageContext, x: ScoreInputs, rows: list[int] | None) -> dict[str, pa.Table]:
+    """The `teacher_scores` rows of the sequences `rows` (None: every one), in row order."""
     from opd_tasks.backends import backend_for
     from opd_tasks.backends.loaded import LOADED
 
@@ -57,7 +43,8 @@ def teacher_force(ctx: StageContext, x: ScoreInputs, units: Units) -> dict[str, 
     except ModelError as e:
         raise ModelError(f"{e} (teacher {x.teacher.path}, student {x.student.path}); on-policy distillation "
                          "needs one shared tokenizer") from None
-    roll = units.of(ctx.store.read_table(x.rollouts, "rollouts"))
+    roll = ctx.store.read_table(x.rollouts, "rollouts")
+    roll = roll if rows is None else roll.take(sorted(rows))
     prompts = roll.column("prompt_token_ids").to_pylist()
     comps = roll.column("token_ids").to_pylist()
     scores = backend.score(x.teacher, prompts, comps, pad_token_id=t_tok.pad_token_id, top_k=x.scoring.top_k,
@@ -88,27 +75,10 @@ def teacher_force(ctx: StageContext, x: ScoreInputs, units: Units) -> dict[str, 
     )}
 
 
-@stage("score", version=1, inputs=ScoreInputs, outputs=("teacher_scores",),
-       shards=Shards(units=length_order, block=sequences_per_batch, part=teacher_force))
-def score(ctx: StageContext, x: ScoreInputs, parts: list[Part]) -> ArtifactRef:
-    """The teacher's log-prob, top-k and entropy at every sampled token."""
-    table = parts[0].table if len(parts) == 1 else in_row_order(ctx, x, parts)
+def summarize(ctx: StageContext, x: ScoreInputs, tables: dict[str, pa.Table]) -> Output:
+    """The scores with their summary: tokens, k, and the backend when it is not hf."""
+    table = tables["teacher_scores"]
     k = next((len(row) for row in table.column("topk_ids").slice(0, 1).to_pylist()), x.scoring.top_k)
     backend = x.scoring.backend  # the backend's name: `hf` or `vllm`
     meta = {"tokens": table.num_rows, "top_k": k} | ({"backend": backend} if backend != "hf" else {})
-    return ctx.put_table("teacher_scores", table, meta=meta)
-
-
-def in_row_order(ctx: StageContext, x: ScoreInputs, parts: list[Part]) -> pa.Table:
-    """The parts' token rows reordered by the rollout row they score (each part holds its rows in row order)."""
-    lengths = pc.list_value_length(
-        ctx.store.read_table(x.rollouts, "rollouts", columns=["token_ids"]).column("token_ids")).to_numpy()
-    first = np.empty(len(lengths), dtype=np.int64)  # each sequence's first row in the concatenated parts
-    offset = 0
-    for part in parts:
-        rows = np.sort(np.asarray(part.units.rows, dtype=np.int64))
-        starts = np.concatenate([[0], np.cumsum(lengths[rows])[:-1]]) if len(rows) else rows
-        first[rows] = offset + starts
-        offset += part.table.num_rows
-    take = np.concatenate([np.arange(f, f + m) for f, m in zip(first, lengths, strict=True)] or [np.empty(0)])
-    return pa.concat_tables([p.table for p in parts]).take(pa.array(take.astype(np.int64))).combine_chunks()
+    return Output(tables, meta)

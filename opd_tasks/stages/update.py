@@ -31,60 +31,32 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
-from opd_tasks.config import UpdateConfig
 from opd_tasks.errors import ArtifactError, ConfigError
-from opd_tasks.method import Bridge, Return
-from opd_tasks.models import ModelSpec
-from opd_tasks.stages.registry import StageContext, StageInputs, stage
+from opd_tasks.stages.inputs import UpdateInputs
+from opd_tasks.stages.registry import Output, StageContext, files_dir
 from storage.hashing import sha256_json
-from storage.refs import ArtifactRef
 
 
-class UpdateInputs(StageInputs):
-    """One update of `student` on its `rollouts` and the teacher's `scores`; `analysis` (token weights, bridges) or
-    None for weight 1 everywhere; `bridge` from the method; `teacher` is read only by `update.loss: full_rkl`."""
-
-    student: ModelSpec
-    rollouts: ArtifactRef
-    scores: ArtifactRef
-    analysis: ArtifactRef | None
-    teacher: ModelSpec
-    update: UpdateConfig
-    bridge: Bridge | None
-    advantage: Return | None = None  # the opd_return baseline's discounted return; None: -k1_t
-    seed: int
-
-    def key_parts(self):
-        """the teacher only with `update.loss: full_rkl`, the one loss that reads the teacher model itself."""
-        artifacts, config, seed = super().key_parts()
-        if self.update.loss != "full_rkl":
-            artifacts["teacher"] = None
-        return artifacts, config, seed
-
-
-@stage("update", version=5, inputs=UpdateInputs, outputs=("updates", "old_logprobs", "checkpoint"))
-def update(ctx: StageContext, x: UpdateInputs) -> ArtifactRef:
-    """One distillation update of the student: a checkpoint and the per-step losses.
+def update(ctx: StageContext, x: UpdateInputs) -> Output:
+    """One distillation update of the student: a checkpoint (written into `ctx.files`) and the per-step losses.
 
     Runs inside a forked RNG seeded from the seed (or restored from the parent checkpoint), so the result, saved
     RNG state included, depends only on the inputs, not on what the process did before."""
-    import torch
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(sha256_json(["update-rng", x.seed])[:15], 16))
         return _train(ctx, x)
 
 
-def _train(ctx: StageContext, x: UpdateInputs) -> ArtifactRef:
-    import torch
-
+def _train(ctx: StageContext, x: UpdateInputs) -> Output:
     from opd_tasks.backends.hf import load_causal_lm, resolve_device
     from opd_tasks.backends.loaded import LOADED
     from opd_tasks.progress import Bar
     from opd_tasks.training.checkpoint import load_training_state, save_checkpoint
     from opd_tasks.training.loop import load_sequences, recompute_old_logprobs, train_steps
     from opd_tasks.training.objective import micro_batch_loss
+    from opd_tasks.training.sequences import old_logprobs_table
 
     cfg, student, teacher, seed = x.update, x.student, x.teacher, x.seed
     if x.advantage is not None and cfg.loss != "pg":
@@ -99,9 +71,8 @@ def _train(ctx: StageContext, x: UpdateInputs) -> ArtifactRef:
         check_world_size(dev, cfg.world_size)
         if dev.type == "cuda":  # the GPUs are the ranks'
             LOADED.release()
-        with ctx.writer() as w:
-            rows, old, n_seqs = launch(ctx, x, w.path)
-            return _publish(w, x, rows, old, n_seqs)
+        rows, old, n_seqs = launch(ctx, x, files_dir(ctx))
+        return _output(x, rows, old, n_seqs)
     seqs, bridge = load_sequences(ctx.store, x)
     tok = LOADED.tokenizer(student)
     if dev.type == "cuda":  # room for the model this stage trains, its gradients and optimizer state
@@ -123,9 +94,8 @@ def _train(ctx: StageContext, x: UpdateInputs) -> ArtifactRef:
         Bar(n_steps, "update", "steps", ctx.progress))
 
     model.eval()
-    with ctx.writer() as w:
-        save_checkpoint(w.path, model, tok, student.dir, opt, trainer, seed)
-        return _publish(w, x, rows, old_logprobs_table(seqs), len(seqs))
+    save_checkpoint(files_dir(ctx), model, tok, student.dir, opt, trainer, seed)
+    return _output(x, rows, old_logprobs_table(seqs), len(seqs))
 
 
 def teacher_signal(ctx: StageContext, x: UpdateInputs) -> dict[str, float]:
@@ -163,63 +133,44 @@ def no_signal(ctx: StageContext, x: UpdateInputs) -> str | None:
             "the checkpoint carries the student forward unchanged")
 
 
-def carry_forward(ctx: StageContext, x: UpdateInputs, why: str) -> ArtifactRef:
+def carry_forward(ctx: StageContext, x: UpdateInputs, why: str) -> Output:
     """A checkpoint that is the student unchanged: its model files copied byte for byte; its optimizer, counters
     and RNG state the student checkpoint's (a copy), or, for a model that is no checkpoint, a never-stepped state
     (`optimizer: null`); empty `updates` and `old_logprobs` tables; `meta.skipped` says why."""
     import shutil
     from pathlib import Path
 
-    import torch
-
     from opd_tasks.models import CHECKPOINT_MODEL_DIR, CHECKPOINT_STATE_DIR
     from opd_tasks.training.checkpoint import OPTIMIZER_FILE, fresh_training_state
 
-    student = x.student
-    with ctx.writer() as w:
-        src = student.dir
-        for f in sorted(p for p in src.rglob("*") if p.is_file()):
-            rel = f.relative_to(src)
-            if any(part.startswith(".") for part in rel.parts):  # as the model's hash (sha256_tree) skips them
-                continue
-            (w.path / CHECKPOINT_MODEL_DIR / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, w.path / CHECKPOINT_MODEL_DIR / rel)
-        state = w.path / CHECKPOINT_STATE_DIR
-        state.mkdir()
-        if student.checkpoint is not None:
-            parent = Path(student.path).parent / CHECKPOINT_STATE_DIR
-            if not (parent / OPTIMIZER_FILE).is_file():
-                raise ArtifactError(f"checkpoint {student.checkpoint.short()}: its optimizer state is gone (opd gc); "
-                                  "recompute the checkpoints with `opd run --refresh update`")
-            for f in sorted(parent.iterdir()):
-                shutil.copyfile(f, state / f.name)
-        else:
-            fresh_training_state(state, torch.get_rng_state(), x.seed)
-        w.declare_table("updates")
-        w.declare_table("old_logprobs")
-        w.meta.update({"steps": 0, "sequences": 0, "parent": student.sha256, "mean_loss": None,
-                       "old_logprobs": x.update.old_logprobs, "logprob_drift": None, "skipped": why})
-        return w.commit()
+    student, out = x.student, files_dir(ctx)
+    src = student.dir
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        rel = f.relative_to(src)
+        if any(part.startswith(".") for part in rel.parts):  # as the model's hash (sha256_tree) skips them
+            continue
+        (out / CHECKPOINT_MODEL_DIR / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, out / CHECKPOINT_MODEL_DIR / rel)
+    state = out / CHECKPOINT_STATE_DIR
+    state.mkdir()
+    if student.checkpoint is not None:
+        parent = Path(student.path).parent / CHECKPOINT_STATE_DIR
+        if not (parent / OPTIMIZER_FILE).is_file():
+            raise ArtifactError(f"checkpoint {student.checkpoint.short()}: its optimizer state is gone (opd gc); "
+                                "recompute the checkpoints with `opd run --refresh update`")
+        for f in sorted(parent.iterdir()):
+            shutil.copyfile(f, state / f.name)
+    else:
+        fresh_training_state(state, torch.get_rng_state(), x.seed)
+    empty = {t: pa.table({}) for t in ("updates", "old_logprobs")}
+    return Output(empty, {"steps": 0, "sequences": 0, "parent": student.sha256, "mean_loss": None,
+                          "old_logprobs": x.update.old_logprobs, "logprob_drift": None, "skipped": why})
 
 
-def _publish(w, x: UpdateInputs, rows: list[dict], old: pa.Table, n_seqs: int) -> ArtifactRef:
-    """Write the `updates` and `old_logprobs` tables and the meta beside the checkpoint in `w`; commit."""
-
+def _output(x: UpdateInputs, rows: list[dict], old: pa.Table, n_seqs: int) -> Output:
+    """The `updates` and `old_logprobs` tables and the meta of the checkpoint beside them."""
     drift = pc.abs(pc.subtract(old.column("sampling_logprob"), old.column("trainer_logprob")))
-    w.write_table("updates", pa.Table.from_pylist(rows))
-    w.write_table("old_logprobs", old)
-    w.meta.update({"steps": len(rows), "sequences": n_seqs, "parent": x.student.sha256,
+    return Output({"updates": pa.Table.from_pylist(rows), "old_logprobs": old},
+                  {"steps": len(rows), "sequences": n_seqs, "parent": x.student.sha256,
                    "mean_loss": sum(r["loss"] for r in rows) / len(rows), "old_logprobs": x.update.old_logprobs,
                    "logprob_drift": pc.mean(drift).as_py()})
-    return w.commit()
-
-
-def old_logprobs_table(seqs) -> pa.Table:
-    """The `old_logprobs` table: per trained token, the sampler's and the trainer's log-prob."""
-    return pa.table({
-        "prompt_id": [s.prompt_id for s in seqs for _ in s.tokens],
-        "sample_id": pa.array([s.sample_id for s in seqs for _ in s.tokens], pa.int32()),
-        "pos": pa.array([p for s in seqs for p in range(len(s.tokens))], pa.int32()),
-        "sampling_logprob": pa.array([v for s in seqs for v in s.sampling_logprobs], pa.float32()),
-        "trainer_logprob": pa.array([v for s in seqs for v in s.trainer_logprobs], pa.float32()),
-    })

@@ -25,7 +25,6 @@ which starts on a block, batches exactly as the whole stage does), with the bloc
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -36,7 +35,6 @@ from opd_tasks.config import AnalysisConfig
 from opd_tasks.errors import ConfigError, DataError
 from opd_tasks.models import ModelSpec
 from opd_tasks.progress import bar
-from opd_tasks.topd import DETECTORS as DETECTOR_NAMES
 from opd_tasks.topd.signals import TRUE_REGIME, window_divergence
 from opd_tasks.training.sequences import ScoredSequence
 
@@ -308,26 +306,3 @@ def oracle(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, bridge: b
 
 
 # ----------------------------------------------------------------------------------------- registry
-
-
-@dataclass(frozen=True)
-class Detector:
-    #: (candidates, models, cfg, bridge, progress, student_encoded=None) -> Detection
-    run: Callable[..., Detection]
-    probes: bool  # writes a probes table: examines given positions (else every high-loss token, no probes)
-    budgeted: bool  # the positions are each rollout's analysis.probe_budget highest-signal ones (else all)
-    skip_last: bool  # never a rollout's last token (it has no near future to read)
-    distance: Callable[[AnalysisConfig], str | None]  # the probes table's `distance_kind`
-    threshold: float | None = None  # its own threshold on D_t; None: analysis.delta decides
-    reuses_student_pass: bool = False  # continues from the statistics pass's keys/values (`student_encoded`)
-
-
-DETECTORS: dict[str, Detector] = {
-    "window": Detector(window, probes=False, budgeted=False, skip_last=False, distance=lambda cfg: None),
-    "probe": Detector(probe, probes=True, budgeted=True, skip_last=False, distance=lambda cfg: cfg.distance,
-                      reuses_student_pass=True),
-    "swap": Detector(swap, probes=True, budgeted=True, skip_last=True, distance=lambda cfg: "swap"),
-    "oracle": Detector(oracle, probes=True, budgeted=False, skip_last=False, distance=lambda cfg: "oracle",
-                       threshold=0.0),
-}
-assert set(DETECTORS) == set(DETECTOR_NAMES), "opd_tasks/topd/__init__.py names the detectors this module implements"

@@ -196,10 +196,11 @@ def _train_rank(job: dict, rank: int, world: int, dev: torch.device) -> None:
     from opd_tasks.backends.hf import load_causal_lm
     from opd_tasks.backends.loaded import LOADED
     from opd_tasks.progress import Bar
-    from opd_tasks.stages.update import UpdateInputs, old_logprobs_table
+    from opd_tasks.stages.inputs import UpdateInputs
     from opd_tasks.training.checkpoint import full_optimizer_state, load_training_state, save_checkpoint
     from opd_tasks.training.loop import Ranks, load_sequences, recompute_old_logprobs, train_steps
     from opd_tasks.training.objective import micro_batch_loss
+    from opd_tasks.training.sequences import old_logprobs_table
     from storage.store import ArtifactStore
 
     x = UpdateInputs.model_validate(job["inputs"])

@@ -130,3 +130,14 @@ def attach_analysis(store: ArtifactStore, seqs: list[ScoredSequence], analysis: 
                             f"({s.prompt_id!r}, {s.sample_id})")
         s.weights = got["weight"]
         s.bridges = sorted(by_seq.get((s.prompt_id, s.sample_id), []))
+
+
+def old_logprobs_table(seqs) -> pa.Table:
+    """The `old_logprobs` table: per trained token, the sampler's and the trainer's log-prob."""
+    return pa.table({
+        "prompt_id": [s.prompt_id for s in seqs for _ in s.tokens],
+        "sample_id": pa.array([s.sample_id for s in seqs for _ in s.tokens], pa.int32()),
+        "pos": pa.array([p for s in seqs for p in range(len(s.tokens))], pa.int32()),
+        "sampling_logprob": pa.array([v for s in seqs for v in s.sampling_logprobs], pa.float32()),
+        "trainer_logprob": pa.array([v for s in seqs for v in s.trainer_logprobs], pa.float32()),
+    })

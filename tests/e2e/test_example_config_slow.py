@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from opd_tasks.config import RunConfig, read_yaml
+from opd_tasks.config import RunConfig
+from opd_tasks.config_files import read_yaml
 from opd_tasks.pipeline import run_plain
 from storage.lineage import RunLineage
 from storage.store import ArtifactStore

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.real_shape import ENDOFTEXT, IM_END, SMALL, VOCAB, build_pair, overrides, rollout_facts
-from opd_tasks.config import load_config
+from opd_tasks.config_files import load_config
 from opd_tasks.pipeline import run_plain
 from storage.store import ArtifactStore
 

@@ -204,7 +204,7 @@ def test_one_deployment_per_gpu_stage_on_process_work_pool(server, tiny, tmp_pat
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
     from flows.distill import distill
-    from opd_tasks.config import load_config
+    from opd_tasks.config_files import load_config
     from opd_tasks.errors import TransientError
     from opd_tasks.stages import gpu_stages
 

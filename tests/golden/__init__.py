@@ -108,7 +108,7 @@ def table_figures(table) -> dict:
 
 
 def measure(case: str, root: Path) -> dict:
-    from opd_tasks.config import load_config
+    from opd_tasks.config_files import load_config
     from opd_tasks.pipeline import run_plain
     from storage.lineage import RunLineage
     from storage.store import ArtifactStore

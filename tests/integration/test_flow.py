@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from opd_tasks.config import RunConfig, load_config
+from opd_tasks.config import RunConfig
+from opd_tasks.config_files import load_config
 from opd_tasks.errors import ConfigError, DataError, TransientError
 from storage.lineage import RunLineage
 from storage.store import ArtifactStore
@@ -146,7 +147,7 @@ def test_refresh_retires_and_recomputes(harness, models, tmp_path: Path) -> None
 
 
 def test_should_retry_only_transient() -> None:
-    from flows.stage_task import _should_retry
+    from flows.executors import _should_retry
 
     class S:
         def __init__(self, e):
@@ -337,29 +338,30 @@ def test_deployment_runner_without_stage_deployments_fails_before_any_work(harne
     assert list(ArtifactStore(tmp_path).iter_artifacts()) == []
 
 
-def test_stage_flow_calls_the_same_cached_task_as_inline(harness, models, tmp_path: Path) -> None:
-    """The `opd-stage` flow (what each stage deployment runs), called with JSON parameters after an inline run,
-    returns the inline run's ArtifactRef from the same cache record; the child task's state reads as Cached."""
-    import logging
-
+def test_stage_flow_computes_what_the_inline_run_computed(harness, models, tmp_path: Path) -> None:
+    """The `opd-stage` flow (what each stage deployment runs), called with JSON parameters (the inputs record and
+    the planned call's context) after an inline run whose baseline artifact was then retired, publishes the same
+    artifact under the same key; a context for other inputs is refused."""
     from pydantic_core import to_jsonable_python
 
     from flows.distill import distill
-    from flows.runners import child_task_state
     from flows.stage import opd_stage
     from opd_tasks.pipeline import checker_name, resolve_models
-    from opd_tasks.stages import EvaluateInputs
+    from opd_tasks.stages import EVALUATE, EvaluateInputs, StageContext
 
     cfg = _cfg(models, tmp_path, "iterations=1")
     distill(cfg.model_dump(mode="json"))
     lin = RunLineage(tmp_path, "testbed")
     inputs = EvaluateInputs(model=resolve_models(cfg).initial_student, prompts=lin.get(0, "eval_prompts").ref,
                             evaluation=cfg.evaluation, checker=checker_name(cfg), seed=cfg.seed)
-    state = opd_stage(stage="evaluate", inputs=to_jsonable_python(inputs), root=str(tmp_path), device=cfg.device,
-                      iteration=0, run_name="testbed", orchestration=cfg.orchestration.model_dump(mode="json"),
-                      return_state=True)
-    assert state.result() == lin.get(0, "baseline").ref
-    assert child_task_state(state.state_details.flow_run_id, "evaluate-it0", logging.getLogger().info) == "Cached"
+    baseline = lin.get(0, "baseline").ref
+    ArtifactStore(tmp_path).retire(baseline)
+    ctx = StageContext(str(tmp_path), None, "evaluate", EVALUATE.key(inputs), cfg.device, run="testbed")
+    params = dict(stage="evaluate", inputs=to_jsonable_python(inputs), ctx=ctx.to_json(),
+                  orchestration=cfg.orchestration.model_dump(mode="json"))
+    assert opd_stage(**params) == baseline
+    with pytest.raises(ConfigError, match="the context is for evaluate/0{64}, not these inputs"):
+        opd_stage(**{**params, "ctx": {**ctx.to_json(), "key": "0" * 64}})
 
 
 def _lineage_shas(root: Path, run: str) -> dict[tuple[int, str], str]:
@@ -467,14 +469,14 @@ def test_disk_full_in_any_stage_stops_cleanly_and_a_rerun_recovers(models, tmp_p
 
 def test_gpu_stages_carry_the_concurrency_tag_only_when_a_limit_exists(harness, models, tmp_path: Path,
                                                                         monkeypatch) -> None:
-    """A tagged task run asks the API for a slot of its tag even with no limit on it (flows/stage_task.py): the tag
+    """A tagged task run asks the API for a slot of its tag even with no limit on it (flows/executors.py): the tag
     goes on GPU stages only when `prefect concurrency-limit create gpu N` made one, and then it caps them."""
     from prefect.client.orchestration import get_client
 
-    import flows.stage_task
+    import flows.executors
     from flows.distill import distill
 
-    monkeypatch.setattr(flows.stage_task, "TAG_CHECK_SECONDS", 0.0)  # no cached answer between the two runs
+    monkeypatch.setattr(flows.executors, "TAG_CHECK_SECONDS", 0.0)  # no cached answer between the two runs
 
     def tags() -> dict[str, list[str]]:  # by stage (task runs are named `<stage>-it<i>`)
         return {r.name.rsplit("-", 1)[0]: sorted(r.tags) for r in _latest_flow_run_task_runs()}
@@ -520,3 +522,21 @@ def test_sharded_stages_run_as_task_runs_in_processes_and_a_failed_shard_is_retr
     assert set(runs) == {f"{s}-it0-shard{i}" for s in sharded_stages() for i in (0, 1)}
     assert all(r.state.is_completed() for r in runs.values())
     assert runs["score-it0-shard1"].run_count == 2 and runs["score-it0-shard0"].run_count == 1  # retried alone
+
+
+def test_the_flow_reaches_a_stage_compute_in_four_calls(harness, models, tmp_path: Path, monkeypatch) -> None:
+    """Under Prefect the project's path is the plain driver's: run_iteration -> StageRunner.__call__ ->
+    PrefectExecutor.run -> run_stage (the task; Prefect's engine frames between are not ours) -> the compute."""
+    import opd_tasks.stages.gates as gates
+    from flows.distill import distill
+    from tests.unit.test_stage_path import project_path_to_here
+
+    seen, real = [], gates.gates
+
+    def traced(ctx, x):
+        seen.append(project_path_to_here())
+        return real(ctx, x)
+
+    monkeypatch.setattr(gates, "gates", traced)
+    distill(_cfg(models, tmp_path, "iterations=1").model_dump(mode="json"))
+    assert seen == [["run_iteration", "__call__", "run", "run_stage"]]

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from opd_tasks.config import load_config
+from opd_tasks.config_files import load_config
 from opd_tasks.errors import ConfigError
 from opd_tasks.pipeline import run_plain
 from storage import gc

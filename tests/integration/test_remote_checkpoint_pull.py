@@ -83,18 +83,17 @@ def test_without_the_checkpoint_anywhere_the_stage_names_it(tmp_path: Path) -> N
 
 
 def test_a_shard_in_a_fresh_root_pulls_its_input_checkpoint_too(tmp_path: Path) -> None:
-    """A shard of the rollout (its own task or flow run, `registry.compute_part`) finds the checkpoint the same way,
+    """A part of the rollout (its own task or flow run: `run_stage` with a span) finds the checkpoint the same way,
     and its part holds the rows of the same weights loaded locally."""
-    from opd_tasks.stages import StageContext
-    from opd_tasks.stages.registry import compute_part
-    from opd_tasks.stages.sharding import Span
+    from opd_tasks.stages import Span, StageContext, run_stage
 
     remote, initial, prompts, student = _pod_a_then_gone(tmp_path)
     b = ArtifactStore(tmp_path / "pod-b", remote=remote)
     sampling = RolloutConfig(samples_per_prompt=2, max_new_tokens=16, batch_size=4)  # 2 prompts per batch
     inputs = RolloutInputs(student=student, prompts=prompts, checker="testbed", seed=0, rollout=sampling)
     span = Span(index=1, count=2, start=2, stop=4)  # the second shard: prompts 2 and 3
-    part = compute_part(ROLLOUT, StageContext(b, "rollout", ROLLOUT.key(inputs), "cpu", progress=False), inputs, span)
+    ctx = StageContext(str(b.root), remote, "rollout", ROLLOUT.key(inputs), "cpu", progress=False)
+    part = run_stage(ROLLOUT, ctx, inputs, span)
     assert (b.layout.artifact_dir("update", CKPT_KEY) / CHECKPOINT_MODEL_DIR / "model.safetensors").is_file()
 
     c = ArtifactStore(tmp_path / "local")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from opd_tasks.config import load_config
+from opd_tasks.config_files import load_config
 from opd_tasks.errors import ConfigError
 from opd_tasks.report import build_report, collect, select_runs, summarize, verdict
 from storage.lineage import RunLineage

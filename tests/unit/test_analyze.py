@@ -724,8 +724,9 @@ def test_sharded_analysis_is_byte_identical_to_the_whole(env, tmp_path: Path, na
     shard's. With rkl_topk and a quantile the stage cannot split and runs as one part."""
     import shutil
 
-    from opd_tasks.stages.registry import StageContext, compute
-    from opd_tasks.stages.sharding import part_stage
+    from opd_tasks.pipeline import LocalExecutor
+    from opd_tasks.stages import StageContext, plan_call
+    from opd_tasks.stages.registry import part_stage
 
     settings, roles = SHARDED_ANALYSES[name]
     p = plan(RunConfig(method="topd"))
@@ -739,7 +740,8 @@ def test_sharded_analysis_is_byte_identical_to_the_whole(env, tmp_path: Path, na
         root = tmp_path / f"n{n}"
         shutil.copytree(env["store"].root, root, ignore=shutil.ignore_patterns(ANALYZE.name, part_stage(ANALYZE.name)))
         store = ArtifactStore(root)
-        ref = compute(ANALYZE, StageContext(store, ANALYZE.name, key, "cpu", progress=False, shards=n), inputs)
+        ctx = plan_call(ANALYZE, StageContext(str(root), None, ANALYZE.name, key, "cpu"), inputs, shards=n)
+        ref = LocalExecutor().run(ANALYZE, ctx, inputs, list(ctx.spans))
         sha[n] = ref.sha256
         made = root / "artifacts" / part_stage(ANALYZE.name)
         count = len([d for d in made.iterdir() if not d.name.startswith(".")]) if made.is_dir() else 0

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from opd_tasks.config import ConfigError, ModelRef, load_config
+from opd_tasks.config import ConfigError, ModelRef
+from opd_tasks.config_files import load_config
 from opd_tasks.data import MAX_LINE_BYTES, datasets_cache_dir, load_prompts
 from opd_tasks.errors import DataError, ModelError
 from opd_tasks.models import TESTBED_ASSETS, ModelSpec, load_model, load_tokenizer, spec_of
@@ -273,14 +274,14 @@ def test_prompts_stage_caches_datasets_under_the_root_not_home(tmp_path: Path) -
 
 
 def test_remote_code_modules_are_cached_under_the_root(tmp_path: Path) -> None:
-    """A fresh process: a run's open_run points transformers' module cache (custom model code) into the root, and
+    """A fresh process: a run's opened_run points transformers' module cache (custom model code) into the root, and
     transformers, imported afterwards, uses it; a user's HF_MODULES_CACHE wins."""
     import os
     import subprocess
     import sys
 
-    code = ("import sys\nfrom opd_tasks.config import load_config\nfrom opd_tasks.pipeline import open_run\n"
-            "open_run(load_config(None, [f'root={sys.argv[1]}']))\n"
+    code = ("import sys\nfrom opd_tasks.config_files import load_config\nfrom opd_tasks.pipeline import opened_run\n"
+            "with opened_run(load_config(None, [f'root={sys.argv[1]}'])):\n    pass\n"
             "from transformers.utils import hub\nprint(hub.HF_MODULES_CACHE)\n")
     env = {k: v for k, v in os.environ.items() if k not in ("HF_MODULES_CACHE", "HF_HOME")}
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "root")], env=env, capture_output=True,

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from opd_tasks.config import DEFAULT_CONFIG_PATH, RunConfig, dump_config, load_config
+from opd_tasks.config import RunConfig
+from opd_tasks.config_files import DEFAULT_CONFIG_PATH, dump_config, load_config
 from opd_tasks.errors import ConfigError
 
 
@@ -79,10 +80,10 @@ def test_all_errors_are_reported_at_once() -> None:
 
 
 def test_docs_config_reference_is_current() -> None:
-    from opd_tasks.config import config_reference_markdown
+    from opd_tasks.config_files import config_reference_markdown
 
     committed = (Path(__file__).resolve().parents[2] / "docs" / "config.md").read_text()
-    assert committed == config_reference_markdown(), "regenerate: python -m opd_tasks.config > docs/config.md"
+    assert committed == config_reference_markdown(), "regenerate: python -m opd_tasks.config_files > docs/config.md"
 
 
 def test_every_shipped_config_loads() -> None:
@@ -115,10 +116,13 @@ def test_method_and_fault_stage_come_from_their_registries() -> None:
     with pytest.raises(ConfigError, match=r"method: Input should be 'opd', 'opd_suppress', 'topd', 'opd_return' or "
                                           r"'opd_matched'"):
         load_config(None, ["method=grpo"])
+    from opd_tasks.stages import check_config
+
     for s in STAGES:
-        assert load_config(None, [f"fault.stage={s}"]).fault.stage == s
+        check_config(cfg := load_config(None, [f"fault.stage={s}"]))
+        assert cfg.fault.stage == s
     with pytest.raises(ConfigError, match=r"fault\.stage: unknown stage 'scoring'; stages are prompts, rollout"):
-        load_config(None, ["fault.stage=scoring"])
+        check_config(load_config(None, ["fault.stage=scoring"]))  # the stage table's check, when a run opens
 
 
 def test_methods_turn_into_the_stages_switches() -> None:

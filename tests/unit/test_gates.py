@@ -7,7 +7,8 @@ import pytest
 
 from opd_tasks.config import GatesConfig
 from opd_tasks.errors import DataError
-from opd_tasks.stages import GATES, GatesInputs, check_gates
+from opd_tasks.stages import GATES, GatesInputs
+from opd_tasks.stages.gates import check_gates
 from opd_tasks.stages.gates import evaluate_gates
 from tests.helpers import scored_env
 

@@ -10,7 +10,7 @@ import torch
 
 from opd_tasks.backends import loaded
 from opd_tasks.backends.loaded import LoadedModels
-from opd_tasks.config import load_config
+from opd_tasks.config_files import load_config
 from opd_tasks.errors import ConfigError
 from opd_tasks.models import ModelSpec
 from storage.hashing import sha256_tree

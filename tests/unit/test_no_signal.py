@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from opd_tasks.config import load_config
+from opd_tasks.config_files import load_config
 from opd_tasks.method import METHODS
 from opd_tasks.pipeline import run_plain
 from opd_tasks.topd.signals import high_loss_cut, high_loss_mask

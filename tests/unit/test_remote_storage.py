@@ -13,7 +13,8 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from opd_tasks.config import RunConfig, load_config
+from opd_tasks.config import RunConfig
+from opd_tasks.config_files import load_config
 from storage.errors import ArtifactError, ConfigError
 from storage.hashing import canonical_json, sha256_bytes
 from storage.layout import MANIFEST, TMP_PREFIX

@@ -1,5 +1,5 @@
-"""Sharded stages (opd_tasks/stages/sharding.py): the spans, and a run's artifacts byte-identical for any number of
-shards; a failed shard is recomputed alone."""
+"""Row-parallel stages in parts (opd_tasks/stages/registry.py): the spans, and a run's artifacts byte-identical for
+any number of shards; a failed shard is recomputed alone."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from opd_tasks.errors import TransientError
 from opd_tasks.stages import STAGES, sharded_stages
-from opd_tasks.stages.sharding import part_stage, spans
+from opd_tasks.stages.registry import part_stage, spans
 from storage.lineage import RunLineage
 from storage.store import ArtifactStore
 
@@ -46,7 +46,7 @@ def test_the_row_parallel_stages_are_sharded() -> None:
 
 
 def run(root: Path, method: str, *extra: str):
-    from opd_tasks.config import load_config
+    from opd_tasks.config_files import load_config
     from opd_tasks.pipeline import run_plain
 
     cfg = load_config(None, [*SIZE, f"method={method}", f"root={root}", "name=r", *extra])
@@ -116,16 +116,24 @@ def test_a_failed_shard_is_recomputed_alone(tmp_path: Path) -> None:
     assert lineage(root) == lineage(tmp_path / "n1")
 
 
+def checked(overrides: list[str]):
+    """The config of `overrides`, checked as a run checks it when it opens (`check_config`)."""
+    from opd_tasks.config_files import load_config
+    from opd_tasks.stages import check_config
+
+    cfg = load_config(None, overrides)
+    check_config(cfg)
+    return cfg
+
+
 def test_stage_shards_names_a_sharded_stage() -> None:
-    from opd_tasks.config import load_config
     from opd_tasks.errors import ConfigError
 
     with pytest.raises(ConfigError, match="update.*not a sharded stage"):
-        load_config(None, ["orchestration.stage_shards={update: 2}"])
+        checked(["orchestration.stage_shards={update: 2}"])
 
 
 def test_fault_shard_names_a_shard_the_stage_has() -> None:
-    from opd_tasks.config import load_config
     from opd_tasks.errors import ConfigError
 
     for bad in (["fault.stage=update", "fault.shard=0", "orchestration.shards=2"],  # update is not sharded
@@ -134,7 +142,7 @@ def test_fault_shard_names_a_shard_the_stage_has() -> None:
                 ["fault.stage=analyze", "fault.shard=0", "orchestration.shards=2",  # analyze runs as one part
                  "analysis.loss_signal=rkl_topk"]):
         with pytest.raises(ConfigError, match="fault.shard"):
-            load_config(None, bad)
-    assert load_config(None, ["fault.stage=score", "fault.shard=1", "orchestration.shards=2"]).fault.shard == 1
-    assert load_config(None, ["fault.stage=analyze", "fault.shard=1", "orchestration.shards=2",
+            checked(bad)
+    assert checked(["fault.stage=score", "fault.shard=1", "orchestration.shards=2"]).fault.shard == 1
+    assert checked(["fault.stage=analyze", "fault.shard=1", "orchestration.shards=2",
                               "analysis.loss_signal=rkl_topk", "analysis.high_loss_threshold=0.5"]).fault.shard == 1

@@ -8,24 +8,24 @@ import json
 import pytest
 from pydantic_core import to_jsonable_python
 
-from opd_tasks.config import load_config
+from opd_tasks.config_files import load_config
 from opd_tasks.errors import ConfigError
 from opd_tasks.models import ModelSpec
-from opd_tasks.stages import STAGES, gpu_stages
+from opd_tasks.stages import STAGES, gpu_stages, stage_deployment_name
 from storage.refs import ArtifactRef
 
 
 def test_stage_runner_defaults_and_deployment_names() -> None:
     o = load_config().orchestration
     assert o.stage_runner == "inline" and o.stage_deployment == "opd-stage/{stage}"
-    assert [o.stage_deployment_name(s) for s in gpu_stages()] == [
+    assert [stage_deployment_name(o, s) for s in gpu_stages()] == [
         "opd-stage/rollout", "opd-stage/score", "opd-stage/gates", "opd-stage/analyze", "opd-stage/update",
         "opd-stage/evaluate"]
     o = load_config(None, ["orchestration.stage_runner=deployment",
                            "orchestration.stage_deployment=opd-stage/a100-{stage}.v2"]).orchestration
-    assert o.stage_runner == "deployment" and o.stage_deployment_name("update") == "opd-stage/a100-update.v2"
+    assert o.stage_runner == "deployment" and stage_deployment_name(o, "update") == "opd-stage/a100-update.v2"
     with pytest.raises(ConfigError, match=r"stage 'prompts' has no deployment; GPU stages are rollout, score"):
-        o.stage_deployment_name("prompts")
+        stage_deployment_name(o, "prompts")
 
 
 @pytest.mark.parametrize("bad", ["rollout", "opd-stage/gpu", "distill/{stage}", "opd-stage/{stage}/x",
@@ -70,6 +70,15 @@ def test_stage_inputs_survive_json_with_their_types_and_cache_keys() -> None:
                               teacher=teacher, update=cfg.update, bridge=bridge, seed=0)
         back = typed_inputs("update", json.loads(json.dumps(to_jsonable_python(inputs))))
         assert back == inputs and STAGES["update"].key(back) == STAGES["update"].key(inputs)
+
+
+def test_a_stage_context_survives_json() -> None:
+    """What `run_deployment` sends of a planned call (its key, parts and `prepare` result) comes back equal."""
+    from opd_tasks.stages import Span, StageContext
+
+    ctx = StageContext("/r", "file:///m", "analyze", "a" * 64, "cpu", False, "run", 3, "analyze",
+                       (Span(0, 2, 0, 4), Span(1, 2, 4, 6)), {"cut": 0.5})
+    assert StageContext.from_json(json.loads(json.dumps(ctx.to_json()))) == ctx
 
 
 def test_stage_inputs_errors_name_the_stage_and_field() -> None:

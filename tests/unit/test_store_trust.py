@@ -276,28 +276,28 @@ def test_disk_full_in_a_pointer_write_names_the_file_and_leaves_nothing(tmp_path
 
 
 def test_disk_full_inside_a_stage_is_a_disk_full_error(tmp_path: Path) -> None:
-    from opd_tasks.stages import PROMPTS, StageContext
-    from opd_tasks.stages.registry import Stage, compute
+    from opd_tasks.stages import PROMPTS, Stage, StageContext, run_stage
 
     def writes_a_checkpoint(ctx, inputs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "model.safetensors"))
 
-    stage = Stage("update", 1, PROMPTS.inputs, ("checkpoint",), False, writes_a_checkpoint, "")
+    stage = Stage("update", 1, PROMPTS.inputs, ("checkpoint",), writes_a_checkpoint, "", gpu=False)
+    ctx = StageContext(str(tmp_path), None, "update", KEY)
     with pytest.raises(DiskFullError, match="stage 'update' was writing its artifact.*model.safetensors"):
-        compute(stage, StageContext(ArtifactStore(tmp_path), "update", KEY), PROMPTS.inputs.model_construct())
+        run_stage(stage, ctx, PROMPTS.inputs.model_construct())
 
     from safetensors import SafetensorError
 
     def safetensors_full(ctx, inputs):  # what safetensors raises: the OS error only in its message
         raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
 
-    stage = Stage("update", 1, PROMPTS.inputs, ("checkpoint",), False, safetensors_full, "")
+    stage = Stage("update", 1, PROMPTS.inputs, ("checkpoint",), safetensors_full, "", gpu=False)
     with pytest.raises(DiskFullError, match="File too large"):
-        compute(stage, StageContext(ArtifactStore(tmp_path), "update", KEY), PROMPTS.inputs.model_construct())
+        run_stage(stage, ctx, PROMPTS.inputs.model_construct())
 
     def other(ctx, inputs):
         raise SafetensorError("Error while deserializing header: HeaderTooLarge")
 
-    stage = Stage("update", 1, PROMPTS.inputs, ("checkpoint",), False, other, "")
+    stage = Stage("update", 1, PROMPTS.inputs, ("checkpoint",), other, "", gpu=False)
     with pytest.raises(SafetensorError):  # anything else passes through unchanged
-        compute(stage, StageContext(ArtifactStore(tmp_path), "update", KEY), PROMPTS.inputs.model_construct())
+        run_stage(stage, ctx, PROMPTS.inputs.model_construct())

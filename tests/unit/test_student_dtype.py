@@ -7,24 +7,24 @@ from pathlib import Path
 
 import pytest
 
-from opd_tasks.config import load_config
+from opd_tasks.config_files import load_config
 from opd_tasks.models import ModelSpec
-from opd_tasks.pipeline import StageRunner, open_run, run_distillation
+from opd_tasks.pipeline import LocalExecutor, StageRunner, opened_run, run_distillation
 
 
-class Recording(StageRunner):
-    """The plain runner, noting which model spec each model-reading stage got."""
+class Recording(LocalExecutor):
+    """The plain executor, noting which model spec each model-reading stage got."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self):
+        super().__init__()
         self.seen: list[tuple[int, str, ModelSpec]] = []
 
-    def call(self, stage, inputs, key, iteration, label, existing):
+    def run(self, stage, ctx, inputs, parts):
         for name in ("student", "model"):
             spec = getattr(inputs, name, None)
             if isinstance(spec, ModelSpec):
-                self.seen.append((iteration, label, spec))
-        return super().call(stage, inputs, key, iteration, label, existing)
+                self.seen.append((ctx.iteration, stage.name, spec))
+        return super().run(stage, ctx, inputs, parts)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -34,10 +34,11 @@ def test_student_dtype_is_kept_after_iteration_0(tmp_path: Path, dtype: str) -> 
                                  "data.prompts_per_iteration=2", "rollout.samples_per_prompt=2",
                                  "rollout.max_new_tokens=16", "evaluation.max_new_tokens=16", "data.eval_size=2",
                                  "gates.enabled=false", "method=opd"])
-        store, lineage = open_run(cfg)
-        runner = Recording(store, lineage, cfg, progress=False, log=lambda m: None)
-        run_distillation(runner, cfg, resume=resume)
-        return runner
+        recording = Recording()
+        with opened_run(cfg) as (store, lineage, _):
+            run_distillation(StageRunner(store, lineage, cfg, recording, progress=False, log=lambda m: None), cfg,
+                             resume=resume)
+        return recording
 
     first = run(resume=False)
     resumed = run(resume=True)  # two more iterations after the latest checkpoint

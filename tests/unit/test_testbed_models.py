@@ -129,7 +129,7 @@ def test_missing_model_dir_errors(tmp_path):
 
 def test_trust_remote_code_off_by_default():
     assert ModelRef(path="x").trust_remote_code is False
-    from opd_tasks.config import load_config
+    from opd_tasks.config_files import load_config
 
     with pytest.raises(ConfigError, match=r"models\.teacher\.trust_code: unknown key"):
         load_config(None, ["models.teacher.trust_code=true"])

@@ -17,8 +17,9 @@ import transformers.configuration_utils as config_utils
 import transformers.generation.configuration_utils as generation_utils
 
 import opd_tasks.stages.registry as registry
-from opd_tasks.config import UpdateConfig, load_config
-from opd_tasks.pipeline import StageRunner, eval_prompts_inputs, resolve_models
+from opd_tasks.config import UpdateConfig
+from opd_tasks.config_files import load_config
+from opd_tasks.pipeline import LocalExecutor, StageRunner, eval_prompts_inputs, resolve_models
 from opd_tasks.provenance import drift, library_versions, provenance
 from opd_tasks.stages import PROMPTS, UPDATE, UpdateInputs
 from opd_tasks.training.checkpoint import keep_source_version_stamps
@@ -122,10 +123,9 @@ def test_a_cache_hit_from_another_minor_version_is_reused_with_one_warning(tmp_p
     made = PROMPTS(store, x)
     monkeypatch.undo()
     logs: list[str] = []
-    runner = StageRunner(store, RunLineage(store.layout, "r"), cfg, log=logs.append, progress=False)
+    runner = StageRunner(store, RunLineage(store.layout, "r"), cfg, LocalExecutor(), log=logs.append, progress=False)
     for it in range(2):
-        rec = runner(PROMPTS, x, iteration=it)
-        assert rec.cached and rec.ref == made
+        assert runner(PROMPTS, x, iteration=it) == made and runner.records[-1].cached
     warnings = [m for m in logs if m.startswith("warning:")]
     assert len(warnings) == 1, logs
     assert "torch 2.12.1" in warnings[0] and f"torch {library_versions()['torch']}" in warnings[0]

@@ -1,12 +1,12 @@
 """Scale-out: the rollout, scoring and analysis stages in 1, 2 and 4 shards, and the update in 1 and 2 processes.
 
-Shards (`orchestration.shards`) run the way the distill flow runs them: the Prefect stage runner
-(flows/executors.py), each shard a task run in a process pool on this machine, then the merge. For each number of
-shards, in a fresh root (nothing cached): the wall time of each stage (the pool's process start included in the
-rollout's, the first sharded stage), and whether the stage's artifact is byte-identical (same sha256) to the
+Shards (`orchestration.shards`) run the way the distill flow runs them: the Prefect executor (flows/executors.py),
+each shard a task run in a process pool on this machine, then the stage, which puts the parts in row order. For each
+number of shards, in a fresh root (nothing cached): the wall time of each stage (the pool's process start included
+in the rollout's, the first sharded stage), and whether the stage's artifact is byte-identical (same sha256) to the
 one-shard artifact. The analysis is `topd`'s (the default `swap` detector, with the bridge). The update
-(`update.world_size`) trains on the one-shard rollouts and scores in 1 and 2 processes (torchrun, gloo on the
-CPU): wall time, the largest difference of the per-step losses and of the final weights.
+(`update.world_size`) trains on the one-shard rollouts and scores in 1 and 2 processes (torchrun, gloo on the CPU):
+wall time, the largest difference of the per-step losses and of the final weights.
 
     python -m bench scaling --prompts 128 --samples 4 --shards 1 2 4 --ranks 1 2
 
@@ -66,7 +66,7 @@ def stage_inputs(cfg):
 
 
 def shards_run(root: Path, prompts: int, samples: int, shards: int, device: str) -> dict:
-    """Rollout, score and analysis of one iteration in `shards` shards through the Prefect stage runner, in a
+    """Rollout, score and analysis of one iteration in `shards` shards through the Prefect executor, in a
     flow."""
     from prefect import flow
 

@@ -104,11 +104,6 @@ def check_numeric(completion: str, reference: str | int | float) -> bool:
 CHECKERS: dict[str, Checker] = {"testbed": check_testbed, "numeric": check_numeric}
 
 
-def checker_for(source: str) -> Checker:
-    """The checker of a data source: `testbed` for the testbed, `numeric` for any dataset."""
-    return CHECKERS["testbed" if source == "testbed" else "numeric"]
-
-
 def reference_answer(text: str) -> str:
     """The final answer inside a dataset's answer field: after `####` or in `\\boxed{}`, else the whole text."""
     if "####" in text or "boxed" in text:

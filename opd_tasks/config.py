@@ -23,10 +23,6 @@ from opd_tasks.errors import ConfigError
 from opd_tasks.method import METHODS
 from opd_tasks.topd import DETECTORS
 
-#: The embedded default config: the repository's configs/testbed.yaml, found relative to this file (so from any
-#: working directory of a source checkout or editable install). It is not packaged: an installed wheel without
-#: the repository falls back to the defaults of this module (`load_config`).
-
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -47,8 +43,23 @@ class ModelRef(_Strict):
 
 
 class ModelsConfig(_Strict):
+    """The teacher and the student. A model section without `path` keeps the default model (so `--set
+    models.student.dtype=bfloat16` changes the testbed student's dtype, not its identity)."""
+
     teacher: ModelRef = ModelRef(path="testbed:teacher")
     student: ModelRef = ModelRef(path="testbed:student")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_paths(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        filled = dict(data)
+        for role in ("teacher", "student"):
+            section = filled.get(role)
+            if isinstance(section, dict) and "path" not in section:
+                filled[role] = {"path": cls.model_fields[role].default.path} | section
+        return filled
 
 
 class TestbedTaskConfig(_Strict):

@@ -14,7 +14,9 @@ from pydantic import BaseModel, ValidationError
 from opd_tasks.config import RunConfig
 from opd_tasks.errors import ConfigError
 
-#: The embedded default (`make run`).
+#: The embedded default config (`make run`): the repository's configs/testbed.yaml, found relative to this file
+#: (so from any working directory of a source checkout or editable install). It is not packaged: an installed
+#: wheel without the repository falls back to the defaults of opd_tasks/config.py.
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "testbed.yaml"
 
 

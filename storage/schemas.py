@@ -71,8 +71,8 @@ SCHEMAS: dict[str, TableSchema] = {
             _f("teacher_continuation", pa.list_(i32)), _f("student_continuation", pa.list_(i32)),
             _f("distance", f32), _f("distance_kind", s),
         )),
-        TableSchema("updates", 1, "optimizer step", (
-            _f("step", i32), _f("loss", f32), _f("pg_loss", f32), _f("bridge_loss", f32, True),
+        TableSchema("updates", 2, "optimizer step", (  # v2: pg_loss renamed distill_loss
+            _f("step", i32), _f("loss", f32), _f("distill_loss", f32), _f("bridge_loss", f32, True),
             _f("kl", f32), _f("grad_norm", f32), _f("lr", f32), _f("tokens_trained", i64),
             _f("weighted_tokens", f32),
         )),

@@ -41,7 +41,7 @@ def updates_table(n: int = 3, loss0: float = 1.0) -> pa.Table:
         {
             "step": pa.array(range(n), pa.int32()),
             "loss": pa.array([loss0 / (i + 1) for i in range(n)], pa.float32()),
-            "pg_loss": pa.array([loss0 / (i + 1) for i in range(n)], pa.float32()),
+            "distill_loss": pa.array([loss0 / (i + 1) for i in range(n)], pa.float32()),
             "bridge_loss": pa.array([None] * n, pa.float32()),
             "kl": pa.array([0.1] * n, pa.float32()),
             "grad_norm": pa.array([1.0] * n, pa.float32()),

@@ -1,6 +1,6 @@
 -- Tokens generated and tokens kept (trained with a weight above 0) per method and iteration, averaged over the
 -- runs: a method without the analysis keeps every completion token; with it, the tokens table says which. The
--- cost per kept token is the method's seconds per iteration over its kept tokens (opd_tasks/report.py).
+-- cost per kept token is the method's seconds per iteration over its kept tokens (opd_tasks/report/compare.py).
 WITH generated AS (
   SELECT r.run, r.iteration, sum(len(r.token_ids)) AS generated
   FROM rollouts r WHERE r.stage = 'rollout' GROUP BY ALL

@@ -47,7 +47,7 @@ _TABLE = (
                     order=f"{_S}.analyze:analysed_rows", whole=f"{_S}.analyze:needs_every_sequence"),
           prepare=f"{_S}.analyze:high_loss_cut", finish=f"{_S}.analyze:finish",
           summary="Per-token losses, high-loss tokens, near-future detection, regimes and token weights."),
-    Stage("update", 5, UpdateInputs, ("updates", "old_logprobs", "checkpoint"), f"{_S}.update:update",
+    Stage("update", 6, UpdateInputs, ("updates", "old_logprobs", "checkpoint"), f"{_S}.update:update",
           summary="One distillation update of the student: a checkpoint and the per-step losses."),
     Stage("evaluate", 1, EvaluateInputs, ("evals",), f"{_S}.evaluate:evaluate",
           rows=Rows("prompts", "prompts", _PROMPT, block=f"{_S}.evaluate:prompts_per_batch"),

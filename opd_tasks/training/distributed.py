@@ -133,7 +133,7 @@ def _rank_error(scratch: Path, n: int, rc: int, tail: str) -> OpdError:
     for a NaN, a DiskFullError, ...) before any other (a rank whose peer died fails in its next collective, a
     moment later: "Connection closed by peer"), else the earliest. Any other failure (CUDA out of memory, a
     collective's error, a rank killed by a signal) is a TransientError, retried as the one-process update's
-    unknown errors are (flows/stage_task.py)."""
+    unknown errors are (flows/executors.py, `_should_retry`)."""
     import storage.errors as errors
 
     def package_error(report: dict) -> type[OpdError] | None:

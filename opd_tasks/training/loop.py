@@ -115,7 +115,7 @@ def train_steps(loss_fn: Callable[[list[ScoredSequence]], tuple[torch.Tensor, di
                                     "nothing was saved, the previous checkpoint stays the latest")
             opt.step()
             opt.zero_grad(set_to_none=True)
-            rows.append({"step": trainer["global_step"], "loss": total, "pg_loss": main,
+            rows.append({"step": trainer["global_step"], "loss": total, "distill_loss": main,
                          "bridge_loss": bridge_sum if with_bridge else None, "kl": kl / n_tok,
                          "grad_norm": float(gnorm), "lr": cfg.learning_rate, "tokens_trained": n_tok,
                          "weighted_tokens": weighted})

@@ -30,7 +30,7 @@ CHILD = textwrap.dedent(
     from pathlib import Path
     sys.path.insert(0, {repo!r})
     from tests.e2e.test_crash_drills_slow import run_stage
-    import storage.store as st
+    import storage.writer as st
     mode, stage, root, models = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
     if mode == "crash":
         real = st.ArtifactWriter.commit

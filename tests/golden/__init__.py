@@ -33,7 +33,10 @@ and accuracy unchanged); then the per-table figures of the tolerant check (issue
 figure, which stayed as it was); then the high-loss floor and the no-signal rule (issue 33: new config fields, so
 every analyze and update key changed and with them the iteration-1 `parent` hashes; the analysis meta gained
 `below_floor`, 0 in every case: the floor removed no token here; every table's bytes, loss and accuracy
-unchanged). Regenerate only for an intended change, and say what changed in the commit:
+unchanged); then the `updates` table's `pg_loss` column renamed `distill_loss` (issue 29: it holds the loss of every
+loss type; the update artifacts' bytes, the update keys (stage version 6) and so the iteration-1 `parent` hashes
+changed; every value, every other artifact, loss and accuracy unchanged). Regenerate only for an intended change,
+and say what changed in the commit:
 
     python -m tests.golden --write
 """

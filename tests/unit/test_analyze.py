@@ -516,7 +516,7 @@ def test_bridge_loss_equals_explicit_reference(env) -> None:
                 lp = torch.log_softmax(model(torch.tensor([prefix + p["teacher_continuation"][:j]])).logits[0, -1], -1)
             ref_sum += -(0.7**j) * lp[c].item()
     assert logged[0]["bridge_loss"] == pytest.approx(ref_sum / n_tok, rel=1e-4)
-    assert logged[0]["loss"] == pytest.approx(logged[0]["pg_loss"] + 0.3 * logged[0]["bridge_loss"], rel=1e-4)
+    assert logged[0]["loss"] == pytest.approx(logged[0]["distill_loss"] + 0.3 * logged[0]["bridge_loss"], rel=1e-4)
     meta = json.loads((store.path_of(ref) / "_manifest.json").read_text())["meta"]
     assert meta["share"]["divergent"] > 0
 

@@ -5,7 +5,6 @@ import pytest
 from opd_tasks.checkers import (
     check_numeric,
     check_testbed,
-    checker_for,
     extract_numeric_answer,
     extract_testbed_answer,
     normalize_number,
@@ -91,7 +90,3 @@ def test_check_numeric():
     assert not check_numeric("no answer", "36")
     assert not check_numeric("36", "")
 
-
-def test_checker_for():
-    assert checker_for("testbed") is check_testbed
-    assert checker_for("dataset") is check_numeric

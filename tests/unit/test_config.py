@@ -22,12 +22,42 @@ def test_default_config_file_loads_and_matches_model_defaults_where_unset() -> N
     assert RunConfig.model_validate(yaml.safe_load(dump_config(cfg))) == cfg
 
 
+def test_the_default_config_file_states_only_what_differs_from_the_defaults() -> None:
+    from opd_tasks.config_files import read_yaml
+
+    defaults = RunConfig().model_dump(mode="json")
+
+    def same(data: dict, default: dict, prefix: str = "") -> list[str]:
+        out = []
+        for k, v in data.items():
+            out += same(v, default[k], f"{prefix}{k}.") if isinstance(v, dict) else (
+                [f"{prefix}{k}"] if default[k] == v else [])
+        return out
+
+    assert same(read_yaml(DEFAULT_CONFIG_PATH), defaults) == []
+    assert load_config().device == "cpu"
+
+
 def test_overrides_are_typed() -> None:
     cfg = load_config(None, ["rollout.temperature=0.7", "iterations=5", "update.bf16=false", "name=exp-1"])
     assert cfg.rollout.temperature == 0.7 and cfg.iterations == 5 and cfg.update.bf16 is False
     assert cfg.name == "exp-1"
     cfg = load_config(None, ["data.testbed.max_digits=4", "models.student.path=/m/s"])
     assert cfg.data.testbed.max_digits == 4 and cfg.models.student.path == "/m/s"
+
+
+def test_a_model_section_without_a_path_keeps_the_default_model(tmp_path) -> None:
+    cfg = load_config(None, ["models.student.dtype=bfloat16"])
+    assert (cfg.models.student.path, cfg.models.student.dtype) == ("testbed:student", "bfloat16")
+    assert cfg.models.teacher.path == "testbed:teacher"
+    f = tmp_path / "c.yaml"
+    f.write_text("models:\n  teacher: {dtype: float32}\n  student: {path: /m/s}\n")
+    cfg = load_config(f)
+    assert (cfg.models.teacher.path, cfg.models.teacher.dtype, cfg.models.student.path) == \
+        ("testbed:teacher", "float32", "/m/s")
+    with pytest.raises(ConfigError, match="models.student.path"):
+        load_config(None, ["models.student.path="])
+
 
 
 @pytest.mark.parametrize(
@@ -44,7 +74,8 @@ def test_overrides_are_typed() -> None:
         ("name=a/b", r"name: run name 'a/b'"),
         ("data.testbed.min_digits=5", r"data\.testbed: .*min_digits \(5\) must be <= max_digits \(3\)"),
         ("data.source=dataset", r"data\.path is required"),
-        ("rollout.temperature.x=1", r"rollout\.temperature is a value, not a section"),
+        ("device.x=1", r"device is a value, not a section"),  # a value the file sets
+        ("rollout.temperature.x=1", r"rollout\.temperature: Input should be a valid number"),  # a default's
         ("novalue", r"must look like key\.path=value"),
     ],
 )

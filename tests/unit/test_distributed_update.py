@@ -66,12 +66,12 @@ def _assert_same_updates(env, got, want) -> None:
     g, w = env["store"].read_table(got, "updates").to_pylist(), env["store"].read_table(want, "updates").to_pylist()
     assert [r["step"] for r in g] == [r["step"] for r in w]
     rel = max(abs(rg[c] - rw[c]) / max(abs(rw[c]), 1e-12) for rg, rw in zip(g, w, strict=True)
-              for c in ("loss", "pg_loss", "kl", "grad_norm"))
+              for c in ("loss", "distill_loss", "kl", "grad_norm"))
     print(f"max relative difference of the per-step figures: {rel:.3g}")
     for rg, rw in zip(g, w, strict=True):
         for col in ("tokens_trained", "weighted_tokens", "lr", "bridge_loss"):
             assert rg[col] == rw[col], col
-        for col in ("loss", "pg_loss", "kl", "grad_norm"):
+        for col in ("loss", "distill_loss", "kl", "grad_norm"):
             assert rg[col] == pytest.approx(rw[col], rel=RTOL, abs=ATOL), col
 
 

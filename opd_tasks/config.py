@@ -42,6 +42,29 @@ class ModelRef(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class TeacherContextConfig(_Strict):
+    """What only the teacher sees (on-policy context distillation): the teacher is conditioned on this context
+    plus the student's prompt wherever it runs (scoring, gates, the full-vocabulary loss, evaluation's reverse KL
+    and the headroom check) and scores exactly the student's completion tokens. Empty: the teacher sees what the
+    student sees. It enters the prompts' key, and through their content every later key."""
+
+    system: str | None = Field(default=None, description="A system prompt for the teacher (data with a chat "
+                               "template); replaces the template's default system turn.")
+    messages: list[ChatMessage] = Field(default_factory=list, description="Earlier chat turns only the teacher "
+                                        "sees, e.g. worked examples as user/assistant pairs (chat template).")
+    prefix: str = Field(default="", description="Plain text before the teacher's prompt (data without a chat "
+                        "template).")
+
+    @property
+    def empty(self) -> bool:
+        return self.system is None and not self.messages and not self.prefix
+
+
 class ModelsConfig(_Strict):
     """The teacher and the student. A model section without `path` keeps the default model (so `--set
     models.student.dtype=bfloat16` changes the testbed student's dtype, not its identity)."""
@@ -311,6 +334,11 @@ class GatesConfig(_Strict):
     max_teacher_repeat_diff_16bit: float | None = Field(
         default=0.5, ge=0.0, description="The same limit with the teacher in bfloat16 or float16, where kernels that "
         "depend on the batch's shape differ by more than float32's (opd_tasks/stages/gates.py says why 0.5).")
+    min_headroom: float | None = Field(
+        default=0.05, ge=-1.0, le=1.0, description="Before the first update, the teacher (with its context) must "
+        "beat the initial student's eval accuracy by this much (0.05: 5 points), else the run stops: distilling "
+        "toward a teacher that is not better wastes the run. None (or gates.enabled false): not checked, and the "
+        "teacher not evaluated.")
     sample_sequences: int = Field(default=32, ge=1, description="Rollouts re-scored for the last two gates.")
     batch_size: int = Field(default=16, ge=1, description="Sequences per forward batch of the two re-scores.")
 
@@ -386,6 +414,7 @@ class RunConfig(_Strict):
     )
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto = cuda if available, else cpu.")
     models: ModelsConfig = ModelsConfig()
+    teacher_context: TeacherContextConfig = TeacherContextConfig()
     data: DataConfig = DataConfig()
     rollout: RolloutConfig = RolloutConfig()
     scoring: ScoringConfig = ScoringConfig()

@@ -16,6 +16,11 @@ when `data.eval_split` is None:
   name is that split of the dataset. `test` and named splits keep file order; `n=None` means all rows.
   A local file is one split called `train`.
 
+A cell of the prompt column is a question (text), or a conversation: a list of {role, content} chat messages
+ending with a user turn (a `messages` column), always rendered with the tokenizer's chat template. With a
+`teacher_context` (config `teacher_context`), each record also holds the teacher's prompt: the context, then the
+same question or conversation (`teacher_text`).
+
 The answer stored is the final answer (GSM8K's text after `####`, or a `\\boxed{}`), ready for the checker.
 Rows whose answer is missing, null or empty are excluded with a warning that counts them (never trained or
 scored against an empty answer); a split where every row lacks one is refused.
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import json
 import logging
 import os
 import random
@@ -39,8 +45,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from opd_tasks.checkers import reference_answer
-from opd_tasks.config import DataConfig
-from opd_tasks.errors import DataError, ModelError
+from opd_tasks.config import DataConfig, TeacherContextConfig
+from opd_tasks.errors import ConfigError, DataError, ModelError
 from opd_tasks.testbed.task import generate_problems
 
 log = logging.getLogger(__name__)
@@ -62,6 +68,7 @@ class PromptRecord(BaseModel):
     token_ids: list[int]
     answer: str
     source: str  # "testbed", a file name or a hub id
+    teacher_token_ids: list[int] | None = None  # the teacher's prompt: its context + this one; None: no context
 
 
 def prompt_id(source: str, text: str) -> str:
@@ -88,9 +95,11 @@ def load_prompts(
     offset: int = 0,
     max_context: int | None = None,
     cache_dir: Path | None = None,
+    teacher_context: TeacherContextConfig | None = None,
 ) -> list[PromptRecord]:
     """The prompts of `split` (see the module docstring), tokenized, checked against `max_context`.
-    `cache_dir`: where `datasets` caches (`datasets_cache_dir`); None: its default (~/.cache/huggingface)."""
+    `cache_dir`: where `datasets` caches (`datasets_cache_dir`); None: its default (~/.cache/huggingface).
+    `teacher_context`: what only the teacher sees; each record then also holds the teacher's prompt (`teacher_text`)."""
     check_tokenizer(tokenizer)
     if (n is not None and n < 0) or offset < 0:
         raise DataError(f"n ({n}) and offset ({offset}) must be >= 0")
@@ -101,28 +110,67 @@ def load_prompts(
     if max_context is None:
         limit = getattr(tokenizer, "model_max_length", None)
         max_context = limit if isinstance(limit, int) and limit < 10**7 else None
+    context = teacher_context if teacher_context is not None and not teacher_context.empty else None
     records = []
     for question, answer in pairs:
         text, ids = _encode(tokenizer, question, data.chat_template)
         pid = prompt_id(source, text)
-        if max_context is not None and len(ids) > max_context:
-            raise DataError(
-                f"prompt {pid} from {source} has {len(ids)} tokens, more than the context of {max_context} "
-                f"tokens: {text[:80]!r}..."
-            )
-        records.append(PromptRecord(prompt_id=pid, text=text, token_ids=ids, answer=answer, source=source))
+        teacher_ids = None
+        if context is not None:
+            teacher_ids = _encode(tokenizer, question, data.chat_template, context)[1]
+        for whose, n in (("", len(ids)), ("the teacher's ", len(teacher_ids or ()))):
+            if max_context is not None and n > max_context:
+                raise DataError(
+                    f"{whose}prompt {pid} from {source} has {n} tokens, more than the context of {max_context} "
+                    f"tokens: {text[:80]!r}..."
+                )
+        records.append(PromptRecord(prompt_id=pid, text=text, token_ids=ids, answer=answer, source=source,
+                                    teacher_token_ids=teacher_ids))
     return records
 
 
-def _encode(tokenizer: Any, question: str, chat_template: bool) -> tuple[str, list[int]]:
-    if not chat_template:
-        return question, list(tokenizer(question).input_ids)
+def teacher_text(tokenizer: Any, question: str | list[dict], chat_template: bool,
+                 context: TeacherContextConfig) -> str:
+    """The teacher's prompt text: the context, then the student's prompt. With a chat template, one conversation:
+    the context's system turn, its messages, then the row's own turns, rendered together (so the template's
+    default system turn, if it adds one, comes once, first); without one, `context.prefix` + the question."""
+    chat = chat_template or isinstance(question, list)
+    if not chat:
+        if context.system is not None or context.messages:
+            raise ConfigError("teacher_context.system and teacher_context.messages need chat-formatted data "
+                              "(data.chat_template: true); use teacher_context.prefix for plain text")
+        return context.prefix + question
+    if context.prefix:
+        raise ConfigError("teacher_context.prefix is for data without a chat template; with data.chat_template "
+                          "use teacher_context.system or teacher_context.messages")
+    messages = ([{"role": "system", "content": context.system}] if context.system is not None else []) + [
+        m.model_dump() for m in context.messages] + _messages(question)
+    return _render_chat(tokenizer, messages)
+
+
+def _messages(question: str | list[dict]) -> list[dict]:
+    return [{"role": "user", "content": question}] if isinstance(question, str) else question
+
+
+def _render_chat(tokenizer: Any, messages: list[dict]) -> str:
     if not getattr(tokenizer, "chat_template", None):
-        raise ModelError("data.chat_template is true but the tokenizer has no chat template")
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-    )
-    return text, list(tokenizer(text, add_special_tokens=False).input_ids)
+        raise ModelError("the data is chat-formatted (data.chat_template, or a messages column) but the tokenizer "
+                         "has no chat template")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _encode(tokenizer: Any, question: str | list[dict], chat_template: bool,
+            context: TeacherContextConfig | None = None) -> tuple[str, list[int]]:
+    """(text, token ids) of a prompt: the student's, or with `context` the teacher's. A question that is a list of
+    chat messages (a messages column) is always rendered with the chat template."""
+    chat = chat_template or isinstance(question, list)
+    if context is not None:
+        text = teacher_text(tokenizer, question, chat_template, context)
+    elif chat:
+        text = _render_chat(tokenizer, _messages(question))
+    else:
+        return question, list(tokenizer(question).input_ids)
+    return text, list(tokenizer(text, add_special_tokens=False).input_ids if chat else tokenizer(text).input_ids)
 
 
 def _testbed_pairs(data: DataConfig, split: str, n: int | None, seed: int, offset: int) -> list[tuple[str, str]]:
@@ -208,9 +256,10 @@ def _rows(data: DataConfig, split: str, cache_dir: Path | None) -> tuple[list[tu
     if missing:
         raise DataError(f"{where}: column(s) {missing} not found; columns present: {ds.column_names}")
     rows = [
-        (str(q), reference_answer(_answer_text(a)))
-        for q, a in zip(ds[data.prompt_column], ds[data.answer_column], strict=True)
-        if q is not None and str(q).strip()
+        (q, reference_answer(_answer_text(a)))
+        for q, a in ((_prompt_value(q, where, data.prompt_column, i), a) for i, (q, a) in enumerate(
+            zip(ds[data.prompt_column], ds[data.answer_column], strict=True)))
+        if q is not None
     ]
     if not rows:
         raise DataError(f"{where}: the dataset is empty (no non-empty {data.prompt_column!r} values)")
@@ -223,6 +272,31 @@ def _rows(data: DataConfig, split: str, cache_dir: Path | None) -> tuple[list[tu
                     "excluded, neither trained nor scored", where, len(rows) - len(answered), len(rows),
                     data.answer_column)
     return answered, where, source
+
+
+_ROLES = ("system", "user", "assistant")
+
+
+def _prompt_value(value: Any, where: str, column: str, row: int) -> str | list[dict] | None:
+    """A cell of the prompt column: a question (text), or a conversation (a list of {role, content} messages that
+    ends with a user turn, rendered with the chat template); None for an empty cell (the row is skipped)."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        return str(value) if str(value).strip() else None
+    bad = next((m for m in value if not isinstance(m, dict) or m.get("role") not in _ROLES
+                or not isinstance(m.get("content"), str)), None) if value else "an empty list"
+    if bad is not None:
+        raise DataError(f"{where}: row {row}, column {column!r}: a conversation is a list of {{role, content}} "
+                        f"messages with role one of {list(_ROLES)}; got {str(bad)[:80]}")
+    if value[-1]["role"] != "user":
+        raise DataError(f"{where}: row {row}, column {column!r}: the conversation ends with a "
+                        f"{value[-1]['role']!r} turn; it must end with the user turn the model answers")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _prompt_key(question: str | list[dict]) -> bytes:
+    return (question if isinstance(question, str) else json.dumps(question, sort_keys=True)).encode()
 
 
 def _dataset_pairs(
@@ -243,7 +317,7 @@ def _dataset_pairs(
                 f"{where} has {len(rows)} rows, not more than data.eval_size ({data.eval_size}) held out for "
                 "evaluation; lower data.eval_size or set data.eval_split"
             )
-        by_hash = sorted(range(len(rows)), key=lambda i: hashlib.sha256(rows[i][0].encode()).hexdigest())
+        by_hash = sorted(range(len(rows)), key=lambda i: hashlib.sha256(_prompt_key(rows[i][0])).hexdigest())
         heldout = set(by_hash[: data.eval_size])
     if heldout_split:
         picked = [rows[i] for i in sorted(heldout)]

@@ -65,8 +65,9 @@ from opd_tasks.stages import (
     shards_for,
 )
 from opd_tasks.stages.evaluate import accuracy
-from opd_tasks.stages.gates import check_gates
+from opd_tasks.stages.gates import check_gates, check_headroom
 from opd_tasks.stages.registry import part_key, part_stage
+from storage.layout import Layout
 from storage.lineage import RunLineage, run_lock
 from storage.refs import ArtifactRef
 from storage.store import ArtifactStore
@@ -266,7 +267,8 @@ class Models:
 
 
 def resolve_models(cfg: RunConfig) -> Models:
-    return Models(teacher=spec_of(cfg.models.teacher), initial_student=spec_of(cfg.models.student))
+    root = Layout(cfg.root).root  # where `imported:` models are
+    return Models(teacher=spec_of(cfg.models.teacher, root), initial_student=spec_of(cfg.models.student, root))
 
 
 def checker_name(cfg: RunConfig) -> str:
@@ -291,8 +293,8 @@ def eval_prompts_inputs(cfg: RunConfig, models: Models) -> PromptsInputs:
     and method (so comparisons are paired)."""
     from opd_tasks.data import EVAL_SPLIT
 
-    return PromptsInputs(data=cfg.data, tokenizer=models.initial_student, split=cfg.data.eval_split or EVAL_SPLIT,
-                         n=cfg.data.eval_size, offset=0,
+    return PromptsInputs(data=cfg.data, teacher_context=cfg.teacher_context, tokenizer=models.initial_student,
+                         split=cfg.data.eval_split or EVAL_SPLIT, n=cfg.data.eval_size, offset=0,
                          max_context=max_prompt_tokens(models.initial_student, cfg.evaluation.max_new_tokens),
                          seed=cfg.data.eval_seed)
 
@@ -303,7 +305,8 @@ def run_iteration(runner: StageRunner, cfg: RunConfig, method: MethodPlan, itera
     store, seed, checker, first = runner.store, cfg.seed, checker_name(cfg), len(runner.records)
     n = cfg.data.prompts_per_iteration
     prompts = runner(PROMPTS, PromptsInputs(
-        data=cfg.data, tokenizer=models.initial_student, split="train", n=n, offset=iteration * n,
+        data=cfg.data, teacher_context=cfg.teacher_context, tokenizer=models.initial_student, split="train", n=n,
+        offset=iteration * n,
         max_context=max_prompt_tokens(models.initial_student, cfg.rollout.max_new_tokens), seed=seed), iteration)
     sampling = cfg.rollout.model_copy(update={"samples_per_prompt": method.samples_per_prompt})
     rollouts = runner(ROLLOUT, RolloutInputs(student=student, prompts=prompts, rollout=sampling, checker=checker,
@@ -327,8 +330,8 @@ def run_iteration(runner: StageRunner, cfg: RunConfig, method: MethodPlan, itera
     if update_meta.get("skipped"):
         runner.log(f"it{iteration} update skipped: {update_meta['skipped']}")
     new_student = ModelSpec.from_checkpoint(store, checkpoint, student)
-    evals = runner(EVALUATE, EvaluateInputs(model=new_student, prompts=eval_prompts, evaluation=cfg.evaluation,
-                                            checker=checker, seed=seed), iteration)
+    evals = runner(EVALUATE, EvaluateInputs(model=new_student, teacher=models.teacher, prompts=eval_prompts,
+                                            evaluation=cfg.evaluation, checker=checker, seed=seed), iteration)
     return IterationResult(iteration, {r.label: r for r in runner.records[first:]}, checkpoint,
                            accuracy(store, evals), mean_loss=update_meta["mean_loss"],
                            analysis=store.manifest(analysis)["meta"] if analysis is not None else None,
@@ -341,9 +344,15 @@ def stages_used(cfg: RunConfig) -> list[str]:
     return [name for name in STAGES if name not in skipped]
 
 
+def checks_headroom(cfg: RunConfig) -> bool:
+    """Whether the run evaluates the teacher for the headroom gate (gates.min_headroom, with the gates on)."""
+    return cfg.gates.enabled and cfg.gates.min_headroom is not None
+
+
 def stage_calls(cfg: RunConfig) -> int:
-    """How many stage calls a run of `cfg` makes: the eval set and the baseline, then each iteration's stages."""
-    return 2 + cfg.iterations * len(stages_used(cfg))
+    """How many stage calls a run of `cfg` makes: the eval set, the baseline (and the teacher's evaluation for the
+    headroom gate), then each iteration's stages."""
+    return 2 + checks_headroom(cfg) + cfg.iterations * len(stages_used(cfg))
 
 
 def run_distillation(runner: StageRunner, cfg: RunConfig, resume: bool = False,
@@ -353,11 +362,17 @@ def run_distillation(runner: StageRunner, cfg: RunConfig, resume: bool = False,
     store, seed, checker = runner.store, cfg.seed, checker_name(cfg)
     models, method = resolve_models(cfg), plan(cfg)
     eval_prompts = runner(PROMPTS, eval_prompts_inputs(cfg, models), iteration=0, label="eval_prompts")
-    baseline = runner(EVALUATE, EvaluateInputs(model=models.initial_student, prompts=eval_prompts,
-                                               evaluation=cfg.evaluation, checker=checker, seed=seed),
-                      iteration=0, label="baseline")
+    baseline = runner(EVALUATE, EvaluateInputs(model=models.initial_student, teacher=models.teacher,
+                                               prompts=eval_prompts, evaluation=cfg.evaluation, checker=checker,
+                                               seed=seed), iteration=0, label="baseline")
     out = Distillation(cfg.name, str(store.root), accuracy(store, baseline))
-    runner.log(f"baseline: student accuracy {out.baseline_accuracy:.1%} on {cfg.data.eval_size} held-out prompts")
+    runner.log(f"baseline: student accuracy {out.baseline_accuracy:.1%} on {cfg.data.eval_size} held-out prompts, "
+               f"reverse KL to the teacher {store.manifest(baseline)['meta']['rkl_per_token']:.4f} nats per token")
+    if checks_headroom(cfg):  # before the first update: is there anything to learn from the teacher?
+        teacher_evals = runner(EVALUATE, EvaluateInputs(model=models.teacher, teacher=models.teacher, as_teacher=True,
+                                                        prompts=eval_prompts, evaluation=cfg.evaluation,
+                                                        checker=checker, seed=seed), iteration=0, label="teacher_eval")
+        runner.log(check_headroom(store, teacher_evals, baseline, cfg.gates.min_headroom))
     student, first = models.initial_student, 0
     latest = runner.lineage.latest("update") if resume else None
     if latest is not None:

@@ -45,14 +45,15 @@ def _f(name: str, typ: pa.DataType, nullable: bool = False) -> pa.Field:
 SCHEMAS: dict[str, TableSchema] = {
     t.name: t
     for t in [
-        TableSchema("prompts", 1, "prompt", (
+        # v2: the teacher's prompt (its context + the student's prompt; null without a teacher context)
+        TableSchema("prompts", 2, "prompt", (
             _f("prompt_id", s), _f("prompt", s), _f("prompt_token_ids", pa.list_(i32)),
-            _f("answer", s, True), _f("source", s),
+            _f("answer", s, True), _f("source", s), _f("teacher_prompt_token_ids", pa.list_(i32), True),
         )),
-        TableSchema("rollouts", 1, "sampled sequence", (
+        TableSchema("rollouts", 2, "sampled sequence", (  # v2: teacher_prompt_token_ids, as in prompts
             _f("prompt_id", s), _f("sample_id", i32), _f("prompt_token_ids", pa.list_(i32)),
             _f("token_ids", pa.list_(i32)), _f("logprobs", pa.list_(f32)), _f("text", s),
-            _f("finish_reason", s), _f("reward", f32, True),
+            _f("finish_reason", s), _f("reward", f32, True), _f("teacher_prompt_token_ids", pa.list_(i32), True),
         )),
         TableSchema("teacher_scores", 1, "token", (
             _f("prompt_id", s), _f("sample_id", i32), _f("pos", i32), _f("token_id", i32),
@@ -80,9 +81,12 @@ SCHEMAS: dict[str, TableSchema] = {
             _f("prompt_id", s), _f("sample_id", i32), _f("pos", i32), _f("sampling_logprob", f32),
             _f("trainer_logprob", f32),
         )),
-        TableSchema("evals", 1, "eval sample", (
+        # v2: the reverse KL to the teacher (summed over the answer's tokens; null for the teacher's own answers)
+        # and whether the answer hit evaluation.max_new_tokens
+        TableSchema("evals", 2, "eval sample", (
             _f("prompt_id", s), _f("sample_id", i32), _f("text", s), _f("answer", s, True),
-            _f("reference", s, True), _f("correct", b), _f("num_tokens", i32),
+            _f("reference", s, True), _f("correct", b), _f("num_tokens", i32), _f("rkl", f32, True),
+            _f("truncated", b),
         )),
     ]
 }

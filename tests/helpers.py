@@ -78,9 +78,11 @@ def tiny_model_dir(out, seed: int = 0, hidden: int = 32, layers: int = 2):
     return out, ModelSpec(path=str(out), sha256=sha256_tree(out))
 
 
-def scored_env(base, prompts: int, samples: int, max_new_tokens: int, top_k: int, score_batch: int = 64) -> dict:
+def scored_env(base, prompts: int, samples: int, max_new_tokens: int, top_k: int, score_batch: int = 64,
+               teacher_context=None) -> dict:
     """Tiny random student and teacher, `prompts` testbed prompts, the student's rollouts and the teacher's scores,
-    made by the stages themselves in a store under `base`. Returns the pieces by name."""
+    made by the stages themselves in a store under `base` (the teacher with `teacher_context`, a
+    TeacherContextConfig, when given). Returns the pieces by name."""
     from pathlib import Path
 
     from opd_tasks.config import DataConfig, RolloutConfig, ScoringConfig
@@ -91,8 +93,9 @@ def scored_env(base, prompts: int, samples: int, max_new_tokens: int, top_k: int
     _, student = tiny_model_dir(base / "student", seed=0, hidden=32)
     _, teacher = tiny_model_dir(base / "teacher", seed=1, hidden=48)
     store = ArtifactStore(base / "root")
+    context = {"teacher_context": teacher_context} if teacher_context is not None else {}
     prompt_ref = PROMPTS(store, PromptsInputs(data=DataConfig(), tokenizer=student, split="train", n=prompts,
-                                              offset=0, max_context=None, seed=0))
+                                              offset=0, max_context=None, seed=0, **context))
     roll_cfg = RolloutConfig(samples_per_prompt=samples, max_new_tokens=max_new_tokens)
     roll = ROLLOUT(store, RolloutInputs(student=student, prompts=prompt_ref, rollout=roll_cfg, checker="testbed",
                                         seed=0), progress=False)

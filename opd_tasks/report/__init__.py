@@ -87,7 +87,7 @@ def build_report(root: str | Path, patterns: list[str], out: str | Path | None =
         log("report: plots")
         figs = plots(data, summary, tmp)
         log("report: token examples")
-        ex = examples(data, runs, n_examples)
+        ex = examples(data, runs, n_examples, root)
         page, md = render(title, runs, data, summary, figs, ex, tmp, command)
         (tmp / "report.html").write_text(page)
         (tmp / "report.md").write_text(md)

@@ -13,8 +13,11 @@ def summarize(runs: list[RunInfo], data: dict[str, list[dict]], primary: str | N
     iteration; the paired comparison of every pair; the verdict (`primary`, default `topd`, against `opd`)."""
     out: dict[str, Any] = {"methods": {}}
     curves: dict[str, dict[int, float]] = {}
+    rkl: dict[str, dict[int, float]] = {}  # reverse KL to the teacher per step, where the evaluation measured it
     for a in data["accuracy"]:
         curves.setdefault(a["run"], {})[a["step"]] = a["accuracy"]
+        if a.get("rkl_per_token") is not None:
+            rkl.setdefault(a["run"], {})[a["step"]] = a["rkl_per_token"]
     # Every run is compared at the same step: the last one that all runs reached.
     reached = [max(v) for v in curves.values() if len(v) > 1]
     final_step = min(reached) if reached else None
@@ -37,6 +40,8 @@ def summarize(runs: list[RunInfo], data: dict[str, list[dict]], primary: str | N
         kept = [k["kept"] for k in data.get("kept", []) if k["method"] == m]
         area = {str(r.seed): _area(per_run[r.run], final_step) for r in mine}
         area = {k: v for k, v in area.items() if v is not None}
+        rkl_base = [rkl[r.run][0] for r in mine if 0 in rkl.get(r.run, {})]
+        rkl_final = [rkl[r.run][final_step] for r in mine if final_step in rkl.get(r.run, {})]
         out["methods"][m] = {
             "runs": len(per_run),
             "seeds": sorted({r.seed for r in runs if r.method == m}),
@@ -48,6 +53,8 @@ def summarize(runs: list[RunInfo], data: dict[str, list[dict]], primary: str | N
             "final_max": max(finals) if finals else None,
             "final_by_seed": {str(r.seed): per_run[r.run][final_step] for r in mine if final_step in per_run[r.run]},
             "area_mean": statistics.mean(area.values()) if area else None,
+            "rkl_baseline_mean": statistics.mean(rkl_base) if rkl_base else None,
+            "rkl_final_mean": statistics.mean(rkl_final) if rkl_final else None,
             "area_by_seed": area,
             "surface_share": surface / high if high else None,
             "surface_share_classified": surface / classified if classified else None,

@@ -24,11 +24,13 @@ def _num(v, fmt: str = "{:.2f}") -> str:
 
 def summary_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     head = ["method", "runs (seeds)", "baseline", "final accuracy (per sample), mean", "min-max",
-            "learning-curve area", "surface share of high-loss tokens (of probed ones)", "s / iteration"]
+            "learning-curve area", "reverse KL to the teacher (nats / token), baseline -> final",
+            "surface share of high-loss tokens (of probed ones)", "s / iteration"]
     rows = []
     for m, s in summary["methods"].items():
         rows.append([m, f"{s['runs']} ({', '.join(map(str, s['seeds']))})", _pct(s["baseline_mean"]),
                      _pct(s["final_mean"]), f"{_pct(s['final_min'])}-{_pct(s['final_max'])}", _pct(s["area_mean"]),
+                     f"{_num(s['rkl_baseline_mean'], '{:.3f}')} -> {_num(s['rkl_final_mean'], '{:.3f}')}",
                      f"{_pct(s['surface_share'])} ({_pct(s['surface_share_classified'])})" if s["surface_share"]
                      is not None else "-",
                      _num(s["seconds_per_iteration"], "{:.1f}")])
@@ -113,8 +115,9 @@ def _show(s: str) -> str:
     return s.replace("\n", "\\n")
 
 
-def examples(data: dict, runs: list[RunInfo], k: int = 3) -> dict[str, Any] | None:
-    """Token examples from the first run that ran the analysis (TOPD preferred), at its first iteration."""
+def examples(data: dict, runs: list[RunInfo], k: int = 3, root: Path | None = None) -> dict[str, Any] | None:
+    """Token examples from the first run that ran the analysis (TOPD preferred), at its first iteration; the
+    student's tokenizer decodes them (`root`: where an `imported:` student is)."""
     con = data["_con"]
     analysed = {r[0] for r in con.execute("SELECT DISTINCT run FROM tokens").fetchall()}
     cands = [r for r in runs if r.run in analysed]
@@ -128,7 +131,7 @@ def examples(data: dict, runs: list[RunInfo], k: int = 3) -> dict[str, Any] | No
     from opd_tasks.models import load_tokenizer
 
     try:
-        tok = load_tokenizer(ModelRef.model_validate(pick.config["models"]["student"]))
+        tok = load_tokenizer(ModelRef.model_validate(pick.config["models"]["student"]), root)
     except (OpdError, OSError, ValueError):  # the model moved or is gone: show token ids instead of text
         tok = None
 

@@ -29,27 +29,27 @@ _S = "opd_tasks.stages"
 _PROMPT, _ROLLOUT = ("prompt_id",), ("prompt_id", "sample_id")
 
 _TABLE = (
-    Stage("prompts", 2, PromptsInputs, ("prompts",), f"{_S}.prompts:prompts", gpu=False,
+    Stage("prompts", 3, PromptsInputs, ("prompts",), f"{_S}.prompts:prompts", gpu=False,
           summary="The prompts of one iteration's slice (or of the eval set), tokenized."),
-    Stage("rollout", 1, RolloutInputs, ("rollouts",), f"{_S}.rollout:rollout",
+    Stage("rollout", 2, RolloutInputs, ("rollouts",), f"{_S}.rollout:rollout",
           rows=Rows("prompts", "prompts", _PROMPT, block=f"{_S}.rollout:prompts_per_batch"),
           finish=f"{_S}.rollout:summarize",
           summary="The student's sampled completions with per-token log-probs and rewards."),
-    Stage("score", 1, ScoreInputs, ("teacher_scores",), f"{_S}.score:score",
+    Stage("score", 2, ScoreInputs, ("teacher_scores",), f"{_S}.score:score",
           rows=Rows("rollouts", "rollouts", _ROLLOUT, block=f"{_S}.score:sequences_per_batch",
                     order=f"{_S}.score:length_order"),
           finish=f"{_S}.score:summarize",
           summary="The teacher's log-prob, top-k and entropy at every sampled token."),
-    Stage("gates", 2, GatesInputs, (), f"{_S}.gates:gates",
+    Stage("gates", 3, GatesInputs, (), f"{_S}.gates:gates",
           summary="Quality figures of the rollouts and scores, each against its threshold (manifest meta only)."),
     Stage("analyze", 9, AnalyzeInputs, ("tokens", "probes"), f"{_S}.analyze:analyze",
           rows=Rows("rollouts", "rollouts", _ROLLOUT, block=f"{_S}.analyze:sequences_per_batch",
                     order=f"{_S}.analyze:analysed_rows", whole=f"{_S}.analyze:needs_every_sequence"),
           prepare=f"{_S}.analyze:high_loss_cut", finish=f"{_S}.analyze:finish",
           summary="Per-token losses, high-loss tokens, near-future detection, regimes and token weights."),
-    Stage("update", 6, UpdateInputs, ("updates", "old_logprobs", "checkpoint"), f"{_S}.update:update",
+    Stage("update", 7, UpdateInputs, ("updates", "old_logprobs", "checkpoint"), f"{_S}.update:update",
           summary="One distillation update of the student: a checkpoint and the per-step losses."),
-    Stage("evaluate", 1, EvaluateInputs, ("evals",), f"{_S}.evaluate:evaluate",
+    Stage("evaluate", 2, EvaluateInputs, ("evals",), f"{_S}.evaluate:evaluate",
           rows=Rows("prompts", "prompts", _PROMPT, block=f"{_S}.evaluate:prompts_per_batch"),
           finish=f"{_S}.evaluate:summarize",
           summary="The model's answers to the eval prompts, each checked; accuracy per sample."),
@@ -77,6 +77,11 @@ def shards_for(orchestration, stage: str) -> int:
     return orchestration.stage_shards.get(stage, orchestration.shards)
 
 
+#: The detectors that never run the teacher, so they need nothing of a teacher context (the others continue the
+#: teacher from the student's prefixes, which do not hold the context yet).
+CONTEXT_DETECTORS = ("window", "oracle")
+
+
 def check_config(cfg) -> None:
     """What the config cannot check alone, because it needs the stage table: called when a run opens (and by
     `opd config show`). ConfigError naming the key."""
@@ -97,6 +102,15 @@ def check_config(cfg) -> None:
             problems.append(f"fault.shard is {f.shard}, but stage {f.stage!r} runs in {shards} shard(s) "
                             "(orchestration.shards / orchestration.stage_shards; the sharded stages are "
                             f"{', '.join(sharded_stages())}): the fault would never fire")
+    if not cfg.teacher_context.empty:
+        from opd_tasks.method import plan
+
+        method = plan(cfg)
+        if method.analyze and (cfg.analysis.detector not in CONTEXT_DETECTORS or method.bridge is not None):
+            problems.append(f"teacher_context: the analysis' teacher continuations (detector "
+                            f"{cfg.analysis.detector!r}, bridges) do not read the teacher's context yet; with a "
+                            f"teacher context use analysis.detector one of {list(CONTEXT_DETECTORS)} and "
+                            "topd.bridge_weight: 0, or method: opd")
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -6,6 +6,13 @@ share of prompts answered correctly; with `pass_k` > 1 it is the mean over each 
 estimated from k samples), and pass@k (a prompt counts if any of its k samples is correct) is recorded beside it
 in the manifest as `pass_at_k`. On the testbed the manifest also holds `early_stop_rate`: the share of samples that
 answer before the last step (the `consequential` fork, docs/testbed.md).
+
+Every evaluation also measures how far the student is from its teacher without a reference answer: each answer's
+exact reverse KL to the teacher (`opd_tasks.training.logprobs.reverse_kl`: teacher-forced on the student's own
+answers, the teacher reading its own prompt, summed over the answer's tokens; column `rkl`), the manifest's
+`rkl_per_token` (over every answer token) and `rkl_per_sequence` (the mean of `rkl`), and `truncated`, the share
+of answers that hit `evaluation.max_new_tokens`. With `as_teacher` the teacher answers (with its context): the
+headroom check before the first update (opd_tasks/stages/gates.py, `check_headroom`); its `rkl` is null.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ from storage.refs import ArtifactRef
 from storage.store import ArtifactStore
 
 EXTRACTORS = {"testbed": extract_testbed_answer, "numeric": extract_numeric_answer}
-
+#: Answers per reverse-KL batch: two [answer tokens, vocabulary] float32 log-prob tensors per answer are kept.
+RKL_BATCH = 16
 
 
 def sampled(cfg: EvaluationConfig) -> bool:
@@ -36,13 +44,17 @@ def prompts_per_batch(x: EvaluateInputs) -> int:
 def evaluate(ctx: StageContext, x: EvaluateInputs, rows: list[int] | None) -> dict[str, pa.Table]:
     """The `evals` rows of the eval prompts `rows` (None: every one), in prompt order."""
     from opd_tasks.backends import HfBackend
-    from opd_tasks.backends.hf import stop_token_ids
+    from opd_tasks.backends.hf import resolve_device, stop_token_ids
     from opd_tasks.backends.loaded import LOADED
+    from opd_tasks.training.logprobs import reverse_kl
 
     cfg = x.evaluation
     prompts = ctx.store.read_table(x.prompts, "prompts")
     prompts = prompts if rows is None else prompts.take(sorted(rows))
-    toks = prompts.column("prompt_token_ids").to_pylist()
+    student_prompts = prompts.column("prompt_token_ids").to_pylist()
+    teacher_prompts = [t if t is not None else p for p, t in zip(
+        student_prompts, prompts.column("teacher_prompt_token_ids").to_pylist(), strict=True)]
+    toks = teacher_prompts if x.as_teacher else student_prompts
     refs = prompts.column("answer").to_pylist()
     pids = prompts.column("prompt_id").to_pylist()
     tok = LOADED.tokenizer(x.model)
@@ -55,6 +67,19 @@ def evaluate(ctx: StageContext, x: EvaluateInputs, rows: list[int] | None) -> di
     texts = [tok.decode(g.token_ids, skip_special_tokens=True) for g in gens]
     correct = [bool(refs[g.prompt_index] is not None and check(t, refs[g.prompt_index]))
                for g, t in zip(gens, texts, strict=True)]
+    rkl = [None] * len(gens)
+    if x.teacher is not None and not x.as_teacher:
+        # generation block by generation block (a part starts on one), so shards batch exactly as the whole does
+        dev, block = resolve_device(ctx.device), prompts_per_batch(x)
+        student_model, teacher_model = LOADED.model(x.model, dev), LOADED.model(x.teacher, dev)
+        for first in range(0, len(prompts), block):
+            idx = [i for i, g in enumerate(gens) if first <= g.prompt_index < first + block]
+            per_token = reverse_kl(student_model, teacher_model, [student_prompts[gens[i].prompt_index] for i in idx],
+                                   [teacher_prompts[gens[i].prompt_index] for i in idx],
+                                   [gens[i].token_ids for i in idx], pad_token_id=tok.pad_token_id,
+                                   batch_size=min(cfg.batch_size, RKL_BATCH))
+            for i, v in zip(idx, per_token, strict=True):
+                rkl[i] = float(sum(v))
     return {"evals": pa.table(
         {
             "prompt_id": [pids[g.prompt_index] for g in gens],
@@ -64,6 +89,8 @@ def evaluate(ctx: StageContext, x: EvaluateInputs, rows: list[int] | None) -> di
             "reference": [refs[g.prompt_index] for g in gens],
             "correct": correct,
             "num_tokens": pa.array([len(g.token_ids) for g in gens], pa.int32()),
+            "rkl": pa.array(rkl, pa.float32()),
+            "truncated": [g.finish_reason == "length" for g in gens],
         }
     )}
 
@@ -74,7 +101,11 @@ def summarize(ctx: StageContext, x: EvaluateInputs, tables: dict[str, pa.Table])
     table = tables["evals"]
     correct = table.column("correct").to_pylist()
     texts = table.column("text").to_pylist()
-    meta = {"accuracy": sum(correct) / max(1, len(correct)), "n": table.num_rows}
+    meta = {"accuracy": sum(correct) / max(1, len(correct)), "n": table.num_rows,
+            "truncated": sum(table.column("truncated").to_pylist()) / max(1, table.num_rows)}
+    if x.teacher is not None and not x.as_teacher:
+        rkl, lengths = table.column("rkl").to_pylist(), table.column("num_tokens").to_pylist()
+        meta |= {"rkl_per_sequence": sum(rkl) / max(1, len(rkl)), "rkl_per_token": sum(rkl) / max(1, sum(lengths))}
     if x.checker == "testbed":  # the mechanism switch's readout (docs/testbed.md): answers before the last step
         from opd_tasks.testbed.labeler import stopped_early
 

@@ -77,20 +77,20 @@ def gates(ctx: StageContext, x: GatesInputs) -> Output:
     # A deterministic sample (evenly spaced) for the two gates that need model passes.
     step = max(1, len(seqs) // cfg.sample_sequences)
     sample = seqs[::step][: cfg.sample_sequences]
-    prompts, comps = [s.prompt for s in sample], [s.tokens for s in sample]
+    comps = [s.tokens for s in sample]
     dev = resolve_device(ctx.device)
 
-    def rescore(spec: ModelSpec) -> tuple[list[list[float]], str]:
-        """The sample's log-probs under `spec` (the process's loaded model, backends/loaded.py), and the dtype it
-        ran in."""
+    def rescore(spec: ModelSpec, prompts: list[list[int]]) -> tuple[list[list[float]], str]:
+        """The sample's log-probs under `spec` (the process's loaded model, backends/loaded.py) after `prompts`,
+        and the dtype it ran in."""
         model = LOADED.model(spec, dev)
         ran_in = str(next(model.parameters()).dtype).removeprefix("torch.")
         # right padding, so the pad id never reaches a value
         return completion_logprobs(model, prompts, comps, pad_token_id=0, batch_size=cfg.batch_size), ran_in
 
     # the trainer's weights (opd_tasks/stages/update.py), then the teacher in the dtype the score stage ran it in
-    recomputed, _ = rescore(x.student.model_copy(update={"dtype": "float32"}))
-    again, teacher_dtype = rescore(x.teacher)
+    recomputed, _ = rescore(x.student.model_copy(update={"dtype": "float32"}), [s.prompt for s in sample])
+    again, teacher_dtype = rescore(x.teacher, [s.teacher_input for s in sample])
     drift = _abs_diffs([s.sampling_logprobs for s in sample], recomputed)
     rep = _abs_diffs([s.teacher_logprobs for s in sample], again)
     figures = {
@@ -119,3 +119,23 @@ def check_gates(store: ArtifactStore, ref: ArtifactRef) -> dict:
                         + f". Figures in artifact {ref.short()}; thresholds under gates.* in the config "
                         "(null disables a gate).")
     return meta["gates"]
+
+
+def check_headroom(store: ArtifactStore, teacher_evals: ArtifactRef, student_evals: ArtifactRef,
+                   margin: float) -> str:
+    """The headroom gate, before the first update: the teacher's eval accuracy (answering with its context) must
+    exceed the initial student's by `margin` (`gates.min_headroom`), else DataError; returns the line the run logs.
+    An eval set without reference answers cannot be compared by accuracy: the gate then says it was skipped."""
+    teacher, student = store.manifest(teacher_evals)["meta"], store.manifest(student_evals)["meta"]
+    refs = store.read_table(student_evals, "evals", columns=["reference"]).column("reference")
+    if refs.null_count == len(refs):
+        return "headroom gate: skipped, the eval set has no reference answers to compare teacher and student by"
+    t, s = teacher["accuracy"], student["accuracy"]
+    if t - s < margin:
+        raise DataError(
+            f"headroom gate: the teacher answers {t:.1%} of the {student['n']} held-out prompts correctly and the "
+            f"student {s:.1%}, so the teacher is not {margin:.1%} better (gates.min_headroom): distilling toward it "
+            "cannot be expected to help. Use a stronger teacher or give it a context (teacher_context), or set "
+            f"gates.min_headroom: null to train anyway. Figures in artifacts {teacher_evals.short()} (teacher) and "
+            f"{student_evals.short()} (student).")
+    return f"headroom gate: teacher accuracy {t:.1%}, student {s:.1%} (at least {margin:.1%} more needed)"

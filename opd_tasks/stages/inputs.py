@@ -28,6 +28,7 @@ from opd_tasks.config import (
     GatesConfig,
     RolloutConfig,
     ScoringConfig,
+    TeacherContextConfig,
     UpdateConfig,
 )
 from opd_tasks.method import Bridge, Return, TokenWeighting
@@ -92,6 +93,7 @@ class PromptsInputs(StageInputs):
     at most `max_context` tokens each."""
 
     data: DataConfig
+    teacher_context: TeacherContextConfig = TeacherContextConfig()
     tokenizer: ModelSpec
     split: str
     n: int
@@ -177,9 +179,12 @@ class UpdateInputs(StageInputs):
 
 
 class EvaluateInputs(StageInputs):
-    """`model`'s answers to the `prompts` (the eval set), checked by `checker`."""
+    """`model`'s answers to the `prompts` (the eval set), checked by `checker`, and their reverse KL to `teacher`;
+    `as_teacher`: `model` is the teacher, answering the prompts with its own context (the headroom check)."""
 
     model: ModelSpec
+    teacher: ModelSpec | None = None  # None: no reverse KL (a model evaluated on its own)
+    as_teacher: bool = False
     prompts: ArtifactRef
     evaluation: EvaluationConfig
     checker: str

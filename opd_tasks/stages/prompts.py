@@ -18,7 +18,8 @@ def prompts(ctx: StageContext, x: PromptsInputs) -> Output:
 
     tok = LOADED.tokenizer(x.tokenizer)
     records = load_prompts(x.data, tok, split=x.split, n=x.n, seed=x.seed, offset=x.offset,
-                           max_context=x.max_context, cache_dir=datasets_cache_dir(ctx.store.root))
+                           max_context=x.max_context, cache_dir=datasets_cache_dir(ctx.store.root),
+                           teacher_context=x.teacher_context)
     if not records:
         raise DataError(f"no prompts in split {x.split!r} of {x.data.path or 'the testbed'}")
     table = pa.table(
@@ -28,6 +29,7 @@ def prompts(ctx: StageContext, x: PromptsInputs) -> Output:
             "prompt_token_ids": [list(r.token_ids) for r in records],
             "answer": [r.answer for r in records],
             "source": [r.source for r in records],
+            "teacher_prompt_token_ids": pa.array([r.teacher_token_ids for r in records], pa.list_(pa.int32())),
         }
     )
     return Output({"prompts": table}, {"split": x.split, "n": x.n, "offset": x.offset})

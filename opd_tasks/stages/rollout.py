@@ -34,6 +34,7 @@ def rollout(ctx: StageContext, x: RolloutInputs, rows: list[int] | None) -> dict
     prompt_ids = prompts.column("prompt_id").to_pylist()
     prompt_tokens = prompts.column("prompt_token_ids").to_pylist()
     answers = prompts.column("answer").to_pylist()
+    teacher_prompts = prompts.column("teacher_prompt_token_ids").to_pylist()
     tok = LOADED.tokenizer(x.student)
     s = x.rollout
     completions = backend.generate(x.student, prompt_tokens, eos_token_id=stop_token_ids(tok, x.student.path),
@@ -55,6 +56,8 @@ def rollout(ctx: StageContext, x: RolloutInputs, rows: list[int] | None) -> dict
                  for c, t in zip(completions, texts, strict=True)],
                 pa.float32(),
             ),
+            "teacher_prompt_token_ids": pa.array([teacher_prompts[c.prompt_index] for c in completions],
+                                                 pa.list_(pa.int32())),
         }
     )}
 

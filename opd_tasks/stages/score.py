@@ -45,7 +45,11 @@ def score(ctx: StageContext, x: ScoreInputs, rows: list[int] | None) -> dict[str
                          "needs one shared tokenizer") from None
     roll = ctx.store.read_table(x.rollouts, "rollouts")
     roll = roll if rows is None else roll.take(sorted(rows))
-    prompts = roll.column("prompt_token_ids").to_pylist()
+    # the teacher reads its own prompt (its context + the student's) where it has a context, and scores exactly
+    # the student's completion tokens
+    prompts = [t if t is not None else p for p, t in zip(roll.column("prompt_token_ids").to_pylist(),
+                                                          roll.column("teacher_prompt_token_ids").to_pylist(),
+                                                          strict=True)]
     comps = roll.column("token_ids").to_pylist()
     scores = backend.score(x.teacher, prompts, comps, pad_token_id=t_tok.pad_token_id, top_k=x.scoring.top_k,
                            desc="score", progress=ctx.progress)

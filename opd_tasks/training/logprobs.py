@@ -5,6 +5,8 @@ a batch of `batch_size` right-padded sequences (`pack_right` layout), then the o
 completion positions at a time. So the largest tensor alive is one sequence's [T, V] float32 logits, never the
 batch's [B, L, V] logits over every position (at vocabulary 151,936 and 64 sequences of 1,300 tokens those are
 50 GB). Sequences are taken in length order so that a batch pads little; the result is in the input order.
+`reverse_kl` (evaluation's divergence from the teacher) works the same way, with a student and a teacher that
+each read their own prompt.
 """
 
 from __future__ import annotations
@@ -43,4 +45,37 @@ def completion_logprobs(model, prompts: Sequence[Sequence[int]], completions: Se
                 target = torch.tensor(completions[i], dtype=torch.long, device=device)
                 out[i] = torch.log_softmax(logits, -1).gather(-1, target[:, None]).squeeze(-1).tolist()
         del hidden
+    return out
+
+
+@torch.no_grad()
+def reverse_kl(student, teacher, student_prompts: Sequence[Sequence[int]], teacher_prompts: Sequence[Sequence[int]],
+               completions: Sequence[Sequence[int]], *, pad_token_id: int, batch_size: int) -> list[list[float]]:
+    """The exact reverse KL at every completion token: KL(p_S(. | s_prompt, y_<j) || p_T(. | t_prompt, y_<j)),
+    summed over the whole vocabulary, in nats, for every sequence (an empty completion: []). The student reads its
+    own prompt and the teacher its own (its context + the student's prompt; the same ids without a context), and
+    both read exactly the completion's tokens. Teacher-forced: no sampling noise at a position, so a greedy answer's
+    divergence is measured as exactly as a sampled one's (which prefixes are visited is the decoding's choice)."""
+    from opd_tasks.backends.hf import pack_right
+    from opd_tasks.backends.prefix_cache import encode, output_logits
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out: list[list[float]] = [[] for _ in completions]
+    order = sorted(range(len(completions)), key=lambda i: len(teacher_prompts[i]) + len(completions[i]))
+    for start in range(0, len(order), batch_size):
+        idx = [i for i in order[start : start + batch_size] if completions[i]]
+        if not idx:
+            continue
+        comps = [completions[i] for i in idx]
+        logp = []
+        for model, prompts in ((student, student_prompts), (teacher, teacher_prompts)):
+            device = next(model.parameters()).device
+            ids, attn, pred, _ = pack_right([prompts[i] for i in idx], comps, pad_token_id)
+            hidden = encode(model, ids.to(device), attn.to(device), {}, use_cache=False).hidden
+            logp.append([torch.log_softmax(output_logits(model, hidden[r, pred[r, : len(c)].to(device)]).float(),
+                                           -1).cpu() for r, c in enumerate(comps)])
+            del hidden
+        for i, ls, lt in zip(idx, *logp, strict=True):
+            out[i] = (ls.exp() * (ls - lt)).sum(-1).tolist()
     return out

@@ -69,9 +69,10 @@ def micro_batch_loss(model, batch: list[ScoredSequence], cfg: UpdateConfig, brid
         tid = _pad3([s.topk_ids for s in batch], t, k, torch.long).to(device)
         tlp = _pad3([s.topk_logprobs for s in batch], t, k, torch.float32).to(device)
         loss = topk_rkl(logits, tid, tlp, weight, mask)
-    else:
+    else:  # the teacher reads its own prompt (its context + the student's), then the same completion tokens
+        t_ids, t_attn, t_pred, _ = pack_right([s.teacher_input for s in batch], [s.tokens for s in batch], pad_id)
         with torch.no_grad():
-            t_logits = completion_logits(teacher, ids, attn, pred)
+            t_logits = completion_logits(teacher, t_ids.to(device), t_attn.to(device), t_pred)
         loss = full_rkl(logits, t_logits, weight, mask)
     stats = {"kl": float(((logp_old - logp_t) * mask).sum()), "weighted": float((weight * mask).sum()),
              "main": float(loss.detach()), "bridge": 0.0}

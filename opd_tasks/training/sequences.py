@@ -36,6 +36,12 @@ class ScoredSequence:
     weights: list[float] | None = None
     bridges: list[tuple[int, list[int]]] = field(default_factory=list)
     trainer_logprobs: list[float] | None = None
+    teacher_prompt: list[int] | None = None  # the teacher's prompt when it has a context of its own
+
+    @property
+    def teacher_input(self) -> list[int]:
+        """The prompt the teacher reads: its context + the student's prompt, or the student's prompt."""
+        return self.teacher_prompt if self.teacher_prompt is not None else self.prompt
 
     def old_logprobs(self, source: str) -> list[float]:
         """The old log-probs `update.old_logprobs` names: `recompute` (the trainer's) or `sampler`."""
@@ -86,9 +92,9 @@ def scored_sequences(store: ArtifactStore, rollouts: ArtifactRef, scores: Artifa
         scored = scored.filter(pc.is_in(sequence_keys(scored), value_set=sequence_keys(roll).combine_chunks()))
     by_seq = group_tokens(scored, cols)
     out = []
-    for pid, sid, prompt, toks, lps in zip(*(roll.column(c).to_pylist() for c in
-                                             ("prompt_id", "sample_id", "prompt_token_ids", "token_ids", "logprobs")),
-                                           strict=True):
+    for pid, sid, prompt, toks, lps, tprompt in zip(*(roll.column(c).to_pylist() for c in (
+            "prompt_id", "sample_id", "prompt_token_ids", "token_ids", "logprobs", "teacher_prompt_token_ids")),
+            strict=True):
         if not toks:
             continue
         s = by_seq.get((pid, sid))
@@ -96,7 +102,7 @@ def scored_sequences(store: ArtifactStore, rollouts: ArtifactRef, scores: Artifa
             raise DataError(f"teacher scores {scores.short()} do not cover rollout ({pid!r}, {sid}): "
                             f"expected {len(toks)} tokens")
         out.append(ScoredSequence(pid, sid, prompt, toks, lps, s["teacher_logprob"],
-                                  **{c: s[c] for c in columns}))
+                                  **{c: s[c] for c in columns}, teacher_prompt=tprompt))
     return out
 
 

@@ -35,7 +35,12 @@ every analyze and update key changed and with them the iteration-1 `parent` hash
 `below_floor`, 0 in every case: the floor removed no token here; every table's bytes, loss and accuracy
 unchanged); then the `updates` table's `pg_loss` column renamed `distill_loss` (issue 29: it holds the loss of every
 loss type; the update artifacts' bytes, the update keys (stage version 6) and so the iteration-1 `parent` hashes
-changed; every value, every other artifact, loss and accuracy unchanged). Regenerate only for an intended change,
+changed; every value, every other artifact, loss and accuracy unchanged); then the teacher's context and the
+reverse-KL evaluation (issue 30: the prompts table gains `teacher_prompt_token_ids` and the rollouts table carries
+it, null without a context; the evals table gains `rkl` and `truncated` and the evaluation meta `rkl_per_token`,
+`rkl_per_sequence` and `truncated`; a `teacher_eval` artifact at iteration 0, the teacher's own evaluation for the
+headroom gate; every key and so the iteration-1 `parent` hashes changed; every token, loss and accuracy
+unchanged). Regenerate only for an intended change,
 and say what changed in the commit:
 
     python -m tests.golden --write

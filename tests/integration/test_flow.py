@@ -42,8 +42,8 @@ def _cfg(models, root: Path, *extra: str) -> RunConfig:
                               "iterations=2", "data.prompts_per_iteration=4", "rollout.samples_per_prompt=2",
                               "rollout.max_new_tokens=6", "evaluation.max_new_tokens=6", "data.eval_size=6",
                               "orchestration.retry_delay_seconds=0", "method=opd",
-                              # random tiny models rarely emit EOS and do not agree on tokens:
-                              "gates.max_truncated=null", "gates.min_topk_coverage=null",
+                              # random tiny models rarely emit EOS, do not agree on tokens and answer nothing:
+                              "gates.max_truncated=null", "gates.min_topk_coverage=null", "gates.min_headroom=null",
                               *extra])
 
 
@@ -352,8 +352,10 @@ def test_stage_flow_computes_what_the_inline_run_computed(harness, models, tmp_p
     cfg = _cfg(models, tmp_path, "iterations=1")
     distill(cfg.model_dump(mode="json"))
     lin = RunLineage(tmp_path, "testbed")
-    inputs = EvaluateInputs(model=resolve_models(cfg).initial_student, prompts=lin.get(0, "eval_prompts").ref,
-                            evaluation=cfg.evaluation, checker=checker_name(cfg), seed=cfg.seed)
+    models = resolve_models(cfg)
+    inputs = EvaluateInputs(model=models.initial_student, teacher=models.teacher,
+                            prompts=lin.get(0, "eval_prompts").ref, evaluation=cfg.evaluation,
+                            checker=checker_name(cfg), seed=cfg.seed)
     baseline = lin.get(0, "baseline").ref
     ArtifactStore(tmp_path).retire(baseline)
     ctx = StageContext(str(tmp_path), None, "evaluate", EVALUATE.key(inputs), cfg.device, run="testbed")

@@ -36,7 +36,8 @@ def _run(models, root: Path, name: str = "a", iterations: int = 3):
     cfg = load_config(None, [f"models.student.path={s}", f"models.teacher.path={t}", f"root={root}", f"name={name}",
                              f"iterations={iterations}", "data.prompts_per_iteration=4", "rollout.samples_per_prompt=2",
                              "rollout.max_new_tokens=6", "evaluation.max_new_tokens=6", "data.eval_size=4",
-                             "method=opd", "gates.max_truncated=null", "gates.min_topk_coverage=null"])
+                             "method=opd", "gates.max_truncated=null", "gates.min_topk_coverage=null",
+                             "gates.min_headroom=null"])
     return run_plain(cfg, log=lambda m: None, progress=False)
 
 

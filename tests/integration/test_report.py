@@ -259,7 +259,7 @@ def test_token_examples_fall_back_to_ids_when_the_tokenizer_is_gone(root: Path, 
     import opd_tasks.models
     from opd_tasks.errors import ModelError
 
-    def gone(ref):
+    def gone(ref, root=None):
         raise ModelError(f"model path {ref.path} does not exist")
 
     monkeypatch.setattr(opd_tasks.models, "load_tokenizer", gone)

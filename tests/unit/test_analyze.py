@@ -376,7 +376,7 @@ def _written_rollouts(env):
         ids = tok(render_completion(p, style, rng), add_special_tokens=False).input_ids + [tok.eos_token_id]
         rows.append({"prompt_id": f"p{i}", "sample_id": 0, "prompt_token_ids": tok(p.prompt).input_ids,
                      "token_ids": ids, "logprobs": [-rng.random() for _ in ids], "text": tok.decode(ids),
-                     "finish_reason": "stop", "reward": 1.0})
+                     "finish_reason": "stop", "reward": 1.0, "teacher_prompt_token_ids": None})
     table = pa.Table.from_pylist(rows)
     roll = store.put_table("rollout", "0a" * 32, "rollouts", table)
     return store, roll, _score(store, env["teacher"], env["student"], roll, top_k=4)

@@ -78,7 +78,8 @@ def _run(specs, root: Path, monkeypatch, keep: str) -> tuple[dict, LoadedModels]
     cfg = load_config(None, [f"models.student.path={s.path}", f"models.teacher.path={t.path}", f"root={root}",
                              "iterations=2", "data.prompts_per_iteration=4", "rollout.samples_per_prompt=2",
                              "rollout.max_new_tokens=6", "evaluation.max_new_tokens=6", "data.eval_size=6",
-                             "method=topd", "gates.max_truncated=null", "gates.min_topk_coverage=null"])
+                             "method=topd", "gates.max_truncated=null", "gates.min_topk_coverage=null",
+                             "gates.min_headroom=null"])
     out = run_plain(cfg, log=lambda m: None, progress=False).summary()
     return {(it["iteration"], r["stage"]): r["sha256"] for it in out["iterations"] for r in it["stages"]}, cache
 

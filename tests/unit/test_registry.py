@@ -122,7 +122,8 @@ def test_the_documented_example_stage_runs_and_caches(tmp_path: Path) -> None:
         "prompt_token_ids": pa.array([[1, 5], [1, 5]], pa.list_(pa.int32())),
         "token_ids": pa.array([[7, 2], [8, 2]], pa.list_(pa.int32())),
         "logprobs": pa.array([[-0.1, -0.2], [-0.3, -0.4]], pa.list_(pa.float32())),
-        "text": ["7", "8"], "finish_reason": ["stop", "stop"], "reward": pa.array([1.0, 0.0], pa.float32())}))
+        "text": ["7", "8"], "finish_reason": ["stop", "stop"], "reward": pa.array([1.0, 0.0], pa.float32()),
+        "teacher_prompt_token_ids": pa.array([None, None], pa.list_(pa.int32()))}))
     ref = stage(store, inputs_type(rollouts=rollouts))
     assert store.manifest(ref)["meta"] == {"mean_reward": 0.5} and ref.stage == "reward_stats"
     n = len(store.published)

@@ -72,8 +72,9 @@ def test_one_two_and_three_shards_give_byte_identical_artifacts(tmp_path: Path, 
         root = tmp_path / f"n{n}"
         run(root, method, f"orchestration.shards={n}")
         assert lineage(root) == want, f"{n} shards changed an artifact"
-        for stage in sharded_stages():  # the stage did run in n parts (evaluate twice: the baseline and it0)
-            runs = 2 if stage == "evaluate" else 0 if stage == "analyze" and method == "opd" else 1
+        for stage in sharded_stages():  # the stage did run in n parts (evaluate thrice: the baseline, the
+            # teacher's for the headroom gate, and it0)
+            runs = 3 if stage == "evaluate" else 0 if stage == "analyze" and method == "opd" else 1
             assert len(parts(root, stage)) == n * runs, stage
 
 

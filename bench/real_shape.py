@@ -219,7 +219,7 @@ def overrides(teacher: Path, student: Path, root: Path, method: str, prompts: in
             f"data.prompts_per_iteration={prompts}", "rollout.samples_per_prompt=2",
             f"rollout.max_new_tokens={max_new_tokens}", f"evaluation.max_new_tokens={max_new_tokens}",
             f"data.eval_size={prompts}", "gates.max_truncated=null", "gates.min_topk_coverage=null",
-            "update.learning_rate=1e-5"]
+            "gates.min_headroom=null", "update.learning_rate=1e-5"]  # random models: no teacher is better
 
 
 # ------------------------------------------------------------------------------------------- peak memory

@@ -6,7 +6,8 @@ student's question, the teacher scores exactly the student's completion tokens a
 recomputed by hand on the real model), the evaluation measures a positive reverse KL of the student's answers to
 the teacher, the update moves real weights, and `opd sql` reads the figures back.
 
-The model comes from where `make real` imported it ($OPD_REAL_ROOT, which .ci/run sets to its $OPD_HOME, or ./.opd), linked into the test's root, or, failing
+The model comes from where `make real` imported it ($OPD_REAL_ROOT, which .ci/run sets to its $OPD_HOME, or
+./.opd), linked into the test's root, or, failing
 that, is imported here from the downloaded wheel (.downloads/). Without either the test skips, saying so; with
 OPD_REQUIRE_REAL=1 (.ci/run, which runs `make real` first) it fails instead.
 """

@@ -103,7 +103,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return [f"models.student.path={s_dir}", f"models.teacher.path={t_dir}", "data.prompts_per_iteration=4",
             "rollout.samples_per_prompt=2", "rollout.max_new_tokens=6", "evaluation.max_new_tokens=6",
             "data.eval_size=4", "analysis.probe_tokens=4", "gates.max_truncated=null",
-            "gates.min_topk_coverage=null"]
+            "gates.min_topk_coverage=null", "gates.min_headroom=null"]
 
 
 def _trigger_and_wait(server, dep, name: str, watch) -> str:

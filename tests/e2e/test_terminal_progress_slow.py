@@ -45,12 +45,12 @@ def test_one_display_with_whole_log_lines_above_it(tmp_path: Path) -> None:
     text = "\n".join(lines)
     assert "Traceback" not in text, text[-3000:]
     plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", raw.decode(errors="replace"))  # without colours and cursor moves
-    assert re.search(r"run tty .*0/9 stages", plain), "the run display was never drawn"
+    assert re.search(r"run tty .*0/10 stages", plain), "the run display was never drawn"
     # Each stage's log line is whole, on a line of its own, with nothing of the display in it.
     for stage in ("eval_prompts", "baseline", "prompts", "rollout", "score", "gates", "analyze", "update", "evaluate"):
         hits = [ln for ln in lines if re.search(rf"it0 {stage}\s+computed in\s+[\d.]+s -> \w+/[0-9a-f]{{12}}", ln)]
         assert len(hits) == 1, (stage, text[-4000:])
         assert "━" not in hits[0] and "stages" not in hits[0], hits[0]
     # The display is transient: gone at the end, and the summary table follows the log lines.
-    assert not any("/9 stages" in ln for ln in lines), text[-3000:]
+    assert not any("/10 stages" in ln for ln in lines), text[-3000:]
     assert any("accuracy on 20 held-out prompts per iteration" in ln for ln in lines)

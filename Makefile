@@ -33,7 +33,7 @@ space := $(subst ,, )
 $(STAMP): pyproject.toml $(LOCK)
 	@echo "==> setting up $(VENV) from $(LOCK) (torch: $(TORCH_SPEC)); this takes a few minutes the first time"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(call PIP,$(BIN)) install --require-hashes --no-deps -r $(LOCK)
+	$(call PIP,$(BIN)) install --require-hashes --no-deps -r requirements.lock
 	$(call PIP,$(BIN)) install $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
 	$(call PIP,$(BIN)) install --no-deps --no-build-isolation -e .
 	$(call PIP,$(BIN)) check

@@ -317,6 +317,11 @@ class EvaluationConfig(_Strict):
     max_new_tokens: int = Field(default=64, ge=1)
     batch_size: int = Field(default=100, ge=1)
 
+    @property
+    def sampled(self) -> bool:
+        """Whether the answers are sampled (temperature 1), not greedy: with pass_k > 1 or greedy off."""
+        return self.pass_k > 1 or not self.greedy
+
 
 class GatesConfig(_Strict):
     """Quality gates checked after teacher scoring; a failed gate stops the iteration before the update."""

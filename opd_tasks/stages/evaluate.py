@@ -20,7 +20,6 @@ from __future__ import annotations
 import pyarrow as pa
 
 from opd_tasks.checkers import CHECKERS, extract_numeric_answer, extract_testbed_answer
-from opd_tasks.config import EvaluationConfig
 from opd_tasks.stages.inputs import EvaluateInputs
 from opd_tasks.stages.registry import Output, StageContext
 from storage.refs import ArtifactRef
@@ -31,14 +30,10 @@ EXTRACTORS = {"testbed": extract_testbed_answer, "numeric": extract_numeric_answ
 RKL_BATCH = 16
 
 
-def sampled(cfg: EvaluationConfig) -> bool:
-    return cfg.pass_k > 1 or not cfg.greedy
-
-
 def prompts_per_batch(x: EvaluateInputs) -> int:
     from opd_tasks.backends import hf_prompts_per_batch
 
-    return hf_prompts_per_batch(x.evaluation.batch_size, x.evaluation.pass_k if sampled(x.evaluation) else 1)
+    return hf_prompts_per_batch(x.evaluation.batch_size, x.evaluation.pass_k if x.evaluation.sampled else 1)
 
 
 def evaluate(ctx: StageContext, x: EvaluateInputs, rows: list[int] | None) -> dict[str, pa.Table]:
@@ -60,7 +55,7 @@ def evaluate(ctx: StageContext, x: EvaluateInputs, rows: list[int] | None) -> di
     tok = LOADED.tokenizer(x.model)
     gens = HfBackend(ctx.device, cfg.batch_size).generate(
         x.model, toks, eos_token_id=stop_token_ids(tok, x.model.path), pad_token_id=tok.pad_token_id,
-        n=cfg.pass_k if sampled(cfg) else 1, temperature=1.0 if sampled(cfg) else 0.0, top_p=1.0,
+        n=cfg.pass_k if cfg.sampled else 1, temperature=1.0 if cfg.sampled else 0.0, top_p=1.0,
         max_new_tokens=cfg.max_new_tokens, seed=x.seed, want_logprobs=False, desc="evaluate", progress=ctx.progress,
         first_prompt=0 if rows is None else min(rows))
     check, extract = CHECKERS[x.checker], EXTRACTORS[x.checker]

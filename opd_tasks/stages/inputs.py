@@ -189,3 +189,9 @@ class EvaluateInputs(StageInputs):
     evaluation: EvaluationConfig
     checker: str
     seed: int
+
+    def key_parts(self):
+        """the seed only when the answers are sampled: a greedy evaluation gives the same answers under every seed,
+        so the baseline and the teacher's evaluation are computed once for all the seeds of an experiment."""
+        artifacts, config, seed = super().key_parts()
+        return artifacts, config, seed if self.evaluation.sampled else None

@@ -294,8 +294,8 @@ def test_tampered_manifest_is_recomputed_not_adopted(harness, models, tmp_path: 
 @pytest.mark.slow
 def test_experiment_runs_methods_x_seeds_shares_cache_and_publishes_the_report(harness, models, tmp_path: Path) -> None:
     """`opd experiment`: one distill subflow per (seed, method); within a seed the second method's baseline and
-    first-iteration prompts/rollouts/scores are cache hits; the report covers exactly these runs and is
-    published as a Prefect markdown artifact."""
+    first-iteration prompts/rollouts/scores are cache hits, and the greedy baseline is one for all seeds; the
+    report covers exactly these runs and is published as a Prefect markdown artifact."""
     import asyncio
 
     from prefect.client.orchestration import get_client
@@ -315,6 +315,9 @@ def test_experiment_runs_methods_x_seeds_shares_cache_and_publishes_the_report(h
         assert not b.get(0, "update").cached and b.get(0, "update").ref.sha256 != a.get(0, "update").ref.sha256
     assert RunLineage(store.layout, "exp-opd-s0").get(0, "rollout").ref.sha256 != \
         RunLineage(store.layout, "exp-opd-s1").get(0, "rollout").ref.sha256  # seeds differ
+    s0, s1 = RunLineage(store.layout, "exp-opd-s0").get(0, "baseline"), RunLineage(store.layout, "exp-opd-s1").get(
+        0, "baseline")
+    assert s1.cached and s1.ref == s0.ref  # a greedy evaluation is keyed without the seed: computed once
     rep = out["report"]
     assert Path(rep["html"]).is_file() and set(rep["summary"]["methods"]) == {"opd", "topd"}
     assert rep["summary"]["methods"]["topd"]["seeds"] == [0, 1]

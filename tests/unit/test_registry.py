@@ -10,14 +10,16 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from opd_tasks.config import RolloutConfig, UpdateConfig
+from opd_tasks.config import EvaluationConfig, RolloutConfig, UpdateConfig
 from opd_tasks.errors import ConfigError
 from opd_tasks.models import ModelSpec
 from opd_tasks.stages import (
+    EVALUATE,
     ROLLOUT,
     SCORE,
     STAGES,
     UPDATE,
+    EvaluateInputs,
     Output,
     RolloutInputs,
     ScoreInputs,
@@ -80,6 +82,18 @@ def test_unkeyed_and_conditional_inputs() -> None:
     assert update_key("full_rkl", "1") != update_key("full_rkl", "2")
     with pytest.raises(ConfigError, match="stage 'update' takes UpdateInputs, got ScoreInputs"):
         UPDATE.key(score)
+
+
+def test_a_greedy_evaluation_is_keyed_without_the_seed() -> None:
+    """The same greedy answers under every seed: an experiment's seeds share the baseline and teacher_eval."""
+    def evaluate_key(seed: int, **evaluation) -> str:
+        return EVALUATE.key(EvaluateInputs(model=_model("a"), teacher=_model("b"), prompts=_ref("prompts"),
+                                           evaluation=EvaluationConfig(**evaluation), checker="numeric", seed=seed))
+
+    assert evaluate_key(1) == evaluate_key(2)
+    assert evaluate_key(1, pass_k=4) != evaluate_key(2, pass_k=4)
+    assert evaluate_key(1, greedy=False) != evaluate_key(2, greedy=False)
+    assert len({evaluate_key(1), evaluate_key(1, pass_k=4), evaluate_key(1, greedy=False)}) == 3
 
 
 def test_run_stage_publishes_under_the_key_and_never_looks_up(tmp_path: Path, monkeypatch) -> None:

@@ -25,6 +25,7 @@ from flows.distill import distill
 from opd_tasks.config import RunConfig
 from opd_tasks.errors import ConfigError
 from opd_tasks.method import METHODS
+from opd_tasks.stages.evaluate import percent
 
 
 @dataclass(frozen=True)
@@ -170,8 +171,8 @@ def experiment(config: dict, methods: list[str], seeds: list[int], name: str, re
                             "seed": p.seed, "baseline": res["baseline_accuracy"],
                             "accuracy": [it["accuracy"] for it in res["iterations"]],
                             "seconds": time.perf_counter() - t0, "stages_cached": cached, "stages": total})
-        log.info("experiment %s: %s accuracy %.1f%% -> %s (%d of %d stages from cache)", name, p.run,
-                 100 * res["baseline_accuracy"], " ".join(f"{100 * a:.1f}%" for a in out["runs"][-1]["accuracy"]),
+        log.info("experiment %s: %s accuracy %s -> %s (%d of %d stages from cache)", name, p.run,
+                 percent(res["baseline_accuracy"]), " ".join(percent(a) for a in out["runs"][-1]["accuracy"]),
                  cached, total)
     if report:
         out["reports"] = {}

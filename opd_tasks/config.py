@@ -116,7 +116,10 @@ class DataConfig(_Strict):
     split: str = "train"
     eval_split: str | None = Field(default=None, description="Split for evaluation; None = held out of path.")
     prompt_column: str = "question"
-    answer_column: str = "answer"
+    answer_column: str | None = Field(
+        default="answer", description="The reference answers' column. None: prompt-only data (no checker, no "
+        "accuracy; evaluation reports the reverse KL to the teacher and the truncated share; the headroom gate, "
+        "which compares accuracies, must then be off: gates.min_headroom null).")
     chat_template: bool = Field(default=False, description="Wrap prompts with the tokenizer's chat template.")
     prompts_per_iteration: int = Field(default=32, ge=1, description="New prompts drawn each iteration.")
     eval_size: int = Field(default=100, ge=1, description="Held-out prompts used by evaluation.")
@@ -346,6 +349,11 @@ class GatesConfig(_Strict):
         "teacher not evaluated.")
     sample_sequences: int = Field(default=32, ge=1, description="Rollouts re-scored for the last two gates.")
     batch_size: int = Field(default=16, ge=1, description="Sequences per forward batch of the two re-scores.")
+
+    @property
+    def checks_headroom(self) -> bool:
+        """Whether the run evaluates the teacher for the headroom gate (min_headroom, with the gates on)."""
+        return self.enabled and self.min_headroom is not None
 
 
 class FaultConfig(_Strict):

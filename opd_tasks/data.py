@@ -23,7 +23,9 @@ same question or conversation (`teacher_text`).
 
 The answer stored is the final answer (GSM8K's text after `####`, or a `\\boxed{}`), ready for the checker.
 Rows whose answer is missing, null or empty are excluded with a warning that counts them (never trained or
-scored against an empty answer); a split where every row lacks one is refused.
+scored against an empty answer); a split where every row lacks one is refused. With `data.answer_column` None
+the data is prompt-only: every row is kept, its answer None (nothing is checked; evaluation reports the reverse
+KL to the teacher instead of an accuracy).
 `datasets` caches what it builds under `cache_dir` (the prompts stage passes `<root>/cache/datasets`).
 Errors: DataError for a missing file, a local text file that is not UTF-8 or has a line longer than
 MAX_LINE_BYTES (found by streaming it before `datasets` loads it), a missing column (with the columns present),
@@ -66,7 +68,7 @@ class PromptRecord(BaseModel):
     prompt_id: str  # first 16 hex digits of sha256(source + "\n" + text)
     text: str  # what the model sees (after the chat template, if any)
     token_ids: list[int]
-    answer: str
+    answer: str | None  # None: prompt-only data (data.answer_column None)
     source: str  # "testbed", a file name or a hub id
     teacher_token_ids: list[int] | None = None  # the teacher's prompt: its context + this one; None: no context
 
@@ -250,19 +252,22 @@ def _answer_text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _rows(data: DataConfig, split: str, cache_dir: Path | None) -> tuple[list[tuple[str, str]], str, str]:
+def _rows(data: DataConfig, split: str, cache_dir: Path | None) -> tuple[list[tuple[str, str | None]], str, str]:
     ds, where, source = _load_split(data, split, cache_dir)
-    missing = [c for c in (data.prompt_column, data.answer_column) if c not in ds.column_names]
+    missing = [c for c in (data.prompt_column, data.answer_column) if c is not None and c not in ds.column_names]
     if missing:
         raise DataError(f"{where}: column(s) {missing} not found; columns present: {ds.column_names}")
+    answers = ds[data.answer_column] if data.answer_column is not None else [None] * len(ds)
     rows = [
-        (q, reference_answer(_answer_text(a)))
+        (q, None if data.answer_column is None else reference_answer(_answer_text(a)))
         for q, a in ((_prompt_value(q, where, data.prompt_column, i), a) for i, (q, a) in enumerate(
-            zip(ds[data.prompt_column], ds[data.answer_column], strict=True)))
+            zip(ds[data.prompt_column], answers, strict=True)))
         if q is not None
     ]
     if not rows:
         raise DataError(f"{where}: the dataset is empty (no non-empty {data.prompt_column!r} values)")
+    if data.answer_column is None:  # prompt-only data: nothing is checked, every row is kept
+        return rows, where, source
     answered = [r for r in rows if r[1]]
     if not answered:
         raise DataError(f"{where}: no row has a reference answer in column {data.answer_column!r} (all "
@@ -301,7 +306,7 @@ def _prompt_key(question: str | list[dict]) -> bytes:
 
 def _dataset_pairs(
     data: DataConfig, split: str, n: int | None, seed: int, offset: int, cache_dir: Path | None
-) -> tuple[list[tuple[str, str]], str]:
+) -> tuple[list[tuple[str, str | None]], str]:
     heldout_split = split in _EVAL_NAMES
     if split != "train" and not heldout_split:
         rows, _, source = _rows(data, split, cache_dir)

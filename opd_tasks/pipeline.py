@@ -64,7 +64,7 @@ from opd_tasks.stages import (
     run_stage,
     shards_for,
 )
-from opd_tasks.stages.evaluate import accuracy
+from opd_tasks.stages.evaluate import accuracy, percent
 from opd_tasks.stages.gates import check_gates, check_headroom
 from opd_tasks.stages.registry import part_key, part_stage
 from storage.layout import Layout
@@ -78,13 +78,15 @@ class IterationResult:
     iteration: int
     stages: dict[str, StageRecord]  # by label, in the order they ran
     checkpoint: ArtifactRef  # S_{i+1}
-    accuracy: float  # per sample, on the eval set (opd_tasks/stages/evaluate.py)
+    accuracy: float | None  # per sample, on the eval set (opd_tasks/stages/evaluate.py); None: no references
+    rkl_per_token: float | None  # the reverse KL of the student's eval answers to the teacher, nats per token
     mean_loss: float | None  # None: the update was skipped (no teacher signal; `skipped` says why)
     analysis: dict | None  # the analysis summary (regime shares, classifier), None when the method has none
     skipped: str | None = None  # why the update took no step (update.min_signal), None when it trained
 
     def summary(self) -> dict[str, Any]:
-        return {"iteration": self.iteration, "accuracy": self.accuracy, "mean_loss": self.mean_loss,
+        return {"iteration": self.iteration, "accuracy": self.accuracy, "rkl_per_token": self.rkl_per_token,
+                "mean_loss": self.mean_loss,
                 "skipped": self.skipped,
                 "analysis": self.analysis, "checkpoint": self.checkpoint.model_dump(mode="json"),
                 "stages": [r.row() for r in self.stages.values()]}
@@ -94,12 +96,14 @@ class IterationResult:
 class Distillation:
     run: str
     root: str
-    baseline_accuracy: float
+    baseline_accuracy: float | None  # None: prompt-only data
+    baseline_rkl_per_token: float | None
     iterations: list[IterationResult] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """The run as JSON (what the `distill` flow returns)."""
         return {"run": self.run, "root": self.root, "baseline_accuracy": self.baseline_accuracy,
+                "baseline_rkl_per_token": self.baseline_rkl_per_token,
                 "iterations": [it.summary() for it in self.iterations]}
 
 
@@ -333,7 +337,8 @@ def run_iteration(runner: StageRunner, cfg: RunConfig, method: MethodPlan, itera
     evals = runner(EVALUATE, EvaluateInputs(model=new_student, teacher=models.teacher, prompts=eval_prompts,
                                             evaluation=cfg.evaluation, checker=checker, seed=seed), iteration)
     return IterationResult(iteration, {r.label: r for r in runner.records[first:]}, checkpoint,
-                           accuracy(store, evals), mean_loss=update_meta["mean_loss"],
+                           accuracy(store, evals), store.manifest(evals)["meta"].get("rkl_per_token"),
+                           mean_loss=update_meta["mean_loss"],
                            analysis=store.manifest(analysis)["meta"] if analysis is not None else None,
                            skipped=update_meta.get("skipped"))
 
@@ -344,15 +349,10 @@ def stages_used(cfg: RunConfig) -> list[str]:
     return [name for name in STAGES if name not in skipped]
 
 
-def checks_headroom(cfg: RunConfig) -> bool:
-    """Whether the run evaluates the teacher for the headroom gate (gates.min_headroom, with the gates on)."""
-    return cfg.gates.enabled and cfg.gates.min_headroom is not None
-
-
 def stage_calls(cfg: RunConfig) -> int:
     """How many stage calls a run of `cfg` makes: the eval set, the baseline (and the teacher's evaluation for the
     headroom gate), then each iteration's stages."""
-    return 2 + checks_headroom(cfg) + cfg.iterations * len(stages_used(cfg))
+    return 2 + cfg.gates.checks_headroom + cfg.iterations * len(stages_used(cfg))
 
 
 def run_distillation(runner: StageRunner, cfg: RunConfig, resume: bool = False,
@@ -365,10 +365,11 @@ def run_distillation(runner: StageRunner, cfg: RunConfig, resume: bool = False,
     baseline = runner(EVALUATE, EvaluateInputs(model=models.initial_student, teacher=models.teacher,
                                                prompts=eval_prompts, evaluation=cfg.evaluation, checker=checker,
                                                seed=seed), iteration=0, label="baseline")
-    out = Distillation(cfg.name, str(store.root), accuracy(store, baseline))
-    runner.log(f"baseline: student accuracy {out.baseline_accuracy:.1%} on {cfg.data.eval_size} held-out prompts, "
-               f"reverse KL to the teacher {store.manifest(baseline)['meta']['rkl_per_token']:.4f} nats per token")
-    if checks_headroom(cfg):  # before the first update: is there anything to learn from the teacher?
+    out = Distillation(cfg.name, str(store.root), accuracy(store, baseline),
+                       store.manifest(baseline)["meta"].get("rkl_per_token"))
+    runner.log(f"baseline: student accuracy {percent(out.baseline_accuracy)} on {cfg.data.eval_size} held-out "
+               f"prompts, reverse KL to the teacher {out.baseline_rkl_per_token:.4f} nats per token")
+    if cfg.gates.checks_headroom:  # before the first update: is there anything to learn from the teacher?
         teacher_evals = runner(EVALUATE, EvaluateInputs(model=models.teacher, teacher=models.teacher, as_teacher=True,
                                                         prompts=eval_prompts, evaluation=cfg.evaluation,
                                                         checker=checker, seed=seed), iteration=0, label="teacher_eval")
@@ -381,7 +382,8 @@ def run_distillation(runner: StageRunner, cfg: RunConfig, resume: bool = False,
     for iteration in range(first, first + cfg.iterations):
         result = run_iteration(runner, cfg, method, iteration, student, models, eval_prompts)
         out.iterations.append(result)
-        runner.log(f"iteration {iteration}: accuracy {result.accuracy:.1%} (baseline {out.baseline_accuracy:.1%}), "
+        runner.log(f"iteration {iteration}: accuracy {percent(result.accuracy)} (baseline "
+                   f"{percent(out.baseline_accuracy)}), reverse KL {result.rkl_per_token:.4f} nats per token, "
                    + (f"mean loss {result.mean_loss:.4f}" if result.skipped is None else "update skipped (no signal)"))
         if on_iteration is not None:
             on_iteration(result, out)

@@ -82,10 +82,11 @@ SCHEMAS: dict[str, TableSchema] = {
             _f("trainer_logprob", f32),
         )),
         # v2: the reverse KL to the teacher (summed over the answer's tokens; null for the teacher's own answers)
-        # and whether the answer hit evaluation.max_new_tokens
-        TableSchema("evals", 2, "eval sample", (
+        # and whether the answer hit evaluation.max_new_tokens; v3: `correct` null where there is no reference
+        # answer (prompt-only data, data.answer_column null)
+        TableSchema("evals", 3, "eval sample", (
             _f("prompt_id", s), _f("sample_id", i32), _f("text", s), _f("answer", s, True),
-            _f("reference", s, True), _f("correct", b), _f("num_tokens", i32), _f("rkl", f32, True),
+            _f("reference", s, True), _f("correct", b, True), _f("num_tokens", i32), _f("rkl", f32, True),
             _f("truncated", b),
         )),
     ]

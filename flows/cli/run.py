@@ -119,11 +119,13 @@ def experiment_cmd(
                              report_out=str(out) if out else None, command=cmd, conditions=conds, primary=primary)
     except OpdError as e:
         fail(e)
+    from opd_tasks.stages.evaluate import percent
+
     t = Table("run", "arm", "seed", "accuracy per iteration", "stages from cache", "seconds",
               title=f"experiment {name}")
     for r in res["runs"]:
         t.add_row(r["run"], r["arm"], str(r["seed"]),
-                  " -> ".join(f"{100 * a:.1f}%" for a in [r["baseline"], *r["accuracy"]]),
+                  " -> ".join(percent(a) for a in [r["baseline"], *r["accuracy"]]),
                   f"{r['stages_cached']} / {r['stages']}", f"{r['seconds']:.0f}")
     console.print(t)
     for condition, rep in (res.get("reports") or {}).items():

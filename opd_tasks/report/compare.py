@@ -12,14 +12,17 @@ def summarize(runs: list[RunInfo], data: dict[str, list[dict]], primary: str | N
     """Per method (arm): baseline and final accuracy over seeds, the learning-curve area, surface share, seconds per
     iteration; the paired comparison of every pair; the verdict (`primary`, default `topd`, against `opd`)."""
     out: dict[str, Any] = {"methods": {}}
-    curves: dict[str, dict[int, float]] = {}
+    evaluated: dict[str, set[int]] = {}  # the steps each run evaluated
+    curves: dict[str, dict[int, float]] = {}  # accuracy per step (none for prompt-only data: no references)
     rkl: dict[str, dict[int, float]] = {}  # reverse KL to the teacher per step, where the evaluation measured it
     for a in data["accuracy"]:
-        curves.setdefault(a["run"], {})[a["step"]] = a["accuracy"]
+        evaluated.setdefault(a["run"], set()).add(a["step"])
+        if a["accuracy"] is not None:
+            curves.setdefault(a["run"], {})[a["step"]] = a["accuracy"]
         if a.get("rkl_per_token") is not None:
             rkl.setdefault(a["run"], {})[a["step"]] = a["rkl_per_token"]
     # Every run is compared at the same step: the last one that all runs reached.
-    reached = [max(v) for v in curves.values() if len(v) > 1]
+    reached = [max(v) for v in evaluated.values() if len(v) > 1]
     final_step = min(reached) if reached else None
     out["final_step"] = final_step
     if reached and max(reached) != final_step:
@@ -29,21 +32,21 @@ def summarize(runs: list[RunInfo], data: dict[str, list[dict]], primary: str | N
         per_run = {r.run: curves[r.run] for r in runs if r.method == m and r.run in curves}
         finals = [v[final_step] for v in per_run.values() if final_step is not None and final_step in v]
         base = [v[0] for v in per_run.values() if 0 in v]
-        steps = sorted({max(v) for v in per_run.values()})
+        steps = sorted({max(evaluated[r.run]) for r in runs if r.method == m and r.run in evaluated})
         reg = [r for r in data["regimes"] if r["method"] == m]
         high = sum(r["tokens"] for r in reg)
         surface = sum(r["tokens"] for r in reg if r["regime"] == "surface")
         classified = sum(r["tokens"] for r in reg if r["regime"] in ("surface", "divergent"))
         cost = {c["stage"]: c["seconds"] for c in data["costs"] if c["method"] == m}
-        mine = [r for r in runs if r.method == m and r.run in per_run]
+        mine = [r for r in runs if r.method == m and r.run in evaluated]
         stops = {(e["run"], e["step"]): e["rate"] for e in data.get("early_stops", [])}
         kept = [k["kept"] for k in data.get("kept", []) if k["method"] == m]
-        area = {str(r.seed): _area(per_run[r.run], final_step) for r in mine}
+        area = {str(r.seed): _area(per_run.get(r.run, {}), final_step) for r in mine}
         area = {k: v for k, v in area.items() if v is not None}
         rkl_base = [rkl[r.run][0] for r in mine if 0 in rkl.get(r.run, {})]
         rkl_final = [rkl[r.run][final_step] for r in mine if final_step in rkl.get(r.run, {})]
         out["methods"][m] = {
-            "runs": len(per_run),
+            "runs": len(mine),
             "seeds": sorted({r.seed for r in runs if r.method == m}),
             "iterations": steps,
             "baseline_mean": statistics.mean(base) if base else None,
@@ -51,7 +54,8 @@ def summarize(runs: list[RunInfo], data: dict[str, list[dict]], primary: str | N
             "final_std": statistics.stdev(finals) if len(finals) > 1 else 0.0 if finals else None,
             "final_min": min(finals) if finals else None,
             "final_max": max(finals) if finals else None,
-            "final_by_seed": {str(r.seed): per_run[r.run][final_step] for r in mine if final_step in per_run[r.run]},
+            "final_by_seed": {str(r.seed): per_run[r.run][final_step] for r in mine
+                              if final_step in per_run.get(r.run, {})},
             "area_mean": statistics.mean(area.values()) if area else None,
             "rkl_baseline_mean": statistics.mean(rkl_base) if rkl_base else None,
             "rkl_final_mean": statistics.mean(rkl_final) if rkl_final else None,

@@ -23,6 +23,41 @@ def _colors(methods: list[str]) -> dict[str, str]:
 REGIME_COLORS = {"surface": "#8ecae6", "divergent": "#e76f51", "unprobed": "#e9c46a"}
 
 
+#: The per-iteration plots: (metric of the accuracy query, scale, y label, title, file, caption, legend place).
+CURVES = (
+    ("accuracy", 100, "accuracy per sample (%)", "Test accuracy (per sample): mean over seeds, band = min-max",
+     "accuracy.png", "Test accuracy (per sample) per iteration per method (mean line, min-max band over seeds, thin "
+     "lines = single seeds).", "lower right"),
+    ("rkl_per_token", 1, "reverse KL to the teacher (nats per token)",
+     "Reverse KL of the test answers to the teacher: mean over seeds, band = min-max", "reverse_kl.png",
+     "Reverse KL of the student's test answers to the teacher (teacher-forced, nats per answer token) per "
+     "iteration per method (mean line, min-max band over seeds, thin lines = single seeds).", "upper right"),
+)
+
+
+def _curves(ax, rows: list[dict], metric: str, scale: float, methods: list[str], colors: dict, summary: dict) -> None:
+    """`metric` per step of each method's runs: the mean over seeds, a min-max band, each seed a thin line."""
+    from matplotlib.ticker import MaxNLocator
+
+    for m in methods:
+        mine = [a for a in rows if a["method"] == m]
+        if not mine:
+            continue
+        steps = sorted({a["step"] for a in mine})
+        by_step = {s: [a[metric] for a in mine if a["step"] == s] for s in steps}
+        c = colors[m]
+        for run in sorted({a["run"] for a in mine}):
+            pts = sorted((a["step"], a[metric]) for a in mine if a["run"] == run)
+            ax.plot([p[0] for p in pts], [scale * p[1] for p in pts], color=c, alpha=0.25, lw=0.8)
+        ax.fill_between(steps, [scale * min(by_step[s]) for s in steps], [scale * max(by_step[s]) for s in steps],
+                        color=c, alpha=0.15, lw=0)
+        ax.plot(steps, [scale * statistics.mean(by_step[s]) for s in steps], color=c, lw=2, marker="o", ms=3,
+                label=f"{m} (n={summary['methods'][m]['runs']})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("iteration (0 = baseline student)")
+    ax.grid(alpha=0.3)
+
+
 def plots(data: dict, summary: dict, out: Path) -> list[dict]:
     import matplotlib
 
@@ -33,30 +68,16 @@ def plots(data: dict, summary: dict, out: Path) -> list[dict]:
     methods = list(summary["methods"])
     colors = _colors(methods)
 
-    # accuracy per iteration: mean line, min-max band, each seed thin
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for m in methods:
-        rows = [a for a in data["accuracy"] if a["method"] == m]
-        steps = sorted({a["step"] for a in rows})
-        by_step = {s: [a["accuracy"] for a in rows if a["step"] == s] for s in steps}
-        c = colors[m]
-        for run in sorted({a["run"] for a in rows}):
-            pts = sorted((a["step"], a["accuracy"]) for a in rows if a["run"] == run)
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], color=c, alpha=0.25, lw=0.8)
-        ax.fill_between(steps, [100 * min(by_step[s]) for s in steps], [100 * max(by_step[s]) for s in steps],
-                        color=c, alpha=0.15, lw=0)
-        ax.plot(steps, [100 * statistics.mean(by_step[s]) for s in steps], color=c, lw=2, marker="o", ms=3,
-                label=f"{m} (n={summary['methods'][m]['runs']})")
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("iteration (0 = baseline student)")
-    ax.set_ylabel("accuracy per sample (%)")
-    ax.set_title("Test accuracy (per sample): mean over seeds, band = min-max")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    figs.append(_save(fig, out, "accuracy.png", "Test accuracy (per sample) per iteration per method (mean line, "
-                                                 "min-max band over seeds, thin lines = single seeds)."))
+    # per iteration, for accuracy (where references exist) and the reverse KL to the teacher (where measured)
+    for metric, scale, ylabel, title, name, caption, legend in CURVES:
+        rows = [a for a in data["accuracy"] if a.get(metric) is not None]
+        if rows:
+            fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+            _curves(ax, rows, metric, scale, methods, colors, summary)
+            ax.set_ylabel(ylabel)
+            ax.set_title(title)
+            ax.legend(loc=legend)
+            figs.append(_save(fig, out, name, caption))
 
     reg_methods = [m for m in methods if any(r["method"] == m for r in data["regimes"])]
     if reg_methods:

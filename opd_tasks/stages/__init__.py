@@ -49,10 +49,10 @@ _TABLE = (
           summary="Per-token losses, high-loss tokens, near-future detection, regimes and token weights."),
     Stage("update", 7, UpdateInputs, ("updates", "old_logprobs", "checkpoint"), f"{_S}.update:update",
           summary="One distillation update of the student: a checkpoint and the per-step losses."),
-    Stage("evaluate", 2, EvaluateInputs, ("evals",), f"{_S}.evaluate:evaluate",
+    Stage("evaluate", 3, EvaluateInputs, ("evals",), f"{_S}.evaluate:evaluate",
           rows=Rows("prompts", "prompts", _PROMPT, block=f"{_S}.evaluate:prompts_per_batch"),
           finish=f"{_S}.evaluate:summarize",
-          summary="The model's answers to the eval prompts, each checked; accuracy per sample."),
+          summary="The model's answers to the eval prompts, checked where a reference exists; accuracy per sample."),
 )
 STAGES: dict[str, Stage] = {s.name: s for s in _TABLE}
 assert len(STAGES) == len(_TABLE), "a stage is listed twice"
@@ -102,6 +102,10 @@ def check_config(cfg) -> None:
             problems.append(f"fault.shard is {f.shard}, but stage {f.stage!r} runs in {shards} shard(s) "
                             "(orchestration.shards / orchestration.stage_shards; the sharded stages are "
                             f"{', '.join(sharded_stages())}): the fault would never fire")
+    if cfg.data.answer_column is None and cfg.gates.checks_headroom:
+        problems.append(f"gates.min_headroom ({cfg.gates.min_headroom}) compares the teacher's and the student's "
+                        "accuracy, which prompt-only data (data.answer_column: null) does not have; set "
+                        "gates.min_headroom: null (the reverse KL to the teacher is the metric)")
     if not cfg.teacher_context.empty:
         from opd_tasks.method import plan
 

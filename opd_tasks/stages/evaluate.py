@@ -5,7 +5,8 @@ share of correct samples, `avg(correct)` over the `evals` table. With one greedy
 share of prompts answered correctly; with `pass_k` > 1 it is the mean over each prompt's k samples (pass@1
 estimated from k samples), and pass@k (a prompt counts if any of its k samples is correct) is recorded beside it
 in the manifest as `pass_at_k`. On the testbed the manifest also holds `early_stop_rate`: the share of samples that
-answer before the last step (the `consequential` fork, docs/testbed.md).
+answer before the last step (the `consequential` fork, docs/testbed.md). With prompt-only data
+(`data.answer_column` null) nothing is checked: `correct` is null and the accuracy None.
 
 Every evaluation also measures how far the student is from its teacher without a reference answer: each answer's
 exact reverse KL to the teacher (`opd_tasks.training.logprobs.reverse_kl`: teacher-forced on the student's own
@@ -60,7 +61,7 @@ def evaluate(ctx: StageContext, x: EvaluateInputs, rows: list[int] | None) -> di
         first_prompt=0 if rows is None else min(rows))
     check, extract = CHECKERS[x.checker], EXTRACTORS[x.checker]
     texts = [tok.decode(g.token_ids, skip_special_tokens=True) for g in gens]
-    correct = [bool(refs[g.prompt_index] is not None and check(t, refs[g.prompt_index]))
+    correct = [None if refs[g.prompt_index] is None else bool(check(t, refs[g.prompt_index]))
                for g, t in zip(gens, texts, strict=True)]
     rkl = [None] * len(gens)
     if x.teacher is not None and not x.as_teacher:
@@ -94,9 +95,9 @@ def summarize(ctx: StageContext, x: EvaluateInputs, tables: dict[str, pa.Table])
     """The answers with their summary: accuracy per sample, n, the testbed's early-stop rate, pass@k."""
     cfg = x.evaluation
     table = tables["evals"]
-    correct = table.column("correct").to_pylist()
+    correct = [c for c in table.column("correct").to_pylist() if c is not None]  # the answers with a reference
     texts = table.column("text").to_pylist()
-    meta = {"accuracy": sum(correct) / max(1, len(correct)), "n": table.num_rows,
+    meta = {"accuracy": sum(correct) / len(correct) if correct else None, "n": table.num_rows,
             "truncated": sum(table.column("truncated").to_pylist()) / max(1, table.num_rows)}
     if x.teacher is not None and not x.as_teacher:
         rkl, lengths = table.column("rkl").to_pylist(), table.column("num_tokens").to_pylist()
@@ -108,8 +109,9 @@ def summarize(ctx: StageContext, x: EvaluateInputs, tables: dict[str, pa.Table])
         asked = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist(), strict=True))
         meta["early_stop_rate"] = sum(stopped_early(t, asked[pid]) for pid, t in zip(
             table.column("prompt_id").to_pylist(), texts, strict=True)) / max(1, len(texts))
-    if cfg.pass_k > 1:
-        meta |= {"pass_at_k": pass_at_k(table.column("prompt_id").to_pylist(), correct), "k": cfg.pass_k}
+    if cfg.pass_k > 1 and correct:
+        meta |= {"pass_at_k": pass_at_k(table.column("prompt_id").to_pylist(), table.column("correct").to_pylist()),
+                 "k": cfg.pass_k}
     return Output(tables, meta)
 
 
@@ -121,6 +123,13 @@ def pass_at_k(prompt_ids: list[str], correct: list[bool]) -> float:
     return sum(per.values()) / max(1, len(per))
 
 
-def accuracy(store: ArtifactStore, evals: ArtifactRef) -> float:
-    """Accuracy per sample of an `evals` artifact: the share of its samples that are correct (module docstring)."""
-    return float(store.manifest(evals)["meta"]["accuracy"])
+def percent(value: float | None) -> str:
+    """An accuracy as shown: 42.0%, or n/a for prompt-only data."""
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def accuracy(store: ArtifactStore, evals: ArtifactRef) -> float | None:
+    """Accuracy per sample of an `evals` artifact: the share of its samples that are correct (module docstring);
+    None for prompt-only data (no reference answers)."""
+    value = store.manifest(evals)["meta"]["accuracy"]
+    return None if value is None else float(value)

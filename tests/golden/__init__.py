@@ -40,7 +40,9 @@ reverse-KL evaluation (issue 30: the prompts table gains `teacher_prompt_token_i
 it, null without a context; the evals table gains `rkl` and `truncated` and the evaluation meta `rkl_per_token`,
 `rkl_per_sequence` and `truncated`; a `teacher_eval` artifact at iteration 0, the teacher's own evaluation for the
 headroom gate; every key and so the iteration-1 `parent` hashes changed; every token, loss and accuracy
-unchanged). Regenerate only for an intended change,
+unchanged); then the evals table's version 3 (issue 30, prompt-only data: `correct` may be null; the bytes of
+every evaluation artifact changed, its rows, meta and every other artifact did not). Regenerate only for an
+intended change,
 and say what changed in the commit:
 
     python -m tests.golden --write

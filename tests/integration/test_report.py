@@ -84,7 +84,7 @@ def test_report_is_complete_and_self_contained(root: Path, tmp_path: Path) -> No
     rep = build_report(root, ["exp-*"], out=tmp_path / "rep", log=lambda _m: None)
     page = rep.html.read_text()
     figs = json.loads((rep.out / "report.json").read_text())["figures"]
-    assert [f["file"] for f in figs] == ["accuracy.png", "regimes.png", "classifier.png", "costs.png"]
+    assert [f["file"] for f in figs] == ["accuracy.png", "reverse_kl.png", "regimes.png", "classifier.png", "costs.png"]
     uris = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(uris) == len(figs) and "src=\"http" not in page and "src=\"/" not in page
     for u, f in zip(uris, figs, strict=True):
@@ -225,13 +225,13 @@ def test_report_opens_in_headless_chromium_with_every_image_loaded(root: Path, t
     checked = tmp_path / "checked.html"
     checked.write_text(rep.html.read_text().replace("</body>", CHECK_IMAGES))
     total, ok = _loaded_images(browser, checked, tmp_path)
-    assert total == 4 and ok == total
+    assert total == 5 and ok == total
     # the check can fail: one broken image is seen as not loaded
     broken = tmp_path / "broken.html"
     broken.write_text(rep.html.read_text().replace("</body>", '<img src="data:image/png;base64,AAAA">'
                                                                + CHECK_IMAGES))
     total, ok = _loaded_images(browser, broken, tmp_path)
-    assert total == 5 and ok == 4
+    assert total == 6 and ok == 5
 
 
 def test_opd_report_command(root: Path, tmp_path: Path) -> None:

@@ -93,7 +93,7 @@ MAX_MICRO = 32  # our update's default micro-batch; TRL's per-device batch uses 
 # ------------------------------------------------------------------------------------------ the plan
 
 
-def make_plan(steps: int, seqs_per_step: int, sets: list[str]) -> dict:
+def make_plan(steps: int, seqs_per_step: int, sets: list[str], config: Path | None = None) -> dict:
     """What every side runs: our config overrides and the matched hyperparameters, from the resolved config."""
     from opd_tasks.config_files import load_config
 
@@ -102,7 +102,10 @@ def make_plan(steps: int, seqs_per_step: int, sets: list[str]) -> dict:
         raise SystemExit(f"--seqs-per-step {seqs_per_step} must be <= {MAX_MICRO} or a multiple of {MAX_MICRO}")
     ga = seqs_per_step // micro
     ours_sets = ["method=opd", *sets, f"update.micro_batch_size={micro}", f"update.grad_accumulation={ga}"]
-    cfg = load_config(None, ours_sets)
+    cfg = load_config(config, ours_sets)
+    if not cfg.teacher_context.empty:
+        raise SystemExit("the config has a teacher_context, which TRL cannot express: empty it (e.g. --set "
+                         "teacher_context.messages=[]) so that both sides see the same prompts")
     per_iteration = cfg.data.prompts_per_iteration * cfg.rollout.samples_per_prompt
     if per_iteration % seqs_per_step:
         raise SystemExit(f"--seqs-per-step {seqs_per_step} must divide prompts_per_iteration x samples_per_prompt "
@@ -116,7 +119,8 @@ def make_plan(steps: int, seqs_per_step: int, sets: list[str]) -> dict:
     if cfg.method != "opd" or cfg.update.loss != "pg":
         console.print(f"[yellow]note: ours runs method={cfg.method}, update.loss={cfg.update.loss}[/yellow]")
     return {
-        "ours_sets": ours_sets, "steps": steps, "seqs_per_step": seqs_per_step, "micro_batch": micro,
+        "config": None if config is None else str(config), "ours_sets": ours_sets, "steps": steps,
+        "seqs_per_step": seqs_per_step, "micro_batch": micro,
         "grad_accumulation": ga, "steps_per_iteration": steps_per_iteration, "iterations": steps // steps_per_iteration,
         "prompts_per_iteration": cfg.data.prompts_per_iteration, "samples_per_prompt": cfg.rollout.samples_per_prompt,
         "max_new_tokens": cfg.rollout.max_new_tokens, "temperature": cfg.rollout.temperature,
@@ -134,7 +138,7 @@ def _worker_plain(plan: dict, workdir: Path) -> dict:
     from opd_tasks.config_files import load_config
     from opd_tasks.pipeline import run_plain
 
-    cfg = load_config(None, [*plan["ours_sets"], f"root={workdir / 'opd'}", f"name={RUN_NAME}",
+    cfg = load_config(plan["config"], [*plan["ours_sets"], f"root={workdir / 'opd'}", f"name={RUN_NAME}",
                              f"iterations={plan['iterations']}"])
     res = run_plain(cfg, log=lambda m: None, progress=False)
     return {"iterations": len(res.iterations)}  # timings and the final model come from the run's lineage
@@ -147,7 +151,7 @@ def _train_rows(plan: dict):
     from opd_tasks.data import load_prompts
     from opd_tasks.pipeline import resolve_models
 
-    cfg = load_config(None, plan["ours_sets"])
+    cfg = load_config(plan["config"], plan["ours_sets"])
     models = resolve_models(cfg)
     teacher, student = models.teacher, models.initial_student
     tok = load_tokenizer(student.path, student.trust_remote_code)
@@ -299,7 +303,8 @@ def run_side(side: str, plan: dict, plan_file: Path, workdir: Path) -> dict:
         env.update(OPD_HOME=str(workdir / "opd"), PREFECT_HOME=str(workdir / "prefect"),
                    PREFECT_LOGGING_TO_API_ENABLED="false")
         env.pop("PREFECT_API_URL", None)  # the run starts the local server (a fresh PREFECT_HOME), stopped below
-        cmd = [*_opd_command(), "run", *[a for s in plan["ours_sets"] for a in ("--set", s)], "--name", RUN_NAME,
+        cmd = [*_opd_command(), "run", *(["--config", plan["config"]] if plan["config"] else []),
+               *[a for s in plan["ours_sets"] for a in ("--set", s)], "--name", RUN_NAME,
                "-n", str(plan["iterations"])]
     else:
         cmd = [sys.executable, "-m", "bench.trl_peer", "--worker", side, "--plan", str(plan_file),
@@ -352,7 +357,7 @@ class Evaluator:
         from opd_tasks.stages import PROMPTS
         from storage.store import ArtifactStore
 
-        self.cfg = load_config(None, [*plan["ours_sets"], f"root={root}"])
+        self.cfg = load_config(plan["config"], [*plan["ours_sets"], f"root={root}"])
         self.store = ArtifactStore(root)
         models = resolve_models(self.cfg)
         self.student0 = models.initial_student
@@ -439,6 +444,8 @@ def _check_trl() -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench trl", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, default=None, help="run config of every side (default: the testbed's); "
+                    "one with a teacher_context is refused (TRL cannot express one)")
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps per side (a multiple of the steps one "
                                                           "of our iterations takes)")
     ap.add_argument("--seqs-per-step", type=int, default=32, help="sequences per optimizer step (default 32: our "
@@ -457,7 +464,7 @@ def main(argv: list[str] | None = None) -> dict:
         worker_main(args.worker, args.plan, args.workdir, args.out)
         return {}
     trl_version = _check_trl() if any(s.startswith("trl") for s in args.sides) else None
-    plan = make_plan(args.steps, args.seqs_per_step, args.sets)
+    plan = make_plan(args.steps, args.seqs_per_step, args.sets, args.config)
     console.print(f"machine: {machine()}")
     console.print(f"plan: {plan['iterations']} of our iterations = {plan['steps']} optimizer steps of "
                   f"{plan['seqs_per_step']} sequences (micro-batch {plan['micro_batch']} x {plan['grad_accumulation']}"

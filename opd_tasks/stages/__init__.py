@@ -77,11 +77,6 @@ def shards_for(orchestration, stage: str) -> int:
     return orchestration.stage_shards.get(stage, orchestration.shards)
 
 
-#: The detectors that never run the teacher, so they need nothing of a teacher context (the others continue the
-#: teacher from the student's prefixes, which do not hold the context yet).
-CONTEXT_DETECTORS = ("window", "oracle")
-
-
 def check_config(cfg) -> None:
     """What the config cannot check alone, because it needs the stage table: called when a run opens (and by
     `opd config show`). ConfigError naming the key."""
@@ -106,15 +101,6 @@ def check_config(cfg) -> None:
         problems.append(f"gates.min_headroom ({cfg.gates.min_headroom}) compares the teacher's and the student's "
                         "accuracy, which prompt-only data (data.answer_column: null) does not have; set "
                         "gates.min_headroom: null (the reverse KL to the teacher is the metric)")
-    if not cfg.teacher_context.empty:
-        from opd_tasks.method import plan
-
-        method = plan(cfg)
-        if method.analyze and (cfg.analysis.detector not in CONTEXT_DETECTORS or method.bridge is not None):
-            problems.append(f"teacher_context: the analysis' teacher continuations (detector "
-                            f"{cfg.analysis.detector!r}, bridges) do not read the teacher's context yet; with a "
-                            f"teacher context use analysis.detector one of {list(CONTEXT_DETECTORS)} and "
-                            "topd.bridge_weight: 0, or method: opd")
     if problems:
         raise ConfigError("; ".join(problems))
 

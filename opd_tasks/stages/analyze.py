@@ -234,13 +234,16 @@ def teacher_bridges(ctx: StageContext, x: AnalyzeInputs, probes: pa.Table, delta
 
     divergent = np.flatnonzero(probes.column("distance").to_numpy().astype(np.float64) >= delta)
     roll = ctx.store.read_table(x.rollouts, "rollouts", columns=["prompt_id", "sample_id", "prompt_token_ids",
-                                                                  "token_ids"])
+                                                                  "teacher_prompt_token_ids", "token_ids"])
     row = {k: i for i, k in enumerate(zip(roll.column("prompt_id").to_pylist(),
                                           roll.column("sample_id").to_pylist(), strict=True))}
     chosen = probes.take(pa.array(divergent, pa.int64())).select(["prompt_id", "sample_id", "pos"]).to_pylist()
     at = [(row[(p["prompt_id"], p["sample_id"])], p["pos"]) for p in chosen]
     used = sorted({i for i, _ in at})
-    prompts = roll.column("prompt_token_ids").take(used).to_pylist()
+    # the teacher's prompt: its context + the student's prompt (null without a context: the student's prompt)
+    prompts = [t if t is not None else p for p, t in zip(roll.column("prompt_token_ids").take(used).to_pylist(),
+                                                         roll.column("teacher_prompt_token_ids").take(used).to_pylist(),
+                                                         strict=True)]
     full = [p + c for p, c in zip(prompts, roll.column("token_ids").take(used).to_pylist(), strict=True)]
     index = {i: n for n, i in enumerate(used)}
     prefixes = [(index[i], len(prompts[index[i]]) + t) for i, t in at]

@@ -15,6 +15,9 @@ distance. The analysis stage (opd_tasks/stages/analyze.py) turns D_t into regime
 - `oracle` (testbed only, the positive control): the ground-truth role of the token decides, D_t = +1 for
   `reasoning`, `answer`, `fork` and -1 for `form`, `filler`, with its own threshold 0 (`analysis.delta` does not
   apply); an `unknown` token stays unprobed. What TOPD's training changes achieve with a perfect classifier.
+Wherever the teacher runs (its continuations, its re-reads, the bridges) it reads its own prompt: its context, if
+it has one (config `teacher_context`), then the student's prompt and completion (`Candidates.teacher_full`); the
+student reads its prompt and completion (`Candidates.full`).
 `probe` and `swap` examine the `analysis.probe_budget` highest-signal positions per rollout, `oracle` every
 high-loss token; with a bridge, the teacher's greedy K-token continuation from each divergent prefix is the bridge
 the update trains on.
@@ -59,6 +62,16 @@ class Candidates:
     def prefixes(self, rows: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """(sequence, prefix length) of each probed (sequence, completion position): the prefix s_t ends before t."""
         return [(i, len(self.sequences[i].prompt) + t) for i, t in rows]
+
+    @cached_property
+    def teacher_full(self) -> list[list[int]]:
+        """What the teacher reads of each sequence: its prompt (its context + the student's prompt, or the student's
+        prompt without a context) + the completion."""
+        return [list(s.teacher_input) + list(s.tokens) for s in self.sequences]
+
+    def teacher_prefixes(self, rows: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """`prefixes` in `teacher_full`: the same completion positions after the teacher's prompt."""
+        return [(i, len(self.sequences[i].teacher_input) + t) for i, t in rows]
 
 
 @dataclass
@@ -169,7 +182,8 @@ def _greedy_probes(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, r
     tok = models.tokenizer
     r = probe_pair(models.teacher, models.student, c.full, c.prefixes(rows), cfg.probe_tokens,
                    eos_token_id=models.stop_ids, pad_token_id=tok.pad_token_id, batch_size=cfg.batch_size,
-                   cross=cfg.distance == "xent", progress=progress, student_encoded=student_encoded)
+                   cross=cfg.distance == "xent", progress=progress, student_encoded=student_encoded,
+                   teacher_view=(c.teacher_full, c.teacher_prefixes(rows)))
     return r["c_t"], r["c_s"], (r["t_on_t"], r["s_on_t"], r["s_on_s"], r["t_on_s"])
 
 
@@ -181,14 +195,14 @@ def _realised_probes(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig,
     from opd_tasks.backends.prefix_cache import PrefixCache
 
     tok, k = models.tokenizer, cfg.probe_tokens
-    prefixes = c.prefixes(rows)
+    prefixes, teacher_prefixes = c.prefixes(rows), c.teacher_prefixes(rows)
     c_s = [list(c.sequences[i].tokens[t : t + k]) for i, t in rows]
     c_t: list[list[int]] = []
     gaps: tuple[list, list, list, list] = ([], [], [], [])
     batch = max(1, len(rows)) if student_encoded is not None else cfg.batch_size
     for s0 in bar(range(0, len(rows), batch), "probes", "batches", progress):
         chunk, given = prefixes[s0 : s0 + batch], c_s[s0 : s0 + batch]
-        teacher = PrefixCache(models.teacher, c.full, chunk, tok.pad_token_id)
+        teacher = PrefixCache(models.teacher, c.teacher_full, teacher_prefixes[s0 : s0 + batch], tok.pad_token_id)
         greedy, t_on_t = teacher.greedy(k, models.stop_ids)
         c_t += greedy
         if cfg.distance == "xent":
@@ -251,8 +265,8 @@ def swap(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, bridge: boo
         chunk = rows[s0 : s0 + batch]
         if any(t + 1 >= len(seqs[i].tokens) for i, t in chunk):
             raise DataError("swap: a probed position has no following token")
-        prefixes = c.prefixes(chunk)
-        pre = PrefixCache(lm, c.full, prefixes + prefixes, tok.pad_token_id)  # rows j and P + j share prefix j
+        prefixes = c.teacher_prefixes(chunk)
+        pre = PrefixCache(lm, c.teacher_full, prefixes + prefixes, tok.pad_token_id)  # rows j, P + j: prefix j
         own, alt = [], []
         for i, t in chunk:
             future = seqs[i].tokens[t + 1 : t + 1 + cfg.window]
@@ -274,8 +288,8 @@ def swap(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, bridge: boo
 
 def bridges(models: AnalysisModels, full: list[list[int]], prefixes: list[tuple[int, int]],
             cfg: AnalysisConfig) -> list[list[int]]:
-    """The teacher's greedy K-token continuations from the prefixes (sequence index into `full`, prefix length),
-    in batches of `analysis.batch_size`."""
+    """The teacher's greedy K-token continuations from the prefixes (sequence index into `full`, prefix length;
+    `full` as the teacher reads it: `Candidates.teacher_full`), in batches of `analysis.batch_size`."""
     from opd_tasks.topd.probes import probe_greedy
 
     if not prefixes:
@@ -299,8 +313,8 @@ def oracle(c: Candidates, models: AnalysisModels, cfg: AnalysisConfig, bridge: b
     conts: list[list[int]] = [[] for _ in rows]
     if bridge:
         divergent = [j for j, x in enumerate(dists) if x > 0]
-        for j, cont in zip(divergent, bridges(models, c.full, c.prefixes([rows[j] for j in divergent]), cfg),
-                           strict=True):
+        for j, cont in zip(divergent, bridges(models, c.teacher_full,
+                                              c.teacher_prefixes([rows[j] for j in divergent]), cfg), strict=True):
             conts[j] = cont
     return Detection(dict(zip(rows, dists, strict=True)), conts, [[] for _ in rows], dists)
 

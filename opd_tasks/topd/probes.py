@@ -25,20 +25,24 @@ def probe_pair(
     cross: bool = True,
     progress: bool = False,
     student_encoded: Encoded | None = None,
+    teacher_view: tuple[Sequence[Sequence[int]], Sequence[tuple[int, int]]] | None = None,
 ) -> dict[str, list]:
     """Near-future probes from each prefix `sequences[i][:n]` of `probes`: the teacher's and the student's greedy
     continuations (at most k tokens, up to and including the first of the stop ids `eos_token_id`) with their
     own raw-logit log-probs, and with `cross` each model's log-probs of the other's continuation. Per batch of
     probes each model encodes the probed sequences once; the prefixes are never re-encoded. `student_encoded`:
-    the student's forward over every probed sequence has already run (all probes then form one batch). Returns
-    lists `c_t`, `t_on_t`, `c_s`, `s_on_s` and, with `cross`, `s_on_t`, `t_on_s`."""
+    the student's forward over every probed sequence has already run (all probes then form one batch).
+    `teacher_view`: (sequences, probes) as the teacher reads them, the same positions after the teacher's own
+    prompt (a context of its own); None: the teacher reads `sequences` too. Returns lists `c_t`, `t_on_t`, `c_s`,
+    `s_on_s` and, with `cross`, `s_on_t`, `t_on_s`."""
     out: dict[str, list] = {key: [] for key in ("c_t", "t_on_t", "c_s", "s_on_s", "s_on_t", "t_on_s")}
     if student_encoded is not None:
         batch_size = max(1, len(probes))
+    t_sequences, t_probes = teacher_view if teacher_view is not None else (sequences, probes)
     steps = range(0, len(probes), batch_size)
     for s0 in bar(steps, "probes", "batches", progress):
         chunk = list(probes[s0 : s0 + batch_size])
-        pt = PrefixCache(teacher, sequences, chunk, pad_token_id)
+        pt = PrefixCache(teacher, t_sequences, list(t_probes[s0 : s0 + batch_size]), pad_token_id)
         c_t, t_on_t = pt.greedy(k, eos_token_id)
         ps = PrefixCache(student, sequences, chunk, pad_token_id, student_encoded)
         c_s, s_on_s = ps.greedy(k, eos_token_id)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from opd_tasks.config import (
+    AnalysisConfig,
     ChatMessage,
     DataConfig,
     EvaluationConfig,
@@ -154,15 +156,112 @@ def test_a_teacher_that_is_the_student_without_a_context_has_no_reverse_kl(env) 
     assert all(abs(v) < 1e-6 for v in store.read_table(ref, "evals").column("rkl").to_pylist())
 
 
-def test_a_context_with_teacher_continuations_in_the_analysis_is_refused_by_name() -> None:
+def _analyze(env, cfg: AnalysisConfig):
+    from opd_tasks.method import plan
+    from opd_tasks.stages import ANALYZE, AnalyzeInputs
+
+    p = plan(RunConfig(method="topd"))  # with the bridge: the teacher's continuations at divergent positions
+    return ANALYZE(env["store"], AnalyzeInputs(
+        student=env["student"], teacher=env["teacher"], rollouts=env["roll"], scores=env["scores"], analysis=cfg,
+        weighting=p.weighting, bridge=True, label_roles=False, seed=0), progress=False)
+
+
+def _logprobs_one_by_one(model, prefix: list[int], cont: list[int]) -> list[float]:
+    """log p(cont[j] | prefix + cont[:j]), one full forward per token (no cache, no batch, no padding)."""
+    with torch.no_grad():
+        return [float(torch.log_softmax(model(torch.tensor([prefix + cont[:j]])).logits[0, -1].float(), -1)[t])
+                for j, t in enumerate(cont)]
+
+
+def _greedy(model, prefix: list[int], k: int) -> list[int]:
+    from opd_tasks.backends.hf import generate
+
+    return generate(model, [prefix], eos_token_id=2, pad_token_id=0, n=1, temperature=0.0, max_new_tokens=k,
+                    progress=False)[0].token_ids
+
+
+def _prefixes(env, p: dict) -> tuple[list[int], list[int], list[int]]:
+    """(the student's prefix s_t, the teacher's: its context + the same, the completion) of probe row `p`."""
+    tok = _tokenizer(env["student"])
+    prompts = {r["prompt_id"]: r["prompt"] for r in env["store"].read_table(env["prompts"], "prompts").to_pylist()}
+    roll = {(r["prompt_id"], r["sample_id"]): r for r in env["store"].read_table(env["roll"], "rollouts").to_pylist()}
+    r = roll[(p["prompt_id"], p["sample_id"])]
+    done = r["token_ids"][: p["pos"]]
+    return tok(prompts[p["prompt_id"]]).input_ids + done, tok(PREFIX + prompts[p["prompt_id"]]).input_ids + done, \
+        r["token_ids"]
+
+
+def _swap_by_hand(teacher, prefix: list[int], y: list[int], t: int, window: int = 3) -> float:
+    """swap's D_t at completion position t after `prefix`: the teacher re-reads y_t+1..y_t+W after y_t and after
+    a_t, its most likely token other than y_t."""
+    fut = y[t + 1 : t + 1 + window]
+    with torch.no_grad():
+        logits = teacher(torch.tensor([prefix])).logits[0, -1]
+    logits[y[t]] = -float("inf")
+    own = _logprobs_one_by_one(teacher, prefix + [y[t]], fut)
+    alt = _logprobs_one_by_one(teacher, prefix + [int(logits.argmax())], fut)
+    return sum(a - b for a, b in zip(own, alt, strict=True)) / len(fut) if fut else 0.0
+
+
+@pytest.mark.parametrize("delta_mode", ["absolute", "quantile"])
+def test_swap_rereads_the_student_tokens_after_the_teachers_context(env, delta_mode: str) -> None:
+    """`swap` with a context: D_t = mean_j[log T(y_t+j | c, s_t, y_t, ..) - log T(y_t+j | c, s_t, a_t, ..)], the
+    teacher reading its context c (written out by hand) before the student's prefix, one forward per token; a_t from
+    the teacher's own logits after c + s_t; a divergent position's bridge is the teacher's greedy continuation
+    after c + s_t (made block by block with an absolute delta, in the merge with a quantile one). Without c the
+    values differ, so each check can fail."""
+    cfg = AnalysisConfig(detector="swap", window=3, probe_tokens=3, probe_budget=2, batch_size=4,
+                         high_loss_quantile=0.5, delta_mode=delta_mode, delta=0.0 if delta_mode == "absolute" else 0.5)
+    ref = _analyze(env, cfg)
+    probes = env["store"].read_table(ref, "probes").to_pylist()
+    delta = env["store"].manifest(ref)["meta"]["delta"]
+    teacher = _model(env["teacher"])
+    assert len(probes) >= 3
+    moved, bridged = 0.0, 0
+    for p in probes:
+        student_prefix, teacher_prefix, y = _prefixes(env, p)
+        assert p["distance"] == pytest.approx(_swap_by_hand(teacher, teacher_prefix, y, p["pos"]), abs=1e-4)
+        moved = max(moved, abs(_swap_by_hand(teacher, student_prefix, y, p["pos"]) - p["distance"]))
+        if p["distance"] >= delta:
+            assert p["teacher_continuation"] == _greedy(teacher, teacher_prefix, 3)
+            bridged += 1
+        else:
+            assert p["teacher_continuation"] == []
+    assert moved > 1e-3 and bridged > 0
+
+
+@pytest.mark.parametrize("probe_student", ["realised", "greedy"])
+def test_the_probe_continues_the_teacher_after_its_context(env, probe_student: str) -> None:
+    """`probe` (xent) with a context: the teacher's continuation c_T is its greedy one after c + s_t and its
+    log-probs are read after c + s_t, the student's after s_t alone: distance = 0.5 * (mean_j[log T(c_T | c, s_t) -
+    log S(c_T | s_t)] + mean_j[log S(c_S | s_t) - log T(c_S | c, s_t)]), recomputed one token at a time."""
+    cfg = AnalysisConfig(detector="probe", distance="xent", probe_student=probe_student, probe_tokens=3,
+                         probe_budget=2, batch_size=4)
+    probes = env["store"].read_table(_analyze(env, cfg), "probes").to_pylist()
+    student, teacher = _model(env["student"]), _model(env["teacher"])
+    assert len(probes) >= 3
+    differs = 0
+    for p in probes:
+        student_prefix, teacher_prefix, y = _prefixes(env, p)
+        c_t, c_s = p["teacher_continuation"], p["student_continuation"]
+        assert c_t == _greedy(teacher, teacher_prefix, 3)
+        differs += c_t != _greedy(teacher, student_prefix, 3)
+        realised = y[p["pos"] : p["pos"] + 3]
+        assert c_s == (realised if probe_student == "realised" else _greedy(student, student_prefix, 3))
+        gap_t = np.mean(np.subtract(_logprobs_one_by_one(teacher, teacher_prefix, c_t),
+                                    _logprobs_one_by_one(student, student_prefix, c_t)))
+        gap_s = np.mean(np.subtract(_logprobs_one_by_one(student, student_prefix, c_s),
+                                    _logprobs_one_by_one(teacher, teacher_prefix, c_s)))
+        assert p["distance"] == pytest.approx(0.5 * (gap_t + gap_s), abs=1e-4)
+    assert differs > 0  # the context changes what the teacher writes: the continuation check can fail
+
+
+def test_every_detector_runs_with_a_context() -> None:
     from opd_tasks.stages import check_config
 
-    with pytest.raises(ConfigError, match="teacher_context: the analysis' teacher continuations"):
-        check_config(RunConfig(method="topd", teacher_context=TeacherContextConfig(prefix="x")))
-    check_config(RunConfig(method="opd", teacher_context=TeacherContextConfig(prefix="x")))
-    check_config(RunConfig.model_validate({"method": "topd", "teacher_context": {"prefix": "x"},
-                                           "analysis": {"detector": "window"}, "topd": {"bridge_weight": 0}}))
-    check_config(RunConfig(method="topd"))  # no context: every detector
+    for detector in ("window", "probe", "swap", "oracle"):
+        check_config(RunConfig.model_validate({"method": "topd", "teacher_context": {"prefix": "x"},
+                                               "analysis": {"detector": detector}}))
 
 
 # ------------------------------------------------------------------ chat rendering and the messages column

@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from opd_tasks.config import RunConfig
 from opd_tasks.pipeline import Distillation, IterationResult, StageRunner, opened_run, run_distillation, with_faults
-from opd_tasks.stages.evaluate import percent
+from opd_tasks.stages.evaluate import nats, percent
 
 
 def publish_iteration(result: IterationResult, run: Distillation) -> None:
@@ -30,8 +30,8 @@ def publish_iteration(result: IterationResult, run: Distillation) -> None:
                           description=f"run {run.run}, iteration {i}: stages, artifacts, cache hits, seconds")
     lines = [f"# {run.run}: iteration {i}", "",
              f"accuracy (per sample) {percent(result.accuracy)} (baseline {percent(run.baseline_accuracy)}), "
-             f"reverse KL to the teacher {result.rkl_per_token:.4f} nats per token "
-             f"(baseline {run.baseline_rkl_per_token:.4f})", "",
+             f"reverse KL to the teacher {nats(result.rkl_per_token)} nats per token "
+             f"(baseline {nats(run.baseline_rkl_per_token)})", "",
              "| stage | state | seconds | rows | artifact |", "|---|---|---|---|---|"]
     lines += [f"| {r['stage']} | {r['state']} | {r['seconds']:.1f} | {r['rows']} | `{r['uri']}` |" for r in rows]
     lines += ["", f"Query: `opd sql \"SELECT * FROM evals WHERE run='{run.run}' AND iteration={i}\"`"]

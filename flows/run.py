@@ -24,7 +24,7 @@ def run_and_report(cfg: RunConfig, console: Console, refresh: list[str] | None =
     from flows.server import prefect_api
     from opd_tasks.pipeline import stage_calls
     from opd_tasks.progress import run_display
-    from opd_tasks.stages.evaluate import percent
+    from opd_tasks.stages.evaluate import nats, percent
 
     root = cfg.resolved_root().resolve()
     check_unlocked(root, [cfg.name])
@@ -42,7 +42,7 @@ def run_and_report(cfg: RunConfig, console: Console, refresh: list[str] | None =
     t = Table("iteration", "accuracy (per sample)", "reverse KL (nats/token)", "mean loss",
               "high-loss tokens: surface / divergent / unprobed", "stages computed / cached", "seconds",
               title=f"run {cfg.name}: accuracy on {cfg.data.eval_size} held-out prompts per iteration "
-                    f"(baseline {percent(out['baseline_accuracy'])}, reverse KL {out['baseline_rkl_per_token']:.4f})")
+                    f"(baseline {percent(out['baseline_accuracy'])}, reverse KL {nats(out['baseline_rkl_per_token'])})")
     for iteration in out["iterations"]:
         stages = iteration["stages"]
         cached = sum(1 for r in stages if r["state"] == "Cached")
@@ -50,7 +50,7 @@ def run_and_report(cfg: RunConfig, console: Console, refresh: list[str] | None =
         shares = (" / ".join(f"{analysis['share'][r]:.0%}" for r in ("surface", "divergent", "unprobed"))
                   if analysis else "-")
         loss = "skipped (no signal)" if iteration.get("skipped") else f"{iteration['mean_loss']:.4f}"
-        t.add_row(str(iteration["iteration"]), percent(iteration["accuracy"]), f"{iteration['rkl_per_token']:.4f}",
+        t.add_row(str(iteration["iteration"]), percent(iteration["accuracy"]), nats(iteration["rkl_per_token"]),
                   loss, shares, f"{len(stages) - cached} / {cached}", f"{sum(r['seconds'] for r in stages):.1f}")
     console.print(t)
     console.print(f"done in {time.perf_counter() - t0:.0f}s. Artifacts: {root}/artifacts; lineage: "

@@ -64,7 +64,7 @@ from opd_tasks.stages import (
     run_stage,
     shards_for,
 )
-from opd_tasks.stages.evaluate import accuracy, percent
+from opd_tasks.stages.evaluate import accuracy, nats, percent
 from opd_tasks.stages.gates import check_gates, check_headroom
 from opd_tasks.stages.registry import part_key, part_stage
 from storage.layout import Layout
@@ -368,7 +368,7 @@ def run_distillation(runner: StageRunner, cfg: RunConfig, resume: bool = False,
     out = Distillation(cfg.name, str(store.root), accuracy(store, baseline),
                        store.manifest(baseline)["meta"].get("rkl_per_token"))
     runner.log(f"baseline: student accuracy {percent(out.baseline_accuracy)} on {cfg.data.eval_size} held-out "
-               f"prompts, reverse KL to the teacher {out.baseline_rkl_per_token:.4f} nats per token")
+               f"prompts, reverse KL to the teacher {nats(out.baseline_rkl_per_token)} nats per token")
     if cfg.gates.checks_headroom:  # before the first update: is there anything to learn from the teacher?
         teacher_evals = runner(EVALUATE, EvaluateInputs(model=models.teacher, teacher=models.teacher, as_teacher=True,
                                                         prompts=eval_prompts, evaluation=cfg.evaluation,
@@ -383,7 +383,7 @@ def run_distillation(runner: StageRunner, cfg: RunConfig, resume: bool = False,
         result = run_iteration(runner, cfg, method, iteration, student, models, eval_prompts)
         out.iterations.append(result)
         runner.log(f"iteration {iteration}: accuracy {percent(result.accuracy)} (baseline "
-                   f"{percent(out.baseline_accuracy)}), reverse KL {result.rkl_per_token:.4f} nats per token, "
+                   f"{percent(out.baseline_accuracy)}), reverse KL {nats(result.rkl_per_token)} nats per token, "
                    + (f"mean loss {result.mean_loss:.4f}" if result.skipped is None else "update skipped (no signal)"))
         if on_iteration is not None:
             on_iteration(result, out)

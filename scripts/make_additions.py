@@ -1,8 +1,8 @@
 """Write configs/data/additions.jsonl: the real recipe's questions (configs/smollm2-context.yaml).
 
 Every "What is a + b?" with a and b in 2..49 (2,304 questions, each with its sum as the reference answer), in a
-fixed shuffled order. The recipe's teacher sees four worked examples whose operands are 50 or more, so no example
-is a question here. Deterministic: tests/unit/test_real_recipe.py regenerates the file and compares bytes.
+fixed shuffled order. The recipe's teacher sees four worked examples, each with an operand of 50 or more, so no
+example is a question here. Deterministic: tests/unit/test_real_recipe.py regenerates the file and compares bytes.
 
     python scripts/make_additions.py [OUT]
 """

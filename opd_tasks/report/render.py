@@ -12,10 +12,11 @@ from typing import Any
 from opd_tasks.errors import OpdError
 from opd_tasks.report.figures import REGIME_COLORS
 from opd_tasks.report.queries import RunInfo, query_rows
+from opd_tasks.stages.evaluate import percent
 
 
 def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
+    return percent(v, missing="-")
 
 
 def _num(v, fmt: str = "{:.2f}") -> str:

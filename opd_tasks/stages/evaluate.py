@@ -123,9 +123,14 @@ def pass_at_k(prompt_ids: list[str], correct: list[bool]) -> float:
     return sum(per.values()) / max(1, len(per))
 
 
-def percent(value: float | None) -> str:
-    """An accuracy as shown: 42.0%, or n/a for prompt-only data."""
-    return "n/a" if value is None else f"{value:.1%}"
+def percent(value: float | None, missing: str = "n/a") -> str:
+    """An accuracy as shown: 42.0%, or `missing` for prompt-only data."""
+    return missing if value is None else f"{value:.1%}"
+
+
+def nats(value: float | None) -> str:
+    """A reverse KL as shown: 0.4130, or n/a where it was not measured (a model evaluated without a teacher)."""
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def accuracy(store: ArtifactStore, evals: ArtifactRef) -> float | None:

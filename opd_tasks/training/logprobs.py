@@ -6,7 +6,9 @@ completion positions at a time. So the largest tensor alive is one sequence's [T
 batch's [B, L, V] logits over every position (at vocabulary 151,936 and 64 sequences of 1,300 tokens those are
 50 GB). Sequences are taken in length order so that a batch pads little; the result is in the input order.
 `reverse_kl` (evaluation's divergence from the teacher) works the same way, with a student and a teacher that
-each read their own prompt.
+each read their own prompt: both decoders over the batch, then one sequence at a time both output heads and the
+divergence on the student's device, so the largest tensors alive are that sequence's two [T, V] log-prob tensors
+and only the [T] result leaves the device.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def reverse_kl(student, teacher, student_prompts: Sequence[Sequence[int]], teach
     divergence is measured as exactly as a sampled one's (which prefixes are visited is the decoding's choice)."""
     from opd_tasks.backends.hf import pack_right
     from opd_tasks.backends.prefix_cache import encode, output_logits
+    from opd_tasks.errors import ModelError
+    from opd_tasks.training.losses import full_rkl_per_token
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -68,14 +72,19 @@ def reverse_kl(student, teacher, student_prompts: Sequence[Sequence[int]], teach
         if not idx:
             continue
         comps = [completions[i] for i in idx]
-        logp = []
+        encoded = []  # per model: (the model, its device, its decoder's hidden states, the completion positions)
         for model, prompts in ((student, student_prompts), (teacher, teacher_prompts)):
             device = next(model.parameters()).device
             ids, attn, pred, _ = pack_right([prompts[i] for i in idx], comps, pad_token_id)
-            hidden = encode(model, ids.to(device), attn.to(device), {}, use_cache=False).hidden
-            logp.append([torch.log_softmax(output_logits(model, hidden[r, pred[r, : len(c)].to(device)]).float(),
-                                           -1).cpu() for r, c in enumerate(comps)])
-            del hidden
-        for i, ls, lt in zip(idx, *logp, strict=True):
-            out[i] = (ls.exp() * (ls - lt)).sum(-1).tolist()
+            encoded.append((model, device, encode(model, ids.to(device), attn.to(device), {}, use_cache=False).hidden,
+                            pred))
+        (s_model, s_dev, s_hidden, s_pred), (t_model, t_dev, t_hidden, t_pred) = encoded
+        for r, (i, c) in enumerate(zip(idx, comps, strict=True)):
+            ls = output_logits(s_model, s_hidden[r, s_pred[r, : len(c)].to(s_dev)])
+            lt = output_logits(t_model, t_hidden[r, t_pred[r, : len(c)].to(t_dev)]).to(s_dev)
+            if ls.shape[-1] != lt.shape[-1]:
+                raise ModelError(f"the reverse KL needs one vocabulary: the student's output layer has "
+                                 f"{ls.shape[-1]} rows and the teacher's {lt.shape[-1]}")
+            out[i] = full_rkl_per_token(ls, lt).cpu().tolist()
+        del encoded, s_hidden, t_hidden
     return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -31,6 +33,34 @@ def test_step_figures_are_the_manifest_definitions() -> None:
     answers = {"a": (True, 2.0, 4, False), "b": (False, 6.0, 4, True), "c": (True, 1.0, 2, False)}
     got = step_figures(answers)
     assert got == {"n": 3, "accuracy": pytest.approx(2 / 3), "rkl_per_token": pytest.approx(9.0 / 10),
-                   "truncated": pytest.approx(1 / 3)}
+                   "rkl_per_sequence": pytest.approx(9.0 / 3), "truncated": pytest.approx(1 / 3)}
     teacher = step_figures({"a": (True, None, 4, False), "b": (False, None, 3, False)})
     assert teacher["rkl_per_token"] is None and teacher["accuracy"] == 0.5
+
+
+def test_the_analysis_of_known_runs(monkeypatch) -> None:
+    """Two seeds of arm opd with known answers on 4 questions; one seed of arm topd-window stopped early."""
+    import bench.real_experiment as rx
+
+    def step(correct: list[bool], rkl: float | None) -> dict:
+        return {f"q{j}": (c, rkl, 2, False) for j, c in enumerate(correct)}
+
+    teacher = step([True, True, True, False], None)
+    base = step([False, False, False, False], 1.0)  # the teacher is 75 points better
+    runs = {
+        "x-opd-s1": {-1: teacher, 0: base, 1: step([True, False, False, False], 0.8),
+                     2: step([True, True, False, False], 0.6)},  # +50 points: G = 2/3
+        "x-opd-s2": {-1: teacher, 0: base, 1: step([True, True, True, False], 1.2),
+                     2: step([True, False, False, False], 1.1)},  # +25 points, G = 1/3; the reverse KL rose
+        "x-topd-window-s1": {-1: teacher, 0: base, 1: step([True, True, False, False], 0.5)},
+    }
+    monkeypatch.setattr(rx, "read_evals", lambda root, names: {r: v for r, v in runs.items() if r in names})
+    got = rx.analyse(Path("/nowhere"), "x", ["opd", "topd-window"], [1, 2], last=2)
+    opd = got["arms"]["opd"]
+    assert opd["per_seed"]["1"]["gap_closed"] == pytest.approx(2 / 3)
+    assert opd["per_seed"]["2"]["gap_closed"] == pytest.approx(1 / 3)
+    assert opd["gap_closed_mean"] == pytest.approx(0.5) and opd["gain_mean"] == pytest.approx(0.375)
+    assert opd["per_seed"]["1"]["rkl_falls"] and not opd["per_seed"]["2"]["rkl_falls"] and not opd["r2_holds"]
+    assert opd["r1_holds"] == (opd["gain_ci95"][0] > 0)
+    assert got["left_out"] == {"x-topd-window-s1": "reached step 1", "x-topd-window-s2": "not run"}
+    assert got["arms"]["topd-window"] == {"seeds": []} and "comparisons" not in got

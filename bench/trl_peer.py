@@ -410,7 +410,7 @@ def print_report(summary: dict, plan: dict, before: float, reps: int) -> None:
     k = plan["steps_per_iteration"]
     t = Table("side", "train s/step", "e2e s/step", f"first update ({k} step{'s' * (k > 1)}) s",
               "peak RSS MB (proc)", "peak RSS MB (tree)", "test accuracy before -> after (per rep)",
-              title=f"on-policy distillation on the testbed: {plan['steps']} optimizer steps x "
+              title=f"on-policy distillation on {plan['config'] or 'the testbed'}: {plan['steps']} optimizer steps x "
                     f"{plan['seqs_per_step']} sequences, lr {plan['learning_rate']:g}, T={plan['temperature']:g}, "
                     f"max_new_tokens {plan['max_new_tokens']}; medians of {reps}")
     for s, v in summary["sides"].items():

@@ -73,6 +73,14 @@ class PromptRecord(BaseModel):
     teacher_token_ids: list[int] | None = None  # the teacher's prompt: its context + this one; None: no context
 
 
+def teacher_prompts(table) -> list[list[int]]:
+    """The prompt the teacher reads in each row of a `prompts` or `rollouts` table (pyarrow): its context + the
+    student's prompt (`teacher_prompt_token_ids`), or the student's prompt where it has no context (null)."""
+    return [t if t is not None else p for p, t in zip(table.column("prompt_token_ids").to_pylist(),
+                                                      table.column("teacher_prompt_token_ids").to_pylist(),
+                                                      strict=True)]
+
+
 def prompt_id(source: str, text: str) -> str:
     return hashlib.sha256(f"{source}\n{text}".encode()).hexdigest()[:16]
 
@@ -120,11 +128,11 @@ def load_prompts(
         teacher_ids = None
         if context is not None:
             teacher_ids = _encode(tokenizer, question, data.chat_template, context)[1]
-        for whose, n in (("", len(ids)), ("the teacher's ", len(teacher_ids or ()))):
-            if max_context is not None and n > max_context:
+        for whose, length in (("", len(ids)), ("the teacher's ", len(teacher_ids or ()))):
+            if max_context is not None and length > max_context:
                 raise DataError(
-                    f"{whose}prompt {pid} from {source} has {n} tokens, more than the context of {max_context} "
-                    f"tokens: {text[:80]!r}..."
+                    f"{whose}prompt {pid} from {source} has {length} tokens, more than the context of {max_context} "
+                    f"tokens (the student's prompt: {text[:80]!r}...)"
                 )
         records.append(PromptRecord(prompt_id=pid, text=text, token_ids=ids, answer=answer, source=source,
                                     teacher_token_ids=teacher_ids))
@@ -143,8 +151,9 @@ def teacher_text(tokenizer: Any, question: str | list[dict], chat_template: bool
                               "(data.chat_template: true); use teacher_context.prefix for plain text")
         return context.prefix + question
     if context.prefix:
-        raise ConfigError("teacher_context.prefix is for data without a chat template; with data.chat_template "
-                          "use teacher_context.system or teacher_context.messages")
+        raise ConfigError("teacher_context.prefix is for plain-text prompts; with chat-formatted data "
+                          "(data.chat_template: true, or a messages column) use teacher_context.system or "
+                          "teacher_context.messages")
     messages = ([{"role": "system", "content": context.system}] if context.system is not None else []) + [
         m.model_dump() for m in context.messages] + _messages(question)
     return _render_chat(tokenizer, messages)

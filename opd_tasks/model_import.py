@@ -43,8 +43,6 @@ IMPORTED_PREFIX = "imported:"
 RECORD = ".opd-import.json"
 #: Bumped when the import writes different files for the same GGUF file.
 IMPORTER_VERSION = 1
-#: JSON files whose `transformers_version` stamp is dropped (it names the library that wrote them, not the model).
-_STAMPED = ("config.json", "generation_config.json")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,99}$")
 #: The modules the import needs (the `real` extra: `pip install 'opd-pipeline[real]'`).
 NEEDS = ("gguf", "accelerate")
@@ -60,7 +58,7 @@ class Source:
 
 def imported_dir(root: Path, name: str) -> Path:
     """The directory of imported model `name` under `root` (the name checked: a single path component)."""
-    if not _NAME.match(name) or name in (".", ".."):
+    if not _NAME.match(name):  # a first character other than '.': never '.' or '..'
         raise ModelError(f"model name {name!r}: use lowercase letters, digits and '_.-' (e.g. smollm2-135m-instruct)")
     return root / MODELS_DIR / name
 
@@ -118,11 +116,15 @@ def _require_extra() -> None:
 
 
 def _drop_version_stamps(model_dir: Path) -> None:
-    for name in _STAMPED:
+    """Drop the `transformers_version` stamps `save_pretrained` wrote: they name the library that wrote the files,
+    not the model (opd_tasks/training/checkpoint.py, `keep_source_version_stamps`, says why they matter)."""
+    from opd_tasks.training.checkpoint import VERSION_FIELD, VERSION_STAMPED
+
+    for name in VERSION_STAMPED:
         path = model_dir / name
         if path.is_file():
             config = json.loads(path.read_text(encoding="utf-8"))
-            config.pop("transformers_version", None)
+            config.pop(VERSION_FIELD, None)
             path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -189,11 +191,15 @@ def import_gguf(source: str, root: Path, name: str | None = None, log=print) -> 
         gguf_sha = sha256_file(src.path)
         if (dest / RECORD).is_file():
             record = json.loads((dest / RECORD).read_text(encoding="utf-8"))
-            if record.get("gguf_sha256") == gguf_sha and record.get("importer_version") == IMPORTER_VERSION:
-                log(f"already imported: {dest}")
-                return dest
-            raise ModelError(f"model {dest.name!r} under {dest.parent} was imported from another file "
-                             f"({record.get('source')}); pass another --name or remove {dest}")
+            if record.get("gguf_sha256") != gguf_sha:
+                raise ModelError(f"model {dest.name!r} under {dest.parent} was imported from another file "
+                                 f"({record.get('source')}); pass another --name or remove {dest}")
+            if record.get("importer_version") != IMPORTER_VERSION:
+                raise ModelError(f"model {dest.name!r} under {dest.parent} was imported from this file by another "
+                                 f"version of the importer ({record.get('importer_version')}, this is "
+                                 f"{IMPORTER_VERSION}), which writes other files; remove {dest} and import again")
+            log(f"already imported: {dest}")
+            return dest
         if dest.exists():
             raise ModelError(f"{dest} exists and is no imported model; remove it or pass another --name")
         work = scratch / "model"

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from opd_tasks.config import AnalysisConfig
+from opd_tasks.data import teacher_prompts
 from opd_tasks.errors import DataError
 from opd_tasks.stages.inputs import AnalyzeInputs
 from opd_tasks.stages.registry import Output, StageContext
@@ -240,10 +241,7 @@ def teacher_bridges(ctx: StageContext, x: AnalyzeInputs, probes: pa.Table, delta
     chosen = probes.take(pa.array(divergent, pa.int64())).select(["prompt_id", "sample_id", "pos"]).to_pylist()
     at = [(row[(p["prompt_id"], p["sample_id"])], p["pos"]) for p in chosen]
     used = sorted({i for i, _ in at})
-    # the teacher's prompt: its context + the student's prompt (null without a context: the student's prompt)
-    prompts = [t if t is not None else p for p, t in zip(roll.column("prompt_token_ids").take(used).to_pylist(),
-                                                         roll.column("teacher_prompt_token_ids").take(used).to_pylist(),
-                                                         strict=True)]
+    prompts = teacher_prompts(roll.take(pa.array(used, pa.int64())))
     full = [p + c for p, c in zip(prompts, roll.column("token_ids").take(used).to_pylist(), strict=True)]
     index = {i: n for n, i in enumerate(used)}
     prefixes = [(index[i], len(prompts[index[i]]) + t) for i, t in at]

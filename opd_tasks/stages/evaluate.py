@@ -21,6 +21,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from opd_tasks.checkers import CHECKERS, extract_numeric_answer, extract_testbed_answer
+from opd_tasks.data import teacher_prompts
 from opd_tasks.stages.inputs import EvaluateInputs
 from opd_tasks.stages.registry import Output, StageContext
 from storage.refs import ArtifactRef
@@ -48,9 +49,8 @@ def evaluate(ctx: StageContext, x: EvaluateInputs, rows: list[int] | None) -> di
     prompts = ctx.store.read_table(x.prompts, "prompts")
     prompts = prompts if rows is None else prompts.take(sorted(rows))
     student_prompts = prompts.column("prompt_token_ids").to_pylist()
-    teacher_prompts = [t if t is not None else p for p, t in zip(
-        student_prompts, prompts.column("teacher_prompt_token_ids").to_pylist(), strict=True)]
-    toks = teacher_prompts if x.as_teacher else student_prompts
+    teachers = teacher_prompts(prompts)
+    toks = teachers if x.as_teacher else student_prompts
     refs = prompts.column("answer").to_pylist()
     pids = prompts.column("prompt_id").to_pylist()
     tok = LOADED.tokenizer(x.model)
@@ -71,7 +71,7 @@ def evaluate(ctx: StageContext, x: EvaluateInputs, rows: list[int] | None) -> di
         for first in range(0, len(prompts), block):
             idx = [i for i, g in enumerate(gens) if first <= g.prompt_index < first + block]
             per_token = reverse_kl(student_model, teacher_model, [student_prompts[gens[i].prompt_index] for i in idx],
-                                   [teacher_prompts[gens[i].prompt_index] for i in idx],
+                                   [teachers[gens[i].prompt_index] for i in idx],
                                    [gens[i].token_ids for i in idx], pad_token_id=tok.pad_token_id,
                                    batch_size=min(cfg.batch_size, RKL_BATCH))
             for i, v in zip(idx, per_token, strict=True):

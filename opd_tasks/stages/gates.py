@@ -125,15 +125,12 @@ def check_headroom(store: ArtifactStore, teacher_evals: ArtifactRef, student_eva
                    margin: float) -> str:
     """The headroom gate, before the first update: the teacher's eval accuracy (answering with its context) must
     exceed the initial student's by `margin` (`gates.min_headroom`), else DataError; returns the line the run logs.
-    An eval set without reference answers cannot be compared by accuracy: the gate then says it was skipped."""
+    Prompt-only data has no accuracy: `check_config` refuses the gate for it before the run starts."""
     teacher, student = store.manifest(teacher_evals)["meta"], store.manifest(student_evals)["meta"]
-    refs = store.read_table(student_evals, "evals", columns=["reference"]).column("reference")
-    if refs.null_count == len(refs):
-        return "headroom gate: skipped, the eval set has no reference answers to compare teacher and student by"
     t, s = teacher["accuracy"], student["accuracy"]
     if t - s < margin:
         raise DataError(
-            f"headroom gate: the teacher answers {t:.1%} of the {student['n']} held-out prompts correctly and the "
+            f"headroom gate: the teacher answers {t:.1%} of the {student['n']} held-out samples correctly and the "
             f"student {s:.1%}, so the teacher is not {margin:.1%} better (gates.min_headroom): distilling toward it "
             "cannot be expected to help. Use a stronger teacher or give it a context (teacher_context), or set "
             f"gates.min_headroom: null to train anyway. Figures in artifacts {teacher_evals.short()} (teacher) and "

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from opd_tasks.data import teacher_prompts
 from opd_tasks.errors import ModelError
 from opd_tasks.models import check_tokenizers_match
 from opd_tasks.stages.inputs import ScoreInputs
@@ -47,9 +48,7 @@ def score(ctx: StageContext, x: ScoreInputs, rows: list[int] | None) -> dict[str
     roll = roll if rows is None else roll.take(sorted(rows))
     # the teacher reads its own prompt (its context + the student's) where it has a context, and scores exactly
     # the student's completion tokens
-    prompts = [t if t is not None else p for p, t in zip(roll.column("prompt_token_ids").to_pylist(),
-                                                          roll.column("teacher_prompt_token_ids").to_pylist(),
-                                                          strict=True)]
+    prompts = teacher_prompts(roll)
     comps = roll.column("token_ids").to_pylist()
     scores = backend.score(x.teacher, prompts, comps, pad_token_id=t_tok.pad_token_id, top_k=x.scoring.top_k,
                            desc="score", progress=ctx.progress)

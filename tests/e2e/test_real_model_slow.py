@@ -111,6 +111,15 @@ def test_one_iteration_of_the_real_recipe(model_dir: Path, tmp_path: Path) -> No
     assert evaluated["rkl_per_token"] > 0 and evaluated["n"] == 4 and 0 <= evaluated["truncated"] <= 1
     update = store.manifest(it.checkpoint)["meta"]
     assert update.get("skipped") is None, update
+    from safetensors import safe_open
+
+    from opd_tasks.models import ModelSpec
+
+    trained = ModelSpec.from_checkpoint(store, it.checkpoint).path
+    with safe_open(str(Path(model_dir) / "model.safetensors"), "pt") as a, \
+            safe_open(str(Path(trained) / "model.safetensors"), "pt") as b:
+        moved = max(float((a.get_tensor(k) - b.get_tensor(k)).abs().max()) for k in a.keys())
+    assert 0 < moved < 1e-2, moved  # lr 1e-5, a few AdamW steps: every weight within a few lr of where it was
 
     # `opd sql` reads the reverse KL and accuracy back per step.
     shown = subprocess.run([sys.executable, "-m", "flows.cli", "sql", "-f", "json", "--root", str(root),

@@ -99,6 +99,30 @@ def test_unsupported_architecture_and_damaged_files_are_model_errors(tmp_path: P
     assert not list(root.glob(".tmp-*"))
 
 
+def test_a_second_import_of_the_same_file_is_a_no_op_and_a_taken_name_is_refused(tmp_path: Path) -> None:
+    """The record decides before any conversion: the same file by the same importer is already imported; another
+    file, or the same file by another importer version, is refused with what to do."""
+    from opd_tasks.model_import import IMPORTER_VERSION
+    from storage.hashing import sha256_file
+
+    src = _fake_gguf(tmp_path / "Tiny.Q8_0.gguf", "notanarch")  # never converted: the record answers first
+    dest = imported_dir(tmp_path / "root", "tiny")
+    dest.mkdir(parents=True)
+
+    def record(**kw) -> None:
+        (dest / RECORD).write_text(json.dumps({"importer_version": IMPORTER_VERSION, "source": {"file": "x"},
+                                               "gguf_sha256": sha256_file(src)} | kw))
+
+    record()
+    assert import_gguf(str(src), tmp_path / "root", name="tiny", log=lambda m: None) == dest
+    record(gguf_sha256="0" * 64)
+    with pytest.raises(ModelError, match=r"model 'tiny' under .* was imported from another file .*another --name"):
+        import_gguf(str(src), tmp_path / "root", name="tiny", log=lambda m: None)
+    record(importer_version=IMPORTER_VERSION - 1)
+    with pytest.raises(ModelError, match=r"by another version of the importer .*remove .* and import again"):
+        import_gguf(str(src), tmp_path / "root", name="tiny", log=lambda m: None)
+
+
 def test_a_missing_extra_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 

@@ -256,7 +256,7 @@ def test_the_probe_continues_the_teacher_after_its_context(env, probe_student: s
     assert differs > 0  # the context changes what the teacher writes: the continuation check can fail
 
 
-def test_every_detector_runs_with_a_context() -> None:
+def test_no_detector_is_refused_with_a_context() -> None:
     from opd_tasks.stages import check_config
 
     for detector in ("window", "probe", "swap", "oracle"):
@@ -319,5 +319,6 @@ def test_a_context_of_the_wrong_kind_for_the_data_is_refused(env) -> None:
     tok = _chat_tokenizer(env["student"])
     with pytest.raises(ConfigError, match="need chat-formatted data"):
         teacher_text(tok, "q", False, TeacherContextConfig(system="s"))
-    with pytest.raises(ConfigError, match="prefix is for data without a chat template"):
+    with pytest.raises(ConfigError, match=r"prefix is for plain-text prompts; with chat-formatted data "
+                                          r"\(data.chat_template: true, or a messages column\)"):
         teacher_text(tok, "q", True, TeacherContextConfig(prefix="p"))

@@ -1,4 +1,5 @@
-"""Entry point: `python -m bench [NAME] [ARGS...]`. NAME defaults to every benchmark, with defaults."""
+"""Entry point: `python -m bench [NAME] [ARGS...]`. NAME defaults to every benchmark, with defaults, except those of
+ON_REQUEST (run by name only)."""
 
 from __future__ import annotations
 

@@ -48,10 +48,12 @@ class ChatMessage(_Strict):
 
 
 class TeacherContextConfig(_Strict):
-    """What only the teacher sees (on-policy context distillation): the teacher is conditioned on this context
-    plus the student's prompt wherever it runs (scoring, gates, the full-vocabulary loss, evaluation's reverse KL
-    and the headroom check) and scores exactly the student's completion tokens. Empty: the teacher sees what the
-    student sees. It enters the prompts' key, and through their content every later key."""
+    """What only the teacher sees (on-policy context distillation), before the student's prompt, wherever it runs.
+
+    Scoring, the gates, the full-vocabulary loss, the analysis (swap, probe, bridges), the evaluation's reverse KL
+    and the headroom check all condition the teacher on this context plus the student's prompt, and it scores
+    exactly the student's completion tokens. Empty: the teacher sees what the student sees. It enters the prompts'
+    key, and through their content every later key."""
 
     system: str | None = Field(default=None, description="A system prompt for the teacher (data with a chat "
                                "template); replaces the template's default system turn.")

@@ -3,16 +3,17 @@
 Every figure comes from a SQL query in `opd_tasks/report_sql/` run by DuckDB over the storage views
 (`storage.views.connect`), plus a `run_info(run, method, seed)` table read from each run's lineage. The report
 shows:
-- test accuracy per iteration per method: the mean over seeds, a band from the lowest to the highest seed, and
-  each seed as a thin line;
+- test accuracy per iteration per method (where the data has reference answers) and the reverse KL of the test
+  answers to the teacher (where the evaluation measured it): the mean over seeds, a band from the lowest to the
+  highest seed, and each seed as a thin line;
 - the share of high-loss tokens in each regime per iteration (methods that ran the analysis);
 - the regime classifier's precision/recall against the testbed's ground-truth token roles;
 - token examples: rollouts with high-loss tokens highlighted by regime, the probes' continuations at probed
   positions;
 - stage costs (median computed seconds per stage);
 - the libraries and devices that computed the artifacts (their manifests' provenance);
-- a summary table (final accuracy mean and range over seeds, learning-curve area, surface share, seconds per
-  iteration);
+- a summary table (final accuracy mean and range over seeds, reverse KL, learning-curve area, surface share,
+  seconds per iteration);
 - paired comparisons of every pair of methods (opd_tasks/stats.py): per-seed paired differences of the final
   accuracy and of the learning-curve area, a paired t-test, a Wilcoxon signed-rank test and, for the final
   accuracy, a seed-then-problem bootstrap 95% CI; the verdict "does TOPD beat OPD" reads that CI.

@@ -104,9 +104,9 @@ def make_plan(steps: int, seqs_per_step: int, sets: list[str], config: Path | No
     ours_sets = ["method=opd", *sets, f"update.micro_batch_size={micro}", f"update.grad_accumulation={ga}"]
     cfg = load_config(config, ours_sets)
     if not cfg.teacher_context.empty:
-        raise SystemExit("the config has a teacher_context, which TRL cannot express: empty it (--set "
-                         "teacher_context.messages=[], teacher_context.system=null, teacher_context.prefix=) so "
-                         "that both sides see the same prompts")
+        raise SystemExit("the config has a teacher_context, which TRL cannot express: empty its system, messages "
+                         "and prefix (e.g. --set 'teacher_context.messages=[]') so that both sides see the same "
+                         "prompts")
     if cfg.data.answer_column is None:
         raise SystemExit("prompt-only data (data.answer_column: null): this benchmark compares accuracies; use data "
                          "with reference answers")

@@ -94,7 +94,7 @@ def _train(ctx: StageContext, x: UpdateInputs) -> Output:
         Bar(n_steps, "update", "steps", ctx.progress))
 
     model.eval()
-    save_checkpoint(files_dir(ctx), model, tok, student.dir, opt, trainer, seed)
+    save_checkpoint(files_dir(ctx), model, tok, student.dir, opt, trainer, seed, cfg.optimizer_state)
     return _output(x, rows, old_logprobs_table(seqs), len(seqs))
 
 

@@ -133,10 +133,12 @@ def keep_source_version_stamps(model_dir: Path, source: Path) -> None:
 
 
 def save_checkpoint(out: Path, model, tokenizer, tokenizer_source: Path,
-                    opt: torch.optim.Optimizer | OptimizerState, trainer: dict, seed: int) -> None:
+                    opt: torch.optim.Optimizer | OptimizerState, trainer: dict, seed: int,
+                    optimizer_state: str = "float32") -> None:
     """Write model/ (safetensors + the tokenizer of `tokenizer_source`) and state/ (optimizer, counters, RNG)
     under `out`. `opt`: the optimizer, or its state already gathered (`full_optimizer_state`: a sharded
-    optimizer's rank 0 writes what every rank gathered)."""
+    optimizer's rank 0 writes what every rank gathered). `optimizer_state` (`update.optimizer_state`): the dtype
+    of the stored moments (the step counts stay float32); loading casts them back to the parameters' dtype."""
     from safetensors.torch import save_file
 
     mdir = out / CHECKPOINT_MODEL_DIR
@@ -146,7 +148,9 @@ def save_checkpoint(out: Path, model, tokenizer, tokenizer_source: Path,
     sdir = out / CHECKPOINT_STATE_DIR
     sdir.mkdir()
     state = opt if isinstance(opt, OptimizerState) else full_optimizer_state(opt)
-    save_file(state.tensors, str(sdir / OPTIMIZER_FILE))
+    dtype = getattr(torch, optimizer_state)
+    save_file({k: v.to(dtype) if v.dim() > 0 and v.is_floating_point() else v for k, v in state.tensors.items()},
+              str(sdir / OPTIMIZER_FILE))
     (sdir / "trainer.json").write_text(json.dumps(
         {**trainer, "optimizer": {"param_groups": state.param_groups}, "rng_cpu": torch.get_rng_state().tolist(),
          "seed": seed}))

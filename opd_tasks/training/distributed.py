@@ -234,7 +234,7 @@ def _train_rank(job: dict, rank: int, world: int, dev: torch.device) -> None:
         with torch.random.fork_rng(devices=[]):  # the saved RNG state is the training's, as on one rank
             whole = load_causal_lm(student.path, torch.device("cpu"), "float32", student.trust_remote_code)
         whole.load_state_dict(weights, strict=True)
-        save_checkpoint(Path(job["out"]), whole, tok, student.dir, opt_state, trainer, x.seed)
+        save_checkpoint(Path(job["out"]), whole, tok, student.dir, opt_state, trainer, x.seed, cfg.optimizer_state)
         scratch = Path(job["scratch"])
         pq.write_table(old_logprobs_table(seqs), scratch / "old_logprobs.parquet")
         (scratch / "result.json").write_text(json.dumps({"rows": rows, "sequences": len(seqs)}))

@@ -190,6 +190,38 @@ def test_resume_equals_uninterrupted(env) -> None:
     assert steps == list(range(5, 10))  # counters continue: 18 sequences / 4 per step = 5 steps per epoch
 
 
+def test_bfloat16_optimizer_state_halves_it_and_the_next_update_continues_from_the_rounded_moments(env) -> None:
+    """update.optimizer_state: bfloat16 stores AdamW's moments rounded to bfloat16 (the step counts as they are):
+    the float32 run's moments rounded, in about half the bytes; the update after it trains from them, close to the
+    float32 chain; and the key changes only for the new setting (a float32 key is what it was before the field)."""
+    from safetensors.torch import load_file
+
+    from opd_tasks.stages import UPDATE
+    from opd_tasks.training.checkpoint import OPTIMIZER_FILE
+
+    store = env["store"]
+    full = UpdateConfig(learning_rate=5e-3, micro_batch_size=6, old_logprobs="sampler")
+    half = full.model_copy(update={"optimizer_state": "bfloat16"})
+    assert "optimizer_state" not in full.key_slice() and half.key_slice()["optimizer_state"] == "bfloat16"
+    assert UPDATE.key(_update_inputs(env, full, 0)) != UPDATE.key(_update_inputs(env, half, 0))
+    a, b = _update(env, full, seed=0), _update(env, half, seed=0)
+    sa, sb = (load_file(str(store.path_of(r) / "state" / OPTIMIZER_FILE)) for r in (a, b))
+    assert sa.keys() == sb.keys() and any(k.endswith(".exp_avg_sq") for k in sa)
+    for k, v in sa.items():
+        if v.dim() == 0:  # the step count
+            assert sb[k].dtype == v.dtype and torch.equal(sb[k], v)
+        else:
+            assert sb[k].dtype == torch.bfloat16 and torch.equal(sb[k], v.to(torch.bfloat16)), k
+    size = {r: (store.path_of(r) / "state" / OPTIMIZER_FILE).stat().st_size for r in (a, b)}
+    assert size[b] < 0.55 * size[a]
+    wa, wb = _weights(ModelSpec.from_checkpoint(store, a)), _weights(ModelSpec.from_checkpoint(store, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # the same first update: only what is stored differs
+    next_a = _weights(ModelSpec.from_checkpoint(store, _update(env, full, 0, ModelSpec.from_checkpoint(store, a))))
+    next_b = _weights(ModelSpec.from_checkpoint(store, _update(env, half, 0, ModelSpec.from_checkpoint(store, b))))
+    moved = max(float((next_a[k] - next_b[k]).abs().max()) for k in next_a)
+    assert 0 < moved < 5e-3 * 0.05  # a step of lr 5e-3 is changed by the moments' rounding, by under 5% of it
+
+
 def test_checkpoint_round_trip_identical_logits(env, tmp_path: Path) -> None:
     model = load_causal_lm(env["student"].path, CPU, "float32")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opd_tasks.errors import ModelError
+from opd_tasks.provenance import VERSION_FIELD, VERSION_STAMPED
 from storage.hashing import sha256_file, sha256_tree
 
 #: Where imported models live under the root, and the prefix a config names them by.
@@ -118,8 +119,6 @@ def _require_extra() -> None:
 def _drop_version_stamps(model_dir: Path) -> None:
     """Drop the `transformers_version` stamps `save_pretrained` wrote: they name the library that wrote the files,
     not the model (opd_tasks/training/checkpoint.py, `keep_source_version_stamps`, says why they matter)."""
-    from opd_tasks.training.checkpoint import VERSION_FIELD, VERSION_STAMPED
-
     for name in VERSION_STAMPED:
         path = model_dir / name
         if path.is_file():

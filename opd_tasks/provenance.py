@@ -14,6 +14,11 @@ import sys
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 
+#: The files `save_pretrained` stamps with the writing library's version (`"transformers_version": "5.25.0"`): a
+#: checkpoint keeps its source's stamp (opd_tasks/training/checkpoint.py), an import drops it (model_import.py).
+VERSION_STAMPED = ("config.json", "generation_config.json")
+VERSION_FIELD = "transformers_version"
+
 #: The libraries a manifest names: what computes tensors (torch, transformers, vllm) and writes Parquet (pyarrow).
 LIBRARIES = ("torch", "transformers", "pyarrow", "vllm")
 #: Those whose minor version, when it differs from a cache hit's, is worth a warning (their kernels compute it).

@@ -29,6 +29,7 @@ import torch
 from opd_tasks.config import UpdateConfig
 from opd_tasks.errors import ArtifactError
 from opd_tasks.models import CHECKPOINT_MODEL_DIR, CHECKPOINT_STATE_DIR, ModelSpec
+from opd_tasks.provenance import VERSION_FIELD, VERSION_STAMPED
 
 #: The AdamW state inside CHECKPOINT_STATE_DIR; `opd gc` may drop it from checkpoints that are no run's latest.
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -102,9 +103,6 @@ def save_tokenizer(tokenizer, source: Path, out: Path) -> None:
             shutil.copyfile(source / name if (source / name).is_file() else f, out / name)
 
 
-#: The files `save_pretrained` stamps with the writing library's version (`"transformers_version": "5.25.0"`).
-VERSION_STAMPED = ("config.json", "generation_config.json")
-VERSION_FIELD = "transformers_version"
 
 
 def keep_source_version_stamps(model_dir: Path, source: Path) -> None:

@@ -27,8 +27,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
-import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from pathlib import Path
 from opd_tasks.errors import ModelError
 from opd_tasks.provenance import VERSION_FIELD, VERSION_STAMPED
 from storage.hashing import sha256_file, sha256_tree
+from storage.layout import temp_name
 
 #: Where imported models live under the root, and the prefix a config names them by.
 MODELS_DIR = "models"
@@ -182,7 +181,8 @@ def import_gguf(source: str, root: Path, name: str | None = None, log=print) -> 
     model's directory. Idempotent for the same file; a name holding another file's model is refused."""
     _require_extra()
     root.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".tmp-import-", dir=root))
+    scratch = root / temp_name("import")  # `opd gc` reclaims it if this process is killed
+    scratch.mkdir()
     try:
         src = find_source(source, scratch)
         dest = imported_dir(root, name or default_name(src.path.name))
@@ -209,7 +209,7 @@ def import_gguf(source: str, root: Path, name: str | None = None, log=print) -> 
                   **facts, "content_sha256": sha256_tree(work)}
         (work / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        staged = dest.parent / f".tmp-{dest.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        staged = dest.parent / temp_name(dest.name)
         os.rename(work, staged)
         try:
             os.rename(staged, dest)

@@ -9,6 +9,8 @@ What goes, for a retention of the last `keep_last` checkpoints of each run:
 - **unreferenced artifacts**: artifacts that no run's lineage points at (a deleted run, a crash between publish and
   record, a `--refresh` that replaced them).
 - **retired artifacts** (`<root>/retired/`: `--refresh` and found-corrupted copies) and a crashed gc's `<root>/trash/`.
+- **temp files of dead writers**: a `.tmp-*` directory (an artifact's, an import's) whose writer, a process of this
+  host named in it (`storage.layout.temp_name`), no longer runs; one of another host, or of a live process, stays.
 
 How it stays safe:
 - Nothing a running run needs can go: runs hold `<root>/gc.lock` shared while they run (`storage.lineage.run_lock`),
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storage.errors import ConfigError
-from storage.layout import MANIFEST, Layout
+from storage.layout import MANIFEST, TMP_PREFIX, Layout, temp_writer_gone
 from storage.lineage import LOCK_FILE, list_runs
 from storage.refs import ArtifactRef
 from storage.store import ArtifactStore
@@ -43,7 +45,8 @@ from storage.store import ArtifactStore
 class Removal:
     """One thing gc removes: files of an artifact (`paths`), a whole artifact, or a directory (retired, trash)."""
 
-    what: str  # "checkpoint files", "optimizer state", "unreferenced artifact", "retired", "trash"
+    what: str  # "checkpoint files", "optimizer state", "unreferenced artifact", "retired", "trash",
+    # "temp of a dead writer"
     target: str  # stage/key, or a path relative to the root
     bytes: int
     why: str
@@ -122,6 +125,12 @@ def plan(store: ArtifactStore, keep_last: int, checkpoint_stage: str = "update",
         base = layout.root / name
         for d in sorted(base.glob("*/*") if name == "retired" else base.glob("*")):
             out.append(Removal(name, d.relative_to(layout.root).as_posix(), _du(d), why))
+    for pattern in (f"{TMP_PREFIX}*", f"*/{TMP_PREFIX}*", f"artifacts/*/{TMP_PREFIX}*"):
+        for t in sorted(layout.root.glob(pattern)):
+            if temp_writer_gone(t.name):
+                out.append(Removal("temp of a dead writer", t.relative_to(layout.root).as_posix(),
+                                   _du(t) if t.is_dir() else t.stat().st_size,
+                                   f"left by process {t.name.rsplit('-', 2)[1]}, which no longer runs"))
     return out
 
 
@@ -147,6 +156,6 @@ def execute(store: ArtifactStore, removals: list[Removal]) -> int:
             os.rename(src, dest)
         except FileNotFoundError:
             continue
-        shutil.rmtree(dest)
+        (shutil.rmtree if dest.is_dir() else os.unlink)(dest)
         freed += r.bytes
     return freed

@@ -2,8 +2,10 @@
 
 ```
 <root>/artifacts/<stage>/<cache_key>/   part files + _manifest.json (immutable, content-addressed)
-<root>/artifacts/<stage>/.tmp-*         in-flight writes; never read; a dead writer's go at the key's next publish
-<root>/published/<stage>/<cache_key>    the sha256 of the manifest the store published under the key (its record)
+<root>/artifacts/<stage>/.tmp-*         in-flight writes (`temp_name`); never read; a dead writer's go at the key's next
+                                        publish, and in `opd gc`
+<root>/published/<stage>/<cache_key>    "<sha256> <seal>": the manifest the store published under the key (its record),
+                                        sealed with a key outside the root (storage/seal.py)
 <root>/retired/<stage>/<key>-<time>     artifacts moved out of the cache (--refresh, or found corrupted)
 <root>/pruned/<stage>/<cache_key>       the files `opd gc` removed from an artifact, and why (JSON)
 <root>/gc.lock                          runs hold it shared, `opd gc` exclusive (storage/gc.py)
@@ -18,12 +20,45 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import uuid
 from pathlib import Path
 
 from storage.errors import ConfigError, DiskFullError
 
 MANIFEST = "_manifest.json"
 TMP_PREFIX = ".tmp-"
+
+#: This machine, as temp names carry it (letters, digits and '_' only, so a name splits on '-').
+HOST = "".join(ch if ch.isalnum() else "_" for ch in socket.gethostname()) or "host"
+
+
+def temp_name(label: str) -> str:
+    """The name of a temp file or directory a process writes before renaming it into place:
+    `.tmp-<label>-<host>-<pid>-<random>`, so that whoever finds it can tell whether its writer still runs
+    (`temp_writer_gone`)."""
+    return f"{TMP_PREFIX}{label}-{HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def temp_writer_gone(name: str) -> bool:
+    """Whether the temp `name` (`temp_name`'s shape) was left by a process of this host that no longer runs (killed
+    mid-write). A name of another shape, another host's (shared storage) or a live process's is not: it is left
+    alone. A pid reused by a new process keeps a temp a while longer, never the other way round."""
+    parts = name.rsplit("-", 3)
+    if not name.startswith(TMP_PREFIX) or len(parts) != 4 or parts[1] != HOST or not parts[2].isdigit():
+        return False
+    return int(parts[2]) != os.getpid() and not pid_alive(int(parts[2]))
+
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _KEY = re.compile(r"^[0-9a-f]{8,128}$")

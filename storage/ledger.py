@@ -11,24 +11,52 @@ that keeps size, mtime and inode (a flipped bit on the disk, or an edit followed
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
+import threading
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 LEDGER_FILE = "verified.sqlite"
 
 
 class VerifiedLedger:
+    """The ledger under `root`. Safe to share between threads (one connection, one lock). A ledger file that is
+    not a database (damaged, or replaced) is no help but no harm: every file is hashed, with one warning."""
+
     def __init__(self, root: Path):
         self.root = root
         self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self._broken = False
 
     def _con(self) -> sqlite3.Connection:
         if self._db is None:
-            self._db = sqlite3.connect(self.root / LEDGER_FILE, timeout=30, isolation_level=None)
+            self._db = sqlite3.connect(self.root / LEDGER_FILE, timeout=30, isolation_level=None,
+                                       check_same_thread=False)
             self._db.execute("CREATE TABLE IF NOT EXISTS verified(path TEXT PRIMARY KEY, size INTEGER, "
                              "mtime_ns INTEGER, inode INTEGER, sha256 TEXT)")
         return self._db
+
+    def _run(self, sql: str, args: tuple) -> list[tuple]:
+        if self._broken:
+            return []
+        with self._lock:
+            try:
+                return self._con().execute(sql, args).fetchall()
+            except sqlite3.Error as e:
+                self._broken = True
+                log.warning("the ledger of verified files %s is unusable (%s): every file is hashed in full",
+                            self.root / LEDGER_FILE, e)
+                return []
+
+    def __getstate__(self) -> dict:  # a store sent to another process opens its own connection there
+        return {"root": self.root}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["root"])
 
     def _key(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
@@ -39,16 +67,16 @@ class VerifiedLedger:
             st = os.stat(path)
         except OSError:
             return False
-        row = self._con().execute("SELECT size, mtime_ns, inode, sha256 FROM verified WHERE path = ?",
-                                  (self._key(path),)).fetchone()
-        return row == (st.st_size, st.st_mtime_ns, st.st_ino, sha256)
+        rows = self._run("SELECT size, mtime_ns, inode, sha256 FROM verified WHERE path = ?", (self._key(path),))
+        return bool(rows) and rows[0] == (st.st_size, st.st_mtime_ns, st.st_ino, sha256)
 
     def add(self, path: Path, sha256: str, st: os.stat_result) -> None:
         """Record that `path`, as `st` describes it (taken before hashing), hashes to `sha256`."""
-        self._con().execute("INSERT OR REPLACE INTO verified VALUES (?, ?, ?, ?, ?)",
-                            (self._key(path), st.st_size, st.st_mtime_ns, st.st_ino, sha256))
+        self._run("INSERT OR REPLACE INTO verified VALUES (?, ?, ?, ?, ?)",
+                  (self._key(path), st.st_size, st.st_mtime_ns, st.st_ino, sha256))
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None

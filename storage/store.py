@@ -19,11 +19,17 @@ Reading: `read_table` / `checkpoint_dir` verify the manifest hash against the re
 against the manifest, and raise `ArtifactError` naming the bad file before any byte is consumed.
 
 The store's record: when it publishes an artifact, the store also writes the manifest's sha256 to
-`<root>/published/<stage>/<key>`. A lookup (a cache hit) checks the manifest against that record: a manifest
-that differs from it (edited, or a part file replaced and its hash "fixed"), or that cannot be parsed, is
-corrupted: it is moved to `<root>/retired/` with a warning naming it, and the lookup misses, so the stage
-recomputes; it is never adopted. An artifact without a record (published before records existed, or a crash
-between the rename and the record) is adopted only after every file checked out against its manifest.
+`<root>/published/<stage>/<key>`, sealed with a keyed MAC whose key lives outside the root (storage/seal.py), so
+that whoever rewrites an artifact, its manifest and its record together still cannot make the record vouch for
+the rewrite. A lookup (a cache hit) adopts an artifact only when its record's seal verifies, the manifest is the
+one it names, and every file is as the manifest says (a part file changed, truncated or deleted is corrupted
+too), checked through the root's ledger of verified files (storage/ledger.py): a file hashed before and
+unchanged since by size, mtime and inode is not hashed again, so a cached rerun costs a `stat` per file; what the
+ledger cannot see (a change that keeps all three) only `opd verify` finds. Anything else (a manifest that differs
+from the record or does not parse, a damaged file, a record that is missing or not sealed by this key: a root
+written before records were sealed, a crash between the rename and the record, another machine's root) is moved
+to `<root>/retired/` with a warning naming it, and the lookup misses, so the stage recomputes; it is never
+adopted.
 
 Paths: refs, records and lineage hold locations relative to the root (`artifacts/<stage>/<key>`), and the store
 finds an artifact by its stage and key under its own root, so a moved root keeps working and a copied one never
@@ -54,6 +60,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage import seal
 from storage.errors import ArtifactError, TransientError
 from storage.hashing import canonical_json
 from storage.layout import MANIFEST, TMP_PREFIX, Layout, atomic_write
@@ -93,6 +100,14 @@ class ArtifactStore:
         #: What this instance's lookups moved out of the cache (corrupted, or emptied by opd gc), one message each,
         #: for the driver's log.
         self.quarantined: list[str] = []
+        self._ledger: VerifiedLedger | None = None
+
+    @property
+    def ledger(self) -> VerifiedLedger:
+        """The root's ledger of verified files (opened on first use)."""
+        if self._ledger is None:
+            self._ledger = VerifiedLedger(self.root)
+        return self._ledger
 
     @property
     def remote_uri(self) -> str | None:
@@ -144,7 +159,7 @@ class ArtifactStore:
             raise ArtifactError(f"{adir / MANIFEST} is not a valid manifest: {e}") from None
 
     def lookup(self, stage: str, key: str) -> ArtifactRef | None:
-        """The published artifact for (stage, key), or None. Does not verify part files (see `verify`).
+        """The published artifact for (stage, key), its manifest and files checked (the module docstring), or None.
 
         With a remote: a local miss pulls the artifact from the remote when it has one (every file verified);
         a local hit that the remote lacks is pushed (after verifying the local files).
@@ -162,22 +177,39 @@ class ArtifactStore:
             return ref
         return self._pull(stage, key)
 
-    def _lookup_local(self, stage: str, key: str) -> ArtifactRef | None:
-        """The local artifact under (stage, key) if its manifest is the one the store published; a corrupted one
-        is moved to `<root>/retired/` (see the module docstring) and the lookup misses."""
+    def _lookup_local(self, stage: str, key: str, witness: bytes | None = None) -> ArtifactRef | None:
+        """The local artifact under (stage, key) if its sealed record names its manifest and its files check out;
+        anything else is moved to `<root>/retired/` (see the module docstring) and the lookup misses. `witness`:
+        the manifest this process computed for the key and found published by another writer a moment before (a
+        race for one key): that writer seals its record right after its rename, so a missing record is waited
+        for a few seconds, and an artifact with our own content needs no other witness."""
         adir = self.layout.artifact_dir(stage, key)
         mpath = adir / MANIFEST
         if not mpath.is_file():
             return None
         data = mpath.read_bytes()
+        unsealed = False
         try:
+            if witness is not None:
+                deadline = time.monotonic() + 5
+                while self.recorded_sha256(stage, key) is None and time.monotonic() < deadline:
+                    if _same_content(data, witness):
+                        self.verify(self._ref_from_manifest(adir, data))
+                        self._record(stage, key, data)
+                        break
+                    time.sleep(0.05)
             ref = self._checked_ref(adir, data)
             if self.recorded_sha256(stage, key) is None:
-                self.verify(ref)  # no record: adopt only if every file is as the manifest says
-                self._record(stage, key, data)
+                unsealed, record = True, self.layout.published_record(stage, key)
+                raise ArtifactError(
+                    f"{record} is {'not sealed by this key' if record.exists() else 'missing'}: nothing vouches "
+                    "for the artifact (a root written before records were sealed, another machine's or user's "
+                    f"root without its seal key {seal.key_file()}, a crash before the record, or a rewrite)")
+            self.verify(ref, ledger=self.ledger)  # adopt only if every file is as the manifest says
         except ArtifactError as e:
-            moved = self._retire_local(stage, key, reason="corrupted")
-            msg = f"warning: artifact {stage}/{key} is corrupted and was moved out of the cache to {moved}: {e}"
+            moved = self._retire_local(stage, key, reason="unsealed" if unsealed else "corrupted")
+            msg = (f"warning: artifact {stage}/{key} {'cannot be trusted' if unsealed else 'is corrupted'} and was "
+                   f"moved out of the cache to {moved}: {e}")
             log.warning("%s; the stage recomputes", msg)
             self.quarantined.append(msg)
             return None
@@ -208,8 +240,10 @@ class ArtifactStore:
         return ref
 
     def _record(self, stage: str, key: str, manifest: bytes) -> None:
-        """Record the sha256 of the manifest published under (stage, key) (a complete artifact: nothing pruned)."""
-        atomic_write(self.layout.published_record(stage, key), (manifest_sha256(manifest) + "\n").encode())
+        """Record the sha256 of the manifest published under (stage, key), sealed (a complete artifact: nothing
+        pruned)."""
+        sha = manifest_sha256(manifest)
+        atomic_write(self.layout.published_record(stage, key), f"{sha} {seal.seal(stage, key, sha)}\n".encode())
         self.layout.pruned_record(stage, key).unlink(missing_ok=True)
 
     # -- pruning (opd gc, storage/gc.py) ---------------------------------------------------------------
@@ -240,12 +274,13 @@ class ArtifactStore:
         return sum(listed[p] for p in paths)
 
     def recorded_sha256(self, stage: str, key: str) -> str | None:
-        """The sha256 of the manifest the store published under (stage, key), or None if it has no record."""
+        """The sha256 of the manifest the store published under (stage, key), or None if it has no record whose
+        seal verifies (storage/seal.py)."""
         try:
-            text = self.layout.published_record(stage, key).read_text().strip()
-        except (FileNotFoundError, UnicodeDecodeError):
+            sha, mac = self.layout.published_record(stage, key).read_text().split()
+        except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError, ValueError):
             return None
-        return text if len(text) == 64 else None
+        return sha if len(sha) == 64 and seal.sealed(stage, key, sha, mac) else None
 
     # -- remote mirror ------------------------------------------------------------------------------
     def _push(self, ref: ArtifactRef, verified: bool = False) -> ArtifactRef:

@@ -10,8 +10,6 @@ import json
 import logging
 import os
 import shutil
-import socket
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +19,7 @@ import pyarrow.parquet as pq
 
 from storage.errors import ArtifactError, DiskFullError, TransientError
 from storage.hashing import canonical_json, sha256_bytes, sha256_file
-from storage.layout import MANIFEST, TMP_PREFIX, check_key, check_name
+from storage.layout import MANIFEST, TMP_PREFIX, check_key, check_name, temp_name, temp_writer_gone
 from storage.refs import ArtifactRef
 from storage.schemas import conform, get_schema
 
@@ -58,31 +56,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-_HOST = "".join(ch if ch.isalnum() else "_" for ch in socket.gethostname()) or "host"
-
-
 def _remove_dead_writers(stage_dir: Path, key: str) -> None:
-    """Delete temp dirs of earlier writers of `key` on this host whose process is gone (killed mid-write).
-
-    A temp dir is named `.tmp-<key>-<host>-<pid>-<rand>`. One from another host (shared storage), or whose pid
-    still runs (a live concurrent writer), is left alone. Temp dirs are never read: this only reclaims space.
-    """
+    """Delete temp dirs of earlier writers of `key` whose process is gone (`temp_writer_gone`: killed mid-write on
+    this host). Temp dirs are never read: this only reclaims space (`opd gc` reclaims every key's)."""
     for t in stage_dir.glob(f"{TMP_PREFIX}{key}-*"):
-        parts = t.name[len(TMP_PREFIX) + len(key) + 1 :].rsplit("-", 2)
-        if len(parts) != 3 or parts[0] != _HOST or not parts[1].isdigit():
-            continue
-        pid = int(parts[1])
-        if pid != os.getpid() and not _pid_alive(pid):
+        if temp_writer_gone(t.name):
             shutil.rmtree(t, ignore_errors=True)
 
 
@@ -123,7 +101,7 @@ class ArtifactWriter:
         self.final = store.layout.artifact_dir(stage, key)
         self.final.parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_writers(self.final.parent, key)
-        self.path = self.final.parent / f"{TMP_PREFIX}{key}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.path = self.final.parent / temp_name(key)
         self.path.mkdir()
         self.meta: dict[str, Any] = {}
         self.provenance: dict[str, Any] = {}
@@ -223,7 +201,7 @@ class ArtifactWriter:
                 raise self._os_error(e, self.final) from e
             # Someone published this key first: keep theirs (verified), drop ours.
             self.abort()
-            ref = self.store._lookup_local(self.stage, self.key)
+            ref = self.store._lookup_local(self.stage, self.key, witness=data)
             if ref is None:
                 raise TransientError(f"{self.final}: another writer's artifact was there but is not usable "
                                      "(see the warning above); retry the stage") from None

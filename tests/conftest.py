@@ -8,6 +8,7 @@ import tempfile
 _session_tmp = tempfile.mkdtemp(prefix="opd-tests-")
 os.environ["PREFECT_HOME"] = os.path.join(_session_tmp, "prefect-home")
 os.environ["OPD_HOME"] = os.path.join(_session_tmp, "opd-home")
+os.environ["OPD_SEAL_KEY_FILE"] = os.path.join(_session_tmp, "seal.key")  # never the user's own key
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("PREFECT_PROFILE", None)
 os.environ.pop("OPD_REMOTE", None)  # a developer's remote mirror must not leak into tests

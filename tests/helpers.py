@@ -119,3 +119,14 @@ def assert_no_pickle_persisted(root) -> None:
         data = f.read_bytes()
         assert not data.startswith((b"\x80", b"gAS", b"gAW")), f"{f} holds a pickle"
         json.loads(data)
+
+
+def copy_artifact(src, ref, dest) -> None:
+    """Copy artifact `ref` from store `src` into store `dest` with its sealed record (what a root copied whole
+    carries), so that `dest` adopts it as a cache hit (storage/store.py: an artifact without one is never adopted)."""
+    import shutil
+
+    shutil.copytree(src.path_of(ref), dest.layout.artifact_dir(ref.stage, ref.key))
+    record = dest.layout.published_record(ref.stage, ref.key)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src.layout.published_record(ref.stage, ref.key), record)

@@ -3,6 +3,7 @@ live runs, and a rerun that recomputes what gc removed (issue 20, item 5)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -158,3 +159,36 @@ def test_gc_waits_for_live_runs_and_runs_wait_for_gc(models, tmp_path: Path) -> 
         with pytest.raises(ConfigError, match="opd gc is running"):
             _run(models, tmp_path, iterations=2)
         assert _tree(tmp_path) == before  # the refused run wrote nothing
+
+
+def test_gc_reclaims_the_temps_of_dead_writers_only(tmp_path: Path) -> None:
+    """A killed writer's temp directory (an artifact's, a model import's) goes; a live writer's, another host's and
+    one of an unknown shape stay; the published artifact they sit beside is untouched."""
+    from storage.layout import HOST, TMP_PREFIX
+    from tests.helpers import updates_table
+
+    store = ArtifactStore(tmp_path)
+    ref = store.put_table("update", "ab" * 32, "updates", updates_table(2))
+    RunLineage(tmp_path, "a").record(0, "update", ref)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    sdir = store.layout.stage_dir("update")
+    temps = {
+        "artifact": sdir / f"{TMP_PREFIX}{'cd' * 32}-{HOST}-{dead.pid}-aaaa1111",
+        "import": tmp_path / f"{TMP_PREFIX}import-{HOST}-{dead.pid}-bbbb2222",
+        "staged model": tmp_path / "models" / f"{TMP_PREFIX}smollm2-135m-instruct-{HOST}-{dead.pid}-cccc3333",
+        "live": sdir / f"{TMP_PREFIX}{'ef' * 32}-{HOST}-{os.getppid()}-eeee5555",  # pytest's parent runs
+        "other host": sdir / f"{TMP_PREFIX}{'cd' * 32}-elsewhere-{dead.pid}-dddd4444",
+        "unknown shape": tmp_path / f"{TMP_PREFIX}import-x1y2z3",
+    }
+    for d in temps.values():
+        d.mkdir(parents=True)
+        (d / "weights.bin").write_bytes(b"\0" * 1000)
+    r = runner.invoke(app, ["gc", "--dry-run", "--root", str(tmp_path)])
+    assert r.exit_code == 0 and r.output.count("temp of a dead writer") == 3, r.output
+    assert all(d.exists() for d in temps.values())
+    r = runner.invoke(app, ["gc", "--root", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    gone = {k for k, d in temps.items() if not d.exists()}
+    assert gone == {"artifact", "import", "staged model"}, r.output
+    store.verify(ref)

@@ -40,7 +40,7 @@ from opd_tasks.topd.signals import (
 )
 from opd_tasks.training.sequences import group_tokens
 from storage.store import ArtifactStore
-from tests.helpers import scored_env
+from tests.helpers import copy_artifact, scored_env
 
 
 def test_high_loss_quantile_and_threshold() -> None:
@@ -448,9 +448,7 @@ def test_delta_zero_with_another_detector_warns(env, caplog) -> None:
 
 def test_swap_detector_needs_the_teachers_top_2(env, tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path / "root")
-    import shutil
-
-    shutil.copytree(env["store"].path_of(env["roll"]), store.layout.artifact_dir("rollout", env["roll"].key))
+    copy_artifact(env["store"], env["roll"], store)
     roll = store.lookup("rollout", env["roll"].key)
     scores = _score(store, env["teacher"], env["student"], roll, top_k=1)
     with pytest.raises(ConfigError, match=r"analysis.detector 'swap' needs .*scoring.top_k >= 2"):
@@ -462,10 +460,8 @@ def test_analyze_rerun_is_byte_identical(env) -> None:
     a = _analyze(env, cfg)
     other = ArtifactStore(env["base"] / "other")
     # Copy the input artifacts into a fresh store: the stage recomputes from scratch there.
-    import shutil
-
     for ref in (env["roll"], env["scores"]):
-        shutil.copytree(env["store"].path_of(ref), other.layout.artifact_dir(ref.stage, ref.key))
+        copy_artifact(env["store"], ref, other)
     r2, s2 = other.lookup("rollout", env["roll"].key), other.lookup("score", env["scores"].key)
     assert (r2.sha256, s2.sha256) == (env["roll"].sha256, env["scores"].sha256)
     b = _analyze(env, cfg, store=other, rollouts=r2, scores=s2)

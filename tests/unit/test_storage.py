@@ -292,17 +292,17 @@ def test_cache_key_refuses_bare_paths() -> None:
 
 
 def test_new_writer_removes_only_dead_writers_temp_dirs(store: ArtifactStore) -> None:
-    import storage.writer as st
+    from storage.layout import HOST
 
     sdir = store.layout.stage_dir("rollout")
     sdir.mkdir(parents=True)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     dirs = {
-        "dead": sdir / f"{TMP_PREFIX}{KEY}-{st._HOST}-{dead.pid}-aaaa",
-        "alive": sdir / f"{TMP_PREFIX}{KEY}-{st._HOST}-{os.getppid()}-bbbb",
+        "dead": sdir / f"{TMP_PREFIX}{KEY}-{HOST}-{dead.pid}-aaaa",
+        "alive": sdir / f"{TMP_PREFIX}{KEY}-{HOST}-{os.getppid()}-bbbb",
         "other_host": sdir / f"{TMP_PREFIX}{KEY}-elsewhere-{dead.pid}-cccc",
-        "other_key": sdir / f"{TMP_PREFIX}{'cd' * 32}-{st._HOST}-{dead.pid}-dddd",
+        "other_key": sdir / f"{TMP_PREFIX}{'cd' * 32}-{HOST}-{dead.pid}-dddd",
     }
     for d in dirs.values():
         d.mkdir()

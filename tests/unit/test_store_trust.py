@@ -92,18 +92,100 @@ def test_manifest_of_another_artifact_is_refused(tmp_path: Path) -> None:
     assert f"names artifact analyze/{'cd' * 32}" in store.quarantined[0]
 
 
-def test_artifact_without_record_is_adopted_only_after_its_files_check_out(tmp_path: Path) -> None:
+def test_an_artifact_without_a_sealed_record_is_never_adopted(tmp_path: Path) -> None:
+    """Issue 32, class 1: whoever can write the root rewrites an artifact, its manifest and its record consistently
+    (or deletes the record); the rerun still recomputes, because the record's seal needs a key outside the root.
+    `opd verify` names the artifact; a recomputed one is sealed again."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from storage.seal import seal
+
     store = ArtifactStore(tmp_path)
     ref = _publish(store)
     record = store.layout.published_record("analyze", KEY)
-    record.unlink()  # e.g. a root written before records existed
-    assert store.lookup("analyze", KEY) == ref and record.read_text().strip() == ref.sha256
-    record.unlink()
+    sha, mac = record.read_text().split()
+    assert sha == ref.sha256 and mac == seal("analyze", KEY, sha) and len(mac) == 64
     part = store.path_of(ref) / "tokens" / "part-00000.parquet"
-    data = bytearray(part.read_bytes())
-    data[len(data) // 2] ^= 1
-    part.write_bytes(bytes(data))
-    assert store.lookup("analyze", KEY) is None and "part-00000.parquet is corrupted" in store.quarantined[0]
+    pq.write_table(tokens_table(200, seed=9), part)  # the attacker's numbers, consistently
+    mpath = _manifest(store, ref)
+    m = json.loads(mpath.read_bytes())
+    m["files"][0].update(sha256=sha256_file(part), bytes=part.stat().st_size)
+    mpath.write_bytes(canonical_json(m))
+    forged = store._ref_from_manifest(store.path_of(ref), mpath.read_bytes())
+    for rewrite in ("old-format record", "record with a forged seal", "no record"):
+        if rewrite == "no record":
+            record.unlink()
+        else:
+            record.write_text(forged.sha256 + ("\n" if rewrite == "old-format record" else " " + "0" * 64 + "\n"))
+        RunLineage(store.root, "r").record(0, "analyze", forged)  # the lineage rewritten too
+        r = CliRunner().invoke(app, ["verify", "--root", str(tmp_path)])
+        assert r.exit_code == 1 and "nothing vouches for it" in r.output, (rewrite, r.output)
+        fresh = ArtifactStore(tmp_path)
+        assert fresh.lookup("analyze", KEY) is None, rewrite
+        assert "cannot be trusted" in fresh.quarantined[0] and "nothing vouches" in fresh.quarantined[0]
+        again = fresh.put_table("analyze", KEY, "tokens", tokens_table(200, seed=0))  # the stage recomputes
+        assert again == ref and ArtifactStore(tmp_path).lookup("analyze", KEY) == ref
+        part = store.path_of(ref) / "tokens" / "part-00000.parquet"
+        pq.write_table(tokens_table(200, seed=9), part)
+        mpath.write_bytes(canonical_json(m))
+    retired = sorted(d.name.rsplit("-", 1)[1] for d in (tmp_path / "retired" / "analyze").iterdir())
+    assert retired == ["unsealed"] * 3
+
+
+def test_the_seal_key_is_made_once_private_and_a_bad_one_is_named(tmp_path: Path, monkeypatch) -> None:
+    import storage.seal as seal
+
+    monkeypatch.setenv(seal.KEY_ENV, str(tmp_path / "keys" / "seal.key"))
+    monkeypatch.setattr(seal, "_cache", {})
+    mac = seal.seal("analyze", KEY, "0" * 64)
+    key = tmp_path / "keys" / "seal.key"
+    assert key.stat().st_mode & 0o077 == 0 and len(key.read_bytes()) == 32
+    monkeypatch.setattr(seal, "_cache", {})
+    assert seal.seal("analyze", KEY, "0" * 64) == mac  # read back, not made anew
+    assert seal.sealed("analyze", KEY, "0" * 64, mac) and not seal.sealed("analyze", "cd" * 32, "0" * 64, mac)
+    key.write_bytes(b"short")
+    monkeypatch.setattr(seal, "_cache", {})
+    with pytest.raises(ConfigError, match="seal key .* holds 5 bytes, not a key"):
+        seal.seal("analyze", KEY, "0" * 64)
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated", "deleted", "extra bytes"])
+def test_a_cache_hit_checks_every_file_and_a_damaged_one_is_recomputed(tmp_path: Path, monkeypatch,
+                                                                      damage: str) -> None:
+    """A recorded artifact whose part file changed (the manifest untouched) is a miss, retired with a warning naming
+    the file; an undamaged hit hashes its files once, then costs a stat (the ledger)."""
+    store = ArtifactStore(tmp_path)
+    ref = _publish(store)
+    hashed: list[Path] = []
+    real = storage.writer.sha256_file
+    monkeypatch.setattr(storage.writer, "sha256_file", lambda p: hashed.append(Path(p)) or real(p))
+    part = store.path_of(ref) / "tokens" / "part-00000.parquet"
+    assert store.lookup("analyze", KEY) == ref and hashed == [part]
+    assert ArtifactStore(tmp_path).lookup("analyze", KEY) == ref and hashed == [part]  # another process: a stat
+    data = part.read_bytes()
+    if damage == "flipped byte":
+        _flip_file(part)
+    elif damage == "truncated":
+        part.write_bytes(data[: len(data) // 2])
+    elif damage == "deleted":
+        part.unlink()
+    else:
+        part.write_bytes(data + b"\0")
+    assert store.lookup("analyze", KEY) is None
+    [msg] = store.quarantined
+    assert "part-00000.parquet is" in msg and ("missing" if damage == "deleted" else "corrupted") in msg, msg
+    again = store.put_table("analyze", KEY, "tokens", tokens_table(200, seed=0))  # the stage recomputes
+    assert again == ref and store.lookup("analyze", KEY) == ref and part.read_bytes() == data
+
+
+def test_a_damaged_ledger_costs_hashing_never_a_crash(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    ref = _publish(store)
+    (tmp_path / "verified.sqlite").write_bytes(b"not a database" * 100)
+    assert ArtifactStore(tmp_path).lookup("analyze", KEY) == ref
+    _flip_file(store.path_of(ref) / "tokens" / "part-00000.parquet")
+    assert ArtifactStore(tmp_path).lookup("analyze", KEY) is None  # still checked, by hashing
 
 
 def test_iter_artifacts_and_missing_artifacts_report_without_moving(tmp_path: Path) -> None:

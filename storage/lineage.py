@@ -68,6 +68,27 @@ class LineageEntry:
         )
 
 
+def _read_record(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in a run's record `path`; ArtifactError naming the file when it is not one (edited or
+    damaged: a run's records are not artifacts, so nothing recomputes them)."""
+    try:
+        d = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: damaged {what}: {e}; restore it, or remove the run's directory "
+                            f"{path.parent if what == 'run record' else path.parent.parent}") from None
+    if not isinstance(d, dict):
+        raise ArtifactError(f"{path}: damaged {what}: a JSON object was expected, found {type(d).__name__}")
+    return d
+
+
+def _read_entry(path: Path) -> LineageEntry:
+    d = _read_record(path, "lineage pointer")
+    try:
+        return LineageEntry.from_json(d)
+    except (KeyError, TypeError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+        raise ArtifactError(f"{path}: damaged lineage pointer: {type(e).__name__}: {e}".splitlines()[0]) from None
+
+
 class RunLineage:
     """The lineage of one named run."""
 
@@ -81,7 +102,7 @@ class RunLineage:
 
     def info(self) -> dict[str, Any]:
         p = self.dir / "run.json"
-        return json.loads(p.read_text()) if p.is_file() else {}
+        return _read_record(p, "run record") if p.is_file() else {}
 
     def init(self, **info: Any) -> None:
         """Create the run (or update its info). `created_at` is kept from the first call."""
@@ -107,7 +128,7 @@ class RunLineage:
         if not self.exists():
             self.init()
         path = self._entry_path(iteration, stage)
-        old = LineageEntry.from_json(json.loads(path.read_text())) if path.is_file() else None
+        old = _read_entry(path) if path.is_file() else None
         same = old is not None and old.ref.sha256 == ref.sha256
         compute = seconds if not cached else (old.compute_seconds if same else None)
         entry = LineageEntry(self.run, iteration, stage, ref, time.time(), cached, seconds, compute)
@@ -121,12 +142,12 @@ class RunLineage:
         d = self.dir / "lineage"
         if not d.is_dir():
             return []
-        out = [LineageEntry.from_json(json.loads(p.read_text())) for p in sorted(d.glob("it*.json"))]
+        out = [_read_entry(p) for p in sorted(d.glob("it*.json"))]
         return sorted(out, key=lambda e: (e.iteration, e.recorded_at))
 
     def get(self, iteration: int, stage: str) -> LineageEntry | None:
         p = self._entry_path(iteration, stage)
-        return LineageEntry.from_json(json.loads(p.read_text())) if p.is_file() else None
+        return _read_entry(p) if p.is_file() else None
 
     def latest(self, stage: str) -> LineageEntry | None:
         """The entry of `stage` at the highest iteration (e.g. the latest checkpoint)."""

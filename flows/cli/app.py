@@ -12,10 +12,27 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from opd_tasks.errors import ConfigError, OpdError
 
+
+class _Commands(TyperGroup):
+    """The command group: an OpdError that a command did not turn into its own message (a damaged run record, a
+    bad file found deep in a stage) still ends as one `error:` line and exit status 2, not a traceback.
+    OPD_DEBUG=1 lets it through with its traceback."""
+
+    def invoke(self, ctx):  # noqa: ANN001, ANN201 - click's signature
+        try:
+            return super().invoke(ctx)
+        except OpdError as e:
+            if os.environ.get("OPD_DEBUG"):
+                raise
+            fail(e)
+
+
 app = typer.Typer(
+    cls=_Commands,
     help="opd-pipeline: on-policy distillation (OPD / TOPD) of language models as a Prefect pipeline.",
     no_args_is_help=True,
     add_completion=False,

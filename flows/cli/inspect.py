@@ -110,7 +110,9 @@ def sql_cmd(
                                               "probes, updates, evals, lineage, artifacts.")],
     root: RootOpt = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table | csv | json | parquet")] = "table",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the result to this file (outside the "
+                                                "storage root; written atomically).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Let --output replace an existing file.")] = False,
     run: Annotated[list[str] | None, typer.Option("--run", help="Only these runs (repeatable).")] = None,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check every file the views read against its "
                                          "manifest's sha256 (files hashed before and unchanged since are taken from "
@@ -119,7 +121,8 @@ def sql_cmd(
 ) -> None:
     """Run one read-only DuckDB query over every run's artifacts. Example:
     opd sql "SELECT run, count(*) FROM tokens GROUP BY 1". It cannot write or reach outside the root's artifacts
-    (COPY, ATTACH, INSTALL, reading other files are refused); save a result with --output."""
+    (COPY, ATTACH, INSTALL, reading other files are refused); save a result with --output, a file outside the root
+    that an existing file is not replaced by without --force."""
     import duckdb
 
     from storage.views import connect, read_only_query
@@ -128,6 +131,8 @@ def sql_cmd(
         fail(ValueError(f"--format must be table, csv, json or parquet, got {fmt!r}"))
     if fmt == "parquet" and output is None:
         fail(ValueError("--format parquet needs --output FILE"))
+    if output is not None:
+        output = _output_path(output, root_of(root), force)
     try:
         con = connect(root_of(root), runs=run, verify=verify)
         rel = read_only_query(con, query)
@@ -138,27 +143,22 @@ def sql_cmd(
     if rel is None:
         return
     tbl = rel.to_arrow_table()
-    if fmt == "parquet":
+    if fmt in ("parquet", "csv"):
+        import io
+
+        import pyarrow.csv as pcsv
         import pyarrow.parquet as pq
 
-        pq.write_table(tbl, output)
-        console.print(f"wrote {tbl.num_rows} rows to {output}")
-        return
-    if fmt == "csv":
-        import pyarrow.csv as pcsv
-
-        if output:
-            pcsv.write_csv(tbl, output)
-        else:
-            import io
-
-            buf = io.BytesIO()
-            pcsv.write_csv(tbl, buf)
+        buf = io.BytesIO()
+        (pq.write_table if fmt == "parquet" else pcsv.write_csv)(tbl, buf)
+        if output is None:
             sys.stdout.write(buf.getvalue().decode())
+        else:
+            _write_output(output, buf.getvalue(), tbl.num_rows)
         return
     if fmt == "json":
-        text = json.dumps(tbl.to_pylist(), default=str, indent=1)
-        (output.write_text(text + "\n") if output else sys.stdout.write(text + "\n"))
+        text = json.dumps(tbl.to_pylist(), default=str, indent=1) + "\n"
+        (_write_output(output, text.encode(), tbl.num_rows) if output else sys.stdout.write(text))
         return
     t = Table(*tbl.column_names)
     for row in tbl.slice(0, limit).to_pylist():
@@ -167,7 +167,31 @@ def sql_cmd(
     if tbl.num_rows > limit:
         console.print(f"... {tbl.num_rows - limit} more rows (use --limit, or --format csv/json/parquet)")
     if output:
-        output.write_text(json.dumps(tbl.to_pylist(), default=str))
+        _write_output(output, json.dumps(tbl.to_pylist(), default=str).encode(), tbl.num_rows)
+
+
+def _output_path(output: Path, root: Path, force: bool) -> Path:
+    """`output` resolved (links followed), or the error that refuses it: a path under the storage root (only opd
+    writes there: an artifact or a run's record overwritten by a query result would be lost), a directory, or an
+    existing file without --force."""
+    target = output.expanduser().resolve()
+    if target.is_relative_to(root.expanduser().resolve()):
+        fail(ConfigError(f"--output {output}: inside the storage root {root}; write query results outside it"))
+    if target.is_dir():
+        fail(ConfigError(f"--output {output}: is a directory; name a file"))
+    if target.exists() and not force:
+        fail(ConfigError(f"--output {output}: the file exists; pass --force to replace it"))
+    return target
+
+
+def _write_output(target: Path, data: bytes, rows: int) -> None:
+    from storage.layout import atomic_write
+
+    try:
+        atomic_write(target, data)
+    except (OSError, OpdError) as e:
+        fail(ConfigError(f"--output {target}: cannot write: {e}"))
+    err_console.print(f"wrote {rows} rows to {target}", highlight=False)
 
 @app.command("verify")
 def verify_cmd(
@@ -201,6 +225,14 @@ def verify_cmd(
             store.verify(ref)
         except OpdError as e:
             problems.append(str(e))
+            continue
+        if store.recorded_sha256(ref.stage, ref.key) != ref.sha256:
+            from storage.seal import key_file
+
+            record = store.layout.published_record(ref.stage, ref.key)
+            problems.append(f"artifact {ref.stage}/{ref.key}: its record {record} is missing, not sealed by this "
+                            f"machine's key ({key_file()}) or names another manifest: "
+                            "nothing vouches for it, so a rerun recomputes it instead of using it")
     for msg in problems:
         err_console.print(f"[red]BAD[/] {msg}", highlight=False)
     console.print(f"{n - len(problems)} of {n} artifacts OK")

@@ -22,14 +22,14 @@ runner = CliRunner()
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    store = ArtifactStore(tmp_path)
+    store = ArtifactStore(tmp_path / "root")
     t = store.put_table("analyze", "a1" * 32, "tokens", tokens_table(200, seed=3))
     u = store.put_table("update", "b2" * 32, "updates", updates_table(3))
-    lin = RunLineage(tmp_path, "demo")
+    lin = RunLineage(store.layout, "demo")
     lin.record(0, "analyze", t)
     lin.record(0, "update", u)
     lin.record(1, "update", u)
-    return tmp_path
+    return store.layout.root
 
 
 def test_help_lists_commands() -> None:
@@ -63,6 +63,50 @@ def test_sql_table_csv_json_parquet(root: Path, tmp_path: Path) -> None:
                             "--format", "json"])
     expected = sum(tokens_table(200, seed=3).column("high_loss").to_pylist())
     assert json.loads(r.stdout) == [{"n": expected}]
+
+
+def test_sql_output_stays_outside_the_root_and_replaces_nothing_unasked(root: Path, tmp_path: Path) -> None:
+    """--output: a path under the root (directly or through a link) is refused before the query runs, an existing
+    file is kept unless --force, and a written file is the whole result."""
+    q = "SELECT run, iteration FROM updates ORDER BY iteration, step"
+    part = next((root / "artifacts" / "update" / ("b2" * 32) / "updates").glob("*.parquet"))
+    record = root / "runs" / "demo" / "run.json"
+    (tmp_path / "link").symlink_to(root / "runs" / "demo")
+    for inside in (part, record, tmp_path / "link" / "run.json", root / "new.json"):
+        before = inside.read_bytes() if inside.exists() else None
+        r = runner.invoke(app, ["sql", q, "--root", str(root), "--format", "json", "--output", str(inside),
+                                "--force"])
+        assert r.exit_code == 2 and "inside the storage root" in r.output, r.output
+        assert (inside.read_bytes() if inside.exists() else None) == before
+    out = tmp_path / "result.json"
+    out.write_text("kept")
+    r = runner.invoke(app, ["sql", q, "--root", str(root), "--format", "json", "--output", str(out)])
+    assert r.exit_code == 2 and "the file exists; pass --force" in r.output and out.read_text() == "kept"
+    r = runner.invoke(app, ["sql", q, "--root", str(root), "--format", "json", "--output", str(out), "--force"])
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(out.read_text())) == 6 and "wrote 6 rows" in r.output
+    r = runner.invoke(app, ["sql", q, "--root", str(root), "--output", str(tmp_path)])
+    assert r.exit_code == 2 and "is a directory" in r.output
+
+
+def test_a_damaged_run_record_is_one_clear_error(root: Path) -> None:
+    """An edited run.json or lineage pointer names its file, in the commands that read it (gc; `opd run` and the
+    report through `RunLineage`), and is not overwritten."""
+    from storage.errors import ArtifactError
+
+    record = root / "runs" / "demo" / "run.json"
+    for damaged in (b"[1, 2]", b"{not json"):
+        record.write_bytes(damaged)
+        r = runner.invoke(app, ["gc", "--dry-run", "--root", str(root)])
+        assert r.exit_code == 2 and "run.json: damaged run record" in r.output, r.output
+        with pytest.raises(ArtifactError, match="run.json: damaged run record"):
+            RunLineage(root, "demo").init(method="opd")  # what `opd run` does first
+        assert record.read_bytes() == damaged
+    record.write_text("{}")
+    pointer = root / "runs" / "demo" / "lineage" / "it0000.update.json"
+    pointer.write_text('{"run": "demo"}')
+    r = runner.invoke(app, ["show", "demo", "--root", str(root)])
+    assert r.exit_code == 2 and "it0000.update.json: damaged lineage pointer: KeyError" in r.output, r.output
 
 
 def test_sql_errors_are_clear(root: Path) -> None:

@@ -37,8 +37,16 @@ class Arm:
     overrides: tuple[str, ...] = ()
 
 
+#: The config sections an arm's overrides may set: the stages' settings. Everything else is the experiment's (the
+#: root, names, seeds, iterations, models, data and so the shared eval set, orchestration): an arm that set it
+#: would write elsewhere, be ignored, or break the pairing of the arms.
+ARM_SECTIONS = ("teacher_context", "rollout", "scoring", "analysis", "update", "topd", "baselines", "evaluation",
+                "gates")
+
+
 def parse_arm(spec: str) -> Arm:
-    """`METHOD` or `LABEL=METHOD[,key=value,...]` (e.g. `topd-oracle=topd,analysis.detector=oracle`)."""
+    """`METHOD` or `LABEL=METHOD[,key=value,...]` (e.g. `topd-oracle=topd,analysis.detector=oracle`); the keys in
+    `ARM_SECTIONS` only."""
     label, _, rest = spec.partition("=") if "=" in spec.split(",", 1)[0] else (spec.split(",", 1)[0], "", spec)
     method, *overrides = [p.strip() for p in (rest or label).split(",") if p.strip()]
     if method not in METHODS:
@@ -50,6 +58,10 @@ def parse_arm(spec: str) -> Arm:
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"opd experiment: arm {spec!r}: override {o!r} must look like key.path=value")
+        if (section := o.split("=", 1)[0].split(".", 1)[0].strip()) not in ARM_SECTIONS:
+            raise ConfigError(f"opd experiment: arm {spec!r}: an arm cannot set {o.split('=', 1)[0].strip()!r}: "
+                              f"arms set the method and stage settings ({', '.join(ARM_SECTIONS)}); {section!r} "
+                              "is the experiment's (use --set, --seeds, -n or --name)")
     return Arm(label, method, tuple(overrides))
 
 

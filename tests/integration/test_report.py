@@ -320,8 +320,12 @@ def test_experiment_arms_conditions_and_run_names(tmp_path: Path) -> None:
                          ("a b=opd", "arm")):
         with pytest.raises(ConfigError, match=pattern):
             parse_arm(bad)
+    for outside in ("root=/tmp/elsewhere", "name=x", "seed=1", "data.eval_size=10", "models.student.path=y",
+                    "orchestration.shards=2", "iterations=9"):
+        with pytest.raises(ConfigError, match=f"cannot set '{outside.split('=')[0]}': arms set the method and stage"):
+            parse_arm(f"x=opd,{outside}")
     with pytest.raises(ConfigError, match="distinct labels"):
-        check_plan(["opd", "opd=opd,seed=1"], [0])
+        check_plan(["opd", "opd=opd"], [0])
     with pytest.raises(ConfigError, match=r"run e-topd-x-s0 of arm topd-x\):\n  analysis.nope: unknown key"):
         check_plan(["topd-x=topd,analysis.nope=1"], [0], load_config(None, [f"root={tmp_path}"]), "e")
 

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from opd_tasks.config import ModelRef
 from opd_tasks.errors import ModelError
 from opd_tasks.model_import import IMPORTED_PREFIX, RECORD, imported_dir, read_record
-from storage.hashing import sha256_tree
+from storage.hashing import sha256_json, sha256_tree
 from storage.refs import ArtifactRef
 from storage.store import ArtifactStore
 
@@ -86,6 +86,15 @@ class ModelSpec(BaseModel):
     def dir(self) -> Path:
         return Path(self.path)
 
+    @property
+    def key_hash(self) -> str:
+        """What a cache key holds for this model: the hash of its files, and whether its own code runs (a model
+        loaded with its code and the same files loaded as a built-in class may compute different things; off, the
+        default, adds nothing, so no key changes)."""
+        if not self.trust_remote_code:
+            return self.sha256
+        return sha256_json({"sha256": self.sha256, "trust_remote_code": True})
+
 
 class ResolvedModel(BaseModel):
     """A model ref made concrete: where its files are and what they hash to."""
@@ -142,10 +151,13 @@ def _local_dir(ref: ModelRef, root: Path | None = None) -> Path:
 _TEXT_FILES = ("merges.txt", "vocab.txt")
 
 
-def check_model_dir(local: Path, need_config: bool = True) -> None:
+def check_model_dir(local: Path, need_config: bool = True, trust_remote_code: bool = False) -> None:
     """ModelError naming the file and what to do: config.json missing (when `need_config`), a JSON or vocab file
     that is not UTF-8 or not JSON, a safetensors file whose header is corrupt or whose data is cut short, a shard
-    that a `*.safetensors.index.json` names but that is missing. Reads the headers only, not the weights."""
+    that a `*.safetensors.index.json` names but that is missing, a model or tokenizer that ships its own code
+    (an `auto_map` in config.json or tokenizer_config.json) when `trust_remote_code` is off: transformers would
+    then load it as a built-in class, or fail, instead of running the code the model was made for. Reads the
+    headers only, not the weights."""
     if need_config and not (local / "config.json").is_file():
         raise ModelError(f"model directory {local} has no config.json, so it is not a transformers model; point "
                          "models.*.path at the directory save_pretrained wrote, or re-download the model")
@@ -159,6 +171,11 @@ def check_model_dir(local: Path, need_config: bool = True) -> None:
                 raise ModelError(f"{f} is not UTF-8 (byte {e.start}: {e.reason}); {redo}") from None
             except json.JSONDecodeError as e:
                 raise ModelError(f"{f} is not valid JSON ({e}); {redo}") from None
+            if (f.name in ("config.json", "tokenizer_config.json") and isinstance(content, dict)
+                    and content.get("auto_map") and not trust_remote_code):
+                raise ModelError(f"{f} names the model's own code (auto_map: {sorted(content['auto_map'])}), and "
+                                 "opd runs a model's code only when its config says so: set trust_remote_code: "
+                                 "true on this model (models.teacher / models.student) if you trust the code")
             if f.name.endswith(".safetensors.index.json") and isinstance(content, dict):
                 missing = sorted({s for s in content.get("weight_map", {}).values() if not (local / s).is_file()})
                 if missing:
@@ -178,7 +195,7 @@ def resolve_model(ref: ModelRef, need_config: bool = False, root: Path | None = 
     config.json required when `need_config`; an imported model's hash against its import record). ModelError
     names a missing path or a damaged file. `root`: the storage root `imported:` names resolve under."""
     local = _local_dir(ref, root)
-    check_model_dir(local, need_config)
+    check_model_dir(local, need_config, ref.trust_remote_code)
     try:
         digest = sha256_tree(local)
     except OSError as e:  # e.g. a hub cache symlink whose blob is gone, a file we may not read
@@ -209,7 +226,7 @@ def load_tokenizer(ref: ModelRef, root: Path | None = None) -> Any:
     from opd_tasks.backends.hf import load_tokenizer as load_tokenizer_dir
 
     local = _local_dir(ref, root)
-    check_model_dir(local, need_config=False)
+    check_model_dir(local, need_config=False, trust_remote_code=ref.trust_remote_code)
     return load_tokenizer_dir(local, ref.trust_remote_code)
 
 
@@ -223,7 +240,7 @@ def load_model(ref: ModelRef, device: str = "cpu", dtype: str | None = None, roo
     from opd_tasks.backends.hf import load_causal_lm
 
     local = _local_dir(ref, root)
-    check_model_dir(local)
+    check_model_dir(local, trust_remote_code=ref.trust_remote_code)
     return load_causal_lm(local, torch.device(device), dtype or ref.dtype, ref.trust_remote_code)
 
 

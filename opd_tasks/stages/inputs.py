@@ -7,7 +7,8 @@ checks and the CLI read it without loading torch.
 
 The key (`StageInputs.key_parts`, hashed by `storage.keys.cache_key` with the stage's name and version):
 - an `ArtifactRef` (or None) is an input artifact: its sha256;
-- a `ModelSpec` is an input model: the hash of its files (or of its checkpoint artifact);
+- a `ModelSpec` is an input model: the hash of its files (or of its checkpoint artifact), with its
+  `trust_remote_code` when on (`ModelSpec.key_hash`);
 - `seed` is the seed;
 - any other field (a config section, a flag) is part of the config slice, as JSON;
 - fields named in `unkeyed` are read but not keyed (each with its reason beside it).
@@ -54,7 +55,7 @@ class StageInputs(BaseModel):
             if role == "seed":
                 seed = value
             elif role == "input":
-                artifacts[name] = value.sha256 if isinstance(value, ModelSpec) else value
+                artifacts[name] = value.key_hash if isinstance(value, ModelSpec) else value
             elif role == "config":
                 config[name] = key_slice(value) if isinstance(value, BaseModel) else value
         return artifacts, config, seed

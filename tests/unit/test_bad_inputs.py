@@ -123,6 +123,35 @@ def test_relative_model_dir_that_exists_is_local(student: Path, monkeypatch: pyt
     assert spec_of(ModelRef(path="student")).sha256 == spec_of(ModelRef(path=str(student))).sha256
 
 
+def test_a_model_with_its_own_code_needs_trust_remote_code(student: Path) -> None:
+    """A config.json or tokenizer_config.json with an auto_map is refused with the flag off, naming the flag, before
+    transformers can load the files as a built-in class; with the flag on it resolves, and its key differs from the
+    same files' without it (a cache hit made without the code is not served to a run with it)."""
+    from opd_tasks.config import RolloutConfig
+    from opd_tasks.stages.inputs import RolloutInputs
+    from storage.keys import cache_key
+    from storage.refs import ArtifactRef
+
+    clean = spec_of(ModelRef(path=str(student)))
+    for name in ("config.json", "tokenizer_config.json"):
+        f = student / name
+        original = f.read_text()
+        f.write_text(json.dumps({**json.loads(original), "auto_map": {"AutoModelForCausalLM": "mine.Model"}}))
+        _model_error(ModelRef(path=str(student)), str(f), "set trust_remote_code: true", load=True)
+        with pytest.raises(ModelError, match="trust_remote_code"):
+            load_tokenizer(ModelRef(path=str(student)))
+        trusted = spec_of(ModelRef(path=str(student), trust_remote_code=True))
+        assert trusted.trust_remote_code and trusted.key_hash != trusted.sha256
+        f.write_text(original)
+    assert clean.key_hash == clean.sha256  # off: the key is the files' hash, as before
+    prompts = ArtifactRef(uri="artifacts/prompts/x", stage="prompts", key="b" * 64, sha256="c" * 64, rows=1,
+                          bytes=1, schema_name="prompts", schema_version=1)
+    keys = {flag: cache_key("rollout", 1, *RolloutInputs(
+        student=clean.model_copy(update={"trust_remote_code": flag}), prompts=prompts, rollout=RolloutConfig(),
+        checker="gsm8k", seed=0).key_parts()) for flag in (False, True)}
+    assert keys[False] != keys[True]
+
+
 def test_from_checkpoint_keeps_trust_remote_code_and_dtype(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path / "root")
     with store.writer("update", "ab" * 32) as w:

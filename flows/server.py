@@ -6,10 +6,15 @@ Three ways, in this order:
 2. The shared local server (the default). The first command without a running one starts it, detached, as
    `python -m flows.server --idle-minutes N`: a small supervisor that runs Prefect's own server (the one Prefect's
    temporary mode runs: same command, 127.0.0.1, SQLite under `$PREFECT_HOME`) and writes where it listens to
-   `$PREFECT_HOME/opd-server.json`. Later commands find it there and skip the start (about 5 s of a cached
-   rerun's 8). It stops itself after `OPD_SERVER_IDLE_MINUTES` (default 15) without a command using it;
+   `$PREFECT_HOME/opd-server.json` (readable by this user only), with a random token the server requires of
+   every API request (Prefect's `PREFECT_SERVER_API_AUTH_STRING`). Later commands find it there and skip the start
+   (about 5 s of a cached rerun's 8), but only after checking that it is the server opd started (`server_is_ours`): its
+   supervisor's pid runs `flows.server`, and the server at the URL serves a request with the token and refuses one
+   without. A stale record (a dead pid, a port another process took since) is never used: a new server starts.
+   It stops itself after `OPD_SERVER_IDLE_MINUTES` (default 15) without a command using it;
    `opd server stop` stops it now. Commands hold a shared lock on `$PREFECT_HOME/opd-server.users` while they use
-   it, and the supervisor stops only when it can take that lock exclusively, so it never stops under a command.
+   it, and the supervisor stops only when it can take that lock exclusively, so it never stops under a command;
+   `opd server stop` refuses then, unless `--force`.
    If the supervisor is killed, the kernel stops its server (parent-death signal).
 3. `OPD_SERVER_IDLE_MINUTES=0`: a temporary server for this command alone, tied to it (parent-death signal, so a
    killed command does not leave it running), stopped at the end after this process's logs and events were sent
@@ -25,6 +30,7 @@ import ctypes
 import fcntl
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -74,7 +80,8 @@ class SharedServerFiles:
 
     def __init__(self, home: Path | None = None):
         home = home or _home()
-        self.state = home / "opd-server.json"  # {url, pid, prefect, idle_minutes, started}: written by the supervisor
+        # {url, pid, prefect, token, idle_minutes, started}: written by the supervisor, mode 0600
+        self.state = home / "opd-server.json"
         self.users = home / "opd-server.users"  # shared lock: a command uses the server; mtime: its last use
         self.starting = home / "opd-server.start.lock"  # exclusive lock: one command at a time finds or starts it
         self.log = home / "opd-server.log"
@@ -95,13 +102,56 @@ def server_answers(url: str, timeout: float = 2.0) -> bool:
 
 
 def read_state(files: SharedServerFiles | None = None) -> dict | None:
-    """The shared server's state file, or None when there is none (or it is unreadable: a stale half-write)."""
+    """The shared server's state file, or None when there is none (or it is unreadable: a stale half-write, or a
+    record of another shape, e.g. an older opd's without a token)."""
     files = files or SharedServerFiles()
     try:
         state = json.loads(files.state.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return state if isinstance(state, dict) and {"url", "pid", "prefect"} <= set(state) else None
+    if not (isinstance(state, dict) and {"url", "pid", "prefect", "token"} <= set(state)):
+        return None
+    return state if isinstance(state["pid"], int) and all(isinstance(state[k], str) for k in
+                                                         ("url", "prefect", "token")) else None
+
+
+def _auth(token: str) -> dict[str, str]:
+    import base64
+
+    return {"Authorization": "Basic " + base64.b64encode(token.encode()).decode()}
+
+
+def _is_supervisor(pid: int) -> bool:
+    """Whether `pid` runs opd's server supervisor (`python -m flows.server`): alive and with that command line (a pid
+    reused by another process is not). Linux reads /proc; elsewhere only liveness is checked."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError, OverflowError, ValueError):
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return sys.platform != "linux"
+    except OSError:
+        return False
+    return b"flows.server" in argv
+
+
+def server_is_ours(state: dict, timeout: float = 2.0) -> bool:
+    """Whether the server `state` records is the one opd started: its supervisor runs, and the server at its URL
+    serves a request with its token and refuses one with another. Something else answering on that port cannot
+    know the token (the state file is this user's alone), so it fails one of the two; any answer that is not
+    HTTP, or no answer, is not ours either."""
+    import httpx
+
+    if not _is_supervisor(state["pid"]):
+        return False
+    try:
+        good = httpx.get(f"{state['url']}/admin/version", headers=_auth(state["token"]), timeout=timeout)
+        bad = httpx.get(f"{state['url']}/admin/version", headers=_auth(secrets.token_urlsafe(16)), timeout=timeout)
+    except (httpx.HTTPError, ValueError):
+        return False
+    return good.status_code == 200 and bad.status_code == 401
 
 
 # ------------------------------------------------------------------------------ Prefect's server, tied to us
@@ -155,7 +205,7 @@ def _did_not_start(e: BaseException, log: Path) -> TransientError:
 def prefect_api(announce: Callable[[str], None] | None = None) -> Iterator[str]:
     """Run the body against a Prefect API (see the module docstring for which); yields its URL. At the end, this
     process's queued logs and events are sent. `announce` gets one line saying which server is used."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     say = announce or (lambda line: None)
     if PREFECT_API_URL.value():
@@ -163,7 +213,8 @@ def prefect_api(announce: Callable[[str], None] | None = None) -> Iterator[str]:
         return
     idle = idle_minutes()
     server = _shared_server(idle, say) if idle > 0 else _temporary_server(say)
-    with server as url, temporary_settings({PREFECT_API_URL: url}):
+    with server as (url, token), temporary_settings({PREFECT_API_URL: url, **({PREFECT_API_AUTH_STRING: token}
+                                                                            if token else {})}):
         try:
             yield url
         finally:
@@ -190,7 +241,7 @@ def _temporary_server(say: Callable[[str], None]) -> Iterator[str]:
         raise _did_not_start(e, server_log()) from e
     say(f"Prefect: a temporary server on {server.api_url} for this command ({IDLE_ENV}=0)")
     try:
-        yield server.api_url
+        yield server.api_url, None
     finally:
         server.stop()
 
@@ -205,7 +256,8 @@ def _flock(path: Path, how: int) -> Iterator[Any]:
 
 @contextmanager
 def _shared_server(idle: float, say: Callable[[str], None]) -> Iterator[str]:
-    """Use the shared local server, starting it first when none answers; hold the users lock while in use."""
+    """Use the shared local server, starting it first when none that is ours answers; hold the users lock while in
+    use. Yields its URL and token."""
     from prefect import __version__
 
     files = SharedServerFiles()
@@ -214,29 +266,31 @@ def _shared_server(idle: float, say: Callable[[str], None]) -> Iterator[str]:
             with _flock(files.starting, fcntl.LOCK_EX):  # one command at a time finds or starts it
                 users = in_use.enter_context(_flock(files.users, fcntl.LOCK_SH))  # waits while one is stopping
                 state = read_state(files)
-                if state and state["prefect"] == __version__ and server_answers(state["url"]):
-                    url = state["url"]
-                    say(f"Prefect: the local server on {url} (pid {state['pid']}; `opd server stop` stops it)")
+                if state and state["prefect"] == __version__ and server_is_ours(state):
+                    say(f"Prefect: the local server on {state['url']} (pid {state['pid']}; `opd server stop` "
+                        "stops it)")
                 else:
-                    url = _start_supervisor(files, idle, stale=state, version=__version__)
-                    say(f"Prefect: started a local server on {url}; it stops after {idle:g} min unused "
+                    state = _start_supervisor(files, idle, stale=state)
+                    say(f"Prefect: started a local server on {state['url']}; it stops after {idle:g} min unused "
                         f"({IDLE_ENV}; `opd server stop` stops it now)")
         except OSError as e:  # PREFECT_HOME not writable, or full
             raise _did_not_start(e, files.log) from e
         os.utime(users.fileno())  # the last use, which the supervisor's idle clock counts from
         try:
-            yield url
+            yield state["url"], state["token"]
         finally:
             os.utime(users.fileno())
 
 
-def _start_supervisor(files: SharedServerFiles, idle: float, stale: dict | None, version: str) -> str:
+def _start_supervisor(files: SharedServerFiles, idle: float, stale: dict | None) -> dict:
     """Start `python -m flows.server` detached (its own session: a Ctrl-C of this command does not reach it) and
-    wait until its state file names a server that answers."""
+    wait until its state file names a server that is ours; returns that state. A `stale` record's supervisor, if it
+    still runs (another Prefect version's: an upgraded venv), is stopped first; a stale pid that another process
+    took since is left alone."""
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
-    if stale and stale.get("prefect") != version:
-        _stop_pid(stale)  # a server of another Prefect version on this home (an upgraded venv): replace it
+    if stale:
+        _stop_pid(stale)
     files.state.unlink(missing_ok=True)
     with open(files.log, "ab") as out:
         child = subprocess.Popen([sys.executable, "-m", "flows.server", "--idle-minutes", f"{idle:g}"],
@@ -245,9 +299,9 @@ def _start_supervisor(files: SharedServerFiles, idle: float, stale: dict | None,
     deadline = time.monotonic() + float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()) + 30
     while time.monotonic() < deadline:
         state = read_state(files)
-        if state and state["pid"] == child.pid and server_answers(state["url"]):
+        if state and state["pid"] == child.pid and server_is_ours(state):
             child.returncode = 0  # detached on purpose: no "subprocess still running" warning when this process ends
-            return state["url"]
+            return state
         if child.poll() is not None:
             raise _did_not_start(RuntimeError(f"its supervisor exited with code {child.returncode}"), files.log)
         time.sleep(0.1)
@@ -256,24 +310,36 @@ def _start_supervisor(files: SharedServerFiles, idle: float, stale: dict | None,
 
 
 def _stop_pid(state: dict) -> bool:
+    """SIGTERM the supervisor `state` names, if that pid runs opd's supervisor (`_is_supervisor`)."""
+    if not _is_supervisor(state["pid"]):
+        return False
     try:
-        os.kill(int(state["pid"]), signal.SIGTERM)
+        os.kill(state["pid"], signal.SIGTERM)
         return True
-    except (ProcessLookupError, PermissionError, ValueError):
+    except (ProcessLookupError, PermissionError):
         return False
 
 
-def stop_shared_server(timeout: float = 30.0) -> dict | None:
-    """`opd server stop`: SIGTERM the shared server's supervisor and wait until it is gone; its state, or None."""
+def stop_shared_server(timeout: float = 30.0, force: bool = False) -> dict | None:
+    """`opd server stop`: SIGTERM the shared server's supervisor and wait until it is gone; its state, or None.
+    ConfigError while a command uses the server (it holds the users lock), unless `force`; while stopping, this
+    holds the lock, so that no command adopts the server that is going."""
     files = SharedServerFiles()
-    state = read_state(files)
-    if state is None or not _stop_pid(state):
-        files.state.unlink(missing_ok=True)
-        return None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and (files.state.exists() or server_answers(state["url"], timeout=0.5)):
-        time.sleep(0.1)
-    return state
+    with _flock(files.users, fcntl.LOCK_SH) as users:
+        try:
+            fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not force:
+                raise ConfigError("opd server stop: a command is using the local Prefect server (it would lose "
+                                  "its connection); wait for it, or pass --force") from None
+        state = read_state(files)
+        if state is None or not _stop_pid(state):
+            files.state.unlink(missing_ok=True)
+            return None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (files.state.exists() or server_answers(state["url"], timeout=0.5)):
+            time.sleep(0.1)
+        return state
 
 
 # ----------------------------------------------------------------------------------------- the supervisor
@@ -288,12 +354,18 @@ def supervise(idle: float, poll_seconds: float = 2.0) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
+    token = secrets.token_urlsafe(24)
+    # the server requires it of every request but its health check; this process's own client sends it
+    os.environ["PREFECT_SERVER_API_AUTH_STRING"] = os.environ["PREFECT_API_AUTH_STRING"] = token
     server = _tied_server(files.log)
     try:
         server.start()
         tmp = files.state.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"url": server.api_url, "pid": os.getpid(), "prefect": __version__,
-                                   "idle_minutes": idle, "started": time.time()}), encoding="utf-8")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # the token: this user's alone
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"url": server.api_url, "pid": os.getpid(), "prefect": __version__, "token": token,
+                       "idle_minutes": idle, "started": time.time()}, f)
         os.replace(tmp, files.state)
         files.users.touch()
         with open(files.users, "a+") as users:

@@ -35,10 +35,10 @@ def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 @server_app.command("status")
 def server_status() -> None:
     """Whether the shared local Prefect server runs, where, and when it stops by itself."""
-    from flows.server import IDLE_ENV, idle_minutes, read_state, server_answers
+    from flows.server import IDLE_ENV, idle_minutes, read_state, server_is_ours
 
     state = read_state()
-    if state is None or not server_answers(state["url"]):
+    if state is None or not server_is_ours(state):
         console.print(f"no local Prefect server runs for this PREFECT_HOME; the next opd run starts one "
                       f"({IDLE_ENV}={idle_minutes():g})", highlight=False)
         raise typer.Exit(1)
@@ -47,11 +47,17 @@ def server_status() -> None:
 
 
 @server_app.command("stop")
-def server_stop() -> None:
-    """Stop the shared local Prefect server now (a command still using it loses its connection)."""
+def server_stop(
+    force: Annotated[bool, typer.Option("--force", help="Stop it even while a command uses it (that command loses "
+                                        "its connection).")] = False,
+) -> None:
+    """Stop the shared local Prefect server now; while a command uses it, only with --force."""
     from flows.server import stop_shared_server
 
-    state = stop_shared_server()
+    try:
+        state = stop_shared_server(force=force)
+    except OpdError as e:
+        fail(e)
     console.print(f"stopped the local Prefect server on {state['url']} (pid {state['pid']})" if state else
                   "no local Prefect server was running", highlight=False)
 

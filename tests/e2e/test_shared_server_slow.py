@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from prefect import __version__ as PREFECT_VERSION
 
 from flows.server import SharedServerFiles, server_answers
 
@@ -95,3 +96,64 @@ def test_opd_server_stop_and_a_killed_supervisor(tmp_path: Path) -> None:
     url2, said = _use(env)
     assert "started a local server" in said and server_answers(url2)
     subprocess.run([*opd, "stop"], cwd=REPO, env=env, capture_output=True, timeout=120)
+
+
+#: Something else on a loopback port: answers every request 200 with an empty JSON object, and logs each path.
+FAKE = ("import http.server, sys\nclass H(http.server.BaseHTTPRequestHandler):\n"
+        "    def answer(self):\n        open(sys.argv[2], 'a').write(self.path + '\\n')\n"
+        "        self.send_response(200); self.send_header('Content-Type', 'application/json'); self.end_headers()\n"
+        "        self.wfile.write(b'{}')\n    do_GET = do_POST = do_PATCH = do_PUT = answer\n"
+        "    def log_message(self, *a): pass\n"
+        "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n")
+
+
+@pytest.mark.slow
+def test_a_stale_record_and_an_impostor_are_never_used(tmp_path: Path) -> None:
+    """A record whose pid is dead, or alive but not opd's supervisor, naming a port where something else answers
+    every request: the command starts its own server and sends the impostor nothing beyond the check's requests;
+    `opd server stop` refuses while a command uses the server, and stops it with --force."""
+    import socket
+
+    env = _env(tmp_path, "30")
+    files = SharedServerFiles(tmp_path / "ph")
+    files.state.parent.mkdir(parents=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    seen = tmp_path / "impostor.log"
+    fake = subprocess.Popen([sys.executable, "-c", FAKE, str(port), str(seen)])
+    try:
+        fake_url = f"http://127.0.0.1:{port}/api"
+        _wait(lambda: server_answers(fake_url), 30, "the impostor did not start")
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        real = None
+        for case in ("dead pid", "a live pid that is no supervisor", "our supervisor's pid, another's port"):
+            if case == "our supervisor's pid, another's port":
+                _, said = _use(env)
+                real = json.loads(files.state.read_text())
+                record = {**real, "url": fake_url}  # the token is right; the server on that port does not know it
+            else:
+                record = {"url": fake_url, "pid": dead.pid if case == "dead pid" else fake.pid,
+                          "prefect": PREFECT_VERSION, "token": "guessed", "idle_minutes": 30, "started": 0}
+            files.state.write_text(json.dumps(record))
+            url, said = _use(env)
+            assert "started a local server" in said and url != fake_url, (case, said)
+            assert server_answers(url) and json.loads(files.state.read_text())["url"] == url
+        assert not _alive(real["pid"])  # the replaced supervisor was ours: stopped, not left running
+        # our own readiness probe, then the token check of the third case: no flow run, log or event reached it
+        assert seen.read_text().split() == ["/api/health", "/api/admin/version", "/api/admin/version"]
+        assert fake.poll() is None  # the stale pid that is no supervisor was not signalled
+    finally:
+        fake.kill()
+    opd = [sys.executable, "-m", "flows.cli", "server", "stop"]
+    holder = subprocess.Popen([sys.executable, "-c", USE, "60"], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        url = next(line.split()[1] for line in iter(holder.stdout.readline, "") if line.startswith("URL "))
+        stop = subprocess.run(opd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 2 and "a command is using the local Prefect server" in stop.stderr, stop.stderr
+        assert server_answers(url)
+        stop = subprocess.run([*opd, "--force"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0 and f"stopped the local Prefect server on {url}" in stop.stdout, stop.stdout
+    finally:
+        holder.kill()

@@ -62,5 +62,10 @@ def test_an_unreadable_or_partial_state_file_is_no_server(tmp_path) -> None:
     assert flows.server.read_state(files) is None
     files.state.write_text('{"url": "http://127.0.0.1:1/api", "pid": 1}')  # no Prefect version
     assert flows.server.read_state(files) is None
-    files.state.write_text('{"url": "http://127.0.0.1:1/api", "pid": 1, "prefect": "3.9.1"}')
+    files.state.write_text('{"url": "http://127.0.0.1:1/api", "pid": 1, "prefect": "3.9.1"}')  # an older opd's
+    assert flows.server.read_state(files) is None
+    files.state.write_text('{"url": "http://127.0.0.1:1/api", "pid": "1", "prefect": "3.9.1", "token": "t"}')
+    assert flows.server.read_state(files) is None
+    files.state.write_text('{"url": "http://127.0.0.1:1/api", "pid": 1, "prefect": "3.9.1", "token": "t"}')
     assert flows.server.read_state(files)["pid"] == 1
+    assert not flows.server.server_is_ours(flows.server.read_state(files))  # pid 1 is no supervisor of ours

@@ -7,18 +7,23 @@ write-then-commit-marker protocol instead of the local store's atomic rename:
 ```
 <remote>/artifacts/<stage>/<key>/_manifest.json        the commit marker, written last, never overwritten
 <remote>/artifacts/<stage>/<key>/<manifest sha256>/...  the artifact's files, under the hash of its manifest
-<remote>/retired/<stage>/<key>-<time>-<rand>/_manifest.json   a manifest moved aside by `retire` (--refresh)
+<remote>/artifacts/<stage>/<key>/<manifest sha256>/_seal  the seal of "(stage, key) published this manifest"
+<remote>/retired/<stage>/<key>-<time>-<rand>/_manifest.json   a manifest moved aside by `retire` (--refresh, or a
+                                                              copy that a pull found damaged or unsealed)
 ```
 
-- Push: upload every file under `<key>/<manifest sha256>/`, then write the manifest. A push cut off before the
-  manifest leaves only unreferenced files: readers see no artifact.
-- Pull: read the manifest, download the files it lists into a local temp dir, check every size and sha256,
-  then publish locally with the local store's atomic rename (`ArtifactStore.lookup` does this).
+- Push: upload every file and the seal under `<key>/<manifest sha256>/`, then write the manifest. A push cut off
+  before the manifest leaves only unreferenced files: readers see no artifact.
+- Pull: read the manifest, check its seal against this machine's key (storage/seal.py: machines that share a
+  remote share the key file), download the files it lists into a local temp dir, check every size and sha256,
+  then publish locally with the local store's atomic rename (`ArtifactStore.lookup` does this). A copy that
+  fails (rewritten consistently, unsealed, damaged) is retired on the remote and recomputed, so that it neither
+  blocks the run nor comes back.
 - Files live under the manifest's hash, so two writers that race on one key with different bytes never
   overwrite each other's files, and a reader always gets the files its manifest names.
 
-I/O failures talking to the remote raise `TransientError` (retried by the flow); a corrupted file, an unsafe
-manifest or a conflicting manifest raise `ArtifactError` (not retried). Only JSON is read (no pickle).
+I/O failures talking to the remote raise `TransientError` (retried by the flow); an unsafe manifest raises
+`ArtifactError` (not retried). Only JSON is read (no pickle).
 Credentials come from the file system's own mechanisms (e.g. AWS_* variables, ~/.aws,
 GOOGLE_APPLICATION_CREDENTIALS, fsspec's FSSPEC_<PROTOCOL>_<KEY> variables); a URI holding a password is
 refused, and URIs are shown with any user info masked.
@@ -36,6 +41,9 @@ from urllib.parse import urlsplit
 
 from storage.errors import ArtifactError, ConfigError, TransientError
 from storage.layout import MANIFEST
+
+#: The seal file beside an artifact's files on the remote (storage/seal.py).
+SEAL_FILE = "_seal"
 
 _URI = re.compile(r"^([a-z][a-z0-9+.-]*)://(.*)$")
 
@@ -173,6 +181,16 @@ class RemoteMirror:
         except OSError as e:
             raise TransientError(f"cannot read {self.display(path)}: {e}") from e
 
+    def seal_text(self, stage: str, key: str, sha256: str) -> str | None:
+        """The seal uploaded with the manifest of hash `sha256`, or None when there is none (an older push)."""
+        path = self.file_path(stage, key, sha256, SEAL_FILE)
+        try:
+            return self.fs.cat_file(path).decode("ascii", "replace").strip()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise TransientError(f"cannot read {self.display(path)}: {e}") from e
+
     def has_manifest(self, stage: str, key: str) -> bool:
         path = self.manifest_path(stage, key)
         try:
@@ -196,16 +214,20 @@ class RemoteMirror:
             raise TransientError(f"artifact {stage}/{key}: cannot download from {redact(self.uri)}: {e}") from e
 
     # -- writing --------------------------------------------------------------------------------------
-    def upload(self, stage: str, key: str, sha256: str, src: Path, rels: Iterable[str], manifest: bytes) -> None:
-        """Upload the files, then the manifest (the commit marker). The caller checked that no manifest exists."""
+    def upload(self, stage: str, key: str, sha256: str, src: Path, rels: Iterable[str], manifest: bytes,
+               seal: str) -> None:
+        """Upload the files and the seal, then the manifest (the commit marker). The caller checked that no
+        manifest exists."""
         rels = list(rels)
         rpaths = [self.file_path(stage, key, sha256, r) for r in rels]
+        spath = self.file_path(stage, key, sha256, SEAL_FILE)
         try:
             if self._local:  # object stores have no directories (and s3fs.makedirs may create a bucket)
-                for d in sorted({self.fs._parent(p) for p in [*rpaths, self.manifest_path(stage, key)]}):
+                for d in sorted({self.fs._parent(p) for p in [*rpaths, spath, self.manifest_path(stage, key)]}):
                     self.fs.makedirs(d, exist_ok=True)
             if rpaths:
                 self.fs.put([str(src / r) for r in rels], rpaths)
+            self.fs.pipe_file(spath, seal.encode())
             if self.has_manifest(stage, key):  # someone committed meanwhile: the caller compares
                 return
             mpath = self.manifest_path(stage, key)

@@ -286,20 +286,25 @@ class ArtifactStore:
     def _push(self, ref: ArtifactRef, verified: bool = False) -> ArtifactRef:
         """Mirror a local artifact to the remote: files, then the manifest; returns the artifact to use.
 
-        A remote manifest is never overwritten. If the remote already has a different one for the key (two
-        writers computed different bytes for one cache key: the first to commit wins, as in the local store),
-        the local copy is moved to `<root>/retired/` and the remote artifact is pulled and returned."""
+        A remote manifest is never overwritten, unless its seal does not verify (then it is retired on the remote:
+        nothing vouches for it). If the remote already has a different sealed one for the key (two writers
+        computed different bytes for one cache key: the first to commit wins, as in the local store), the local
+        copy is moved to `<root>/retired/` and the remote artifact is pulled and returned."""
         remote = self.remote
         if remote is None:
             return ref
         adir = self.layout.artifact_dir(ref.stage, ref.key)
         data = (adir / MANIFEST).read_bytes()
         theirs = remote.manifest_bytes(ref.stage, ref.key)
+        if theirs is not None and not self._remote_sealed(ref.stage, ref.key, theirs):
+            self._retire_remote(ref.stage, ref.key, "its seal does not verify under this machine's key")
+            theirs = None
         if theirs is None:
             if not verified:
                 self.verify(ref)  # never mirror a corrupted local file under a manifest that vouches for it
             rels = [check_rel_path(e["path"], str(adir / MANIFEST)) for e in json.loads(data)["files"]]
-            remote.upload(ref.stage, ref.key, manifest_sha256(data), adir, rels, data)
+            sha = manifest_sha256(data)
+            remote.upload(ref.stage, ref.key, sha, adir, rels, data, seal.seal(ref.stage, ref.key, sha))
             theirs = remote.manifest_bytes(ref.stage, ref.key)
         if theirs is None or theirs == data or _same_content(theirs, data):
             return ref  # the same artifact (another writer's provenance at most differs)
@@ -315,14 +320,38 @@ class ArtifactStore:
                                  "disappeared while it was being read; retry the stage")
         return pulled
 
+    def _remote_sealed(self, stage: str, key: str, data: bytes) -> bool:
+        """Whether the remote manifest `data` of (stage, key) carries a seal that verifies under this key."""
+        try:
+            sha = manifest_sha256(data)
+        except ValueError:
+            return False
+        mac = self.remote.seal_text(stage, key, sha)
+        return mac is not None and seal.sealed(stage, key, sha, mac)
+
+    def _retire_remote(self, stage: str, key: str, why: str) -> None:
+        """Move the remote copy of (stage, key) aside (`<remote>/retired/`), with a warning: it is not used, and a
+        recomputed artifact can take its place."""
+        stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}-untrusted"
+        where = self.remote.display(self.remote.manifest_path(stage, key))
+        moved = self.remote.retire(stage, key, stamp)
+        msg = f"warning: the remote copy of artifact {stage}/{key} ({where}) is not used: {why}; moved to {moved}"
+        log.warning("%s; the stage recomputes", msg)
+        self.quarantined.append(msg)
+
     def _pull(self, stage: str, key: str) -> ArtifactRef | None:
-        """Download (stage, key) from the remote into a temp dir, verify every file, publish it locally."""
+        """Download (stage, key) from the remote into a temp dir, verify its seal and every file, publish it
+        locally; None when the remote has none, or has one that fails (then retired there, with a warning)."""
         remote = self.remote
         if remote is None:
             return None
         data = remote.manifest_bytes(stage, key)
         if data is None:
             return None  # no artifact, or a push cut off before its manifest: both mean "not there"
+        if not self._remote_sealed(stage, key, data):
+            self._retire_remote(stage, key, "no seal that verifies under this machine's key (a copy rewritten "
+                                "on the remote, pushed before seals or by a machine with another seal key)")
+            return None
         where = remote.display(remote.manifest_path(stage, key))
         try:
             m = json.loads(data)
@@ -351,6 +380,10 @@ class ArtifactStore:
                         f": file {rel} is corrupted ({got_size} bytes, sha256 {got[:16]}...; the manifest says "
                         f"{size} bytes, {want[:16]}...); nothing was published under {w.final}"
                     )
+        except ArtifactError as e:
+            w.abort()
+            self._retire_remote(stage, key, str(e))
+            return None
         except BaseException:
             w.abort()
             raise

@@ -16,7 +16,7 @@ import pytest
 from opd_tasks.config import RunConfig
 from opd_tasks.config_files import load_config
 from storage.errors import ArtifactError, ConfigError
-from storage.hashing import canonical_json, sha256_bytes
+from storage.hashing import canonical_json, sha256_bytes, sha256_file
 from storage.layout import MANIFEST, TMP_PREFIX
 from storage.remote import check_remote_uri
 from storage.store import ArtifactStore
@@ -159,9 +159,11 @@ def test_failed_upload_writes_no_manifest_and_is_retried_by_the_next_lookup(tmp_
 
 @pytest.mark.parametrize("target", ["updates/part-00000.parquet", "model/model.safetensors"])
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
-def test_corrupted_remote_file_is_detected_and_nothing_is_published(
+def test_corrupted_remote_file_is_retired_there_and_recomputed_not_published(
     tmp_path: Path, remote: str, target: str, damage: str
 ) -> None:
+    """A damaged remote copy never reaches the local root and never blocks a run: the pull retires it on the remote
+    with a warning naming the file, the lookup misses, and the recomputed artifact replaces it on the remote."""
     a = ArtifactStore(tmp_path / "a", remote=remote)
     ref = _write_checkpoint(a)
     fs, _ = _fs(remote)
@@ -174,14 +176,47 @@ def test_corrupted_remote_file_is_detected_and_nothing_is_published(
     fs.pipe_file(rpath, bytes(data))
 
     b = ArtifactStore(tmp_path / "b", remote=remote)
-    with pytest.raises(ArtifactError, match="corrupted") as ei:
-        b.lookup("update", CKPT_KEY)
-    msg = str(ei.value)
-    assert target in msg and remote.rstrip("/") in msg and "nothing was published" in msg
+    assert b.lookup("update", CKPT_KEY) is None
+    [msg] = b.quarantined
+    assert target in msg and "is corrupted" in msg and remote.rstrip("/") in msg and "nothing was published" in msg
     assert _local_keys(b, "update") == []  # no artifact and no temp dir
-    with pytest.raises(ArtifactError, match="corrupted"):  # reading the ref fails the same way
-        b.read_table(ref.model_copy(update={"uri": str(tmp_path / "gone")}), "updates")
-    assert _local_keys(b, "update") == []
+    assert not a.remote.has_manifest("update", CKPT_KEY)  # retired there: the next root does not try it again
+    again = _write_checkpoint(b)  # the stage recomputes (the same bytes on the CPU) and pushes
+    assert again.sha256 == ref.sha256
+    c = ArtifactStore(tmp_path / "c", remote=remote)
+    assert c.lookup("update", CKPT_KEY) == ref and c.quarantined == []
+
+
+def test_a_consistently_rewritten_remote_copy_is_not_adopted(tmp_path: Path, remote: str) -> None:
+    """Issue 32, class 4: whoever can write the remote replaces a file and the manifest's hash of it (and may copy
+    the old seal along); a fresh root finds no seal for the new manifest that verifies, so it retires the copy
+    and recomputes instead of adopting it."""
+    import pyarrow.parquet as pq
+
+    from storage.remote import SEAL_FILE
+    from storage.writer import manifest_sha256
+
+    a = ArtifactStore(tmp_path / "a", remote=remote)
+    ref = a.put_table("update", KEY, "updates", updates_table(3, loss0=1.0))
+    fs, _ = _fs(remote)
+    forged_rows = tmp_path / "forged.parquet"
+    pq.write_table(updates_table(3, loss0=9.0), forged_rows)
+    m = json.loads(fs.cat_file(a.remote.manifest_path("update", KEY)))
+    m["files"][0].update(sha256=sha256_file(forged_rows), bytes=forged_rows.stat().st_size)
+    forged = canonical_json(m)
+    fsha = manifest_sha256(forged)
+    part = a.remote.file_path("update", KEY, fsha, m["files"][0]["path"])
+    fs.makedirs(fs._parent(part), exist_ok=True)
+    fs.pipe_file(part, forged_rows.read_bytes())
+    fs.pipe_file(a.remote.file_path("update", KEY, fsha, SEAL_FILE),
+                 fs.cat_file(a.remote.file_path("update", KEY, ref.sha256, SEAL_FILE)))  # the old seal, copied
+    fs.rm_file(a.remote.manifest_path("update", KEY))
+    fs.pipe_file(a.remote.manifest_path("update", KEY), forged)
+    b = ArtifactStore(tmp_path / "b", remote=remote)
+    assert b.lookup("update", KEY) is None and "no seal that verifies" in b.quarantined[0]
+    assert not (b.root / "artifacts" / "update" / KEY).exists()
+    assert b.put_table("update", KEY, "updates", updates_table(3, loss0=1.0)) == ref  # recomputed, pushed again
+    assert ArtifactStore(tmp_path / "c", remote=remote).lookup("update", KEY) == ref
 
 
 def test_existing_remote_manifest_is_never_overwritten(tmp_path: Path, remote: str) -> None:
@@ -227,7 +262,7 @@ def test_retire_unpublishes_the_remote_copy_too(tmp_path: Path, remote: str) -> 
     assert ArtifactStore(tmp_path / "c", remote=remote).lookup("evaluate", KEY).sha256 == new.sha256
 
 
-def test_remote_manifest_with_unsafe_path_is_refused(tmp_path: Path, remote: str) -> None:
+def test_remote_manifest_with_unsafe_path_is_never_followed(tmp_path: Path, remote: str) -> None:
     fs, base = _fs(remote)
     manifest = {"format": 1, "stage": "score", "key": KEY, "tables": {}, "bytes": 1, "meta": {},
                 "files": [{"path": "../../escape.txt", "sha256": "0" * 64, "bytes": 1}]}
@@ -235,8 +270,7 @@ def test_remote_manifest_with_unsafe_path_is_refused(tmp_path: Path, remote: str
     fs.makedirs(fs._parent(mpath), exist_ok=True)
     fs.pipe_file(mpath, canonical_json(manifest))
     b = ArtifactStore(tmp_path / "b", remote=remote)
-    with pytest.raises(ArtifactError, match="not a safe relative path"):
-        b.lookup("score", KEY)
+    assert b.lookup("score", KEY) is None and "no seal that verifies" in b.quarantined[0]  # unsealed: not read
     assert not list(tmp_path.rglob("escape.txt"))
     assert _local_keys(b, "score") == []
 

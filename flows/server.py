@@ -207,6 +207,9 @@ def prefect_api(announce: Callable[[str], None] | None = None) -> Iterator[str]:
     process's queued logs and events are sent. `announce` gets one line saying which server is used."""
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
+    from flows.logs import terse_expected_failures
+
+    terse_expected_failures()  # an expected failure is one line on the terminal, its traceback in the API log
     say = announce or (lambda line: None)
     if PREFECT_API_URL.value():
         yield PREFECT_API_URL.value()

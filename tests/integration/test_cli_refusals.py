@@ -125,3 +125,17 @@ def test_bootstrap_refuses_a_non_empty_out_and_never_defaults_to_the_shipped_mod
     with pytest.raises(SystemExit):  # the module entry point has no default --out (argparse: required)
         bs.main(["--quick"])
     assert {p: p.stat().st_mtime_ns for p in ASSETS_DIR.rglob("*") if p.is_file()} == shipped
+
+
+def test_a_failed_gate_is_one_error_line_on_the_terminal(tmp_path: Path) -> None:
+    """Issue 32, class 11: a gate that stops the iteration prints its message and the `error:` line, not Prefect's
+    traceback of the engine's frames; OPD_DEBUG=1 brings the traceback back. A real `opd run` (subprocess)."""
+    cmd = [sys.executable, "-m", "flows.cli", "run", "-n", "1", "--name", "gate", "--set", f"root={tmp_path}",
+           "--set", "gates.min_topk_coverage=1.0"]
+    for debug in ("", "1"):
+        env = {**os.environ, "OPD_DEBUG": debug} if debug else {k: v for k, v in os.environ.items()
+                                                                 if k != "OPD_DEBUG"}
+        out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 2, out.stderr[-3000:]
+        assert "error: quality gates failed, the iteration stops before the update: topk_coverage" in out.stderr
+        assert ("Traceback" in out.stderr) == bool(debug), out.stderr[-3000:]

@@ -56,7 +56,52 @@ def select_runs(root: str | Path, patterns: list[str]) -> list[RunInfo]:
         if method is None or "seed" not in cfg:
             raise DataError(f"run {name!r}: its run.json records no method/config (was it made by `opd run`?)")
         out.append(RunInfo(name, str(method), int(cfg["seed"]), cfg))
+    check_poolable(out, {name: len({e.iteration for e in runs[name].entries() if e.stage == "update"})
+                         for name in chosen})
     return out
+
+
+#: Config keys in which the runs the report pools as seeds of one arm may differ: the seed, the names, where the
+#: run wrote and how it was orchestrated (none of which changes a figure).
+POOLED_MAY_DIFFER = ("seed", "name", "arm", "root", "remote", "orchestration", "fault")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_poolable(runs: list[RunInfo], iterations: dict[str, int]) -> None:
+    """ConfigError unless the runs of each arm differ only in `POOLED_MAY_DIFFER` and in their seed, with one run
+    per seed, and ran as many iterations: the report treats them as seeds of one experiment, so runs of other
+    settings or lengths would be averaged as if they were (name the differing keys, and pick the runs by name)."""
+    by_arm: dict[str, list[RunInfo]] = {}
+    for r in runs:
+        by_arm.setdefault(r.method, []).append(r)
+    for arm, group in by_arm.items():
+        seeds = [r.seed for r in group]
+        if dup := sorted({s for s in seeds if seeds.count(s) > 1}):
+            twins = [r.run for r in group if r.seed in dup]
+            raise ConfigError(f"opd report: runs {', '.join(twins)} of arm {arm!r} share seed(s) {dup}; a seed is "
+                              "counted once, so name one run per seed")
+        lengths = {r.run: iterations.get(r.run, 0) for r in group}
+        if len(set(lengths.values())) > 1:
+            raise ConfigError(f"opd report: the runs of arm {arm!r} ran different numbers of iterations "
+                              f"({', '.join(f'{k}: {v}' for k, v in sorted(lengths.items()))}); pool runs of one "
+                              "length (finish the short ones with `opd run --resume`, or name the runs)")
+        first = {k: v for k, v in _flat(group[0].config).items() if k.split(".")[0] not in POOLED_MAY_DIFFER}
+        for r in group[1:]:
+            other = {k: v for k, v in _flat(r.config).items() if k.split(".")[0] not in POOLED_MAY_DIFFER}
+            if diff := sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k)):
+                shown = "; ".join(f"{k}: {first.get(k)!r} vs {other.get(k)!r}" for k in diff[:5])
+                raise ConfigError(f"opd report: runs {group[0].run} and {r.run} of arm {arm!r} differ in more than "
+                                  f"the seed ({shown}{'; ...' if len(diff) > 5 else ''}), so they are not seeds of "
+                                  "one experiment; name the runs to compare, or give them other arm labels")
 
 
 def ordered_methods(names) -> list[str]:

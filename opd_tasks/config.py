@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from opd_tasks.errors import ConfigError
 from opd_tasks.method import METHODS
@@ -31,6 +31,18 @@ class _Strict(BaseModel):
     nan or +-inf (YAML `.nan`/`.inf`, `--set x=nan`)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """No number field takes a boolean (YAML's yes/on/true would otherwise be 1)."""
+        if isinstance(value, bool):
+            ann = cls.model_fields[info.field_name].annotation
+            kinds = {ann, *getattr(ann, "__args__", ())}
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError("a number is expected, not a boolean (YAML reads yes/no/on/off/true/"
+                                 "false as booleans)")
+        return value
 
 
 class ModelRef(_Strict):

@@ -223,6 +223,46 @@ def check_text_file(path: Path, max_line_bytes: int | None) -> None:
                 line, length = line + 1, 0
 
 
+def check_rows(path: Path) -> None:
+    """DataError naming the file and line for what `datasets` would report vaguely: a file with no rows (empty, or
+    a CSV header alone), a CSV row with more or fewer fields than its header, a JSONL line that is not a JSON
+    object. Run after `check_text_file` (UTF-8, line lengths), on .csv and .jsonl files."""
+    import csv
+
+    suffix = path.suffix.lower()
+    with path.open(encoding="utf-8", newline="") as f:
+        if suffix == ".csv":
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None or not any(c.strip() for c in header):
+                raise DataError(f"{path} is empty: no header and no rows")
+            rows = 0
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise DataError(f"{path}: line {reader.line_num} has {len(row)} field(s), the header has "
+                                    f"{len(header)} ({', '.join(header)}); quote fields that hold commas")
+                rows += 1
+            if rows == 0:
+                raise DataError(f"{path} has a header ({', '.join(header)}) but no rows")
+        elif suffix == ".jsonl":
+            rows = 0
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except ValueError as e:
+                    raise DataError(f"{path}: line {number} is not JSON ({e}); one JSON object per line") from None
+                if not isinstance(value, dict):
+                    raise DataError(f"{path}: line {number} is a JSON {type(value).__name__}, not an object of "
+                                    "columns; one JSON object per line")
+                rows += 1
+            if rows == 0:
+                raise DataError(f"{path} is empty: no rows (one JSON object per line)")
+
+
 def _load_split(data: DataConfig, split: str, cache_dir: Path | None) -> tuple[Any, str, str]:
     """(a datasets.Dataset, what to call it in errors, the source name for prompt ids)."""
     import datasets
@@ -239,11 +279,13 @@ def _load_split(data: DataConfig, split: str, cache_dir: Path | None) -> tuple[A
                 raise DataError(f"{path} is a single file: its only split is 'train', not {split!r}")
             if path.suffix.lower() in _LINE_LIMITS:
                 check_text_file(path, _LINE_LIMITS[path.suffix.lower()])
+                check_rows(path)
             return datasets.load_dataset(builder, data_files=str(path), split="train", **cache), str(path), path.name
         if path.is_dir():
             for f in sorted(path.rglob("*")):
                 if f.suffix.lower() in _LINE_LIMITS and f.is_file():
                     check_text_file(f, _LINE_LIMITS[f.suffix.lower()])
+                    check_rows(f)
             return datasets.load_dataset(str(path), split=split, **cache), f"{path} (split {split!r})", path.name
         if data.path.startswith(("/", ".", "~")) or path.suffix.lower() in _FILE_BUILDERS:
             raise DataError(f"dataset file {path} does not exist (data.path)")
@@ -267,14 +309,16 @@ def _rows(data: DataConfig, split: str, cache_dir: Path | None) -> tuple[list[tu
     if missing:
         raise DataError(f"{where}: column(s) {missing} not found; columns present: {ds.column_names}")
     answers = ds[data.answer_column] if data.answer_column is not None else [None] * len(ds)
-    rows = [
-        (q, None if data.answer_column is None else reference_answer(_answer_text(a)))
-        for q, a in ((_prompt_value(q, where, data.prompt_column, i), a) for i, (q, a) in enumerate(
-            zip(ds[data.prompt_column], answers, strict=True)))
-        if q is not None
-    ]
+    cells = [(_prompt_value(q, where, data.prompt_column, i), a)
+             for i, (q, a) in enumerate(zip(ds[data.prompt_column], answers, strict=True))]
+    rows = [(q, None if data.answer_column is None else reference_answer(_answer_text(a)))
+            for q, a in cells if q is not None]
     if not rows:
         raise DataError(f"{where}: the dataset is empty (no non-empty {data.prompt_column!r} values)")
+    if len(rows) < len(cells):
+        log.warning("%s: %d of %d rows have no prompt in column %r (null or empty); they are skipped", where,
+                    len(cells) - len(rows), len(cells), data.prompt_column)
+    rows = _unique_prompts(rows, where)
     if data.answer_column is None:  # prompt-only data: nothing is checked, every row is kept
         return rows, where, source
     answered = [r for r in rows if r[1]]
@@ -286,6 +330,26 @@ def _rows(data: DataConfig, split: str, cache_dir: Path | None) -> tuple[list[tu
                     "excluded, neither trained nor scored", where, len(rows) - len(answered), len(rows),
                     data.answer_column)
     return answered, where, source
+
+
+def _unique_prompts(rows: list[tuple[Any, str | None]], where: str) -> list[tuple[Any, str | None]]:
+    """The rows with each prompt once (the first), with a warning: a repeated prompt would be held out and trained
+    on at once, or counted twice in the eval set; two answers for one prompt are a DataError."""
+    first: dict[bytes, str | None] = {}
+    out = []
+    for q, a in rows:
+        k = _prompt_key(q)
+        if k in first:
+            if first[k] != a:
+                raise DataError(f"{where}: the prompt {str(q)[:80]!r} appears with two reference answers "
+                                f"({first[k]!r} and {a!r}); keep one")
+            continue
+        first[k] = a
+        out.append((q, a))
+    if len(out) < len(rows):
+        log.warning("%s: %d of %d rows repeat an earlier prompt; each prompt is used once", where,
+                    len(rows) - len(out), len(rows))
+    return out
 
 
 _ROLES = ("system", "user", "assistant")

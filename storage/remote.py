@@ -47,6 +47,12 @@ SEAL_FILE = "_seal"
 
 _URI = re.compile(r"^([a-z][a-z0-9+.-]*)://(.*)$")
 
+#: The schemes a remote may use: file systems an artifact can be written to and read back (object stores, a
+#: mounted path, memory for tests). Others fsspec knows are refused at config load, before anything reaches the
+#: network: read-only ones (http, https, hf, github, zip) cannot hold a push, and each would be a lookup for nothing.
+REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oci", "file", "local", "memory", "sftp",
+                  "ssh", "ftp")
+
 
 def redact(uri: str) -> str:
     """`uri` with any user info (`user:password@`) masked, for messages and logs."""
@@ -91,6 +97,9 @@ def check_remote_uri(uri: str) -> str:
             "(environment variables such as AWS_ACCESS_KEY_ID, ~/.aws, GOOGLE_APPLICATION_CREDENTIALS, "
             "or fsspec config)"
         )
+    if scheme not in REMOTE_SCHEMES:
+        raise ConfigError(f"remote {redact(uri)!r}: scheme {scheme!r} is not one a remote mirror can use (it must "
+                          f"be written to and read back): use one of {', '.join(REMOTE_SCHEMES)}")
     stripped = uri.rstrip("/")
     return uri if stripped.endswith(":") else stripped  # "s3://b/p/" -> "s3://b/p"; "file:///" stays whole
 

@@ -475,6 +475,14 @@ class ArtifactStore:
                 ledger.add(p, h, st)
         return m
 
+    def stray_files(self, ref: ArtifactRef) -> list[str]:
+        """Files inside the artifact's directory that its manifest does not list (nothing should put any there:
+        a stray file beside a checkpoint's weights could change what loads). `opd verify` names them."""
+        base = self.path_of(ref)
+        listed = {e["path"] for e in self.manifest(ref)["files"]} | {MANIFEST}
+        return sorted(p.relative_to(base).as_posix() for p in base.rglob("*")
+                      if not p.is_dir() and p.relative_to(base).as_posix() not in listed)
+
     # -- reading ------------------------------------------------------------------------------------
     def table_files(self, ref: ArtifactRef, name: str, verify: bool = True) -> list[Path]:
         """The part files of table `name` in the artifact, verified by hash unless verify=False."""

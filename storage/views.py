@@ -45,10 +45,12 @@ def _q(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
-def connect(root: str | Path | None = None, runs: list[str] | None = None,
-            verify: bool = True) -> duckdb.DuckDBPyConnection:
+def connect(root: str | Path | None = None, runs: list[str] | None = None, verify: bool = True,
+            tables: set[str] | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the views over the root's runs (all, or `runs`); see the module
-    docstring for what is verified and what the connection may not do."""
+    docstring for what is verified and what the connection may not do. `tables`: only these table views read
+    their files (and so are verified); the others are empty (a damaged file fails only the queries that read
+    its table: `query_tables`)."""
     store = ArtifactStore(root)
     check_runs(store.layout, runs or [])
     ledger = VerifiedLedger(store.root) if verify else None
@@ -81,7 +83,8 @@ def connect(root: str | Path | None = None, runs: list[str] | None = None,
             m = manifests.get(e.ref.sha256)
             if m is None:  # check the table files the views read (not a checkpoint's weights beside them)
                 m = store.manifest(e.ref)
-                read = [f for f in m["files"] if f["path"].split("/", 1)[0] in SCHEMAS.keys() & m["tables"].keys()]
+                wanted = SCHEMAS.keys() & m["tables"].keys() & (tables if tables is not None else SCHEMAS.keys())
+                read = [f for f in m["files"] if f["path"].split("/", 1)[0] in wanted]
                 if verify:
                     store.verify(e.ref, files=[f["path"] for f in read], ledger=ledger)
                 else:
@@ -92,7 +95,7 @@ def connect(root: str | Path | None = None, runs: list[str] | None = None,
                                                 "truncated")
                 manifests[e.ref.sha256] = m
             for table in m["tables"]:
-                if table not in SCHEMAS:
+                if table not in SCHEMAS or (tables is not None and table not in tables):
                     continue
                 files = [str(base / f["path"]) for f in m["files"] if f["path"].startswith(table + "/")]
                 allowed.update(files)
@@ -121,6 +124,14 @@ def connect(root: str | Path | None = None, runs: list[str] | None = None,
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
+
+
+def query_tables(sql: str) -> set[str] | None:
+    """The view names `sql` reads (lower case), or None when DuckDB cannot tell (then every view is built)."""
+    try:
+        return {t.lower() for t in duckdb.get_table_names(sql)}
+    except duckdb.Error:
+        return None
 
 
 def read_only_query(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelation:

@@ -125,7 +125,7 @@ def sql_cmd(
     that an existing file is not replaced by without --force."""
     import duckdb
 
-    from storage.views import connect, read_only_query
+    from storage.views import connect, query_tables, read_only_query
 
     if fmt not in ("table", "csv", "json", "parquet"):
         fail(ValueError(f"--format must be table, csv, json or parquet, got {fmt!r}"))
@@ -134,7 +134,7 @@ def sql_cmd(
     if output is not None:
         output = _output_path(output, root_of(root), force)
     try:
-        con = connect(root_of(root), runs=run, verify=verify)
+        con = connect(root_of(root), runs=run, verify=verify, tables=query_tables(query))
         rel = read_only_query(con, query)
     except OpdError as e:
         fail(e)
@@ -142,7 +142,10 @@ def sql_cmd(
         fail(ValueError(f"SQL error: {e}"))
     if rel is None:
         return
-    tbl = rel.to_arrow_table()
+    try:
+        tbl = rel.to_arrow_table()  # a query runs here, when its rows are fetched
+    except duckdb.Error as e:
+        fail(ValueError(f"SQL error: {e}"))
     if fmt in ("parquet", "csv"):
         import io
 
@@ -223,6 +226,10 @@ def verify_cmd(
     for ref in refs:
         try:
             store.verify(ref)
+            if stray := store.stray_files(ref):
+                problems.append(f"artifact {ref.stage}/{ref.key}: file(s) its manifest does not list: "
+                                f"{', '.join(stray[:5])}{' ...' if len(stray) > 5 else ''} (remove them, or "
+                                f"`opd run --refresh {ref.stage}`)")
         except OpdError as e:
             problems.append(str(e))
             continue

@@ -130,6 +130,10 @@ def test_verify_names_bad_file(root: Path) -> None:
     assert "part-00000.parquet is corrupted" in r.output and "1 of 2 artifacts OK" in r.output
     r = runner.invoke(app, ["verify", "nope", "--root", str(root)])
     assert r.exit_code == 2 and "no run named 'nope'" in r.output
+    part.write_bytes(bytes(data[:50]) + bytes([data[50] ^ 1]) + bytes(data[51:]))  # repaired
+    (part.parent / "extra.parquet").write_bytes(b"x")
+    r = runner.invoke(app, ["verify", "demo", "--root", str(root)])
+    assert r.exit_code == 1 and "file(s) its manifest does not list: updates/extra.parquet" in r.output, r.output
 
 
 def test_config_show(tmp_path: Path) -> None:
@@ -177,3 +181,20 @@ def test_sql_verifies_by_default(root: Path) -> None:
     part.write_bytes(bytes(data))  # same size
     r = runner.invoke(app, ["sql", "SELECT sum(loss) FROM updates", "--root", str(root)])
     assert r.exit_code == 2 and "part-00000.parquet is corrupted" in r.output
+
+
+def test_a_damaged_file_fails_only_the_queries_that_read_its_table(root: Path) -> None:
+    """Issue 32, class 10: a corrupted tokens part names itself in a query of tokens, and leaves a query of updates
+    (or of lineage) alone; a catalogue function that DuckDB refuses is an SQL error, not a traceback."""
+    part = next((root / "artifacts" / "analyze" / ("a1" * 32) / "tokens").glob("*.parquet"))
+    data = bytearray(part.read_bytes())
+    data[50] ^= 1
+    part.write_bytes(bytes(data))
+    r = runner.invoke(app, ["sql", "SELECT count(*) AS n FROM updates", "--root", str(root), "--format", "json"])
+    assert r.exit_code == 0 and json.loads(r.stdout) == [{"n": 6}], r.output
+    r = runner.invoke(app, ["sql", "SELECT count(*) FROM lineage", "--root", str(root)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["sql", "SELECT count(*) FROM Tokens", "--root", str(root)])
+    assert r.exit_code == 2 and "part-00000.parquet is corrupted" in r.output, r.output
+    r = runner.invoke(app, ["sql", "SELECT * FROM duckdb_secrets()", "--root", str(root)])
+    assert r.exit_code == 2 and "SQL error: Permission Error" in r.output, r.output

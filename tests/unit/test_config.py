@@ -174,3 +174,28 @@ def test_methods_turn_into_the_stages_switches() -> None:
     assert p["opd_matched"].samples_per_prompt == 6 and p["topd"].samples_per_prompt == 4
     no_bridge = plan(load_config(None, ["topd.bridge_weight=0"]))
     assert no_bridge.method.name == "topd" and no_bridge.bridge is None
+
+
+def test_more_update_ranks_than_cores_is_refused_on_the_cpu(monkeypatch) -> None:
+    import opd_tasks.stages as stages
+
+    monkeypatch.setattr(stages.os, "cpu_count", lambda: 4)
+    cfg = RunConfig.model_validate({"device": "cpu", "update": {"world_size": 64}})
+    with pytest.raises(ConfigError, match="update.world_size is 64, but this machine has 4 CPU core"):
+        stages.check_config(cfg)
+    stages.check_config(RunConfig.model_validate({"device": "cpu", "update": {"world_size": 4}}))
+    stages.check_config(RunConfig.model_validate({"device": "cuda", "update": {"world_size": 64}}))  # GPUs: later
+
+
+def test_a_key_given_twice_and_a_boolean_for_a_number_are_refused(tmp_path: Path) -> None:
+    """Issue 32, class 10: plain YAML keeps the last of two equal keys and reads `yes` as 1 for a number field;
+    both are config errors naming the key."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("name: a\nupdate:\n  learning_rate: 1.0e-4\n  learning_rate: 1.0e-3\n")
+    with pytest.raises(ConfigError, match=r"the key 'learning_rate' is given twice \(first on line 3\)"):
+        load_config(twice)
+    for override in ("iterations=yes", "update.learning_rate=true", "gates.max_truncated=on"):
+        with pytest.raises(ConfigError, match=rf"{override.split('=')[0]}: .*a number is expected, not a boolean"):
+            load_config(None, [override])
+    assert load_config(None, ["gates.enabled=false"]).gates.enabled is False  # a boolean field takes one
+    assert load_config(None, ["models.teacher.trust_remote_code=true"]).models.teacher.trust_remote_code is True

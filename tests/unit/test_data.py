@@ -109,6 +109,37 @@ def test_empty_dataset(tok, tmp_path):
         load_prompts(_ds(p2), tok, "train", 3, seed=0)
 
 
+@pytest.mark.parametrize("name, text, pattern", [
+    ("zero.csv", "", r"zero.csv is empty: no header and no rows"),
+    ("header.csv", "question,answer\n", r"has a header \(question, answer\) but no rows"),
+    ("ragged.csv", "question,answer\nWhat is 1+1?,2\nWhat is 2+2?,4,x\n", r"line 3 has 3 field\(s\), the header has 2"),
+    ("zero.jsonl", "\n\n", r"zero.jsonl is empty: no rows"),
+    ("bad.jsonl", '{"question": "a", "answer": "1"}\n{"question": \n', r"line 2 is not JSON"),
+    ("list.jsonl", "[1, 2]\n", r"line 1 is a JSON list, not an object of columns"),
+])
+def test_a_file_without_usable_rows_is_named_with_its_line(tok, tmp_path, name, text, pattern):
+    """Issue 32, class 10: what `datasets` reports as 'An error occurred while generating the dataset' or a bare
+    StopIteration is a DataError naming the file and the line."""
+    p = tmp_path / name
+    p.write_text(text)
+    with pytest.raises(DataError, match=pattern):
+        load_prompts(_ds(p, eval_size=1), tok, "train", 3, seed=0)
+
+
+def test_repeated_and_null_prompts_are_used_once_and_said(tok, tmp_path, caplog):
+    p = tmp_path / "rows.jsonl"
+    rows = [{"question": q, "answer": a} for q, a in (("a", "1"), (None, "2"), ("b", "2"), ("a", "1"), ("c", "3"))]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train = load_prompts(_ds(p, eval_size=1), tok, "train", None, seed=0)
+    held = load_prompts(_ds(p, eval_size=1), tok, "test", None, seed=0)
+    assert sorted(r.text for r in train + held) == ["a", "b", "c"]  # "a" once: never both held out and trained on
+    assert "1 of 5 rows have no prompt in column 'question'" in caplog.text
+    assert "1 of 4 rows repeat an earlier prompt" in caplog.text
+    p.write_text("".join(json.dumps(r) + "\n" for r in [*rows, {"question": "b", "answer": "7"}]))
+    with pytest.raises(DataError, match=r"the prompt 'b' appears with two reference answers \('2' and '7'\)"):
+        load_prompts(_ds(p, eval_size=1), tok, "train", None, seed=0)
+
+
 def test_too_few_rows_for_holdout_and_unknown_split(tok):
     with pytest.raises(DataError, match="eval_size"):
         load_prompts(_ds(GSM, eval_size=100), tok, "train", 3, seed=0)

@@ -319,3 +319,14 @@ def test_config_remote_field(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPD_REMOTE", "not a uri")
     with pytest.raises(ConfigError, match="OPD_REMOTE: remote 'not a uri'"):
         RunConfig().resolved_remote()
+
+
+def test_a_scheme_that_cannot_hold_a_mirror_is_refused_before_any_lookup(tmp_path: Path, monkeypatch) -> None:
+    """Issue 32, class 10: http(s), hf and other read-only file systems fsspec knows are config errors, raised
+    without opening them (no network)."""
+    import fsspec
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", lambda *a, **k: pytest.fail("the remote was opened"))
+    for uri in ("https://example.com/opd", "http://127.0.0.1:9/opd", "hf://datasets/x/y", "zip://a.zip"):
+        with pytest.raises(ConfigError, match=r"is not one a remote mirror can use"):
+            ArtifactStore(tmp_path, remote=uri)

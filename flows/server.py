@@ -192,6 +192,32 @@ def _tied_server(log: Path | None = None):
     return TiedServer(port=None)
 
 
+#: Free bytes PREFECT_HOME needs before a server starts there (its SQLite database, logs and migrations); with
+#: less, the server would hang migrating until the start timeout (180 s) instead of failing.
+MIN_FREE_BYTES = 64 << 20
+
+
+def _check_home() -> None:
+    """TransientError at once, naming PREFECT_HOME, when it is not writable or has under MIN_FREE_BYTES free."""
+    import shutil
+
+    home = _home()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        probe = home / f".opd-probe-{os.getpid()}"
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+        free = shutil.disk_usage(home).free
+    except OSError as e:
+        raise TransientError(f"PREFECT_HOME ({home}) is not writable ({e.strerror or e}), so no Prefect server can "
+                             "start there: free space or fix its permissions, or set PREFECT_HOME elsewhere, or "
+                             "PREFECT_API_URL to a running server") from e
+    if free < MIN_FREE_BYTES:
+        raise TransientError(f"PREFECT_HOME ({home}) has {free / 2**20:.0f} MiB free, under the "
+                             f"{MIN_FREE_BYTES >> 20} MiB a Prefect server needs: free space, or set PREFECT_HOME "
+                             "elsewhere, or PREFECT_API_URL to a running server")
+
+
 def _did_not_start(e: BaseException, log: Path) -> TransientError:
     return TransientError(f"the local Prefect server did not start ({type(e).__name__}: {e}; its output: {log}); "
                           f"check that PREFECT_HOME ({_home()}) is writable and has free space, or set "
@@ -215,6 +241,7 @@ def prefect_api(announce: Callable[[str], None] | None = None) -> Iterator[str]:
         yield PREFECT_API_URL.value()
         return
     idle = idle_minutes()
+    _check_home()  # a full or read-only PREFECT_HOME fails now, not after the start timeout
     server = _shared_server(idle, say) if idle > 0 else _temporary_server(say)
     with server as (url, token), temporary_settings({PREFECT_API_URL: url, **({PREFECT_API_AUTH_STRING: token}
                                                                             if token else {})}):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from storage.errors import ArtifactError, ConfigError
+from storage.errors import ArtifactError, ConfigError, DiskFullError
 from storage.hashing import canonical_json
 from storage.layout import Layout, atomic_write, check_name
 from storage.refs import ArtifactRef
@@ -198,6 +198,9 @@ def _acquire(path: Path) -> int | None:
                 return fd
         except FileNotFoundError:
             pass
+        except OSError:  # e.g. the disk is full: run_lock names it
+            os.close(fd)
+            raise
         os.close(fd)  # a holder releasing removed the file we opened: take a new one
 
 
@@ -224,8 +227,12 @@ def run_lock(root: str | Path | None, runs: Iterable[str]) -> Iterator[None]:
     try:
         gc = layout.gc_lock
         if gc not in _held:
-            layout.root.mkdir(parents=True, exist_ok=True)
-            fd = os.open(gc, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                layout.root.mkdir(parents=True, exist_ok=True)
+                fd = os.open(gc, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                full = DiskFullError.wrap(e, f"opening {gc}")
+                raise full or ArtifactError(f"cannot open {gc} under the storage root: {e}") from e
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -237,7 +244,11 @@ def run_lock(root: str | Path | None, runs: Iterable[str]) -> Iterator[None]:
         for run in runs:
             path = layout.run_dir(run) / LOCK_FILE
             if path not in _held:
-                fd = _acquire(path)
+                try:
+                    fd = _acquire(path)
+                except OSError as e:
+                    full = DiskFullError.wrap(e, f"taking the lock {path} of run {run!r}")
+                    raise full or ArtifactError(f"cannot take the lock {path} of run {run!r}: {e}") from e
                 if fd is None:
                     holder = path.read_text().strip() if path.is_file() else "?"
                     raise ConfigError(f"run {run!r} is being written by another opd process (pid {holder}; lock "

@@ -32,6 +32,23 @@ def test_a_server_that_cannot_start_is_a_clear_error(monkeypatch) -> None:
     assert _Unstartable.stopped
 
 
+def test_a_full_prefect_home_fails_at_once_not_after_the_start_timeout(monkeypatch) -> None:
+    """Issue 32, class 10: with less than MIN_FREE_BYTES free (or a home that cannot be written) no server is
+    started at all: the error names PREFECT_HOME before any wait."""
+    import shutil
+    from collections import namedtuple
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setattr(flows.server, "_tied_server", lambda *a: pytest.fail("a server was started"))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, 10 << 30, 5 << 20))
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        with pytest.raises(TransientError, match=r"PREFECT_HOME \(.*\) has 5 MiB free, under the 64 MiB"):
+            with flows.server.prefect_api():
+                pytest.fail("the body must not run")
+
+
 def test_a_configured_api_is_used_and_nothing_is_started(monkeypatch) -> None:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 

@@ -383,3 +383,20 @@ def test_disk_full_inside_a_stage_is_a_disk_full_error(tmp_path: Path) -> None:
     stage = Stage("update", 1, PROMPTS.inputs, ("checkpoint",), other, "", gpu=False)
     with pytest.raises(SafetensorError):  # anything else passes through unchanged
         run_stage(stage, ctx, PROMPTS.inputs.model_construct())
+
+
+def test_a_full_disk_when_a_run_takes_its_lock_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
+    """Issue 32, class 10: ENOSPC while writing the pid into a run's lock is a DiskFullError naming the lock (was an
+    uncaught OSError); nothing stays held, so the next run takes the lock."""
+    import storage.lineage as lineage
+
+    real = os.write
+    monkeypatch.setattr(lineage.os, "write", lambda fd, data: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(DiskFullError, match=r"disk full while taking the lock .*runs/r/.lock of run 'r'"):
+        with lineage.run_lock(tmp_path, ["r"]):
+            pass
+    monkeypatch.setattr(lineage.os, "write", real)
+    assert lineage._held == {}
+    with lineage.run_lock(tmp_path, ["r"]):
+        assert (tmp_path / "runs" / "r" / ".lock").read_text().strip() == str(os.getpid())

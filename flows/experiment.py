@@ -37,11 +37,10 @@ class Arm:
     overrides: tuple[str, ...] = ()
 
 
-#: The config sections an arm's overrides may set: the stages' settings. Everything else is the experiment's (the
-#: root, names, seeds, iterations, models, data and so the shared eval set, orchestration): an arm that set it
-#: would write elsewhere, be ignored, or break the pairing of the arms.
-ARM_SECTIONS = ("teacher_context", "rollout", "scoring", "analysis", "update", "topd", "baselines", "evaluation",
-                "gates")
+#: The config sections an arm's overrides may set: the training stages' settings. Everything else is the
+#: experiment's (the root, names, seeds, iterations, models, data and so the shared eval set, how evaluation
+#: answers, orchestration): an arm that set it would write elsewhere, be ignored, or break the pairing of the arms.
+ARM_SECTIONS = ("teacher_context", "rollout", "scoring", "analysis", "update", "topd", "baselines", "gates")
 
 
 def parse_arm(spec: str) -> Arm:

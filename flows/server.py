@@ -7,10 +7,11 @@ Three ways, in this order:
    `python -m flows.server --idle-minutes N`: a small supervisor that runs Prefect's own server (the one Prefect's
    temporary mode runs: same command, 127.0.0.1, SQLite under `$PREFECT_HOME`) and writes where it listens to
    `$PREFECT_HOME/opd-server.json` (readable by this user only), with a random token the server requires of
-   every API request (Prefect's `PREFECT_SERVER_API_AUTH_STRING`). Later commands find it there and skip the start
-   (about 5 s of a cached rerun's 8), but only after checking that it is the server opd started (`server_is_ours`): its
-   supervisor's pid runs `flows.server`, and the server at the URL serves a request with the token and refuses one
-   without. A stale record (a dead pid, a port another process took since) is never used: a new server starts.
+   every API request (Prefect's `PREFECT_SERVER_API_AUTH_STRING`). Later commands find it there and skip the
+   start (about 5 s of a cached rerun's 8), but only after checking that it is the server opd started
+   (`server_is_ours`): its supervisor's pid runs `flows.server`, the socket on the recorded port is its server's,
+   and the server refuses a wrong token and serves the right one. A stale record (a dead pid, a port another
+   process took since) is never used: a new server starts.
    It stops itself after `OPD_SERVER_IDLE_MINUTES` (default 15) without a command using it;
    `opd server stop` stops it now. Commands hold a shared lock on `$PREFECT_HOME/opd-server.users` while they use
    it, and the supervisor stops only when it can take that lock exclusively, so it never stops under a command;
@@ -121,9 +122,9 @@ def _auth(token: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(token.encode()).decode()}
 
 
-def _is_supervisor(pid: int) -> bool:
+def _is_supervisor(pid: int) -> bool | None:
     """Whether `pid` runs opd's server supervisor (`python -m flows.server`): alive and with that command line (a pid
-    reused by another process is not). Linux reads /proc; elsewhere only liveness is checked."""
+    reused by another process is not). None where only liveness can be told (no /proc: not Linux)."""
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError, OverflowError, ValueError):
@@ -131,27 +132,67 @@ def _is_supervisor(pid: int) -> bool:
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except FileNotFoundError:
-        return sys.platform != "linux"
+        return None if sys.platform != "linux" else False
     except OSError:
         return False
     return b"flows.server" in argv
 
 
-def server_is_ours(state: dict, timeout: float = 2.0) -> bool:
-    """Whether the server `state` records is the one opd started: its supervisor runs, and the server at its URL
-    serves a request with its token and refuses one with another. Something else answering on that port cannot
-    know the token (the state file is this user's alone), so it fails one of the two; any answer that is not
-    HTTP, or no answer, is not ours either."""
+def _listens(pid: int, port: int) -> bool | None:
+    """Whether the socket listening on `port` belongs to `pid` or a child of it (its Prefect server), from /proc;
+    None where that cannot be told (not Linux)."""
+    try:
+        tables = [Path(t).read_text().splitlines()[1:] for t in ("/proc/net/tcp", "/proc/net/tcp6")
+                  if Path(t).exists()]
+    except OSError:
+        return None
+    if not tables:
+        return None
+    sockets = {f"socket:[{f[9]}]" for rows in tables for f in (r.split() for r in rows)
+               if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port}  # 0A: LISTEN
+    if not sockets:
+        return False
+    family = {pid}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:  # the field after the state: ppid
+                family.add(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    for member in family:
+        try:
+            if any(os.readlink(fd) in sockets for fd in Path(f"/proc/{member}/fd").iterdir()):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def server_is_ours(state: dict, timeout: float = 5.0) -> bool:
+    """Whether the server `state` records is the one opd started: its supervisor runs, the socket on the recorded
+    port is its server's (Linux: /proc, so the token is never sent to another process), and the server serves a
+    request with the token and refuses one with another (something else answering on the port cannot know the
+    token: the state file is this user's alone). No answer, or one that is not HTTP, is not ours either."""
+    from urllib.parse import urlsplit
+
     import httpx
 
-    if not _is_supervisor(state["pid"]):
+    if _is_supervisor(state["pid"]) is False:
         return False
     try:
-        good = httpx.get(f"{state['url']}/admin/version", headers=_auth(state["token"]), timeout=timeout)
+        port = urlsplit(state["url"]).port
+    except ValueError:
+        return False
+    if port is None or _listens(state["pid"], port) is False:
+        return False
+    try:
         bad = httpx.get(f"{state['url']}/admin/version", headers=_auth(secrets.token_urlsafe(16)), timeout=timeout)
+        if bad.status_code != 401:
+            return False
+        good = httpx.get(f"{state['url']}/admin/version", headers=_auth(state["token"]), timeout=timeout)
     except (httpx.HTTPError, ValueError):
         return False
-    return good.status_code == 200 and bad.status_code == 401
+    return good.status_code == 200
 
 
 # ------------------------------------------------------------------------------ Prefect's server, tied to us
@@ -314,12 +355,14 @@ def _shared_server(idle: float, say: Callable[[str], None]) -> Iterator[str]:
 
 def _start_supervisor(files: SharedServerFiles, idle: float, stale: dict | None) -> dict:
     """Start `python -m flows.server` detached (its own session: a Ctrl-C of this command does not reach it) and
-    wait until its state file names a server that is ours; returns that state. A `stale` record's supervisor, if it
-    still runs (another Prefect version's: an upgraded venv), is stopped first; a stale pid that another process
-    took since is left alone."""
+    wait until its state file names a server that is ours; returns that state. A `stale` record's supervisor of
+    another Prefect version (an upgraded venv) is stopped first; any other is left to stop when idle (it may only
+    have been slow to answer, with commands still using it), and a stale pid that another process took since is
+    never signalled."""
+    from prefect import __version__
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
-    if stale:
+    if stale and stale.get("prefect") != __version__:
         _stop_pid(stale)
     files.state.unlink(missing_ok=True)
     with open(files.log, "ab") as out:
@@ -340,8 +383,8 @@ def _start_supervisor(files: SharedServerFiles, idle: float, stale: dict | None)
 
 
 def _stop_pid(state: dict) -> bool:
-    """SIGTERM the supervisor `state` names, if that pid runs opd's supervisor (`_is_supervisor`)."""
-    if not _is_supervisor(state["pid"]):
+    """SIGTERM the supervisor `state` names, if that pid is known to run opd's supervisor (`_is_supervisor`)."""
+    if _is_supervisor(state["pid"]) is not True:
         return False
     try:
         os.kill(state["pid"], signal.SIGTERM)

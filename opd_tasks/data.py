@@ -318,9 +318,8 @@ def _rows(data: DataConfig, split: str, cache_dir: Path | None) -> tuple[list[tu
     if len(rows) < len(cells):
         log.warning("%s: %d of %d rows have no prompt in column %r (null or empty); they are skipped", where,
                     len(cells) - len(rows), len(cells), data.prompt_column)
-    rows = _unique_prompts(rows, where)
     if data.answer_column is None:  # prompt-only data: nothing is checked, every row is kept
-        return rows, where, source
+        return _unique_prompts(rows, where), where, source
     answered = [r for r in rows if r[1]]
     if not answered:
         raise DataError(f"{where}: no row has a reference answer in column {data.answer_column!r} (all "
@@ -329,12 +328,13 @@ def _rows(data: DataConfig, split: str, cache_dir: Path | None) -> tuple[list[tu
         log.warning("%s: %d of %d rows have no reference answer in column %r (missing, null or empty); they are "
                     "excluded, neither trained nor scored", where, len(rows) - len(answered), len(rows),
                     data.answer_column)
-    return answered, where, source
+    return _unique_prompts(answered, where), where, source
 
 
 def _unique_prompts(rows: list[tuple[Any, str | None]], where: str) -> list[tuple[Any, str | None]]:
     """The rows with each prompt once (the first), with a warning: a repeated prompt would be held out and trained
-    on at once, or counted twice in the eval set; two answers for one prompt are a DataError."""
+    on at once, or counted twice in the eval set; two answers for one prompt are a DataError. (This rule is part of
+    a local dataset's key: `ROWS_RULE`, opd_tasks/stages/inputs.py.)"""
     first: dict[bytes, str | None] = {}
     out = []
     for q, a in rows:

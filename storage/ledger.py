@@ -6,7 +6,9 @@ mtime (ns) and inode when it was hashed, and the sha256 it had. A file counts as
 shows the same size, mtime and inode and the recorded hash is the one its manifest expects; any change (a
 rewrite, a copy, a moved root, a touched file) makes it hash again. What the ledger cannot see is a change
 that keeps size, mtime and inode (a flipped bit on the disk, or an edit followed by resetting the mtime):
-`opd verify` never uses the ledger and rehashes every byte.
+`opd verify` never uses the ledger and rehashes every byte. Each row is sealed (storage/seal.py: an HMAC of the
+row under the key outside the root), so a row written by anyone else, claiming a replaced file verified, is
+ignored and the file hashed.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ class VerifiedLedger:
         if self._db is None:
             self._db = sqlite3.connect(self.root / LEDGER_FILE, timeout=30, isolation_level=None,
                                        check_same_thread=False)
-            self._db.execute("CREATE TABLE IF NOT EXISTS verified(path TEXT PRIMARY KEY, size INTEGER, "
-                             "mtime_ns INTEGER, inode INTEGER, sha256 TEXT)")
+            # `sealed`: the rows with their seal (a ledger from before seals kept `verified`, now unread)
+            self._db.execute("CREATE TABLE IF NOT EXISTS sealed(path TEXT PRIMARY KEY, size INTEGER, "
+                             "mtime_ns INTEGER, inode INTEGER, sha256 TEXT, seal TEXT)")
         return self._db
 
     def _run(self, sql: str, args: tuple) -> list[tuple]:
@@ -46,10 +49,13 @@ class VerifiedLedger:
         with self._lock:
             try:
                 return self._con().execute(sql, args).fetchall()
+            except sqlite3.OperationalError as e:  # busy, locked, read-only: this call goes without the ledger
+                log.debug("the ledger %s is unavailable now (%s)", self.root / LEDGER_FILE, e)
+                return []
             except sqlite3.Error as e:
                 self._broken = True
-                log.warning("the ledger of verified files %s is unusable (%s): every file is hashed in full",
-                            self.root / LEDGER_FILE, e)
+                log.warning("the ledger of verified files %s is not a usable database (%s): every file is hashed "
+                            "in full", self.root / LEDGER_FILE, e)
                 return []
 
     def __getstate__(self) -> dict:  # a store sent to another process opens its own connection there
@@ -61,19 +67,32 @@ class VerifiedLedger:
     def _key(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
 
+    @staticmethod
+    def _seal(key: str, size: int, mtime_ns: int, inode: int, sha256: str) -> str:
+        from storage import seal
+
+        return seal.mac(f"ledger/{key}/{size}/{mtime_ns}/{inode}/{sha256}")
+
     def known(self, path: Path, sha256: str) -> bool:
         """Whether `path` was hashed to `sha256` and has not changed since (by size, mtime and inode)."""
         try:
             st = os.stat(path)
         except OSError:
             return False
-        rows = self._run("SELECT size, mtime_ns, inode, sha256 FROM verified WHERE path = ?", (self._key(path),))
-        return bool(rows) and rows[0] == (st.st_size, st.st_mtime_ns, st.st_ino, sha256)
+        key = self._key(path)
+        rows = self._run("SELECT size, mtime_ns, inode, sha256, seal FROM sealed WHERE path = ?", (key,))
+        if not rows or rows[0][:4] != (st.st_size, st.st_mtime_ns, st.st_ino, sha256):
+            return False
+        import hmac
+
+        return hmac.compare_digest(str(rows[0][4]), self._seal(key, st.st_size, st.st_mtime_ns, st.st_ino, sha256))
 
     def add(self, path: Path, sha256: str, st: os.stat_result) -> None:
         """Record that `path`, as `st` describes it (taken before hashing), hashes to `sha256`."""
-        self._run("INSERT OR REPLACE INTO verified VALUES (?, ?, ?, ?, ?)",
-                  (self._key(path), st.st_size, st.st_mtime_ns, st.st_ino, sha256))
+        key = self._key(path)
+        self._run("INSERT OR REPLACE INTO sealed VALUES (?, ?, ?, ?, ?, ?)",
+                  (key, st.st_size, st.st_mtime_ns, st.st_ino, sha256,
+                   self._seal(key, st.st_size, st.st_mtime_ns, st.st_ino, sha256)))
 
     def close(self) -> None:
         with self._lock:

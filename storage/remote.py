@@ -50,8 +50,8 @@ _URI = re.compile(r"^([a-z][a-z0-9+.-]*)://(.*)$")
 #: The schemes a remote may use: file systems an artifact can be written to and read back (object stores, a
 #: mounted path, memory for tests). Others fsspec knows are refused at config load, before anything reaches the
 #: network: read-only ones (http, https, hf, github, zip) cannot hold a push, and each would be a lookup for nothing.
-REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oci", "file", "local", "memory", "sftp",
-                  "ssh", "ftp")
+REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oci", "oss", "hdfs", "webhdfs", "dbfs",
+                  "file", "local", "memory", "sftp", "ssh", "ftp")
 
 
 def redact(uri: str) -> str:

@@ -13,6 +13,11 @@ and the user's named outputs. Processes that share a root share the key through 
 another machine (or as another user) as a cache, give it the same key file, or its artifacts are recomputed
 there. What the seal cannot stop: someone who can read the key file (this user), and someone who deletes
 artifacts (a miss: they are recomputed).
+
+A root remembers which key sealed it: `<root>/seal.id` holds the MAC of a fixed text under that key
+(`check_root`). A process whose key is another (a pod that shares the root but not the key file) is refused with
+one error naming `OPD_SEAL_KEY_FILE`, instead of retiring every artifact the others sealed. To re-seal a root on
+purpose (a new key), remove `seal.id`: its artifacts are then recomputed once.
 """
 
 from __future__ import annotations
@@ -68,9 +73,47 @@ def _key() -> bytes:
         return key
 
 
+ROOT_ID = "seal.id"
+_checked_roots: set[Path] = set()
+
+
+def mac(text: str) -> str:
+    """HMAC-SHA256 of `text` under the key (hex)."""
+    return hmac.new(_key(), text.encode(), hashlib.sha256).hexdigest()
+
+
+def check_root(root: Path) -> None:
+    """ConfigError when `root` was sealed with another key than this process's (`<root>/seal.id`); a root without
+    one gets this key's. Checked once per root and process."""
+    root = root.resolve()
+    if root in _checked_roots:
+        return
+    ident, want = root / ROOT_ID, mac("opd storage root")
+    try:
+        if not ident.is_file():
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = root / f".{ROOT_ID}.{os.getpid()}.tmp"
+            tmp.write_text(want + "\n")
+            try:
+                os.link(tmp, ident)  # the first process to seal the root decides
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
+        have = ident.read_text(errors="replace").strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read or write {ident} ({e.strerror or e})") from e
+    if not hmac.compare_digest(have, want):
+        raise ConfigError(f"the storage root {root} was sealed with another key than this process's "
+                          f"({key_file()}): point {KEY_ENV} at the key the root's other users have (a pod that shares "
+                          f"the root needs the same key file), or, to re-seal the root with this key and recompute "
+                          f"its artifacts once, remove {ident}")
+    _checked_roots.add(root)
+
+
 def seal(stage: str, key: str, sha256: str) -> str:
     """The seal of the record "(stage, key) published the manifest with this sha256"."""
-    return hmac.new(_key(), f"{stage}/{key}/{sha256}".encode(), hashlib.sha256).hexdigest()
+    return mac(f"{stage}/{key}/{sha256}")
 
 
 def sealed(stage: str, key: str, sha256: str, mac: str) -> bool:

@@ -207,15 +207,17 @@ class ArtifactStore:
                     f"root without its seal key {seal.key_file()}, a crash before the record, or a rewrite)")
             self.verify(ref, ledger=self.ledger)  # adopt only if every file is as the manifest says
         except ArtifactError as e:
-            moved = self._retire_local(stage, key, reason="unsealed" if unsealed else "corrupted")
+            moved = self._retire_local(stage, key, reason="unsealed" if unsealed else "corrupted", expect=data)
+            if moved is None:  # another process retired it (or published a new one) first: a miss either way
+                return self._lookup_local(stage, key) if (mpath.is_file() and mpath.read_bytes() != data) else None
             msg = (f"warning: artifact {stage}/{key} {'cannot be trusted' if unsealed else 'is corrupted'} and was "
                    f"moved out of the cache to {moved}: {e}")
             log.warning("%s; the stage recomputes", msg)
             self.quarantined.append(msg)
             return None
         if self._emptied(ref):  # opd gc removed all its non-table files (a checkpoint's weights): not usable
-            moved = self._retire_local(stage, key, reason="pruned")
-            self.quarantined.append(f"artifact {stage}/{key}: opd gc had removed its files; moved to {moved}")
+            if moved := self._retire_local(stage, key, reason="pruned", expect=data):
+                self.quarantined.append(f"artifact {stage}/{key}: opd gc had removed its files; moved to {moved}")
             return None
         return ref
 
@@ -243,6 +245,7 @@ class ArtifactStore:
         """Record the sha256 of the manifest published under (stage, key), sealed (a complete artifact: nothing
         pruned)."""
         sha = manifest_sha256(manifest)
+        seal.check_root(self.root)
         atomic_write(self.layout.published_record(stage, key), f"{sha} {seal.seal(stage, key, sha)}\n".encode())
         self.layout.pruned_record(stage, key).unlink(missing_ok=True)
 
@@ -280,6 +283,7 @@ class ArtifactStore:
             sha, mac = self.layout.published_record(stage, key).read_text().split()
         except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError, ValueError):
             return None
+        seal.check_root(self.root)  # a process with another key is refused, not left to retire what others sealed
         return sha if len(sha) == 64 and seal.sealed(stage, key, sha, mac) else None
 
     # -- remote mirror (storage/mirror.py) ---------------------------------------------------------------
@@ -464,11 +468,31 @@ class ArtifactStore:
             self.remote.retire(ref.stage, ref.key, stamp)
         return self._retire_local(ref.stage, ref.key, stamp=stamp)
 
-    def _retire_local(self, stage: str, key: str, stamp: str | None = None, reason: str = "") -> Path:
-        """Move the local artifact (stage, key) to `<root>/retired/` and drop the store's record of it."""
+    def _retire_local(self, stage: str, key: str, stamp: str | None = None, reason: str = "",
+                      expect: bytes | None = None) -> Path | None:
+        """Move the local artifact (stage, key) to `<root>/retired/` and drop the store's record of it. With
+        `expect` (the manifest the caller judged), only that artifact: None when another process moved it first,
+        or published another one in its place (then put back untouched)."""
         stamp = stamp or f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
         dest = self.root / "retired" / stage / f"{key}-{stamp}{'-' + reason if reason else ''}"
         dest.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(self.layout.artifact_dir(stage, key), dest)
+        src = self.layout.artifact_dir(stage, key)
+        try:
+            os.rename(src, dest)
+        except FileNotFoundError:
+            if expect is None:
+                raise
+            return None
+        if expect is not None:
+            try:
+                moved = (dest / MANIFEST).read_bytes()
+            except OSError:
+                moved = None
+            if moved != expect:  # not the artifact judged: a fresh one another process published meanwhile
+                try:
+                    os.rename(dest, src)
+                except OSError:
+                    pass
+                return None
         self.layout.published_record(stage, key).unlink(missing_ok=True)
         return dest

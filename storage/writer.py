@@ -193,20 +193,24 @@ class ArtifactWriter:
         except BaseException:
             self.abort()
             raise
-        try:
-            os.rename(self.path, self.final)
-        except OSError as e:
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                self.abort()
-                raise self._os_error(e, self.final) from e
-            # Someone published this key first: keep theirs (verified), drop ours.
-            self.abort()
+        for attempt in range(2):
+            try:
+                os.rename(self.path, self.final)
+                break
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    self.abort()
+                    raise self._os_error(e, self.final) from e
+            # Someone published this key first: keep theirs (checked as a cache hit), drop ours. Ours waits until
+            # theirs is judged: one that is not usable was retired, and ours takes its place (the second try).
             ref = self.store._lookup_local(self.stage, self.key, witness=data)
-            if ref is None:
-                raise TransientError(f"{self.final}: another writer's artifact was there but is not usable "
-                                     "(see the warning above); retry the stage") from None
-            self.store.verify(ref)
-            return ref, False
+            if ref is not None:
+                self.abort()
+                return ref, False
+            if attempt:
+                self.abort()
+                raise TransientError(f"{self.final}: other writers' artifacts keep taking this key and are not "
+                                     "usable (see the warnings above); retry the stage") from None
         self._done = True
         _fsync_dir(self.final.parent)
         self.store._record(self.stage, self.key, data)

@@ -157,11 +157,11 @@ def sql_cmd(
         if output is None:
             sys.stdout.write(buf.getvalue().decode())
         else:
-            _write_output(output, buf.getvalue(), tbl.num_rows)
+            _write_output(output, buf.getvalue(), tbl.num_rows, force)
         return
     if fmt == "json":
         text = json.dumps(tbl.to_pylist(), default=str, indent=1) + "\n"
-        (_write_output(output, text.encode(), tbl.num_rows) if output else sys.stdout.write(text))
+        (_write_output(output, text.encode(), tbl.num_rows, force) if output else sys.stdout.write(text))
         return
     t = Table(*tbl.column_names)
     for row in tbl.slice(0, limit).to_pylist():
@@ -170,7 +170,7 @@ def sql_cmd(
     if tbl.num_rows > limit:
         console.print(f"... {tbl.num_rows - limit} more rows (use --limit, or --format csv/json/parquet)")
     if output:
-        _write_output(output, json.dumps(tbl.to_pylist(), default=str).encode(), tbl.num_rows)
+        _write_output(output, json.dumps(tbl.to_pylist(), default=str).encode(), tbl.num_rows, force)
 
 
 def _output_path(output: Path, root: Path, force: bool) -> Path:
@@ -187,13 +187,24 @@ def _output_path(output: Path, root: Path, force: bool) -> Path:
     return target
 
 
-def _write_output(target: Path, data: bytes, rows: int) -> None:
-    from storage.layout import atomic_write
+def _write_output(target: Path, data: bytes, rows: int, force: bool) -> None:
+    """Write `data` to `target` through a temp file beside it: renamed over it with --force, else linked, which
+    fails if a file appeared there since the check (never replaced unasked)."""
+    import os
 
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        atomic_write(target, data)
-    except (OSError, OpdError) as e:
+        tmp.write_bytes(data)
+        if force:
+            os.replace(tmp, target)
+        else:
+            os.link(tmp, target)
+    except FileExistsError:
+        fail(ConfigError(f"--output {target}: the file exists; pass --force to replace it"))
+    except OSError as e:
         fail(ConfigError(f"--output {target}: cannot write: {e}"))
+    finally:
+        tmp.unlink(missing_ok=True)
     err_console.print(f"wrote {rows} rows to {target}", highlight=False)
 
 @app.command("verify")

@@ -10,6 +10,7 @@ functions are imported when it first runs (`Stage.fn`). `python -m opd_tasks.sta
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from opd_tasks.errors import ConfigError
 from opd_tasks.stages.inputs import (
@@ -104,7 +105,8 @@ def check_config(cfg) -> None:
                         "accuracy, which prompt-only data (data.answer_column: null) does not have; set "
                         "gates.min_headroom: null (the reverse KL to the teacher is the metric)")
     cores = os.cpu_count() or 1
-    if cfg.device != "cuda" and cfg.update.world_size > cores:
+    on_this_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not Path("/dev/nvidiactl").exists())
+    if on_this_cpu and cfg.orchestration.stage_runner != "deployment" and cfg.update.world_size > cores:
         problems.append(f"update.world_size is {cfg.update.world_size}, but this machine has {cores} CPU core(s): "
                         "on the CPU each rank is a process with its own shard, its threads and a gloo link to every "
                         f"other rank, so more ranks than cores only slow the update down; use at most {cores}")

@@ -34,7 +34,7 @@ from opd_tasks.config import (
 )
 from opd_tasks.method import Bridge, Return, TokenWeighting
 from opd_tasks.models import ModelSpec
-from storage.hashing import sha256_file
+from storage.hashing import sha256_file, sha256_json
 from storage.refs import ArtifactRef
 
 
@@ -81,12 +81,17 @@ def key_slice(section: BaseModel) -> Any:
 # ----------------------------------------------------------------------------------------- one record per stage
 
 
+#: How the rows of a dataset become prompts (opd_tasks/data.py): 2 = each prompt once (`_unique_prompts`). Part of
+#: a local dataset's key, so that a change of the rule changes the prompts' key, not the bytes under an old one.
+ROWS_RULE = 2
+
+
 def dataset_hash(data: DataConfig) -> str | None:
-    """sha256 of a local dataset file (part of the key), None for the testbed or a hub id."""
+    """The hash of a local dataset file and of `ROWS_RULE` (part of the key), None for the testbed or a hub id."""
     if data.source != "dataset" or data.path is None:
         return None
     p = Path(data.path).expanduser()
-    return sha256_file(p) if p.is_file() else None
+    return sha256_json({"file": sha256_file(p), "rows_rule": ROWS_RULE}) if p.is_file() else None
 
 
 class PromptsInputs(StageInputs):

@@ -109,9 +109,9 @@ FAKE = ("import http.server, sys\nclass H(http.server.BaseHTTPRequestHandler):\n
 
 @pytest.mark.slow
 def test_a_stale_record_and_an_impostor_are_never_used(tmp_path: Path) -> None:
-    """A record whose pid is dead, or alive but not opd's supervisor, naming a port where something else answers
-    every request: the command starts its own server and sends the impostor nothing beyond the check's requests;
-    `opd server stop` refuses while a command uses the server, and stops it with --force."""
+    """A record whose pid is dead, alive but not opd's supervisor, or our supervisor's with another process's port,
+    where something answers every request: the command starts its own server and sends the impostor nothing (not
+    the token either); `opd server stop` refuses while a command uses the server, and stops it with --force."""
     import socket
 
     env = _env(tmp_path, "30")
@@ -140,10 +140,12 @@ def test_a_stale_record_and_an_impostor_are_never_used(tmp_path: Path) -> None:
             url, said = _use(env)
             assert "started a local server" in said and url != fake_url, (case, said)
             assert server_answers(url) and json.loads(files.state.read_text())["url"] == url
-        assert not _alive(real["pid"])  # the replaced supervisor was ours: stopped, not left running
-        # our own readiness probe, then the token check of the third case: no flow run, log or event reached it
-        assert seen.read_text().split() == ["/api/health", "/api/admin/version", "/api/admin/version"]
+        # only our own readiness probe reached it: the port is not our supervisor's server's (/proc), so not even
+        # the token check was sent there, nor any flow run, log or event
+        assert seen.read_text().split() == ["/api/health"]
         assert fake.poll() is None  # the stale pid that is no supervisor was not signalled
+        assert _alive(real["pid"])  # ours, replaced in the record, is left to stop when idle (it may be in use)
+        os.kill(real["pid"], signal.SIGTERM)
     finally:
         fake.kill()
     opd = [sys.executable, "-m", "flows.cli", "server", "stop"]

@@ -321,7 +321,7 @@ def test_experiment_arms_conditions_and_run_names(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=pattern):
             parse_arm(bad)
     for outside in ("root=/tmp/elsewhere", "name=x", "seed=1", "data.eval_size=10", "models.student.path=y",
-                    "orchestration.shards=2", "iterations=9"):
+                    "orchestration.shards=2", "iterations=9", "evaluation.max_new_tokens=9"):
         with pytest.raises(ConfigError, match=f"cannot set '{outside.split('=')[0]}': arms set the method and stage"):
             parse_arm(f"x=opd,{outside}")
     with pytest.raises(ConfigError, match="distinct labels"):

@@ -400,3 +400,63 @@ def test_a_full_disk_when_a_run_takes_its_lock_is_a_clear_error(tmp_path: Path, 
     assert lineage._held == {}
     with lineage.run_lock(tmp_path, ["r"]):
         assert (tmp_path / "runs" / "r" / ".lock").read_text().strip() == str(os.getpid())
+
+
+def test_a_forged_ledger_row_does_not_pass_a_replaced_file(tmp_path: Path) -> None:
+    """Whoever writes the root can also write the ledger: a row claiming a replaced part verified (its size, mtime
+    and inode, the manifest's sha256) carries no valid seal, so the file is hashed and the hit refused."""
+    import sqlite3
+
+    store = ArtifactStore(tmp_path)
+    ref = _publish(store)
+    part = store.path_of(ref) / "tokens" / "part-00000.parquet"
+    assert ArtifactStore(tmp_path).lookup("analyze", KEY) == ref  # the ledger now holds the part, sealed
+    want = json.loads(_manifest(store, ref).read_bytes())["files"][0]["sha256"]
+    _flip_file(part)
+    st = part.stat()
+    con = sqlite3.connect(tmp_path / "verified.sqlite")
+    con.execute("UPDATE sealed SET size = ?, mtime_ns = ?, inode = ?, sha256 = ? WHERE path LIKE '%part-00000%'",
+                (st.st_size, st.st_mtime_ns, st.st_ino, want))
+    con.commit()
+    con.close()
+    fresh = ArtifactStore(tmp_path)
+    assert fresh.lookup("analyze", KEY) is None and "part-00000.parquet is corrupted" in fresh.quarantined[0]
+
+
+def test_two_processes_retiring_one_artifact_is_a_miss_for_the_second(tmp_path: Path, monkeypatch) -> None:
+    """The second to judge an untrusted artifact finds it gone (the first moved it): a miss, not an OSError; and an
+    artifact published in its place meanwhile is put back, not retired."""
+    store = ArtifactStore(tmp_path)
+    ref = _publish(store)
+    data = _manifest(store, ref).read_bytes()
+    first = ArtifactStore(tmp_path)
+    assert first._retire_local("analyze", KEY, reason="corrupted", expect=data) is not None
+    assert ArtifactStore(tmp_path)._retire_local("analyze", KEY, reason="corrupted", expect=data) is None
+    again = ArtifactStore(tmp_path).put_table("analyze", KEY, "tokens", tokens_table(200, seed=0))
+    assert ArtifactStore(tmp_path)._retire_local("analyze", KEY, expect=b"{}") is None  # not the one judged
+    assert ArtifactStore(tmp_path).lookup("analyze", KEY) == again == ref
+
+
+def test_a_writer_that_loses_the_race_to_an_unusable_artifact_publishes_its_own(tmp_path: Path) -> None:
+    """Another writer's artifact took the key but has no record (it crashed between its rename and its record)
+    and other content: ours is kept until theirs is judged, then takes its place; nothing is recomputed."""
+    store = ArtifactStore(tmp_path)
+    theirs = store.put_table("analyze", KEY, "tokens", tokens_table(50, seed=5))
+    store.layout.published_record("analyze", KEY).unlink()  # the crash before the record
+    ours = ArtifactStore(tmp_path).put_table("analyze", KEY, "tokens", tokens_table(200, seed=0))
+    assert ours.sha256 != theirs.sha256 and ArtifactStore(tmp_path).lookup("analyze", KEY) == ours
+
+
+def test_a_process_with_another_key_is_refused_not_left_to_retire(tmp_path: Path, monkeypatch) -> None:
+    """A pod sharing the root with another key file: one error naming OPD_SEAL_KEY_FILE, and nothing retired."""
+    import storage.seal as seal
+
+    store = ArtifactStore(tmp_path)
+    ref = _publish(store)
+    assert (tmp_path / seal.ROOT_ID).is_file()
+    monkeypatch.setenv(seal.KEY_ENV, str(tmp_path.parent / f"{tmp_path.name}-other.key"))
+    monkeypatch.setattr(seal, "_cache", {})
+    monkeypatch.setattr(seal, "_checked_roots", set())
+    with pytest.raises(ConfigError, match=r"was sealed with another key .* point OPD_SEAL_KEY_FILE"):
+        ArtifactStore(tmp_path).lookup("analyze", KEY)
+    assert store.path_of(ref).is_dir() and not (tmp_path / "retired").exists()

@@ -127,7 +127,7 @@ def test_a_stale_record_and_an_impostor_are_never_used(tmp_path: Path) -> None:
         _wait(lambda: server_answers(fake_url), 30, "the impostor did not start")
         dead = subprocess.Popen([sys.executable, "-c", "pass"])
         dead.wait()
-        real = None
+        real, started = None, []
         for case in ("dead pid", "a live pid that is no supervisor", "our supervisor's pid, another's port"):
             if case == "our supervisor's pid, another's port":
                 _, said = _use(env)
@@ -140,14 +140,19 @@ def test_a_stale_record_and_an_impostor_are_never_used(tmp_path: Path) -> None:
             url, said = _use(env)
             assert "started a local server" in said and url != fake_url, (case, said)
             assert server_answers(url) and json.loads(files.state.read_text())["url"] == url
+            started.append(json.loads(files.state.read_text())["pid"])
         # only our own readiness probe reached it: the port is not our supervisor's server's (/proc), so not even
         # the token check was sent there, nor any flow run, log or event
         assert seen.read_text().split() == ["/api/health"]
         assert fake.poll() is None  # the stale pid that is no supervisor was not signalled
         assert _alive(real["pid"])  # ours, replaced in the record, is left to stop when idle (it may be in use)
-        os.kill(real["pid"], signal.SIGTERM)
     finally:
         fake.kill()
+        for pid in started[:-1]:  # the servers the record no longer names (the last one is stopped below)
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
     opd = [sys.executable, "-m", "flows.cli", "server", "stop"]
     holder = subprocess.Popen([sys.executable, "-c", USE, "60"], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
     try:

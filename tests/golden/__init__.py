@@ -73,10 +73,27 @@ CASES: dict[str, list[str]] = {
 
 
 def platform() -> dict:
-    """What the exact figures depend on besides the code: torch's version and the CPU kernels it picks."""
+    """What the exact figures depend on besides the code: torch's version, the CPU kernels it picks, the CPU itself
+    and torch's thread count. Two machines that both report AVX512 can still differ in the last bits (another CPU
+    model or feature set, measured: every figure moved by about 1e-7 between two such VMs), so the CPU's name and
+    a digest of its feature flags are part of it."""
+    import hashlib
+
     import torch
 
-    return {"torch": torch.__version__.split("+")[0], "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    model, flags = "unknown", ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif name.strip() == "flags" and not flags:
+                flags = " ".join(sorted(value.split()))
+    except OSError:
+        pass
+    return {"torch": torch.__version__.split("+")[0], "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu": f"{model}, flags {hashlib.sha256(flags.encode()).hexdigest()[:12]}",
+            "threads": torch.get_num_threads()}
 
 
 #: The tolerant check's float tolerance: |got - want| <= ATOL + RTOL * |want| (module docstring).

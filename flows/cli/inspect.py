@@ -241,6 +241,7 @@ def verify_cmd(
                 problems.append(f"artifact {ref.stage}/{ref.key}: file(s) its manifest does not list: "
                                 f"{', '.join(stray[:5])}{' ...' if len(stray) > 5 else ''} (remove them, or "
                                 f"`opd run --refresh {ref.stage}`)")
+                continue  # one problem per artifact: the count below is of artifacts
         except OpdError as e:
             problems.append(str(e))
             continue

@@ -6,7 +6,8 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
-TORCH_SPEC ?= torch==2.13.0
+TORCH_DEFAULT := torch==2.13.0
+TORCH_SPEC ?= $(TORCH_DEFAULT)
 PIP_TORCH_ARGS ?=
 CONFIG ?= configs/testbed.yaml
 PYTEST_ARGS ?=
@@ -21,21 +22,24 @@ UV_SPEC := uv==0.13.10
 BIN := $(VENV)/bin
 export OMP_WAIT_POLICY ?= PASSIVE
 STAMP := $(VENV)/.opd-installed
-PIP = $(1)/python -m pip --disable-pip-version-check -q
+PIP_QUIET := --disable-pip-version-check -q
+PIP = $(1)/python -m pip $(PIP_QUIET)
 comma := ,
 space := $(subst ,, )
 
 .PHONY: setup run test test-fast test-latest lint fmt bench lock real clean
 
 # The lock first (hash-checked, no resolution), then torch (its own dependencies are in the lock, so the default
-# build adds nothing; another build may bring its own, e.g. CUDA libraries), then this package without its
-# dependencies; `pip check` fails the setup if anything installed disagrees with another's requirements.
+# build adds nothing; the lock constrains it, so nothing it pulls can move; another build, e.g. CUDA, may need
+# other versions of them and libraries of its own, so it is installed without the constraint), then this package
+# without its dependencies; `pip check` fails the setup if anything installed disagrees with another's requirements.
+TORCH_LOCKED := $(if $(filter $(TORCH_DEFAULT),$(TORCH_SPEC)),-c requirements.lock,)
 $(STAMP): pyproject.toml $(LOCK)
 	@echo "==> setting up $(VENV) from $(LOCK) (torch: $(TORCH_SPEC)); this takes a few minutes the first time"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(call PIP,$(BIN)) install --require-hashes --no-deps -r requirements.lock
-	$(call PIP,$(BIN)) install $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
-	$(call PIP,$(BIN)) install --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip install --require-hashes --no-deps -r requirements.lock $(PIP_QUIET)
+	$(BIN)/python -m pip install $(TORCH_LOCKED) $(PIP_TORCH_ARGS) "$(TORCH_SPEC)" $(PIP_QUIET)
+	$(BIN)/python -m pip install -c requirements.lock --no-deps --no-build-isolation -e . $(PIP_QUIET)
 	$(call PIP,$(BIN)) check
 	@touch $(STAMP)
 	@echo "==> $(VENV) ready"

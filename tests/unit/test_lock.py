@@ -5,6 +5,7 @@ lock of its own. A dependency added without `make lock` fails."""
 from __future__ import annotations
 
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -48,7 +49,20 @@ def test_the_lock_pins_every_declared_dependency_within_its_range() -> None:
 def test_setup_installs_the_lock_with_hashes() -> None:
     makefile = (REPO / "Makefile").read_text()
     assert "LOCK := requirements.lock" in makefile
-    assert re.search(r"install --require-hashes --no-deps -r (\$\(LOCK\)|requirements\.lock)$", makefile, re.M)
+    assert re.search(r"pip install --require-hashes --no-deps -r (\$\(LOCK\)|requirements\.lock)( \$\(PIP_QUIET\))?$",
+                     makefile, re.M)
+    # torch (the default build) and this package are installed under the lock as constraints; another TORCH_SPEC
+    # (a CUDA build needs its own versions) without it. What `make` would run, not the Makefile's text:
+    def setup_commands(*args: str) -> list[str]:
+        out = subprocess.run(["make", "-n", "-B", "setup", "VENV=/nonexistent-venv", *args], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return [" ".join(line.split()) for line in out.stdout.splitlines() if " -m pip install " in line]
+
+    lock, torch, package = setup_commands()
+    assert "--require-hashes --no-deps -r requirements.lock" in lock
+    assert '-c requirements.lock "torch==2.13.0"' in torch and "-c requirements.lock --no-deps" in package
+    assert "-c requirements.lock" not in setup_commands("TORCH_SPEC=torch==2.6.0")[1]
     assert re.search(r"^lock:", makefile, re.M) and re.search(r"^test-latest:", makefile, re.M)
 
 

@@ -125,9 +125,12 @@ def _auth(token: str) -> dict[str, str]:
 def _is_supervisor(pid: int) -> bool | None:
     """Whether `pid` runs opd's server supervisor (`python -m flows.server`): alive and with that command line (a pid
     reused by another process is not). None where only liveness can be told (no /proc: not Linux)."""
+    from storage.layout import pid_alive
+
     try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError, OverflowError, ValueError):
+        if not pid_alive(pid):
+            return False
+    except (OverflowError, ValueError):
         return False
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")

@@ -30,7 +30,6 @@ from pathlib import Path
 import duckdb
 
 from storage.errors import ArtifactError, ConfigError
-from storage.ledger import VerifiedLedger
 from storage.lineage import check_runs, list_runs
 from storage.schemas import SCHEMAS
 from storage.store import ArtifactStore
@@ -53,7 +52,7 @@ def connect(root: str | Path | None = None, runs: list[str] | None = None, verif
     its table: `query_tables`)."""
     store = ArtifactStore(root)
     check_runs(store.layout, runs or [])
-    ledger = VerifiedLedger(store.root) if verify else None
+    ledger = store.ledger if verify else None
     con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
                                              "autoload_known_extensions": False})
     con.execute(

@@ -214,6 +214,9 @@ class ArtifactWriter:
         self._done = True
         _fsync_dir(self.final.parent)
         self.store._record(self.stage, self.key, data)
+        for e in json.loads(data)["files"]:  # hashed above: the next lookup of it costs a stat, not a rehash
+            path = self.final / e["path"]
+            self.store.ledger.add(path, e["sha256"], path.stat())
         return self.store._ref_from_manifest(self.final, data), True
 
     def abort(self) -> None:

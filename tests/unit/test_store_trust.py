@@ -154,13 +154,16 @@ def test_the_seal_key_is_made_once_private_and_a_bad_one_is_named(tmp_path: Path
 def test_a_cache_hit_checks_every_file_and_a_damaged_one_is_recomputed(tmp_path: Path, monkeypatch,
                                                                       damage: str) -> None:
     """A recorded artifact whose part file changed (the manifest untouched) is a miss, retired with a warning naming
-    the file; an undamaged hit hashes its files once, then costs a stat (the ledger)."""
+    the file; an undamaged hit costs a stat per file (the ledger: the writer recorded the hashes it computed), and
+    a file touched since is hashed once, then a stat again."""
     store = ArtifactStore(tmp_path)
     ref = _publish(store)
     hashed: list[Path] = []
     real = storage.writer.sha256_file
     monkeypatch.setattr(storage.writer, "sha256_file", lambda p: hashed.append(Path(p)) or real(p))
     part = store.path_of(ref) / "tokens" / "part-00000.parquet"
+    assert store.lookup("analyze", KEY) == ref and hashed == []  # hashed when written, not again
+    os.utime(part)  # the same bytes, another mtime: the ledger no longer vouches for it
     assert store.lookup("analyze", KEY) == ref and hashed == [part]
     assert ArtifactStore(tmp_path).lookup("analyze", KEY) == ref and hashed == [part]  # another process: a stat
     data = part.read_bytes()
@@ -241,6 +244,9 @@ def test_views_verify_by_default_and_the_ledger_avoids_rehashing(tmp_path: Path,
     monkeypatch.setattr(storage.writer, "sha256_file", lambda p: hashed.append(Path(p)) or real(p))
     connect(tmp_path)
     part = store.path_of(ref) / "tokens" / "part-00000.parquet"
+    assert hashed == []  # the writer's hashes are in the ledger
+    os.utime(part)  # the same bytes, another mtime
+    connect(tmp_path)
     assert hashed == [part]
     connect(tmp_path)
     assert hashed == [part]  # unchanged since: not hashed again

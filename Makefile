@@ -29,17 +29,21 @@ space := $(subst ,, )
 
 .PHONY: setup run test test-fast test-latest lint fmt bench lock real clean
 
-# The lock first (hash-checked, no resolution), then torch (its own dependencies are in the lock, so the default
-# build adds nothing; the lock constrains it, so nothing it pulls can move; another build, e.g. CUDA, may need
-# other versions of them and libraries of its own, so it is installed without the constraint), then this package
-# without its dependencies; `pip check` fails the setup if anything installed disagrees with another's requirements.
-TORCH_LOCKED := $(if $(filter $(TORCH_DEFAULT),$(TORCH_SPEC)),-c requirements.lock,)
+# The lock first (hash-checked, no resolution), then torch with the lock's versions as its constraints file (its
+# own dependencies are in the lock, so the default build adds nothing and nothing it pulls can move; the file is
+# the lock without its hashes, which would turn on hash-checking for torch, the one package the lock leaves out;
+# another build, e.g. CUDA, may need other versions of them and libraries of its own, so it goes without the
+# constraint), then this package without its dependencies; `pip check` fails the setup if anything installed
+# disagrees with another's requirements.
+CONSTRAINTS := $(VENV)/constraints.txt
+TORCH_LOCKED := $(if $(filter $(TORCH_DEFAULT),$(TORCH_SPEC)),-c $(CONSTRAINTS),)
 $(STAMP): pyproject.toml $(LOCK)
 	@echo "==> setting up $(VENV) from $(LOCK) (torch: $(TORCH_SPEC)); this takes a few minutes the first time"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --require-hashes --no-deps -r requirements.lock $(PIP_QUIET)
+	sed -n 's/^\([A-Za-z0-9][A-Za-z0-9._-]*==[^ ;]*\).*/\1/p' requirements.lock > $(CONSTRAINTS)
 	$(BIN)/python -m pip install $(TORCH_LOCKED) $(PIP_TORCH_ARGS) "$(TORCH_SPEC)" $(PIP_QUIET)
-	$(BIN)/python -m pip install -c requirements.lock --no-deps --no-build-isolation -e . $(PIP_QUIET)
+	$(BIN)/python -m pip install --no-deps --no-build-isolation -e . $(PIP_QUIET)
 	$(call PIP,$(BIN)) check
 	@touch $(STAMP)
 	@echo "==> $(VENV) ready"

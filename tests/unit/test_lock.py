@@ -51,8 +51,8 @@ def test_setup_installs_the_lock_with_hashes() -> None:
     assert "LOCK := requirements.lock" in makefile
     assert re.search(r"pip install --require-hashes --no-deps -r (\$\(LOCK\)|requirements\.lock)( \$\(PIP_QUIET\))?$",
                      makefile, re.M)
-    # torch (the default build) and this package are installed under the lock as constraints; another TORCH_SPEC
-    # (a CUDA build needs its own versions) without it. What `make` would run, not the Makefile's text:
+    # torch (the default build) is installed with the lock's versions as constraints; another TORCH_SPEC (a CUDA
+    # build needs its own versions) without them. What `make` would run, not the Makefile's text:
     def setup_commands(*args: str) -> list[str]:
         out = subprocess.run(["make", "-n", "-B", "setup", "VENV=/nonexistent-venv", *args], cwd=REPO,
                              capture_output=True, text=True, timeout=60)
@@ -60,10 +60,24 @@ def test_setup_installs_the_lock_with_hashes() -> None:
         return [" ".join(line.split()) for line in out.stdout.splitlines() if " -m pip install " in line]
 
     lock, torch, package = setup_commands()
-    assert "--require-hashes --no-deps -r requirements.lock" in lock
-    assert '-c requirements.lock "torch==2.13.0"' in torch and "-c requirements.lock --no-deps" in package
-    assert "-c requirements.lock" not in setup_commands("TORCH_SPEC=torch==2.6.0")[1]
+    assert "--require-hashes --no-deps -r requirements.lock" in lock and "--no-deps" in package
+    assert '-c /nonexistent-venv/constraints.txt "torch==2.13.0"' in torch
+    assert "-c" not in setup_commands("TORCH_SPEC=torch==2.6.0")[1].split()
     assert re.search(r"^lock:", makefile, re.M) and re.search(r"^test-latest:", makefile, re.M)
+
+
+def test_the_constraints_are_the_lock_without_its_hashes(tmp_path: Path) -> None:
+    """The sed line of `make setup` turns every pinned line of the lock into `name==version` (no hash: a hash in a
+    constraints file would demand one for torch, which the lock leaves out), and nothing else."""
+    out = subprocess.run(["make", "-n", "-B", "setup", f"VENV={tmp_path}"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60, check=True)
+    [command] = [line for line in out.stdout.splitlines() if line.startswith("sed ")]
+    assert command.endswith(f"> {tmp_path}/constraints.txt")
+    subprocess.run(command, shell=True, cwd=REPO, check=True)  # what make would run, as make would run it
+    got = (tmp_path / "constraints.txt").read_text().splitlines()
+    lock = (REPO / "requirements.lock").read_text()
+    want = [m.group(1) for m in re.finditer(r"^([A-Za-z0-9][\w.-]*==[^\s;\\]+)", lock, re.M)]
+    assert got == want and len(got) > 100 and all("--hash" not in line and " " not in line for line in got)
 
 
 def test_the_real_model_wheel_is_pinned_with_hashes_and_fetched_without_dependencies() -> None:
